@@ -1,0 +1,1 @@
+"""lessserve.kernels.reference."""

@@ -1,0 +1,103 @@
+"""Evict-and-absorb (torch reference): merge a chunk into its slots, keep `budget` entries per
+(slot, KV head) under the policy, fold every victim into the LESS state, compact in place.
+
+Merged order is the cache's valid entries followed by the chunk's new entries, i.e. ascending
+absolute position, and compaction preserves it, so "recent" = the last entries.
+  h2o:    keep the last `recent` entries + the highest accumulated scores among the rest.
+  lambda: keep the first `sink` entries + the last `budget - sink`.
+  full:   keep everything (the caller guarantees it fits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    mode: Literal["full", "h2o", "lambda"]
+    budget: int
+    recent: int
+    sink: int = 0
+
+
+def keep_priority(
+    score: torch.Tensor,  # [n, Hkv, T] fp32 accumulated scores in merged order
+    total: torch.Tensor,  # [n] valid merged entries per slot
+    spec: EvictionSpec,
+) -> torch.Tensor:
+    """Priority per merged entry; the `budget` highest are kept. Invalid entries get -inf."""
+    T = score.shape[-1]
+    j = torch.arange(T, device=score.device)[None, None, :]
+    tot = total[:, None, None]
+    protected = j >= tot - spec.recent
+    if spec.mode == "h2o":
+        prio = score.clone()
+    else:  # lambda, full: plain recency
+        prio = j.expand_as(score).to(score.dtype).clone()
+        protected = protected | (j < spec.sink) if spec.mode == "lambda" else protected
+    prio = prio.masked_fill(protected, float("inf"))
+    return prio.masked_fill(j >= tot, float("-inf"))
+
+
+def evict_absorb_ref(
+    k_cache: torch.Tensor,  # [S, Hkv, B, D]  one layer of the slab, written in place
+    v_cache: torch.Tensor,  # [S, Hkv, B, D]
+    pos_cache: torch.Tensor,  # [S, Hkv, B] int32 (-1 = empty)
+    score_cache: torch.Tensor,  # [S, Hkv, B] fp32
+    length: torch.Tensor,  # [S] int, read only
+    slot_ids: torch.Tensor,  # [n] long
+    k_new: torch.Tensor,  # [n, Hkv, C, D]
+    v_new: torch.Tensor,  # [n, Hkv, C, D]
+    pos_new: torch.Tensor,  # [n, C] int
+    mass_cache: torch.Tensor,  # [n, Hkv, B] attention mass this step brought to cached entries
+    mass_new: torch.Tensor,  # [n, Hkv, C]
+    spec: EvictionSpec,
+    H: torch.Tensor | None = None,  # [S, Hkv, R, D] fp32, written in place
+    z: torch.Tensor | None = None,  # [S, Hkv, R] fp32, written in place
+    psi: LessLayerWeights | None = None,
+) -> torch.Tensor:
+    """Returns the new length per slot [n] (int32)."""
+    n, Hkv, C, D = k_new.shape
+    B = k_cache.shape[2]
+    dev = k_new.device
+    ln = length[slot_ids].to(dev).long()  # [n]
+    total = ln + C
+    # Gather the merged sequence in position order: cache[:len] then new[:C].
+    j = torch.arange(B + C, device=dev)[None, :]
+    src = torch.where(j < ln[:, None], j, B + j - ln[:, None]).clamp(max=B + C - 1)  # [n, B + C]
+    merged_k = torch.cat([k_cache[slot_ids], k_new.to(k_cache.dtype)], dim=2)
+    merged_v = torch.cat([v_cache[slot_ids], v_new.to(v_cache.dtype)], dim=2)
+    merged_pos = torch.cat(
+        [pos_cache[slot_ids], pos_new.to(pos_cache.dtype)[:, None, :].expand(n, Hkv, C)], dim=2
+    )
+    merged_score = torch.cat([score_cache[slot_ids] + mass_cache.float(), mass_new.float()], dim=2)
+    idx = src[:, None, :].expand(n, Hkv, B + C)
+    merged_k = merged_k.gather(2, idx[..., None].expand(-1, -1, -1, D))
+    merged_v = merged_v.gather(2, idx[..., None].expand(-1, -1, -1, D))
+    merged_pos = merged_pos.gather(2, idx)
+    merged_score = merged_score.gather(2, idx)
+
+    prio = keep_priority(merged_score, total, spec)  # [n, Hkv, B + C]
+    keep = prio.topk(B, dim=-1).indices.sort(dim=-1).values  # [n, Hkv, B] ascending = position order
+    new_len = total.clamp(max=B)
+    filled = torch.arange(B, device=dev)[None, None, :] < new_len[:, None, None]  # [n, 1, B]
+
+    if psi is not None and H is not None and z is not None:
+        kept_mask = torch.zeros_like(merged_score, dtype=torch.bool).scatter(2, keep, filled.expand(n, Hkv, B))
+        victim = (j[:, None, :] < total[:, None, None]) & ~kept_mask  # [n, Hkv, B + C]
+        if bool(victim.any()):
+            f = psi_ref(merged_k, psi) * victim[..., None]  # [n, Hkv, B + C, R]
+            H[slot_ids] = H[slot_ids] + torch.einsum("nhtr,nhtd->nhrd", f, merged_v.float())
+            z[slot_ids] = z[slot_ids] + f.sum(dim=2)
+
+    k_cache[slot_ids] = merged_k.gather(2, keep[..., None].expand(-1, -1, -1, D))
+    v_cache[slot_ids] = merged_v.gather(2, keep[..., None].expand(-1, -1, -1, D))
+    pos_cache[slot_ids] = merged_pos.gather(2, keep).masked_fill(~filled, -1)
+    score_cache[slot_ids] = merged_score.gather(2, keep).masked_fill(~filled, 0.0)
+    return new_len.to(torch.int32)

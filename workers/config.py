@@ -1,0 +1,32 @@
+"""Engine configuration (pydantic): validated once, at the edge."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lessserve.workers.model_loader import DEFAULT_MODEL
+from lessserve.workers.policy import Policy
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="Alias, local HF folder, cached hub id or .gguf file")
+    policy: str = Field("h2o", description="full | h2o | lambda, optionally +less (or + for equal memory)")
+    budget: int = Field(128, ge=2, le=65536, description="Cached tokens per layer and KV head")
+    recent: int | None = Field(None, ge=1, description="h2o recent window (default budget/2)")
+    sink: int = Field(4, ge=1, description="lambda: first tokens always kept")
+    less_kernels: str | None = Field(None, description="LESS kernels .safetensors (default: shipped ones)")
+    max_slots: int = Field(8, ge=1, le=4096, description="Session slots preallocated on the device")
+    max_context: int = Field(8192, ge=16, description="Longest session for the `full` policy")
+    prefill_chunk: int = Field(32, ge=1, le=8192, description="Tokens per chunked-prefill step")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Kernel implementation")
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        return Policy.parse(v).name

@@ -1,0 +1,172 @@
+"""The compression engine: a Llama-family model over a slab of compressed session slots.
+
+`forward(slots, tokens)` runs one step for a batch of slots: each layer attends to the slot's
+compressed cache + LESS state + the chunk itself, then evict-and-absorb compresses the slot
+back to budget. Prefill is chunked (chunks cut at absolute multiples of `prefill_chunk`),
+decode batches many sessions of different lengths in one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lessserve.kernels import ops
+from lessserve.kernels.dispatch import resolve
+from lessserve.workers.config import EngineConfig
+from lessserve.workers.errors import ConfigError, ContextOverflowError
+from lessserve.workers.less_weights import LessKernels, shipped_kernels_path
+from lessserve.workers.model import LlamaModel
+from lessserve.workers.model_loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
+from lessserve.workers.policy import Policy, eviction_spec, less_state_tokens
+from lessserve.workers.sampling import sample
+from lessserve.workers.slots import SlotSlab
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
+                 less: LessKernels | None = None, tokenizer=None):
+        self.cfg = cfg = cfg or EngineConfig()
+        self.device = pick_device(cfg.device)
+        self.dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.impl = resolve(cfg.kernels, self.device)
+        ckpt = checkpoint or load_checkpoint(cfg.model)
+        self.model_id, self.args = ckpt.model_id, ckpt.args
+        self.tokenizer = tokenizer if tokenizer is not None else (
+            load_tokenizer(ckpt.folder) if (ckpt.folder / "tokenizer_config.json").is_file() else None
+        )
+        self.model = LlamaModel(ckpt.args)
+        self.model.load_hf_state_dict(ckpt.state_dict)
+        self.model.to(device=self.device, dtype=self.dtype).eval()
+        self.policy = Policy.parse(cfg.policy)
+        self.less = self._load_less(less)
+        rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)
+        extra = less_state_tokens(rank, self.args.head_dim, self.dtype.itemsize) if rank else 0
+        self.less_state_tokens = extra
+        self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra)
+        self.scale = self.args.head_dim ** -0.5
+        self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim, cfg.max_slots,
+                             self.spec.budget, self.less.rank if self.less else 0, self.device, self.dtype)
+
+    # --- setup ------------------------------------------------------------------------------
+    def _load_less(self, less: LessKernels | None) -> LessKernels | None:
+        if not self.policy.less:
+            return None
+        if less is None:
+            path = self.cfg.less_kernels or shipped_kernels_path(self.model_id, self.policy.base, self.cfg.budget)
+            less = LessKernels.load(path)
+        a = self.args
+        if len(less.layers) != a.num_layers or less.layers[0].w1q.shape[:2] != (a.num_heads, a.head_dim) \
+                or less.layers[0].w1k.shape[0] != a.num_kv_heads:
+            raise ConfigError(f"LESS kernels (manifest model {less.manifest.get('model')!r}) do not fit "
+                              f"{self.model_id}: {a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads")
+        return less.to(self.device, torch.float32)
+
+    def _plus_rank(self) -> int:
+        """Rank of the LESS state the `+` baseline matches in memory (shipped kernels, else 8)."""
+        try:
+            return int(LessKernels.load(shipped_kernels_path(self.model_id, self.policy.base, self.cfg.budget))
+                       .manifest["rank"])
+        except ConfigError:
+            return 8
+
+    @property
+    def less_digest(self) -> str:
+        return self.less.digest() if self.less else "none"
+
+    # --- sessions ---------------------------------------------------------------------------
+    def alloc(self) -> int:
+        return self.slab.alloc()
+
+    def free(self, slot: int) -> None:
+        self.slab.free(slot)
+
+    def stats(self, slot: int) -> dict:
+        return {"cached_tokens": self.slab.cached_tokens(slot), "tokens_seen": self.slab.seen[slot],
+                "cache_bytes": self.slab.slot_bytes()}
+
+    # --- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V])."""
+        n, C = tokens.shape
+        for s in slots:
+            self.slab.check(s)
+            if self.spec.mode == "full" and int(self.slab.length[s]) + C > self.spec.budget:
+                raise ContextOverflowError(
+                    f"session would hold {int(self.slab.length[s]) + C} tokens; the full policy's limit "
+                    f"is max_context={self.spec.budget}")
+        slot_ids = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        seen = torch.tensor([self.slab.seen[s] for s in slots], dtype=torch.long, device=self.device)
+        positions = seen[:, None] + torch.arange(C, device=self.device)[None, :]  # [n, C]
+        slab, less, impl, spec = self.slab, self.less, self.impl, self.spec
+        new_length = slab.length
+
+        def attend(layer: int, q, k, v):
+            nonlocal new_length
+            lw = less.layers[layer] if less else None
+            phi_q = ops.phi(q, lw) if lw is not None else None  # [n, Hq, C, R]
+            H = slab.H[layer] if lw is not None else None
+            z = slab.z[layer] if lw is not None else None
+            out, m_cache, m_new = ops.chunk_attention(
+                q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
+                H=H, z=z, phi_q=phi_q, impl=impl)
+            new_length = ops.evict_absorb(
+                slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
+                k, v, positions, m_cache, m_new, spec, H=H, z=z, psi=lw, impl=impl)
+            return out
+
+        logits = self.model(tokens.to(self.device), positions, attend, last_only=last_only)
+        slab.length[slot_ids] = new_length.to(slab.length.dtype)
+        for s in slots:
+            slab.seen[s] += C
+        return logits
+
+    def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
+        """(offset, size) pieces of `count` tokens starting at absolute position `start`, cut at
+        absolute multiples of prefill_chunk so the same transcript always splits the same way."""
+        c, off = self.cfg.prefill_chunk, 0
+        while off < count:
+            size = min(c - (start + off) % c, count - off)
+            yield off, size
+            off += size
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Feed new tokens to one session. Returns logits [V] of the last token, or [T, V]."""
+        if len(ids) == 0:
+            raise ValueError("prefill needs at least one token")
+        t = torch.as_tensor(list(ids), dtype=torch.long)
+        outs = []
+        for off, size in self.chunks(self.slab.seen[slot], len(t)):
+            lg = self.forward([slot], t[None, off : off + size], last_only=not all_logits)
+            outs.append(lg[0])
+        return torch.cat(outs, dim=0) if all_logits else outs[-1][-1]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """One decode step for many sessions together. Returns logits [n, V]."""
+        t = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]
+        return self.forward(slots, t, last_only=True)[:, -1]
+
+    def generate(self, slot: int, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int | None = None) -> Iterator[int]:
+        """Prefill the prompt, then yield new tokens one by one (stop token included, then stop)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        logits = self.prefill(slot, prompt_ids)[None]
+        stop = set(stop_ids)
+        for i in range(max_new_tokens):
+            tok = int(sample(logits.cpu(), temperature, top_p, gen)[0])
+            yield tok
+            if tok in stop or i == max_new_tokens - 1:
+                return
+            logits = self.decode([slot], [tok])

@@ -1,0 +1,102 @@
+"""LESS kernels (phi/psi weights per layer): a safetensors file plus a JSON manifest.
+
+Layout: tensors `layers.{i}.{w1q,w2q,w1k,w2k,wint,s1,s2}`; manifest `<file>.json` with at least
+{"model", "policy", "budget", "rank", "hidden"}. Shipped kernels live in `less_weights/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lessserve.kernels.reference.lowrank import LessLayerWeights
+from lessserve.workers.errors import ConfigError, LessKernelsMissingError
+
+SHIPPED_DIR = Path(__file__).parent / "less_weights"
+FIELDS = ("w1q", "w2q", "w1k", "w2k", "wint", "s1", "s2")
+
+
+@dataclass
+class LessKernels:
+    layers: list[LessLayerWeights]
+    manifest: dict
+
+    @property
+    def rank(self) -> int:
+        return int(self.manifest["rank"])
+
+    def digest(self) -> str:
+        """Content hash: a cache written under other kernels must never be restored under these."""
+        h = hashlib.sha256()
+        for w in self.layers:
+            for f in FIELDS:
+                h.update(getattr(w, f).detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def to(self, device, dtype=torch.float32) -> LessKernels:
+        return LessKernels([w.to(device, dtype) for w in self.layers], self.manifest)
+
+    def save(self, path: str | Path, dtype=torch.float16) -> None:
+        path = Path(path)
+        tensors = {
+            f"layers.{i}.{f}": getattr(w, f).detach().to(dtype).contiguous().cpu()
+            for i, w in enumerate(self.layers) for f in FIELDS
+        }
+        save_file(tensors, str(path))
+        path.with_suffix(".json").write_text(json.dumps(self.manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LessKernels:
+        path = Path(path)
+        man_path = path.with_suffix(".json")
+        if not path.is_file() or not man_path.is_file():
+            raise ConfigError(f"LESS kernels file {path} or its manifest {man_path.name} is missing")
+        manifest = json.loads(man_path.read_text())
+        missing = {"model", "policy", "budget", "rank", "hidden", "num_layers"} - manifest.keys()
+        if missing:
+            raise ConfigError(f"LESS kernels manifest {man_path} lacks {sorted(missing)}")
+        t = load_file(str(path))
+        layers = [
+            LessLayerWeights(**{f: t[f"layers.{i}.{f}"].float() for f in FIELDS})
+            for i in range(int(manifest["num_layers"]))
+        ]
+        return cls(layers, manifest)
+
+    @classmethod
+    def random(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, rank: int = 8,
+               hidden: int = 64, seed: int = 0, scale_init: float = 1e-4, model: str = "random",
+               policy: str = "h2o", budget: int = 128) -> LessKernels:
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s, fan: torch.randn(*s, generator=g) / fan**0.5  # noqa: E731
+        layers = [
+            LessLayerWeights(
+                w1q=r(num_heads, head_dim, hidden, fan=head_dim), w2q=r(num_heads, hidden, rank, fan=hidden),
+                w1k=r(num_kv_heads, head_dim, hidden, fan=head_dim), w2k=r(num_kv_heads, hidden, rank, fan=hidden),
+                wint=r(num_kv_heads, rank, rank, fan=rank),
+                s1=torch.full((num_kv_heads, rank), scale_init), s2=torch.full((num_kv_heads, rank), scale_init),
+            )
+            for _ in range(num_layers)
+        ]
+        manifest = {"model": model, "policy": policy, "budget": budget, "rank": rank, "hidden": hidden,
+                    "num_layers": num_layers, "random": True}
+        return cls(layers, manifest)
+
+
+def shipped_kernels_path(model_id: str, base_policy: str, budget: int) -> Path:
+    """Prefer kernels trained at this budget; else any budget for the model and policy."""
+    exact = SHIPPED_DIR / f"{model_id}-{base_policy}-b{budget}.safetensors"
+    if exact.is_file():
+        return exact
+    others = sorted(SHIPPED_DIR.glob(f"{model_id}-{base_policy}-b*.safetensors"))
+    if others:
+        return others[0]
+    raise LessKernelsMissingError(
+        f"policy {base_policy}+less needs trained LESS kernels for model {model_id!r}; none shipped. "
+        f"Train them with `lessserve train-kernels --model {model_id} --policy {base_policy}` "
+        f"and pass --less-kernels FILE"
+    )

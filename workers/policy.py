@@ -1,0 +1,58 @@
+"""Policy names -> eviction specs. `h2o+less` adds the LESS state; `h2o+` is the equal-memory
+baseline whose budget grows by the LESS state's size in tokens."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from lessserve.kernels.reference.evict import EvictionSpec
+from lessserve.workers.errors import ConfigError
+
+BASES = ("full", "h2o", "lambda")
+POLICY_NAMES = ("full", "h2o", "lambda", "h2o+less", "lambda+less", "h2o+", "lambda+")
+
+
+@dataclass(frozen=True)
+class Policy:
+    base: Literal["full", "h2o", "lambda"]
+    less: bool = False
+    plus: bool = False  # equal-memory baseline
+
+    @classmethod
+    def parse(cls, name: str) -> Policy:
+        name = name.strip().lower()
+        if name not in POLICY_NAMES:
+            raise ConfigError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
+        base, _, extra = name.partition("+")
+        return cls(base=base, less=extra == "less", plus=name.endswith("+"))  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return self.base + ("+less" if self.less else "+" if self.plus else "")
+
+
+def less_state_tokens(rank: int, head_dim: int, cache_dtype_bytes: int) -> int:
+    """How many cached tokens cost as many bytes as one (H, z) state (fp32) per KV head."""
+    state = rank * (head_dim + 1) * 4
+    token = 2 * head_dim * cache_dtype_bytes + 4 + 4  # key + value + position + score
+    return math.ceil(state / token)
+
+
+def eviction_spec(
+    policy: Policy, budget: int, recent: int | None, sink: int, max_context: int, extra_tokens: int = 0
+) -> EvictionSpec:
+    if policy.base == "full":
+        return EvictionSpec(mode="full", budget=max_context, recent=max_context, sink=0)
+    if budget < 2:
+        raise ConfigError(f"budget must be >= 2 tokens, got {budget}")
+    b = budget + (extra_tokens if policy.plus else 0)
+    if policy.base == "h2o":
+        r = b // 2 if recent is None else recent + (b - budget) // 2
+        if not 0 < r < b:
+            raise ConfigError(f"h2o recent window {r} must be in (0, budget={b})")
+        return EvictionSpec(mode="h2o", budget=b, recent=r, sink=0)
+    if not 0 < sink < b:
+        raise ConfigError(f"lambda sink {sink} must be in (0, budget={b})")
+    return EvictionSpec(mode="lambda", budget=b, recent=b - sink, sink=sink)

@@ -1,0 +1,103 @@
+"""A preallocated slab of fixed-size session slots on the model's device.
+
+Layer-major so one layer of every slot is a plain view for batched kernels:
+  k, v   [L, S, Hkv, B, D]  post-RoPE keys / values (model dtype)
+  pos    [L, S, Hkv, B]     absolute positions, int32, -1 = empty
+  score  [L, S, Hkv, B]     accumulated attention mass (H2O), fp32
+  H      [L, S, Hkv, R, D]  LESS numerator state, fp32 (R = 0 without LESS)
+  z      [L, S, Hkv, R]     LESS denominator state, fp32
+  length [S]                valid entries per slot (equal across layers and heads)
+  seen   [S] (host)         tokens the session has consumed = next absolute position
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lessserve.workers.errors import SlotsExhaustedError, SlotStateError
+
+STATE_FIELDS = ("k", "v", "pos", "score", "H", "z")
+
+
+class SlotSlab:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, capacity: int,
+                 rank: int, device: torch.device, dtype: torch.dtype):
+        L, S, Hkv, B, D, R = num_layers, num_slots, num_kv_heads, capacity, head_dim, rank
+        self.num_slots, self.capacity, self.rank = S, B, R
+        try:
+            self.k = torch.zeros(L, S, Hkv, B, D, dtype=dtype, device=device)
+            self.v = torch.zeros(L, S, Hkv, B, D, dtype=dtype, device=device)
+            self.pos = torch.full((L, S, Hkv, B), -1, dtype=torch.int32, device=device)
+            self.score = torch.zeros(L, S, Hkv, B, dtype=torch.float32, device=device)
+            self.H = torch.zeros(L, S, Hkv, R, D, dtype=torch.float32, device=device)
+            self.z = torch.zeros(L, S, Hkv, R, dtype=torch.float32, device=device)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            raise SlotsExhaustedError(f"cannot allocate {S} slots of {B} tokens on {device}: {e}") from e
+        self.length = torch.zeros(S, dtype=torch.int32, device=device)
+        self.seen = [0] * S
+        self._free = list(range(S - 1, -1, -1))
+        self._used: set[int] = set()
+
+    # --- allocation -------------------------------------------------------------------------
+    def alloc(self) -> int:
+        if not self._free:
+            raise SlotsExhaustedError(f"all {self.num_slots} session slots are in use")
+        slot = self._free.pop()
+        self._used.add(slot)
+        self.reset(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        self.check(slot)
+        self._used.discard(slot)
+        self._free.append(slot)
+
+    def check(self, slot: int) -> None:
+        if slot not in self._used:
+            raise SlotStateError(f"slot {slot} is not allocated")
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def reset(self, slot: int) -> None:
+        for f in ("k", "v", "score", "H", "z"):
+            getattr(self, f)[:, slot].zero_()
+        self.pos[:, slot].fill_(-1)
+        self.length[slot] = 0
+        self.seen[slot] = 0
+
+    # --- accounting -------------------------------------------------------------------------
+    def slot_bytes(self) -> int:
+        """Device bytes one slot occupies (constant, whatever the conversation's length)."""
+        per = sum(getattr(self, f)[:, 0].numel() * getattr(self, f).element_size() for f in STATE_FIELDS)
+        return per + self.length.element_size()
+
+    def total_bytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in STATE_FIELDS) + \
+            self.length.numel() * self.length.element_size()
+
+    def cached_tokens(self, slot: int) -> int:
+        return int(self.length[slot])
+
+    # --- moving a slot in and out (offload / restore) ----------------------------------------
+    def export(self, slot: int) -> dict[str, torch.Tensor]:
+        """A host copy of one slot's state: {field: [L, Hkv, ...]} plus length and seen."""
+        self.check(slot)
+        out = {f: getattr(self, f)[:, slot].to("cpu", copy=True) for f in STATE_FIELDS}
+        out["length"] = self.length[slot : slot + 1].to("cpu", copy=True)
+        out["seen"] = torch.tensor([self.seen[slot]], dtype=torch.int64)
+        return out
+
+    def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Scatter an exported state into an allocated slot (shapes must match exactly)."""
+        self.check(slot)
+        for f in STATE_FIELDS:
+            dst = getattr(self, f)[:, slot]
+            src = state[f]
+            if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
+                raise SlotStateError(f"state field {f}: got {tuple(src.shape)} {src.dtype}, "
+                                     f"slot holds {tuple(dst.shape)} {dst.dtype}")
+            dst.copy_(src, non_blocking=True)
+        self.length[slot] = int(state["length"][0])
+        self.seen[slot] = int(state["seen"][0])
