@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lessserve.workers.errors import ConfigError
 from lessserve.workers.model_loader import DEFAULT_MODEL
 from lessserve.workers.policy import Policy
 
@@ -29,4 +30,7 @@ class EngineConfig(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        return Policy.parse(v).name
+        try:
+            return Policy.parse(v).name
+        except ConfigError as e:
+            raise ValueError(str(e)) from None

@@ -1,0 +1,109 @@
+"""Multi-turn chat over one engine slot: only new tokens are prefilled each turn.
+
+The transcript (token ids fed to the model, the rendered text they stand for, and the chat
+messages) is small and is what lets a lost cache be rebuilt by re-prefilling. A client may
+resend the whole history (OpenAI style): if its rendering extends what the cache has consumed,
+only the suffix is prefilled; if it diverges (an edited earlier message), the slot is reset and
+the new history prefilled from scratch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from lessserve.workers.engine import Engine
+
+
+@dataclass
+class Transcript:
+    ids: list[int] = field(default_factory=list)  # every token the cache has consumed
+    text: str = ""  # the rendered chat text those ids stand for
+    messages: list[dict] = field(default_factory=list)
+    turns: int = 0
+
+    def to_dict(self) -> dict:
+        return {"ids": self.ids, "text": self.text, "messages": self.messages, "turns": self.turns}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Transcript:
+        return cls(ids=list(d["ids"]), text=d["text"], messages=list(d["messages"]), turns=int(d["turns"]))
+
+
+@dataclass
+class TurnPlan:
+    rebuild: bool  # the cache must be reset and `new_ids` is the whole history
+    new_ids: list[int]
+    prompt_text: str
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def plan_turn(tokenizer, transcript: Transcript, messages: list[dict]) -> TurnPlan:
+    text = render(tokenizer, messages)
+    if transcript.ids and len(text) > len(transcript.text) and text.startswith(transcript.text):
+        return TurnPlan(False, encode(tokenizer, text[len(transcript.text):]), text)
+    return TurnPlan(True, encode(tokenizer, text), text)
+
+
+class Detokenizer:
+    """Incremental decode that never emits half a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+class ChatSession:
+    """One conversation bound to an engine slot (CLI chat, tests, and the cluster's workers)."""
+
+    def __init__(self, engine: Engine, slot: int | None = None, transcript: Transcript | None = None):
+        self.engine = engine
+        self.slot = engine.alloc() if slot is None else slot
+        self.transcript = transcript or Transcript()
+        self.last_prefill = 0  # tokens prefilled by the latest turn
+
+    def close(self) -> None:
+        self.engine.free(self.slot)
+
+    def stats(self) -> dict:
+        return {**self.engine.stats(self.slot), "turns": self.transcript.turns}
+
+    def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Run one assistant turn for the full message history; yields text pieces."""
+        tok, tr = self.engine.tokenizer, self.transcript
+        plan = plan_turn(tok, tr, messages)
+        if plan.rebuild:
+            self.engine.slab.reset(self.slot)
+            tr.ids, tr.text = [], ""
+        self.last_prefill = len(plan.new_ids)
+        tr.ids += plan.new_ids
+        tr.text = plan.prompt_text
+        detok, gen = Detokenizer(tok), []
+        eos = tok.eos_token_id
+        for t in self.engine.generate(self.slot, plan.new_ids, max_new_tokens, temperature, top_p,
+                                      stop_ids=[eos], seed=seed):
+            gen.append(t)
+            if t != eos:
+                yield detok.push(t)
+        reply = tok.decode([t for t in gen if t != eos], skip_special_tokens=True)
+        # generate() never feeds its last token back: the cache consumed gen[:-1], and the
+        # transcript records exactly that (the next turn's suffix re-supplies the rest).
+        tr.ids += gen[:-1]
+        tr.text += tok.decode(gen[:-1], skip_special_tokens=False)
+        tr.messages = [*messages, {"role": "assistant", "content": reply}]
+        tr.turns += 1
