@@ -34,7 +34,7 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, cfg: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
-                 less: LessKernels | None = None, tokenizer=None):
+                 less: LessKernels | None = None, tokenizer=None, model: LlamaModel | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         self.device = pick_device(cfg.device)
         self.dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -44,9 +44,11 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else (
             load_tokenizer(ckpt.folder) if (ckpt.folder / "tokenizer_config.json").is_file() else None
         )
-        self.model = LlamaModel(ckpt.args)
-        self.model.load_hf_state_dict(ckpt.state_dict)
-        self.model.to(device=self.device, dtype=self.dtype).eval()
+        if model is None:  # a model may be shared by several engines (evaluations, benchmarks)
+            model = LlamaModel(ckpt.args)
+            model.load_hf_state_dict(ckpt.state_dict)
+            model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = model
         self.policy = Policy.parse(cfg.policy)
         self.less = self._load_less(less)
         rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)

@@ -1,0 +1,31 @@
+"""What the evaluations share: one loaded model, many engine configurations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lessserve.workers.config import EngineConfig
+from lessserve.workers.engine import Engine
+from lessserve.workers.model_loader import load_checkpoint
+
+
+@dataclass
+class EngineFactory:
+    """Loads the checkpoint once; `make(policy, budget)` returns an engine sharing its weights."""
+
+    base: EngineConfig
+
+    def __post_init__(self):
+        self.ckpt = load_checkpoint(self.base.model)
+        self._first: Engine | None = None
+
+    def make(self, policy: str, budget: int, max_slots: int = 1) -> Engine:
+        cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots})
+        if self._first is None:
+            self._first = Engine(cfg, checkpoint=self.ckpt)
+            return self._first
+        return Engine(cfg, checkpoint=self.ckpt, tokenizer=self._first.tokenizer, model=self._first.model)
+
+    @property
+    def tokenizer(self):
+        return self.make("full", self.base.budget).tokenizer if self._first is None else self._first.tokenizer
