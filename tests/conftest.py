@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama for fast engine math, the real default model for the rest."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lessserve.workers.model_loader import LoadedCheckpoint, ModelArgs  # noqa: E402
+
+TINY = ModelArgs(arch="LlamaForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
+
+
+def tiny_checkpoint(tmp_path, args: ModelArgs = TINY, seed: int = 0) -> LoadedCheckpoint:
+    from lessserve.workers.model import LlamaModel
+
+    torch.manual_seed(seed)
+    m = LlamaModel(args)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return LoadedCheckpoint(model_id="tiny", folder=tmp_path, args=args, state_dict=state)
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    return tiny_checkpoint(tmp_path)
+
+
+def tiny_less(args: ModelArgs = TINY, seed: int = 1, scale_init: float = 1.0):
+    """Random LESS kernels with visible effect (s1 = s2 = 1 instead of the paper's 1e-4)."""
+    from lessserve.workers.less_weights import LessKernels
+
+    return LessKernels.random(args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim, rank=4,
+                              hidden=8, seed=seed, scale_init=scale_init, model="tiny")
+
+
+@pytest.fixture(scope="session")
+def default_ckpt():
+    from lessserve.workers.model_loader import load_checkpoint
+
+    return load_checkpoint("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def default_engine_factory(default_ckpt):
+    """Builds engines over the real default model, sharing one copy of the weights."""
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+
+    first: dict = {}
+
+    def make(**cfg) -> Engine:
+        c = EngineConfig(**{"max_slots": 2, "max_context": 1024, **cfg})
+        if not first:
+            first["e"] = Engine(c, checkpoint=default_ckpt)
+            return first["e"]
+        e0 = first["e"]
+        return Engine(c, checkpoint=default_ckpt, tokenizer=e0.tokenizer, model=e0.model)
+
+    return make
