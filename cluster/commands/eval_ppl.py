@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from lessserve.cluster.commands.common import CliError, add_engine_flags, engine_config, existing_file, \
-    parse_ints, parse_policies
+from lessserve.cluster.commands.common import (
+    CliError,
+    add_engine_flags,
+    engine_config,
+    existing_file,
+    parse_ints,
+    parse_policies,
+)
 
 
 def register(esub) -> None:

@@ -4,8 +4,13 @@ import pytest
 
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import ConfigError, ContextOverflowError, LessKernelsMissingError, \
-    SlotsExhaustedError, SlotStateError
+from lessserve.workers.errors import (
+    ConfigError,
+    ContextOverflowError,
+    LessKernelsMissingError,
+    SlotsExhaustedError,
+    SlotStateError,
+)
 from lessserve.workers.less_weights import LessKernels
 
 

@@ -78,7 +78,7 @@ def test_batched_decode_equals_each_session_alone(tiny_ckpt, policy):
     nxt = [1, 2, 3]
     for _ in range(6):
         batched = e.decode(slots, nxt)
-        alone = torch.stack([solo.decode([s], [t])[0] for s, t in zip(solo_slots, nxt)])
+        alone = torch.stack([solo.decode([s], [t])[0] for s, t in zip(solo_slots, nxt, strict=True)])
         assert torch.allclose(batched, alone, atol=1e-5)
         nxt = batched.argmax(-1).tolist()
 
