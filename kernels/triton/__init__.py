@@ -1,1 +1,8 @@
-"""lessserve.kernels.triton."""
+"""lessserve.kernels.triton: fused Triton kernels, same signatures as kernels/reference.
+
+Import only when Triton can run: on CUDA, or on CPU with TRITON_INTERPRET=1 set before import.
+"""
+
+from lessserve.kernels.triton.quant import dequantize_int8, quantize_int8
+
+__all__ = ["dequantize_int8", "quantize_int8"]

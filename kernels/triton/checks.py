@@ -1,0 +1,44 @@
+"""Validation helpers shared by the Triton launch wrappers (typed errors, no silent fixes)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KernelInputError(ValueError):
+    """A kernel wrapper got tensors of the wrong shape, dtype, device or layout."""
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise KernelInputError(msg)
+
+
+def expect_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
+    """shape entries of None match anything."""
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape, strict=False))
+    expect(ok, f"{name}: shape {tuple(t.shape)}, expected {shape}")
+
+
+def expect_float(name: str, t: torch.Tensor) -> None:
+    expect(t.dtype in FLOATS, f"{name}: dtype {t.dtype}, expected one of {FLOATS}")
+
+
+def expect_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            expect(t.device == device, f"{name} is on {t.device}, expected {device}")
+
+
+def expect_inner_contiguous(name: str, t: torch.Tensor) -> None:
+    expect(t.stride(-1) == 1, f"{name}: last dimension must be contiguous (stride {t.stride(-1)})")
+
+
+def pow2(x: int, lo: int = 1) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
