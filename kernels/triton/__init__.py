@@ -3,6 +3,7 @@
 Import only when Triton can run: on CUDA, or on CPU with TRITON_INTERPRET=1 set before import.
 """
 
+from lessserve.kernels.triton.attention import chunk_attention, decode_attention
 from lessserve.kernels.triton.quant import dequantize_int8, quantize_int8
 
-__all__ = ["dequantize_int8", "quantize_int8"]
+__all__ = ["chunk_attention", "decode_attention", "dequantize_int8", "quantize_int8"]

@@ -42,3 +42,28 @@ def pow2(x: int, lo: int = 1) -> int:
     while p < x:
         p *= 2
     return p
+
+
+_POISON = {"on": False}
+
+
+def new_output(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output buffer; NaN / -7 filled under `poisoned_outputs()` (tests)."""
+    if not _POISON["on"]:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -7
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+class poisoned_outputs:  # noqa: N801  (a context manager used like a function)
+    """Within this block every wrapper-allocated output starts as NaN (floats) or -7 (ints), so an
+    element a kernel forgets to write fails the comparison with the reference."""
+
+    def __enter__(self):
+        self._was = _POISON["on"]
+        _POISON["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _POISON["on"] = self._was
+        return False
