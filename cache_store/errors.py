@@ -1,0 +1,60 @@
+"""Typed errors of the session cache store. Callers catch these, never a bare None."""
+
+from __future__ import annotations
+
+
+class CacheStoreError(Exception):
+    """Base class for every error the cache store raises on purpose."""
+
+
+class CacheMissError(CacheStoreError, KeyError):
+    """The session has no copy in the tier (or in any tier) that was asked."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "cache miss"
+
+
+class TierUnavailableError(CacheStoreError):
+    """A tier's backend (e.g. the Redis server) could not be reached or failed mid-operation."""
+
+
+class TierFullError(CacheStoreError):
+    """A value does not fit in a tier even after evicting every unpinned session."""
+
+
+class SessionPinnedError(CacheStoreError):
+    """The session is in use by a running request and cannot be moved or deleted now."""
+
+
+class CodecError(CacheStoreError):
+    """An encoded session cache cannot be decoded (base of the codec's typed errors)."""
+
+
+class BadMagicError(CodecError):
+    """The bytes are not an encoded session cache (wrong magic)."""
+
+
+class FormatVersionError(CodecError):
+    """The cache was written in a format version this code does not read."""
+
+
+class TruncatedError(CodecError):
+    """The encoded cache is shorter (or longer) than its header says."""
+
+
+class ChecksumError(CodecError):
+    """The header or payload checksum does not match: the bytes were corrupted."""
+
+
+class IncompatibleCacheError(CodecError):
+    """The cache was written under another model / policy / budget / LESS kernels / layout."""
+
+
+class RestoreError(CacheStoreError):
+    """A session could not be restored to the device from `tier`; the cause is chained (`__cause__`).
+
+    The worker answers it by re-prefilling the session's transcript (a recompute)."""
+
+    def __init__(self, sid: str, tier: str, cause: Exception):
+        super().__init__(f"session {sid!r}: restore from {tier} failed: {type(cause).__name__}: {cause}")
+        self.sid, self.tier, self.cause = sid, tier, cause

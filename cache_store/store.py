@@ -1,0 +1,285 @@
+"""TieredCacheStore: where each session's cache lives (device, host, Redis) and moving it.
+
+Device -> host when slots run short (make_room) or a session idles; host -> Redis under host
+pressure, after an idle time, or on drain; Redis / host -> device on restore. The device tier is
+abstract (the worker implements it over its engine). Sessions in use are pinned: never evicted,
+moved or deleted under a running request. Movement is serialised by one asyncio lock; tiers
+themselves take concurrent callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from lessserve.cache_store.codec import read_header
+from lessserve.cache_store.config import StoreConfig
+from lessserve.cache_store.errors import (
+    CacheMissError,
+    CacheStoreError,
+    CodecError,
+    RestoreError,
+    SessionPinnedError,
+    TierFullError,
+    TierUnavailableError,
+)
+from lessserve.cache_store.host_tier import HostTier
+from lessserve.cache_store.policy import LRUPolicy
+from lessserve.cache_store.redis_tier import RedisTier, make_client
+from lessserve.cache_store.tier import TIER_ORDER, DeviceTier, Tier, TierStats
+from lessserve.cache_store.transcripts import MemoryTranscripts, RedisTranscripts, TranscriptStore
+
+
+@dataclass(frozen=True)
+class Restored:
+    source: str  # tier the cache came from ("device" when it never left)
+    meta: dict  # the encoded cache's header meta ({} when it never left the device)
+
+
+class TieredCacheStore:
+    def __init__(self, config: StoreConfig, device: DeviceTier, host: HostTier | None = None,
+                 redis: RedisTier | None = None, transcripts: TranscriptStore | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.device = device
+        self.host = host or HostTier(config.host_bytes)
+        if redis is None and config.redis_url:
+            client = make_client(config.redis_url, config.redis_pool_size, config.redis_timeout_s)
+            redis = RedisTier(client, config.redis_prefix, config.ttl_s, config.part_bytes)
+        self.redis = redis
+        if transcripts is None:
+            transcripts = (RedisTranscripts(redis.client, config.redis_prefix, config.transcript_ttl_s)
+                           if redis else MemoryTranscripts())
+        self.transcripts = transcripts
+        self.tiers: dict[str, Tier] = {"device": device, "host": self.host}
+        if redis:
+            self.tiers["redis"] = redis
+        self.lru = {"device": LRUPolicy(clock), "host": LRUPolicy(clock)}
+        self.counters = {name: TierStats() for name in TIER_ORDER}
+        self.recomputes_total = 0
+        self._loc: dict[str, str] = {}  # this store's own sessions on device / host (Redis is asked)
+        self._pins: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+
+    # --- pinning ----------------------------------------------------------------------------
+    def pin(self, sid: str) -> None:
+        self._pins[sid] = self._pins.get(sid, 0) + 1
+
+    def unpin(self, sid: str) -> None:
+        n = self._pins.get(sid, 0) - 1
+        if n > 0:
+            self._pins[sid] = n
+        else:
+            self._pins.pop(sid, None)
+
+    def is_pinned(self, sid: str) -> bool:
+        return sid in self._pins
+
+    @contextlib.asynccontextmanager
+    async def pinned(self, sid: str) -> AsyncIterator[None]:
+        self.pin(sid)
+        try:
+            yield
+        finally:
+            self.unpin(sid)
+
+    def touch(self, sid: str) -> None:
+        """Mark a use (the LRU clock of the tier the session is in)."""
+        tier = self._loc.get(sid)
+        if tier in self.lru:
+            self.lru[tier].touch(sid)
+
+    # --- where ------------------------------------------------------------------------------
+    async def where(self, sid: str) -> str:
+        """The nearest tier holding the session's cache; CacheMissError if none does."""
+        if sid in self._loc:
+            return self._loc[sid]
+        if self.redis and await self.redis.contains(sid):
+            return "redis"
+        raise CacheMissError(f"session {sid!r} has no cache in any tier")
+
+    def _set_loc(self, sid: str, tier: str | None) -> None:
+        old = self._loc.pop(sid, None)
+        if old in self.lru:
+            self.lru[old].forget(sid)
+        if tier in self.lru:
+            self._loc[sid] = tier
+            self.lru[tier].touch(sid)
+
+    # --- the device -------------------------------------------------------------------------
+    def admit(self, sid: str) -> None:
+        """The worker placed a (new or rebuilt) session in a device slot itself."""
+        self._set_loc(sid, "device")
+
+    async def make_room(self, slots: int = 1) -> None:
+        """Free device slots by moving least recently used unpinned sessions to host memory."""
+        async with self._lock:
+            while self.device.free_slots < slots:
+                victims = self.lru["device"].victims(self._pins)
+                if not victims:
+                    raise TierFullError(f"no free device slot and all {len(self.lru['device'])} sessions are pinned")
+                await self._move(victims[0], "device", "host")
+
+    # --- moving down ------------------------------------------------------------------------
+    async def offload(self, sid: str, to: str) -> str:
+        """Move the session's cache down to tier `to` (host or redis). Returns where it landed
+        (redis when it is bigger than the whole host tier)."""
+        if to not in ("host", "redis"):
+            raise CacheStoreError(f"offload goes to host or redis, not {to!r} (use restore)")
+        if to == "redis" and not self.redis:
+            raise TierUnavailableError("no redis tier configured (StoreConfig.redis_url is None)")
+        if self.is_pinned(sid):
+            raise SessionPinnedError(f"session {sid!r} is in use")
+        async with self._lock:
+            src = await self.where(sid)
+            if TIER_ORDER.index(src) >= TIER_ORDER.index(to):
+                return src
+            return await self._move(sid, src, to)
+
+    async def _move(self, sid: str, src: str, dst: str) -> str:
+        blob = await self.tiers[src].get(sid)
+        if dst == "host" and len(blob) > self.host.capacity and self.redis:
+            dst = "redis"
+        if dst == "host":
+            await self._host_room(len(blob), sid)
+        await self.tiers[dst].put(sid, blob)  # a failure here leaves the source copy in place
+        await self.tiers[src].delete(sid)
+        self._set_loc(sid, dst)
+        return dst
+
+    async def _host_room(self, nbytes: int, sid: str) -> None:
+        """Spill least recently used host sessions to Redis (or drop them without Redis: their
+        transcripts rebuild them) until `nbytes` fit."""
+        while not self.host.fits(nbytes, replacing=sid):
+            victims = [v for v in self.lru["host"].victims(self._pins) if v != sid]
+            if not victims:
+                raise TierFullError(f"host tier: {nbytes} bytes do not fit ({self.host.used} of "
+                                    f"{self.host.capacity} used, nothing evictable)")
+            if self.redis:
+                await self._move(victims[0], "host", "redis")
+            else:
+                await self.host.delete(victims[0])
+                self._set_loc(victims[0], None)
+
+    async def drain(self) -> int:
+        """Move every unpinned session off the device and out of host memory, to Redis (to host
+        memory without Redis). Returns the number of sessions moved."""
+        to = "redis" if self.redis else "host"
+        moved = 0
+        async with self._lock:
+            for src in ("device", "host"):
+                if src == to:
+                    continue
+                for sid in self.lru[src].victims(self._pins):
+                    await self._move(sid, src, to)
+                    moved += 1
+        return moved
+
+    async def maintain(self) -> int:
+        """Idle-time movement (device -> host, host -> Redis). Returns sessions moved."""
+        moved = 0
+        async with self._lock:
+            if self.config.device_idle_s is not None:
+                for sid in self.lru["device"].idle(self.config.device_idle_s, self._pins):
+                    await self._move(sid, "device", "host")
+                    moved += 1
+            if self.redis and self.config.host_idle_s is not None:
+                for sid in self.lru["host"].idle(self.config.host_idle_s, self._pins):
+                    await self._move(sid, "host", "redis")
+                    moved += 1
+        return moved
+
+    # --- moving up --------------------------------------------------------------------------
+    async def restore(self, sid: str) -> Restored:
+        """Bring the session's cache to the device. Any failure raises RestoreError naming the
+        tier (cause chained: CacheMissError, TierUnavailableError, a CodecError, TierFullError);
+        a copy that failed to decode is deleted so it is never tried again."""
+        async with self._lock:
+            if self._loc.get(sid) == "device":
+                self.counters["device"].hits += 1
+                self.lru["device"].touch(sid)
+                return Restored("device", {})
+            self.counters["device"].misses += 1
+            src = self._loc.get(sid)
+            if src is None:  # not here: ask the shared tier (or fail on the host tier without one)
+                if self.redis:
+                    self.counters["host"].misses += 1
+                src = "redis" if self.redis else "host"
+            try:
+                tier = self.tiers[src]
+                blob = await tier.get(sid)
+                while self.device.free_slots < 1:
+                    victims = self.lru["device"].victims(self._pins)
+                    if not victims:
+                        raise TierFullError("no free device slot and every device session is pinned")
+                    await self._move(victims[0], "device", "host")
+                meta = read_header(blob).meta
+                await self.device.put(sid, blob)
+            except (CacheMissError, TierUnavailableError, CodecError, TierFullError) as e:
+                self._failed(sid, src, e)
+                if isinstance(e, CodecError):
+                    with contextlib.suppress(CacheStoreError):
+                        await self.tiers[src].delete(sid)
+                    self._set_loc(sid, None)
+                raise RestoreError(sid, src, e) from e
+            c = self.counters[src]
+            c.hits += 1
+            c.restores += 1
+            with contextlib.suppress(TierUnavailableError):
+                await tier.delete(sid)  # a stale copy left by a failure here expires with the TTL
+            self._set_loc(sid, "device")
+            return Restored(src, meta)
+
+    def _failed(self, sid: str, tier: str, e: Exception) -> None:
+        if isinstance(e, CacheMissError):
+            self.counters[tier].misses += 1
+
+    def record_recompute(self, tier: str) -> None:
+        """The worker rebuilt a session from its transcript after a failed restore from `tier`."""
+        self.counters[tier].recomputes += 1
+        self.recomputes_total += 1
+
+    # --- delete / transcripts ---------------------------------------------------------------
+    async def delete(self, sid: str) -> None:
+        """Free the session in every tier, transcript included."""
+        if self.is_pinned(sid):
+            raise SessionPinnedError(f"session {sid!r} is in use")
+        async with self._lock:
+            for tier in self.tiers.values():
+                await tier.delete(sid)
+            await self.transcripts.delete(sid)
+            self._set_loc(sid, None)
+
+    async def forget_cache(self, sid: str) -> None:
+        """Drop the session's cache in every tier, device included, but keep its transcript (the
+        next turn rebuilds it: tests and benchmarks of the recompute path use this)."""
+        if self.is_pinned(sid):
+            raise SessionPinnedError(f"session {sid!r} is in use")
+        async with self._lock:
+            for tier in self.tiers.values():
+                await tier.delete(sid)
+            self._set_loc(sid, None)
+
+    async def put_transcript(self, sid: str, transcript: dict) -> None:
+        await self.transcripts.put(sid, transcript)
+
+    async def get_transcript(self, sid: str) -> dict:
+        return await self.transcripts.get(sid)
+
+    # --- stats ------------------------------------------------------------------------------
+    async def stats(self) -> dict[str, dict]:
+        """Per tier: sessions and bytes held now, hits, misses, restores, recomputes."""
+        out = {}
+        for name, tier in self.tiers.items():
+            held = await tier.stats()
+            c = self.counters[name]
+            out[name] = TierStats(held.sessions, held.bytes, c.hits, c.misses, c.restores, c.recomputes).to_dict()
+        out["total"] = {"recomputes": self.recomputes_total}
+        return out
+
+    async def close(self) -> None:
+        for tier in self.tiers.values():
+            await tier.close()

@@ -1,0 +1,76 @@
+"""The tier interface every storage level implements (device slots, host memory, Redis).
+
+A tier stores one encoded session cache (see codec.py) per session id. Every method is async so
+tiers doing I/O (Redis) and tiers that do not (host memory, device slots) look the same to the
+store. A missing session raises CacheMissError; a backend failure raises TierUnavailableError.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass
+
+from lessserve.cache_store.codec import Blob
+
+TIER_ORDER = ("device", "host", "redis")  # nearest the model first
+
+
+@dataclass
+class TierStats:
+    sessions: int = 0
+    bytes: int = 0
+    hits: int = 0  # a restore found the session here
+    misses: int = 0  # a restore looked here and did not find it
+    restores: int = 0  # the session was restored to the device from here
+    recomputes: int = 0  # the copy here was lost / corrupt / incompatible and the session was re-prefilled
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Tier(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def contains(self, sid: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def get(self, sid: str) -> Blob:
+        """The session's encoded cache; CacheMissError if absent."""
+
+    @abc.abstractmethod
+    async def put(self, sid: str, blob: Blob) -> None:
+        """Store (or replace) the session's cache. A failed put leaves the previous copy readable."""
+
+    @abc.abstractmethod
+    async def delete(self, sid: str) -> bool:
+        """Drop the session's cache; True if there was one."""
+
+    @abc.abstractmethod
+    async def keys(self) -> list[str]:
+        """Session ids held (for drains and stats)."""
+
+    @abc.abstractmethod
+    async def stats(self) -> TierStats:
+        """Sessions and bytes held now (hit / miss counters are kept by the store)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections / memory."""
+
+
+class DeviceTier(Tier):
+    """The device level: a fixed number of session slots owned by the worker's engine.
+
+    `put` loads a cache into a slot (allocating one), `get` exports it, `delete` frees the slot.
+    Implemented on the worker side (lessserve.workers.device_tier) over the engine's slab.
+    """
+
+    name = "device"
+
+    @property
+    @abc.abstractmethod
+    def free_slots(self) -> int: ...
+
+    @abc.abstractmethod
+    def slot_bytes(self) -> int:
+        """Device bytes one session occupies."""

@@ -1,0 +1,200 @@
+"""Chat sessions by id over one Engine and a TieredCacheStore: the class a worker serves with.
+
+Every method is synchronous (safe to call from plain code or from inside an event loop: the
+store's asyncio I/O runs on a private loop in a daemon thread, and calls block until done).
+`turn` restores the session's cache from wherever it is (device, host memory, Redis) or, when
+the cache is lost / corrupt / incompatible, rebuilds it by re-prefilling the transcript (counted
+as a recompute); it then streams the reply. The transcript is written to the store's durable
+transcript tier after every turn. Calls are serialised by a lock, except the token stream itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+from lessserve.cache_store.config import StoreConfig
+from lessserve.cache_store.errors import CacheMissError, CacheStoreError, RestoreError, TierUnavailableError
+from lessserve.cache_store.store import TieredCacheStore
+from lessserve.workers.chat_session import ChatSession, Transcript
+from lessserve.workers.device_tier import EngineDeviceTier
+from lessserve.workers.engine import Engine
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An asyncio loop running in a daemon thread; `run(coro)` blocks for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="session-store-io", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class SessionStore:
+    def __init__(self, engine: Engine, config: StoreConfig | None = None):
+        self.engine = engine
+        self.config = config = config or StoreConfig()
+        self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
+        self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
+        self._io = _LoopThread()
+        self.store: TieredCacheStore = self._io.run(self._make_store())
+        self._lock = threading.RLock()
+        self.transcript_write_failures = 0
+
+    async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
+        return TieredCacheStore(self.config, self.device)
+
+    def _meta(self, sid: str) -> dict:
+        return {"transcript": self.sessions[sid].transcript.to_dict()}
+
+    # --- the turn ---------------------------------------------------------------------------
+    def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """One assistant turn for the full message history; yields text pieces. The session is
+        pinned (never moved or evicted) until the stream ends or is closed."""
+        with self._lock:
+            chat = self._bring_to_device(session_id)
+        try:
+            yield from chat.turn(messages, max_new_tokens, temperature, top_p, seed)
+        finally:
+            with self._lock:
+                self.store.unpin(session_id)
+                self.store.touch(session_id)
+                self._write_transcript(session_id)
+
+    def _bring_to_device(self, sid: str) -> ChatSession:
+        self.store.pin(sid)
+        try:
+            restored = self._io.run(self.store.restore(sid))
+        except RestoreError as e:
+            return self._rebuild(sid, e)
+        except BaseException:
+            self.store.unpin(sid)
+            raise
+        slot = self.device.slot_of(sid)
+        if restored.source == "device":
+            return self.sessions[sid]
+        tr = Transcript.from_dict(restored.meta["transcript"])
+        self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
+        return chat
+
+    def _rebuild(self, sid: str, err: RestoreError) -> ChatSession:
+        """No usable cache: re-prefill the transcript (a recompute), or start a new session."""
+        try:
+            known = self.sessions.get(sid)
+            tr = known.transcript if known else self._fetch_transcript(sid)
+            self._io.run(self.store.make_room())
+            slot = self.device.new_slot(sid)
+            self.store.admit(sid)
+            if tr.ids:
+                self.engine.prefill(slot, tr.ids)
+            if known or tr.ids:
+                self.store.record_recompute(err.tier)
+            self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
+            return chat
+        except BaseException:
+            self.store.unpin(sid)
+            raise
+
+    def _fetch_transcript(self, sid: str) -> Transcript:
+        try:
+            return Transcript.from_dict(self._io.run(self.store.get_transcript(sid)))
+        except CacheMissError:
+            return Transcript()  # a new session (or one nobody can remember: plan_turn rebuilds it)
+
+    def _write_transcript(self, sid: str) -> None:
+        try:
+            self._io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
+        except TierUnavailableError:  # durability degraded, the conversation is not: counted in stats
+            self.transcript_write_failures += 1
+
+    # --- placement --------------------------------------------------------------------------
+    def where(self, session_id: str) -> str:
+        """"device", "host" or "redis"; CacheMissError if no tier holds the session's cache."""
+        with self._lock:
+            return self._io.run(self.store.where(session_id))
+
+    def offload(self, session_id: str, tier: str) -> str:
+        """Move the session's cache down to "host" or "redis"; returns the tier it landed in."""
+        with self._lock:
+            return self._io.run(self.store.offload(session_id, tier))
+
+    def restore(self, session_id: str) -> str:
+        """Bring the session's cache to the device ahead of its next turn; returns where it came
+        from. Raises RestoreError when it cannot (the next turn then rebuilds it)."""
+        with self._lock:
+            return self._io.run(self.store.restore(session_id)).source
+
+    def delete(self, session_id: str) -> None:
+        """Forget the session: its cache in every tier and its transcript."""
+        with self._lock:
+            self._io.run(self.store.delete(session_id))
+            self.sessions.pop(session_id, None)
+
+    def drain(self) -> int:
+        """Move every idle session to the shared tier (host memory without Redis)."""
+        with self._lock:
+            for sid in list(self.device.slots):
+                self._write_transcript(sid)
+            return self._io.run(self.store.drain())
+
+    def maintain(self) -> int:
+        """Idle-time movement (device -> host -> Redis); call it periodically."""
+        with self._lock:
+            return self._io.run(self.store.maintain())
+
+    # --- migration, inspection --------------------------------------------------------------
+    def snapshot(self, session_id: str) -> bytes:
+        """The session's device cache, encoded (transcript inside), without moving it."""
+        with self._lock:
+            return bytes(self._io.run(self.device.get(session_id)))
+
+    def adopt(self, session_id: str, blob: bytes) -> None:
+        """Load an encoded cache (from snapshot, or another worker) into a device slot."""
+        with self._lock:
+            from lessserve.cache_store.codec import read_header
+
+            tr = Transcript.from_dict(read_header(blob).meta["transcript"])
+            if session_id not in self.device.slots:
+                self._io.run(self.store.make_room())
+            self._io.run(self.device.put(session_id, blob))
+            self.store.admit(session_id)
+            self.sessions[session_id] = ChatSession(self.engine, slot=self.device.slot_of(session_id),
+                                                    transcript=tr)
+
+    def forget_cache(self, session_id: str) -> None:
+        """Drop the session's cache everywhere but keep its transcript (tests, benchmarks)."""
+        with self._lock:
+            self._io.run(self.store.forget_cache(session_id))
+
+    def transcript(self, session_id: str) -> Transcript:
+        try:
+            return self.sessions[session_id].transcript
+        except KeyError:
+            raise CacheMissError(f"unknown session {session_id!r}") from None
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = self._io.run(self.store.stats())
+            out["total"]["transcript_write_failures"] = self.transcript_write_failures
+            return out
+
+    def close(self) -> None:
+        """Close the store's connections and stop its I/O thread (caches on the device are kept)."""
+        with self._lock:
+            with contextlib.suppress(CacheStoreError):
+                self._io.run(self.store.close())
+            self._io.stop()
