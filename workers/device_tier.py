@@ -86,7 +86,7 @@ class EngineDeviceTier(DeviceTier):
         state = self.engine.slab.export(self.slot_of(sid))  # {field: [L, Hkv, ...]}, length [1], seen [1]
         if self.quantize:
             state = quantize_state(state)
-        return encode(state, self.identity, {"quantized": self.quantize, **self.meta_fn(sid)})
+        return encode(state, self.identity, self.meta_fn(sid))
 
     async def put(self, sid: str, blob: Blob) -> None:
         tensors = dequantize_state(decode(blob, self.identity).tensors, self.engine.dtype)

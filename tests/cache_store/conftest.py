@@ -1,0 +1,118 @@
+"""Fixtures for the cache store: a real redis-server on a free loopback port (owned and stopped
+by PID), a tiny random engine whose slot states are encoded for tier tests, and the real default
+model for conversations."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lessserve.cache_store.local_redis import LocalRedis  # noqa: E402
+
+TINY_ARGS = dict(arch="LlamaForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One shared server for the session; tests isolate themselves with a unique key prefix."""
+    server = LocalRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis():
+    """A private server a fault test may kill and restart (AOF on, fsync always)."""
+    server = LocalRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    from lessserve.workers.model import LlamaModel
+    from lessserve.workers.model_loader import LoadedCheckpoint, ModelArgs
+
+    args = ModelArgs(**TINY_ARGS)
+    torch.manual_seed(0)
+    m = LlamaModel(args)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return LoadedCheckpoint(model_id="tiny", folder=tmp_path_factory.mktemp("tiny"), args=args, state_dict=state)
+
+
+@pytest.fixture
+def tiny_engine_factory(tiny_ckpt):
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+
+    def make(**cfg):
+        return Engine(EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 6, "prefill_chunk": 8,
+                                      "device": "cpu", "dtype": "float32", **cfg}), checkpoint=tiny_ckpt)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_blobs(tiny_ckpt):
+    """Encoded caches of tiny-engine slot states (random contents, several lengths)."""
+    from lessserve.cache_store.codec import encode
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.device_tier import engine_identity
+    from lessserve.workers.engine import Engine
+
+    e = Engine(EngineConfig(policy="h2o", budget=16, max_slots=1, device="cpu", dtype="float32"),
+               checkpoint=tiny_ckpt)
+    gen = torch.Generator().manual_seed(1)
+    slot, out = e.alloc(), []
+    for n in (3, 17, 40, 97, 5, 29):
+        state = e.slab.export(slot)
+        for f in ("k", "v", "score"):
+            state[f] = torch.randn(state[f].shape, generator=gen).to(state[f].dtype)
+        state["pos"] = torch.randint(0, n, state["pos"].shape, generator=gen, dtype=torch.int32)
+        state["length"][0], state["seen"][0] = min(n, 16), n
+        out.append(bytes(encode(state, engine_identity(e), {})))
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(checkpoint, first engine) of the real default model, loaded once."""
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+    from lessserve.workers.model_loader import load_checkpoint
+
+    ckpt = load_checkpoint("smollm2-135m-instruct")
+    first = Engine(EngineConfig(policy="h2o", budget=16, max_slots=2, prefill_chunk=16, device="cpu",
+                                dtype="float32"), checkpoint=ckpt)
+    return ckpt, first
+
+
+@pytest.fixture
+def default_engine(default_model):
+    """make(**cfg): an engine over the real default model, sharing the loaded weights."""
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+
+    ckpt, first = default_model
+
+    def make(**cfg):
+        c = EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 2, "prefill_chunk": 16, "device": "cpu",
+                            "dtype": "float32", **cfg})
+        return Engine(c, checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)
+
+    return make
