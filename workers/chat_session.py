@@ -82,28 +82,38 @@ class ChatSession:
     def stats(self) -> dict:
         return {**self.engine.stats(self.slot), "turns": self.transcript.turns}
 
-    def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Run one assistant turn for the full message history; yields text pieces."""
-        tok, tr = self.engine.tokenizer, self.transcript
-        plan = plan_turn(tok, tr, messages)
+    def begin_turn(self, messages: list[dict]) -> list[int]:
+        """Plan a turn: reset the slot if the history diverged; return the ids to prefill."""
+        tr = self.transcript
+        plan = plan_turn(self.engine.tokenizer, tr, messages)
         if plan.rebuild:
             self.engine.slab.reset(self.slot)
             tr.ids, tr.text = [], ""
         self.last_prefill = len(plan.new_ids)
         tr.ids += plan.new_ids
         tr.text = plan.prompt_text
-        detok, gen = Detokenizer(tok), []
-        eos = tok.eos_token_id
-        for t in self.engine.generate(self.slot, plan.new_ids, max_new_tokens, temperature, top_p,
-                                      stop_ids=[eos], seed=seed):
-            gen.append(t)
-            if t != eos:
-                yield detok.push(t)
-        reply = tok.decode([t for t in gen if t != eos], skip_special_tokens=True)
-        # generate() never feeds its last token back: the cache consumed gen[:-1], and the
-        # transcript records exactly that (the next turn's suffix re-supplies the rest).
+        return plan.new_ids
+
+    def finish_turn(self, messages: list[dict], gen: list[int]) -> str:
+        """Record a finished turn. generate() never feeds its last token back: the cache consumed
+        gen[:-1], and the transcript records exactly that (the next turn re-supplies the rest)."""
+        tok, tr = self.engine.tokenizer, self.transcript
+        reply = tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True)
         tr.ids += gen[:-1]
         tr.text += tok.decode(gen[:-1], skip_special_tokens=False)
         tr.messages = [*messages, {"role": "assistant", "content": reply}]
         tr.turns += 1
+        return reply
+
+    def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+        """Run one assistant turn for the full message history; yields text pieces."""
+        tok = self.engine.tokenizer
+        new_ids = self.begin_turn(messages)
+        detok, gen = Detokenizer(tok), []
+        for t in self.engine.generate(self.slot, new_ids, max_new_tokens, temperature, top_p,
+                                      stop_ids=[tok.eos_token_id], seed=seed):
+            gen.append(t)
+            if t != tok.eos_token_id:
+                yield detok.push(t)
+        self.finish_turn(messages, gen)

@@ -1,0 +1,179 @@
+"""Continuous batching over one engine: a background thread interleaves prefill chunks with
+decode steps that batch every active session together, streaming tokens back as they come.
+
+Callers (the cluster's worker actor, tests) use `submit()` and consume tokens from the
+returned async iterator; the engine is touched only by the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lessserve.workers.engine import Engine
+from lessserve.workers.sampling import sample
+
+_DONE = object()
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _Request:
+    slot: int
+    ids: list[int]
+    params: SamplingParams
+    emit: Callable[[object], None]  # thread-safe: a token id, an Exception, or _DONE
+    tokens: list[int]  # every sampled token, authoritative (the cache consumed all but the last)
+    offset: int = 0  # prefill progress into ids
+    generated: int = 0
+    pending: int | None = None  # sampled token to feed on the next decode step
+    gen: torch.Generator | None = None
+    cancelled: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+class BatchScheduler:
+    def __init__(self, engine: Engine, max_batch: int = 32, on_step: Callable[[str, int, float], None] | None = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.on_step = on_step  # metrics hook: (kind, tokens, seconds)
+        self._incoming: deque[_Request] = deque()
+        self._prefilling: deque[_Request] = deque()
+        self._decoding: list[_Request] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="lessserve-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- public -----------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._incoming) + len(self._prefilling) + len(self._decoding)
+
+    async def generate(self, slot: int, ids: list[int], params: SamplingParams,
+                       tokens: list[int] | None = None) -> AsyncIterator[int]:
+        """Prefill `ids` into `slot`, then yield sampled tokens (the stop token included).
+
+        `tokens`, if given, receives every sampled token, also when the consumer stops early: once
+        this generator is closed the scheduler has let go of the request and `tokens[:-1]` is
+        exactly what the slot's cache consumed."""
+        if not ids:
+            raise ValueError("a turn needs at least one new token")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        released = asyncio.Event()
+
+        def emit(item):
+            loop.call_soon_threadsafe(q.put_nowait, item)
+            if item is _DONE or isinstance(item, BaseException):
+                loop.call_soon_threadsafe(released.set)
+
+        req = _Request(slot, list(ids), params, emit, tokens if tokens is not None else [])
+        if params.seed is not None:
+            req.gen = torch.Generator().manual_seed(params.seed)
+        with self._cv:
+            self._incoming.append(req)
+            self._cv.notify()
+        try:
+            while True:
+                item = await q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True  # a client that went away stops costing compute
+            await released.wait()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        end = time.monotonic() + timeout
+        while self.active and time.monotonic() < end:
+            time.sleep(0.01)
+        return not self.active
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._incoming or self._prefilling or self._decoding):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                while self._incoming:
+                    self._prefilling.append(self._incoming.popleft())
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - report to every waiting caller, keep serving
+                for r in [*self._prefilling, *self._decoding]:
+                    r.emit(e)
+                self._prefilling.clear()
+                self._decoding.clear()
+
+    def _step(self) -> None:
+        # One prefill chunk (oldest request first), interleaved with one batched decode step.
+        while self._prefilling and self._prefilling[0].cancelled:
+            self._prefilling.popleft().emit(_DONE)
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        for r in self._decoding:
+            if r.cancelled:
+                r.emit(_DONE)
+        self._decoding = [r for r in self._decoding if not r.cancelled]
+        if self._decoding:
+            self._decode_step(self._decoding[: self.max_batch])
+
+    def _prefill_chunk(self, r: _Request) -> None:
+        eng = self.engine
+        _, size = next(eng.chunks(eng.slab.seen[r.slot], len(r.ids) - r.offset))
+        t0 = time.perf_counter()
+        chunk = torch.tensor(r.ids[r.offset : r.offset + size], dtype=torch.long)[None]
+        logits = eng.forward([r.slot], chunk, last_only=True)[:, -1]
+        r.offset += size
+        if self.on_step:
+            self.on_step("prefill", size, time.perf_counter() - t0)
+        if r.offset == len(r.ids):
+            self._prefilling.popleft()
+            if self._emit_next(r, logits[0]):
+                self._decoding.append(r)
+
+    def _decode_step(self, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        logits = self.engine.decode([r.slot for r in batch], [r.pending for r in batch])
+        if self.on_step:
+            self.on_step("decode", len(batch), time.perf_counter() - t0)
+        done = {id(r) for r, lg in zip(batch, logits, strict=True) if not self._emit_next(r, lg)}
+        self._decoding = [r for r in self._decoding if id(r) not in done]
+
+    def _emit_next(self, r: _Request, logits: torch.Tensor) -> bool:
+        """Sample, stream the token; True while the request continues decoding."""
+        p = r.params
+        tok = int(sample(logits[None].cpu(), p.temperature, p.top_p, r.gen)[0])
+        r.generated += 1
+        r.tokens.append(tok)
+        r.emit(tok)
+        if tok in p.stop_ids or r.generated >= p.max_new_tokens:
+            r.emit(_DONE)
+            return False
+        r.pending = tok
+        return True
