@@ -271,12 +271,17 @@ class TieredCacheStore:
 
     # --- stats ------------------------------------------------------------------------------
     async def stats(self) -> dict[str, dict]:
-        """Per tier: sessions and bytes held now, hits, misses, restores, recomputes."""
+        """Per tier: sessions and bytes held now, hits, misses, restores, recomputes. A tier whose
+        backend is down reports sessions and bytes as None and its error under "error"."""
         out = {}
         for name, tier in self.tiers.items():
-            held = await tier.stats()
             c = self.counters[name]
-            out[name] = TierStats(held.sessions, held.bytes, c.hits, c.misses, c.restores, c.recomputes).to_dict()
+            try:
+                held = await tier.stats()
+                out[name] = TierStats(held.sessions, held.bytes, c.hits, c.misses, c.restores,
+                                      c.recomputes).to_dict()
+            except TierUnavailableError as e:
+                out[name] = {**c.to_dict(), "sessions": None, "bytes": None, "error": str(e)}
         out["total"] = {"recomputes": self.recomputes_total}
         return out
 

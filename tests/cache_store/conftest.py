@@ -20,6 +20,16 @@ TINY_ARGS = dict(arch="LlamaForCausalLM", vocab_size=128, hidden_size=64, interm
                  max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The CI and dev machines have 2 shared cores: one intra-op thread avoids spin-wait collapse
+    (measured 150x on a contended box). Restored after each module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     """One shared server for the session; tests isolate themselves with a unique key prefix."""
