@@ -119,9 +119,15 @@ class Engine:
             phi_q = ops.phi(q, lw) if lw is not None else None  # [n, Hq, C, R]
             H = slab.H[layer] if lw is not None else None
             z = slab.z[layer] if lw is not None else None
-            out, m_cache, m_new = ops.chunk_attention(
-                q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
-                H=H, z=z, phi_q=phi_q, impl=impl)
+            if C == 1:  # decode: the fused one-pass kernel
+                o1, m_cache, m1 = ops.decode_attention(
+                    q[:, :, 0], k[:, :, 0], v[:, :, 0], slab.k[layer], slab.v[layer], slab.length, slot_ids,
+                    self.scale, H=H, z=z, phi_q=None if phi_q is None else phi_q[:, :, 0], impl=impl)
+                out, m_new = o1[:, :, None], m1[..., None]
+            else:
+                out, m_cache, m_new = ops.chunk_attention(
+                    q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
+                    H=H, z=z, phi_q=phi_q, impl=impl)
             new_length = ops.evict_absorb(
                 slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
                 k, v, positions, m_cache, m_new, spec, H=H, z=z, psi=lw, impl=impl)

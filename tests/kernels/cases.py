@@ -1,0 +1,36 @@
+"""Random inputs for the kernel tests (fresh each run: no fixed seed)."""
+
+from __future__ import annotations
+
+import torch
+
+from lessserve.kernels.reference.lowrank import LessLayerWeights
+
+
+def slab_layer(S: int, Hkv: int, B: int, D: int, dtype, device):
+    k = torch.randn(S, Hkv, B, D, device=device).to(dtype)
+    v = torch.randn(S, Hkv, B, D, device=device).to(dtype)
+    return k, v
+
+
+def slots(S: int, lens: list[int], B: int, device):
+    """length [S] int32 with the chosen slots (a random subset, random order) at `lens`."""
+    n = len(lens)
+    length = torch.randint(0, B + 1, (S,), dtype=torch.int32, device=device)
+    slot_ids = torch.randperm(S, device=device)[:n]
+    length[slot_ids] = torch.tensor(lens, dtype=torch.int32, device=device)
+    return length, slot_ids
+
+
+def less_state(S: int, Hkv: int, R: int, D: int, device):
+    H = torch.rand(S, Hkv, R, D, device=device) * 3
+    z = torch.rand(S, Hkv, R, device=device) * 5
+    return H, z
+
+
+def less_weights(Hq: int, Hkv: int, D: int, R: int, device, hidden: int = 16) -> LessLayerWeights:
+    r = lambda *s, fan: torch.randn(*s, device=device) / fan**0.5  # noqa: E731
+    return LessLayerWeights(
+        w1q=r(Hq, D, hidden, fan=D), w2q=r(Hq, hidden, R, fan=hidden),
+        w1k=r(Hkv, D, hidden, fan=D), w2k=r(Hkv, hidden, R, fan=hidden), wint=r(Hkv, R, R, fan=R),
+        s1=torch.ones(Hkv, R, device=device), s2=torch.ones(Hkv, R, device=device))

@@ -1,0 +1,49 @@
+"""The engine generates the same greedy tokens with kernels="triton" (the interpreter on CPU) as with
+kernels="torch": prefill chunks of 16, budget 32 so eviction happens in prefill and in decode.
+
+The tiny random model runs in seconds; the default model (smollm2-135m-instruct, 30 layers) costs
+minutes under the interpreter on 2 cores, so it is marked slow."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPT = ("The history of the city begins in the early medieval period, when a small settlement grew "
+          "around a river crossing. Over the following centuries merchants, monks and craftsmen settled")
+
+
+def _generate(cfg_kw: dict, ckpt, less, ids: list[int], tokenizer=None, model=None, n_new: int = 8) -> list[int]:
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+
+    e = Engine(EngineConfig(budget=32, prefill_chunk=16, max_slots=1, max_context=1024, **cfg_kw),
+               checkpoint=ckpt, less=less, tokenizer=tokenizer, model=model)
+    return list(e.generate(e.alloc(), ids, n_new))
+
+
+@pytest.mark.parametrize("policy", ["h2o+less", "lambda"])
+def test_tiny_model_same_tokens(tiny_ckpt, policy):
+    from tests.conftest import tiny_less
+
+    less = tiny_less() if "less" in policy else None
+    ids = torch.randint(0, 128, (45,)).tolist()
+    want = _generate({"model": "tiny", "policy": policy, "kernels": "torch", "dtype": "float32"}, tiny_ckpt, less, ids)
+    got = _generate({"model": "tiny", "policy": policy, "kernels": "triton", "dtype": "float32"}, tiny_ckpt, less, ids)
+    assert got == want
+
+
+@pytest.mark.slow
+def test_default_model_same_tokens_h2o_less(default_ckpt, default_engine_factory):
+    """h2o+less with random LESS kernels of visible strength (s1 = s2 = 1), 8 greedy tokens."""
+    from lessserve.workers.less_weights import LessKernels
+
+    base = default_engine_factory(kernels="torch", budget=32, prefill_chunk=16, max_slots=1)
+    a = base.args
+    less = LessKernels.random(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, rank=8, hidden=16, seed=0,
+                              scale_init=1.0, model="random")
+    ids = base.tokenizer.encode(PROMPT)
+    assert len(ids) > 32  # eviction already during prefill
+    out = {k: _generate({"policy": "h2o+less", "kernels": k}, default_ckpt, less, ids, base.tokenizer, base.model)
+           for k in ("torch", "triton")}
+    assert out["triton"] == out["torch"]
