@@ -1,7 +1,7 @@
-"""Raw Triton kernels: int8 per-row absmax quantise / dequantise over [M0, M1, D] strided rows.
+"""Raw Triton kernels: int8 per-row absmax quantise / dequantise over [M0, L, M1, D] strided rows.
 
-Grid (M0, cdiv(M1, BLOCK_R)). Row (i0, i1) of x lives at x + i0*sx0 + i1*sx1 (last dim contiguous);
-`sel` maps i0 through an index table so slab slots can be read without a gather copy.
+Grid (M0, cdiv(M1, BLOCK_R), L). Row (i0, l, i1) of x lives at x + i0*sx0 + l*sxl + i1*sx1 (last dim
+contiguous); `sel` maps i0 through an index table so slab slots are read / written in place.
 """
 
 import triton
@@ -12,10 +12,14 @@ import triton.language as tl
 def quantize_int8_kernel(
     x_ptr, q_ptr, s_ptr, sel_ptr,
     M1, D,
-    sx0, sx1, sq0, sq1, ss0, ss1,
+    sx0, sx1, sq0, sq1, ss0, ss1, sxl, sql, ssl,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i0 = tl.program_id(0)
+    layer = tl.program_id(2).to(tl.int64)
+    x_ptr += layer * sxl
+    q_ptr += layer * sql
+    s_ptr += layer * ssl
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     cols = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     src0 = tl.load(sel_ptr + i0).to(tl.int64)
@@ -39,10 +43,14 @@ def quantize_int8_kernel(
 def dequantize_int8_kernel(
     q_ptr, s_ptr, y_ptr, sel_ptr,
     M1, D,
-    sq0, sq1, ss0, ss1, sy0, sy1,
+    sq0, sq1, ss0, ss1, sy0, sy1, sql, ssl, syl,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i0 = tl.program_id(0)
+    layer = tl.program_id(2).to(tl.int64)
+    q_ptr += layer * sql
+    s_ptr += layer * ssl
+    y_ptr += layer * syl
     dst0 = tl.load(sel_ptr + i0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 PROMPT = ("The history of the city begins in the early medieval period, when a small settlement grew "
-          "around a river crossing. Over the following centuries merchants, monks and craftsmen settled")
+          "around a river crossing. Over the following centuries merchants, monks and craftsmen settled "
+          "there and built walls")
 
 
 def _generate(cfg_kw: dict, ckpt, less, ids: list[int], tokenizer=None, model=None, n_new: int = 8) -> list[int]:

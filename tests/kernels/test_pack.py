@@ -1,0 +1,105 @@
+"""int8 codec and slot pack / unpack: Triton == torch reference; round trips are exact ("none") or
+bounded by half a quantisation step ("int8"); the LESS state is never quantised."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lessserve.kernels import ops
+from lessserve.kernels.reference.pack import (
+    PackError,
+    PackLayout,
+    dequantize_int8_ref,
+    pack_slots_ref,
+    quantize_int8_ref,
+    unpack_slot_ref,
+)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _slab(L, S, Hkv, B, D, R, dtype, device):
+    k = torch.randn(L, S, Hkv, B, D, device=device).to(dtype) * 3
+    v = torch.randn(L, S, Hkv, B, D, device=device).to(dtype)
+    pos = torch.randint(-1, 5000, (L, S, Hkv, B), dtype=torch.int32, device=device)
+    score = torch.rand(L, S, Hkv, B, device=device)
+    H = torch.randn(L, S, Hkv, R, D, device=device)
+    z = torch.rand(L, S, Hkv, R, device=device)
+    length = torch.randint(0, B + 1, (S,), dtype=torch.int32, device=device)
+    return [k, v, pos, score, H, z, length]
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 17, 64), F32), ((2, 97, 128), F16), ((1, 1, 64), BF16),
+                                         ((5, 4, 613, 64), F32)])
+def test_quantize_int8_triton_matches_reference(shape, dtype, device):
+    from lessserve.kernels.triton import dequantize_int8, quantize_int8
+    from lessserve.kernels.triton.checks import poisoned_outputs
+
+    x = (torch.randn(shape, device=device) * 4).to(dtype)
+    x[..., 0, :] = 0  # an all-zero row: scale 1, codes 0
+    q_ref, s_ref = quantize_int8_ref(x)
+    with poisoned_outputs():
+        q, s = quantize_int8(x)
+        y = dequantize_int8(q, s, dtype)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    y_ref = dequantize_int8_ref(q_ref, s_ref, dtype)
+    assert torch.equal(y.float(), y_ref.float()) or dtype == BF16  # bf16 rounding of the interpreter
+    tol = {F32: 0.0, F16: 1e-3, BF16: 1e-2}[dtype]
+    err = (y.float() - x.float()).abs()
+    assert (err <= s[..., None] / 2 + tol * x.float().abs() + 1e-6).all()
+
+
+def test_ops_codec_names_dispatch(device):
+    x = torch.randn(2, 3, 9, 64, device=device)
+    q, s = ops.quantize_int8(x, impl="torch")
+    y = ops.dequantize_int8(q, s, torch.float16, impl="torch")
+    assert y.dtype == torch.float16 and y.shape == x.shape
+    q2, s2 = ops.quantize_int8(x, impl="triton")
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    assert torch.equal(ops.dequantize_int8(q2, s2, torch.float32, impl="triton"),
+                       ops.dequantize_int8(q, s, torch.float32, impl="torch"))
+
+
+@pytest.mark.parametrize("quant,dtype,slots", [("none", F16, [1]), ("int8", F32, [0, 3, 2]),
+                                               ("int8", BF16, [2, 0, 1, 3, 4])])
+def test_pack_unpack_triton_matches_reference(quant, dtype, slots, device):
+    from lessserve.kernels.triton import pack_slots, unpack_slot
+
+    L, S, Hkv, B, D, R = 3, 6, 2, 17, 64, 8
+    slab = _slab(L, S, Hkv, B, D, R, dtype, device)
+    sid = torch.tensor(slots, dtype=torch.long, device=device)
+    ref = pack_slots_ref(*slab, sid, quant)
+    got = pack_slots(*slab, sid, quant)
+    layout = PackLayout.of(slab[0], slab[4], quant)
+    assert got.shape == ref.shape == (len(slots), layout.record_bytes)
+    if dtype != BF16:
+        assert torch.equal(got, ref)
+    # restore record j into the free slot 5 with both implementations
+    for j, s in enumerate(slots):
+        a = [t.clone() for t in slab]
+        b = [t.clone() for t in slab]
+        for t in a[:6] + b[:6]:
+            t[:, 5] = t[:, 5].fill_(-3) if not t.dtype.is_floating_point else t[:, 5].fill_(float("nan"))
+        unpack_slot_ref(ref[j], *a, 5, quant)
+        unpack_slot(got[j], *b, 5, quant)
+        for name, ta, tb, orig in zip(("k", "v", "pos", "score", "H", "z"), a, b, slab, strict=False):
+            ulp = 1e-2 * ta[:, 5].float().abs() if dtype == BF16 else 0.0  # interpreter's bf16 cast truncates
+            assert ((ta[:, 5].float() - tb[:, 5].float()).abs() <= ulp).all(), name
+            if name in ("pos", "score", "H", "z") or quant == "none":
+                assert torch.equal(tb[:, 5], orig[:, s]), f"{name} must round-trip exactly"
+            else:
+                amax = orig[:, s].float().abs().amax(-1, keepdim=True)
+                bound = amax / 127 / 2 + {F32: 1e-6, BF16: 1e-2 * amax}.get(dtype, 1e-3 * amax)
+                assert ((tb[:, 5].float() - orig[:, s].float()).abs() <= bound).all(), name
+        assert int(b[6][5]) == int(slab[6][s])
+
+
+def test_int8_pack_is_smaller_and_state_stays_fp32():
+    none = PackLayout(30, 3, 128, 64, 8, torch.bfloat16, "none")
+    int8 = PackLayout(30, 3, 128, 64, 8, torch.bfloat16, "int8")
+    assert int8.record_bytes < 0.6 * none.record_bytes
+    assert int8.offsets()["H"][2] == torch.float32 and int8.offsets()["z"][2] == torch.float32
+    with pytest.raises(PackError):
+        PackLayout(1, 1, 1, 64, 1, torch.float32, "fp4")
