@@ -51,11 +51,11 @@ class RedisTier(Tier):
     name = "redis"
 
     def __init__(self, client: aioredis.Redis, prefix: str = "lessserve:kv", ttl_s: int | None = None,
-                 part_bytes: int = 4 << 20):
+                 part_bytes: int = 16 << 20):
         self.client, self.prefix, self.ttl_s, self.part_bytes = client, prefix, ttl_s, part_bytes
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "lessserve:kv", ttl_s: int | None = None, part_bytes: int = 4 << 20,
+    def from_url(cls, url: str, prefix: str = "lessserve:kv", ttl_s: int | None = None, part_bytes: int = 16 << 20,
                  pool_size: int = 16, timeout_s: float = 5.0) -> RedisTier:
         return cls(make_client(url, pool_size, timeout_s), prefix, ttl_s, part_bytes)
 

@@ -196,7 +196,8 @@ class TieredCacheStore:
     async def restore(self, sid: str) -> Restored:
         """Bring the session's cache to the device. Any failure raises RestoreError naming the
         tier (cause chained: CacheMissError, TierUnavailableError, a CodecError, TierFullError);
-        a copy that failed to decode is deleted so it is never tried again."""
+        a copy that failed to decode is deleted so it is never tried again. A host copy moves up;
+        a Redis copy stays behind as a fallback unless `keep_redis_copy` is off."""
         async with self._lock:
             if self._loc.get(sid) == "device":
                 self.counters["device"].hits += 1
@@ -228,8 +229,9 @@ class TieredCacheStore:
             c = self.counters[src]
             c.hits += 1
             c.restores += 1
-            with contextlib.suppress(TierUnavailableError):
-                await tier.delete(sid)  # a stale copy left by a failure here expires with the TTL
+            if src == "host" or not self.config.keep_redis_copy:
+                with contextlib.suppress(TierUnavailableError):
+                    await tier.delete(sid)  # a stale copy left by a failure here expires with the TTL
             self._set_loc(sid, "device")
             return Restored(src, meta)
 

@@ -114,7 +114,7 @@ def test_down_and_up_through_every_tier(redis_server, prefix):
         r = await store.restore("a")
         assert r.source == "redis" and r.meta == {"sid": "a"}
         assert await store.where("a") == "device" and torch.equal(dev.held["a"]["x"], torch.full((250,), 1.5))
-        assert not await store.redis.contains("a")
+        assert await store.redis.contains("a")  # kept as a durable fallback (keep_redis_copy)
         await store.offload("a", "host")
         assert (await store.restore("a")).source == "host"
         assert (await store.restore("a")).source == "device"
@@ -126,6 +126,18 @@ def test_down_and_up_through_every_tier(redis_server, prefix):
         with pytest.raises(RestoreError) as e:
             await store.restore("nobody")
         assert isinstance(e.value.__cause__, CacheMissError) and e.value.tier == "redis"
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_restore_can_move_the_redis_copy_instead(redis_server, prefix):
+    async def main():
+        store, dev = make_store(redis_server.url, prefix, keep_redis_copy=False)
+        await new_session(store, dev, "a", 1)
+        await store.offload("a", "redis")
+        await store.restore("a")
+        assert not await store.redis.contains("a") and await store.where("a") == "device"
         await store.close()
 
     asyncio.run(main())
