@@ -13,7 +13,7 @@ import sys
 from lessserve.cluster.commands.common import CliError
 
 # Each module exposes register(subparsers) and sets a `func(args) -> int` default.
-COMMAND_MODULES = ["generate", "chat", "evaluate", "bench", "train_kernels"]
+COMMAND_MODULES = ["generate", "chat", "evaluate", "bench", "serve", "train_kernels"]
 
 
 def build_parser() -> argparse.ArgumentParser:

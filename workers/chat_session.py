@@ -82,10 +82,10 @@ class ChatSession:
     def stats(self) -> dict:
         return {**self.engine.stats(self.slot), "turns": self.transcript.turns}
 
-    def begin_turn(self, messages: list[dict]) -> list[int]:
+    def begin_turn(self, messages: list[dict], plan: TurnPlan | None = None) -> list[int]:
         """Plan a turn: reset the slot if the history diverged; return the ids to prefill."""
         tr = self.transcript
-        plan = plan_turn(self.engine.tokenizer, tr, messages)
+        plan = plan or plan_turn(self.engine.tokenizer, tr, messages)
         if plan.rebuild:
             self.engine.slab.reset(self.slot)
             tr.ids, tr.text = [], ""

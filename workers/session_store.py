@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -19,9 +20,11 @@ from typing import Any, TypeVar
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, CacheStoreError, RestoreError, TierUnavailableError
 from lessserve.cache_store.store import TieredCacheStore
-from lessserve.workers.chat_session import ChatSession, Transcript
+from lessserve.cache_store.tier import Tier
+from lessserve.workers.chat_session import ChatSession, Transcript, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
+from lessserve.workers.errors import ContextOverflowError
 
 T = TypeVar("T")
 
@@ -44,8 +47,12 @@ class _LoopThread:
 
 
 class SessionStore:
-    def __init__(self, engine: Engine, config: StoreConfig | None = None):
+    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None):
+        """`shared`: a tier every worker reaches, standing in for Redis when none is configured
+        (the cluster passes one backed by its state actor); it may carry `.transcripts`."""
         self.engine = engine
+        self.shared = shared
+        self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
         self.config = config = config or StoreConfig()
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
@@ -55,7 +62,8 @@ class SessionStore:
         self.transcript_write_failures = 0
 
     async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
-        return TieredCacheStore(self.config, self.device)
+        return TieredCacheStore(self.config, self.device, redis=self.shared,
+                                transcripts=getattr(self.shared, "transcripts", None))
 
     def _meta(self, sid: str) -> dict:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
@@ -74,6 +82,73 @@ class SessionStore:
                 self.store.unpin(session_id)
                 self.store.touch(session_id)
                 self._write_transcript(session_id)
+
+    def open_turn(self, session_id: str, messages: list[dict],
+                  max_new_tokens: int = 0) -> tuple[ChatSession, list[int]]:
+        """First half of a turn driven by an external scheduler: bring the session to the device
+        (pinned), check the turn fits, and return it with the token ids to prefill. Pair with
+        `close_turn`, which must be called whatever happens."""
+        with self._lock:
+            chat = self._bring_to_device(session_id)
+            try:
+                plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
+                self._check_fits(chat, plan, max_new_tokens)
+                self._open[session_id] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+                return chat, chat.begin_turn(messages, plan)
+            except BaseException:
+                self.store.unpin(session_id)
+                raise
+
+    def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
+        eng = self.engine
+        if len(plan.new_ids) > eng.args.max_position_embeddings:
+            raise ContextOverflowError(f"the new messages are {len(plan.new_ids)} tokens; the model's context is "
+                                       f"{eng.args.max_position_embeddings}")
+        if eng.spec.mode == "full":
+            held = 0 if plan.rebuild else eng.slab.seen[chat.slot]
+            if held + len(plan.new_ids) + max_new_tokens > eng.spec.budget:
+                raise ContextOverflowError(f"the conversation would reach {held + len(plan.new_ids) + max_new_tokens}"
+                                           f" tokens; the full policy holds at most {eng.spec.budget}")
+
+    def close_turn(self, session_id: str, messages: list[dict], tokens: list[int]) -> None:
+        """Second half: record the generated tokens, unpin, persist the transcript. A turn that
+        produced nothing (it failed) is rolled back: the transcript returns to its state before
+        the turn and the device copy is dropped, so the next turn rebuilds from the transcript."""
+        with self._lock:
+            chat = self.sessions[session_id]
+            before = self._open.pop(session_id, None)
+            try:
+                if tokens:
+                    chat.finish_turn(messages, tokens)
+                elif before is not None:
+                    chat.transcript = before
+                    self._io.run(self.store.forget_cache(session_id))
+                    self.sessions.pop(session_id, None)
+            finally:
+                self.store.unpin(session_id)
+                self.store.touch(session_id)
+                if session_id in self.sessions:
+                    self._write_transcript(session_id)
+
+    def info(self, session_id: str) -> dict | None:
+        """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for an unknown session."""
+        with self._lock:
+            try:
+                tier = self._io.run(self.store.where(session_id))
+            except CacheMissError:
+                tier = None
+            known = self.sessions.get(session_id)
+            tr = known.transcript if known else self._fetch_transcript(session_id)
+            if tier is None and not tr.ids:
+                return None
+            eng = self.engine
+            if tier == "device":
+                slot = self.device.slot_of(session_id)
+                seen, cached = eng.slab.seen[slot], eng.slab.cached_tokens(slot)
+            else:
+                seen, cached = len(tr.ids), min(len(tr.ids), eng.spec.budget)
+            return {"tier": tier or "transcript", "tokens_seen": seen, "cached_tokens": cached,
+                    "cache_bytes": eng.slab.slot_bytes(), "turns": tr.turns}
 
     def _bring_to_device(self, sid: str) -> ChatSession:
         self.store.pin(sid)
@@ -138,11 +213,13 @@ class SessionStore:
         with self._lock:
             return self._io.run(self.store.restore(session_id)).source
 
-    def delete(self, session_id: str) -> None:
-        """Forget the session: its cache in every tier and its transcript."""
+    def delete(self, session_id: str) -> bool:
+        """Forget the session: its cache in every tier and its transcript. True if it existed."""
         with self._lock:
+            existed = session_id in self.sessions or self.info(session_id) is not None
             self._io.run(self.store.delete(session_id))
             self.sessions.pop(session_id, None)
+            return existed
 
     def drain(self) -> int:
         """Move every idle session to the shared tier (host memory without Redis)."""

@@ -1,0 +1,106 @@
+"""A bounded multi-turn chat load against the cluster on 127.0.0.1: N users, K turns each, Poisson
+arrivals, turn lengths drawn from a long-tailed (log-normal) distribution like real chat logs.
+
+Configurations: (a) sessions with compressed caches (X-Session-Id: only new tokens prefilled),
+(b) no session cache (no session id: every turn re-prefills its whole history, as a plain
+transformers server would). Every request loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import httpx
+
+WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
+         "morning engine silver island paper orchard lantern").split()
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def user_script(rng: random.Random, turns: int) -> list[str]:
+    """Messages of log-normal length (median ~12 words, long tail), capped at 120 words."""
+    out = []
+    for _ in range(turns):
+        n = max(3, min(120, int(rng.lognormvariate(2.5, 0.8))))
+        out.append("Tell me about " + " ".join(rng.choice(WORDS) for _ in range(n)) + ".")
+    return out
+
+
+async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], session: str | None,
+                max_tokens: int, headers: dict) -> tuple[str, float | None, list[float]]:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    hdr = dict(headers)
+    if session:
+        hdr["X-Session-Id"] = session
+    t0, ttft, last, itl, text = time.perf_counter(), None, None, [], []
+    async with client.stream("POST", url, json=body, headers=hdr) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            piece = ch["choices"][0]["delta"].get("content") if ch.get("choices") else None
+            if piece:
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    itl.append(now - last)
+                last = now
+                text.append(piece)
+    return "".join(text), ttft, itl
+
+
+async def run_load(base_url: str, model: str, users: int, turns: int, rate: float, max_tokens: int,
+                   use_sessions: bool, seed: int, time_limit_s: float, headers: dict | None = None,
+                   tag: str = "") -> dict:
+    rng = random.Random(seed)
+    scripts = [user_script(rng, turns) for _ in range(users)]
+    starts, t = [], 0.0
+    for _ in range(users):  # Poisson arrivals of users
+        t += rng.expovariate(rate)
+        starts.append(t)
+    ttfts, itls, done, errors = [], [], 0, 0
+    deadline = time.perf_counter() + time_limit_s
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+
+    async def user(i: int, client: httpx.AsyncClient):
+        nonlocal done, errors
+        await asyncio.sleep(starts[i])
+        msgs: list[dict] = []
+        sid = f"bench-{tag}-{seed}-{i}" if use_sessions else None
+        for q in scripts[i]:
+            if time.perf_counter() > deadline:
+                return
+            msgs.append({"role": "user", "content": q})
+            try:
+                text, ttft, itl = await _turn(client, url, model, msgs, sid, max_tokens, headers or {})
+            except (httpx.HTTPError, RuntimeError):
+                errors += 1
+                return
+            msgs.append({"role": "assistant", "content": text})
+            done += 1
+            if ttft is not None:
+                ttfts.append(ttft)
+            itls.extend(itl)
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit_s + 60)) as client:
+        await asyncio.wait_for(asyncio.gather(*(user(i, client) for i in range(users))), time_limit_s + 120)
+    wall = time.perf_counter() - t0
+    return {"turns": done, "errors": errors, "wall_s": wall, "turns_per_s": done / wall,
+            "ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
+            "itl_p50_s": _percentile(itls, 0.5), "itl_p99_s": _percentile(itls, 0.99),
+            "ttft_mean_s": statistics.fmean(ttfts) if ttfts else float("nan")}

@@ -1,0 +1,127 @@
+"""The serving cluster's one configuration (pydantic): YAML file, then env, then flags.
+
+A config file may be a plain mapping of these fields or a Ray Serve config file whose first
+application's `args` hold them, so the same file works with `lessserve serve --config`,
+`serve run` and `serve deploy` (import path `lessserve.cluster.app:build_app`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lessserve.cache_store.config import StoreConfig
+from lessserve.workers.config import EngineConfig
+
+IMPORT_PATH = "lessserve.cluster.app:build_app"
+
+
+class ScalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_workers: int = Field(1, ge=0, description="Fewest GPU/CPU worker replicas")
+    max_workers: int = Field(1, ge=1, description="Most worker replicas")
+    initial_workers: int | None = Field(None, ge=0, description="Workers at start (default min_workers)")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaler target of in-flight turns per worker")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+        return self
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Model, policy, budget, kernels")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Host tier, Redis URL, TTLs, quantize")
+    workers: ScalingConfig = Field(default_factory=ScalingConfig, description="Worker count and autoscaling")
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    served_model_name: str | None = Field(None, description="Model id clients send (default engine.model)")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys (prefer a file/env)")
+    api_keys_file: str | None = Field(None, description="File with one API key per line")
+    router_replicas: int = Field(1, ge=1, description="Ingress router replicas (stateless)")
+    router_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per router replica")
+    worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker replica")
+    worker_num_gpus: float | None = Field(None, ge=0, description="GPUs per worker (None: 1 if the cluster has any)")
+    max_ongoing_per_worker: int = Field(64, ge=1, description="Serve max_ongoing_requests per worker")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    drain_timeout_s: float = Field(60.0, gt=0, description="Time a leaving worker has to offload its sessions")
+    maintain_interval_s: float = Field(5.0, gt=0, description="Worker tier-maintenance period")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine.model
+
+    def keys(self) -> set[str]:
+        keys = set(self.api_keys)
+        if self.api_keys_file:
+            keys |= {k.strip() for k in Path(self.api_keys_file).read_text().splitlines() if k.strip()}
+        keys |= {k.strip() for k in os.environ.get("LESSSERVE_API_KEYS", "").split(",") if k.strip()}
+        return keys
+
+
+ENV_OVERRIDES = {  # env var -> dotted field
+    "LESSSERVE_MODEL": "engine.model",
+    "LESSSERVE_POLICY": "engine.policy",
+    "LESSSERVE_BUDGET": "engine.budget",
+    "LESSSERVE_KERNELS": "engine.kernels",
+    "LESSSERVE_REDIS_URL": "store.redis_url",
+    "LESSSERVE_API_KEYS_FILE": "api_keys_file",
+}
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def read_config_file(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    if "applications" in data:  # a Ray Serve config file
+        apps = [a for a in data["applications"] if a.get("import_path") == IMPORT_PATH]
+        if not apps:
+            raise ValueError(f"{path}: no application with import_path {IMPORT_PATH}")
+        data = apps[0].get("args") or {}
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                env: dict[str, str] | None = None) -> ServeConfig:
+    """File, then LESSSERVE_* env, then explicit overrides (dotted keys, None = unset)."""
+    data = read_config_file(path) if path else {}
+    env = os.environ if env is None else env
+    for var, dotted in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set(data, dotted, env[var])
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, dotted, value)
+    return ServeConfig.model_validate(data)
+
+
+def serve_config_document(cfg: ServeConfig, name: str = "lessserve") -> dict:
+    """A Ray Serve config (for `serve deploy` / a RayService's serveConfigV2) carrying `cfg`."""
+    return {
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": cfg.model_dump(mode="json", exclude={"api_keys"}),
+        }],
+    }

@@ -1,0 +1,33 @@
+"""Start Ray (local by default) and Serve, deploy the application, and stop it cleanly."""
+
+from __future__ import annotations
+
+import os
+
+from lessserve.cluster.config import ServeConfig
+
+
+def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=num_cpus,
+                 include_dashboard=False, log_to_driver=False, logging_level="WARNING", namespace="lessserve")
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    from lessserve.cluster.app import build_app
+
+    serve.run(build_app(cfg.model_dump(mode="json")), name="lessserve", route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    """Shut Serve down (workers drain their sessions) and Ray with it."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

@@ -1,0 +1,41 @@
+"""Prometheus text exposition for the cluster: histograms, counters and gauges, no client lib."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * (len(self.buckets) + 1)
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.total += v
+        self.n += 1
+
+    def render(self, name: str, help_: str) -> list[str]:
+        out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        acc = 0
+        for b, c in zip(self.buckets, self.counts, strict=False):
+            acc += c
+            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+        return out
+
+
+def render_metric(name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> list[str]:
+    out = [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+    for labels, v in samples:
+        lab = ",".join(f'{k}="{val}"' for k, val in sorted(labels.items()))
+        out.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
+    return out

@@ -1,0 +1,58 @@
+"""Session-affine request routing for the worker deployment (Ray Serve custom RequestRouter).
+
+For a request carrying a session id: the worker the directory names (if it is alive) ranks
+first; otherwise the replicas ranked by rendezvous hashing of (session id, replica id), so any
+router (restarted or not) picks the same worker, and adding or removing a worker only moves the
+sessions that hashed to it. Later ranks are the fallback when the preferred worker is saturated.
+Requests without a session id go to the less loaded of two random replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, RunningReplica
+
+from lessserve.cluster.directory import make_directory
+
+log = logging.getLogger("ray.serve")
+
+
+def rendezvous_rank(session_id: str, replica_ids: list[str]) -> list[str]:
+    """Replica ids by descending hash weight for this session (highest random weight)."""
+    def weight(rid: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{session_id}\0{rid}".encode(), digest_size=8).digest(), "big")
+
+    return sorted(replica_ids, key=weight, reverse=True)
+
+
+class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
+    def initialize_state(self, redis_url: str | None = None, **kwargs):
+        super().initialize_state(**kwargs)
+        self._redis_url = redis_url
+        self._directory = None
+
+    async def _preferred(self, sid: str) -> str | None:
+        try:
+            if self._directory is None:
+                self._directory = make_directory(self._redis_url)
+            entry = await self._directory.lookup(sid)
+        except Exception as e:  # noqa: BLE001 - the directory is a hint; hashing still routes
+            log.warning("session directory lookup failed: %s", e)
+            return None
+        return entry.get("worker") if entry else None
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        sid = pending_request.metadata.session_id if pending_request is not None else None
+        if not sid:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        order = rendezvous_rank(sid, list(by_id))
+        preferred = await self._preferred(sid)
+        if preferred in by_id:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        return [[by_id[rid]] for rid in order]

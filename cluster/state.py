@@ -1,0 +1,120 @@
+"""Cluster-wide state in one named Ray actor: the session directory (when no Redis), each
+worker's latest stats, request latency histograms, and the in-cluster shared tier (bytes by
+key) used to move sessions between workers when no Redis is configured."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from lessserve.cluster.metrics import Histogram, render_metric
+
+STATE_ACTOR = "lessserve-cluster-state"
+NAMESPACE = "lessserve"
+
+
+@ray.remote(num_cpus=0)
+class ClusterState:
+    def __init__(self):
+        self.directory: dict[str, dict] = {}  # session -> {"worker", "owner", "t"}
+        self.workers: dict[str, dict] = {}  # worker id -> latest stats + "t"
+        self.blobs: dict[str, bytes] = {}
+        self.ttft = Histogram()
+        self.itl = Histogram()
+        self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0}
+        self.t0 = time.time()
+
+    # directory
+    def lookup(self, sid: str) -> dict | None:
+        return self.directory.get(sid)
+
+    def place(self, sid: str, worker: str | None = None, owner: str | None = None) -> dict:
+        e = self.directory.setdefault(sid, {"worker": None, "owner": owner})
+        if worker is not None:
+            e["worker"] = worker
+        if owner is not None and e.get("owner") is None:
+            e["owner"] = owner
+        e["t"] = time.time()
+        return e
+
+    def forget(self, sid: str) -> None:
+        self.directory.pop(sid, None)
+
+    def leave(self, worker: str) -> int:
+        """A worker left (drained): its sessions now live only in the shared tier."""
+        n = 0
+        for e in self.directory.values():
+            if e.get("worker") == worker:
+                e["worker"], n = None, n + 1
+        self.workers.pop(worker, None)
+        return n
+
+    # shared tier (no Redis)
+    def blob_put(self, key: str, value: bytes) -> None:
+        self.blobs[key] = value
+
+    def blob_get(self, key: str) -> bytes | None:
+        return self.blobs.get(key)
+
+    def blob_delete(self, key: str) -> bool:
+        return self.blobs.pop(key, None) is not None
+
+    def blob_keys(self) -> list[str]:
+        return list(self.blobs)
+
+    def blob_bytes(self) -> int:
+        return sum(len(v) for v in self.blobs.values())
+
+    # metrics
+    def report_worker(self, worker: str, stats: dict) -> None:
+        self.workers[worker] = {**stats, "t": time.time()}
+
+    def record_request(self, ttft: float | None, itls: list[float], tokens_out: int, prefilled: int) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        for x in itls:
+            self.itl.observe(x)
+        self.counters["turns"] += 1
+        self.counters["tokens_out"] += tokens_out
+        self.counters["tokens_prefilled"] += prefilled
+
+    def record_error(self, status: int) -> None:
+        self.counters["errors_5xx" if status >= 500 else "errors_4xx"] += 1
+
+    def prometheus(self, queue_depth: int = 0) -> str:
+        up = max(time.time() - self.t0, 1e-9)
+        lines = self.ttft.render("lessserve_ttft_seconds", "Time to first token")
+        lines += self.itl.render("lessserve_inter_token_latency_seconds", "Time between streamed tokens")
+        for k, v in self.counters.items():
+            lines += render_metric(f"lessserve_{k}_total", "counter", k.replace("_", " "), [({}, v)])
+        lines += render_metric("lessserve_tokens_per_second", "gauge", "Generated tokens per second since start",
+                               [({}, self.counters["tokens_out"] / up)])
+        tiers: dict[str, dict] = {}
+        for w in self.workers.values():
+            for tier, st in (w.get("tiers") or {}).items():
+                agg = tiers.setdefault(tier, {})
+                for k, v in st.items():
+                    if isinstance(v, (int, float)):
+                        agg[k] = agg.get(k, 0) + v
+        for key, name in (("sessions", "sessions"), ("bytes", "bytes"), ("hits", "hits_total"),
+                          ("misses", "misses_total"), ("restores", "restores_total"),
+                          ("recomputes", "recomputes_total"), ("offloaded_bytes", "offloaded_bytes_total")):
+            samples = [({"tier": t}, st[key]) for t, st in sorted(tiers.items()) if key in st]
+            if samples:
+                lines += render_metric(f"lessserve_tier_{name}", "gauge" if key in ("sessions", "bytes")
+                                       else "counter", f"Per-tier {key}", samples)
+        if self.blobs:
+            lines += render_metric("lessserve_tier_sessions", "gauge", "Per-tier sessions",
+                                   [({"tier": "cluster"}, sum(1 for k in self.blobs if k.startswith("kv:")))])
+        queue = sum(int(w.get("queue_depth", 0)) for w in self.workers.values()) + queue_depth
+        lines += render_metric("lessserve_queue_depth", "gauge", "Turns waiting or running on workers",
+                               [({}, queue)])
+        lines += render_metric("lessserve_workers", "gauge", "Live workers", [({}, len(self.workers))])
+        return "\n".join(lines) + "\n"
+
+
+def get_state():
+    """The cluster's state actor, created on first use (detached so routers can restart)."""
+    return ClusterState.options(name=STATE_ACTOR, namespace=NAMESPACE, get_if_exists=True,
+                                lifetime="detached").remote()

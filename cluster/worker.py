@@ -1,0 +1,149 @@
+"""The worker deployment: one replica = one model + slot slab + tiered cache store +
+continuous-batching scheduler. Each turn streams events back to the router:
+  {"type": "start", "prompt_tokens", "prefilled"}, {"type": "token", "text"}, ...,
+  {"type": "end", "finish_reason", "completion_tokens"}  or  {"type": "error", "status", "message"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+
+from ray import serve
+
+from lessserve.cluster.config import ServeConfig
+from lessserve.cluster.directory import make_directory
+from lessserve.cluster.state import get_state
+from lessserve.workers.chat_session import Detokenizer
+from lessserve.workers.engine import Engine
+from lessserve.workers.errors import ContextOverflowError, LessServeError
+from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from lessserve.workers.session_store import SessionStore
+
+log = logging.getLogger("ray.serve")
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests, benchmarks)
+        return "local-" + uuid.uuid4().hex[:8]
+
+
+class LessWorker:
+    def __init__(self, config: dict):
+        self.cfg = ServeConfig.model_validate(config)
+        self.engine = Engine(self.cfg.engine)
+        self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier())
+        self.scheduler = BatchScheduler(self.engine)
+        self.worker_id = _replica_id()
+        self.directory = make_directory(self.cfg.store.redis_url)
+        self.state = get_state()
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.draining = False
+        self._maint = asyncio.get_event_loop().create_task(self._maintain_loop())
+
+    def _shared_tier(self):
+        """Without Redis, sessions move between workers through the cluster-state actor."""
+        if self.cfg.store.redis_url:
+            return None
+        from lessserve.cluster.ray_tier import ClusterTier
+
+        return ClusterTier(get_state())
+
+    # --- turns ------------------------------------------------------------------------------
+    async def chat(self, session_id: str | None, owner: str, messages: list[dict], max_tokens: int,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        sid = session_id or f"oneoff-{uuid.uuid4().hex}"
+        lock = self.locks.setdefault(sid, asyncio.Lock())
+        async with lock:  # turns of one session run in arrival order
+            try:
+                async for ev in self._turn(sid, session_id, owner, messages, max_tokens, temperature, top_p, seed):
+                    yield ev
+            finally:
+                if session_id is None:
+                    await self.scheduler.run_exclusive(lambda: self.sessions.delete(sid))
+                if not lock.locked() and self.locks.get(sid) is lock:
+                    self.locks.pop(sid, None)
+
+    async def _turn(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed):
+        try:
+            session, new_ids = await self.scheduler.run_exclusive(
+                lambda: self.sessions.open_turn(sid, messages, max_tokens))
+        except ContextOverflowError as e:
+            yield {"type": "error", "status": 400, "message": str(e), "code": "context_length_exceeded"}
+            return
+        except LessServeError as e:
+            yield {"type": "error", "status": 503, "message": f"session unavailable: {e}"}
+            return
+        if session_id is not None:
+            await self.directory.place(sid, self.worker_id, owner)
+        tok = self.engine.tokenizer
+        yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": len(new_ids)}
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop_ids=(tok.eos_token_id,))
+        tokens: list[int] = []
+        detok = Detokenizer(tok)
+        finish = "length"
+        try:
+            async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
+                if t == tok.eos_token_id:
+                    finish = "stop"
+                    break
+                piece = detok.push(t)
+                if piece:
+                    yield {"type": "token", "text": piece}
+        finally:  # also when the client went away: record exactly what the cache consumed
+            await self.scheduler.run_exclusive(lambda: self.sessions.close_turn(sid, messages, tokens))
+        yield {"type": "end", "finish_reason": finish,
+               "completion_tokens": len([t for t in tokens if t != tok.eos_token_id])}
+
+    # --- sessions ---------------------------------------------------------------------------
+    async def session_info(self, session_id: str) -> dict | None:
+        info = await self.scheduler.run_exclusive(lambda: self.sessions.info(session_id))
+        return None if info is None else {"id": session_id, "worker": self.worker_id, **info}
+
+    async def delete_session(self, session_id: str) -> bool:
+        async with self.locks.setdefault(session_id, asyncio.Lock()):
+            existed = await self.scheduler.run_exclusive(lambda: self.sessions.delete(session_id))
+        self.locks.pop(session_id, None)
+        await self.directory.forget(session_id)
+        return bool(existed)
+
+    async def drain(self) -> int:
+        """Offload every session to the shared tier and leave the directory (scale-down)."""
+        self.draining = True
+        end = time.monotonic() + self.cfg.drain_timeout_s
+        while self.scheduler.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        n = await self.scheduler.run_exclusive(self.sessions.drain)
+        await self.directory.leave(self.worker_id)
+        return n
+
+    async def stats(self) -> dict:
+        st = await self.scheduler.run_exclusive(self.sessions.stats)
+        return {"worker": self.worker_id, "queue_depth": self.scheduler.active, "tiers": st,
+                "free_slots": self.engine.slab.free_slots}
+
+    async def _maintain_loop(self):
+        while True:
+            await asyncio.sleep(self.cfg.maintain_interval_s)
+            with contextlib.suppress(Exception):
+                if not self.draining:
+                    await self.scheduler.run_exclusive(self.sessions.maintain)
+                self.state.report_worker.remote(self.worker_id, await self.stats())
+
+    def check_health(self) -> None:
+        if not self.scheduler._thread.is_alive():
+            raise RuntimeError("scheduler thread died")
+
+    async def __del__(self):
+        """Serve calls this when the replica leaves (scale-down, redeploy, shutdown)."""
+        with contextlib.suppress(Exception):
+            n = await self.drain()
+            log.info("worker %s drained %d sessions", self.worker_id, n)
+        self._maint.cancel()
+        self.scheduler.close()
