@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +21,7 @@ from lessserve.workers.engine import Engine
 from lessserve.workers.sampling import sample
 
 _DONE = object()
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class BatchScheduler:
         self._incoming: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()
         self._decoding: list[_Request] = []
+        self._calls: deque[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="lessserve-scheduler", daemon=True)
@@ -100,6 +103,25 @@ class BatchScheduler:
             req.cancelled = True  # a client that went away stops costing compute
             await released.wait()
 
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the scheduler thread between steps: every engine mutation (restoring,
+        offloading, freeing a slot) is serialised with the forward passes."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(result, exc):
+            def settle():
+                if fut.cancelled():
+                    return
+                fut.set_exception(exc) if exc is not None else fut.set_result(result)
+
+            loop.call_soon_threadsafe(settle)
+
+        with self._cv:
+            self._calls.append((fn, done))
+            self._cv.notify()
+        return await fut
+
     def wait_idle(self, timeout: float = 60.0) -> bool:
         end = time.monotonic() + timeout
         while self.active and time.monotonic() < end:
@@ -116,12 +138,21 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not (self._incoming or self._prefilling or self._decoding):
+                while not self._stop and not (self._incoming or self._prefilling or self._decoding or self._calls):
                     self._cv.wait()
                 if self._stop:
                     return
                 while self._incoming:
                     self._prefilling.append(self._incoming.popleft())
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, done in calls:
+                try:
+                    done(fn(), None)
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    done(None, e)
+            if not (self._prefilling or self._decoding):
+                continue
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - report to every waiting caller, keep serving
