@@ -40,8 +40,11 @@ class Restored:
 
 
 class TieredCacheStore:
+    """`redis` is the shared tier: a RedisTier (built from config.redis_url when not given), or
+    any Tier every worker reaches (the cluster passes its own when no Redis is configured)."""
+
     def __init__(self, config: StoreConfig, device: DeviceTier, host: HostTier | None = None,
-                 redis: RedisTier | None = None, transcripts: TranscriptStore | None = None,
+                 redis: Tier | None = None, transcripts: TranscriptStore | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.device = device
@@ -52,7 +55,7 @@ class TieredCacheStore:
         self.redis = redis
         if transcripts is None:
             transcripts = (RedisTranscripts(redis.client, config.redis_prefix, config.transcript_ttl_s)
-                           if redis else MemoryTranscripts())
+                           if isinstance(redis, RedisTier) else MemoryTranscripts())
         self.transcripts = transcripts
         self.tiers: dict[str, Tier] = {"device": device, "host": self.host}
         if redis:

@@ -4,7 +4,6 @@ restore path against raw redis-py SET / GET of a value of the same size."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import time
@@ -15,6 +14,7 @@ import redis.asyncio as aioredis
 from lessserve.cache_store.config import StoreConfig
 from lessserve.workers.chat_session import encode, render
 from lessserve.workers.engine import Engine
+from lessserve.workers.io_loop import IoLoop
 from lessserve.workers.report import progress
 from lessserve.workers.session_store import SessionStore
 
@@ -46,29 +46,34 @@ def ttft(ss: SessionStore, sid: str, messages: list[dict]) -> float:
 
 
 class RawRedis:
-    """Plain redis-py asyncio SET / GET of one value, on a loop of its own (the comparison)."""
+    """Plain redis-py asyncio SET / GET of one value (the comparison). It runs on an I/O thread of
+    its own, like the store's, so both sides pay the same thread hop."""
 
     def __init__(self, url: str, nbytes: int):
-        self.loop = asyncio.new_event_loop()
-        self.client = aioredis.Redis.from_url(url)
+        self.io = IoLoop("raw-redis-io")
+        self.client = self.io.run(self._client(url))
         self.key, self.value = f"bench:raw:{uuid.uuid4().hex[:8]}", bytes(nbytes)
+
+    @staticmethod
+    async def _client(url: str) -> aioredis.Redis:
+        return aioredis.Redis.from_url(url)
 
     def set(self) -> float:
         t0 = time.perf_counter()
-        self.loop.run_until_complete(self.client.set(self.key, self.value))
+        self.io.run(self.client.set(self.key, self.value))
         return time.perf_counter() - t0
 
     def get(self) -> float:
         t0 = time.perf_counter()
-        got = self.loop.run_until_complete(self.client.get(self.key))
+        got = self.io.run(self.client.get(self.key))
         dt = time.perf_counter() - t0
         assert got is not None and len(got) == len(self.value)
         return dt
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.client.delete(self.key))
-        self.loop.run_until_complete(self.client.aclose())
-        self.loop.close()
+        self.io.run(self.client.delete(self.key))
+        self.io.run(self.client.aclose())
+        self.io.stop()
 
 
 def bench_history(engine: Engine, redis_url: str, tokens: int, repeats: int, quantize: bool,

@@ -10,12 +10,10 @@ transcript tier after every turn. Calls are serialised by a lock, except the tok
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import threading
-from collections.abc import Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, CacheStoreError, RestoreError, TierUnavailableError
@@ -25,25 +23,7 @@ from lessserve.workers.chat_session import ChatSession, Transcript, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError
-
-T = TypeVar("T")
-
-
-class _LoopThread:
-    """An asyncio loop running in a daemon thread; `run(coro)` blocks for its result."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="session-store-io", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
+from lessserve.workers.io_loop import IoLoop
 
 
 class SessionStore:
@@ -56,7 +36,7 @@ class SessionStore:
         self.config = config = config or StoreConfig()
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
-        self._io = _LoopThread()
+        self._io = IoLoop("session-store-io")
         self.store: TieredCacheStore = self._io.run(self._make_store())
         self._lock = threading.RLock()
         self.transcript_write_failures = 0

@@ -122,3 +122,20 @@ def test_embedded_default_without_redis(default_engine):
         assert ss.stats()["total"]["recomputes"] == 1
     finally:
         ss.close()
+
+
+def test_quantized_offload_is_smaller_and_the_conversation_goes_on(default_engine, redis_server, prefix):
+    ss = SessionStore(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, quantize=True))
+    try:
+        list(ss.turn("q", next_messages([], 0), max_new_tokens=3))
+        small = len(ss.snapshot("q"))  # snapshot follows the device tier: quantised here
+        ss.device.quantize = False
+        plain = len(ss.snapshot("q"))
+        ss.device.quantize = True
+        assert small < 0.4 * plain  # fp32 k/v -> int8 + one fp32 scale per token
+        ss.offload("q", "redis")
+        assert ss.stats()["redis"]["bytes"] == small
+        reply = "".join(ss.turn("q", next_messages(ss.transcript("q").messages, 1), max_new_tokens=3))
+        assert reply.strip() and ss.stats()["redis"]["restores"] == 1
+    finally:
+        ss.close()
