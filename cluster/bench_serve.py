@@ -28,10 +28,10 @@ def _percentile(xs: list[float], q: float) -> float:
 
 
 def user_script(rng: random.Random, turns: int) -> list[str]:
-    """Messages of log-normal length (median ~12 words, long tail), capped at 120 words."""
+    """Messages of log-normal length (median ~45 words, long tail as in chat logs), capped at 400."""
     out = []
     for _ in range(turns):
-        n = max(3, min(120, int(rng.lognormvariate(2.5, 0.8))))
+        n = max(3, min(400, int(rng.lognormvariate(3.8, 0.8))))
         out.append("Tell me about " + " ".join(rng.choice(WORDS) for _ in range(n)) + ".")
     return out
 
