@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # Each module in lessserve.cluster.commands exposes register(bench_subparsers).
-BENCH_MODULES = ["bench_decode", "bench_offload", "bench_serve"]
+BENCH_MODULES = ["bench_decode", "bench_kernels", "bench_offload", "bench_serve"]
 
 
 def register(sub) -> None:
