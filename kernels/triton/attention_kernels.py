@@ -44,8 +44,8 @@ def attn_fwd_kernel(
     HAS_LESS: tl.constexpr, FUSED_MASS: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
+    i = tl.program_id(0).to(tl.int64)  # int64: offsets of large batches / chunks exceed 2^31
+    h = tl.program_id(1).to(tl.int64)
     Hkv = tl.num_programs(1)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     L = tl.load(len_ptr + slot).to(tl.int32)

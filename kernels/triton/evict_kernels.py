@@ -26,8 +26,8 @@ def evict_select_kernel(
     MODE: tl.constexpr,  # 0 full, 1 h2o, 2 lambda
     BLOCK_T: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     Hkv = tl.num_programs(1)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     L = tl.load(len_ptr + slot).to(tl.int32)
@@ -68,8 +68,8 @@ def evict_move_kernel(
     skn0, skn1, skn2, svn0, svn1, svn2, spn0,
     WRITE_VICTIMS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    h = tl.program_id(1)
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     Hkv = tl.num_programs(1)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     L = tl.load(len_ptr + slot).to(tl.int32)
@@ -129,8 +129,8 @@ def absorb_kernel(
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """f [n, Hkv, C, R] fp32 (zero rows for unused), vv [n, Hkv, C, D]: H += f^T vv, z += sum f."""
-    i = tl.program_id(0)
-    h = tl.program_id(1)
+    i = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     Hkv = tl.num_programs(1)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     hb = i * Hkv + h

@@ -15,7 +15,7 @@ def quantize_int8_kernel(
     sx0, sx1, sq0, sq1, ss0, ss1, sxl, sql, ssl,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i0 = tl.program_id(0)
+    i0 = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(2).to(tl.int64)
     x_ptr += layer * sxl
     q_ptr += layer * sql
@@ -46,7 +46,7 @@ def dequantize_int8_kernel(
     sq0, sq1, ss0, ss1, sy0, sy1, sql, ssl, syl,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i0 = tl.program_id(0)
+    i0 = tl.program_id(0).to(tl.int64)
     layer = tl.program_id(2).to(tl.int64)
     q_ptr += layer * sql
     s_ptr += layer * ssl
