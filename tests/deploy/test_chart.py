@@ -1,0 +1,148 @@
+"""The Helm chart renders for every shipped values file and its output is valid Kubernetes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError, latest_version
+
+from lessserve.deploy import render
+from tests.deploy.conftest import by_kind, rayservice
+
+K8S_VERSIONS = ("1.29", latest_version())  # oldest we claim (kubeVersion >=1.25 has no strict schema here), newest
+CRD_KINDS = {"RayService", "ServiceMonitor"}
+
+
+def _validate(doc: dict) -> None:
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_helm_lint(helm, values):
+    r = subprocess.run([helm, "lint", str(render.CHART_DIR), "-f", str(render.CHART_DIR / values)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_renders_expected_kinds(rendered, values):
+    kinds = sorted(d["kind"] for d in rendered[values])
+    redis = [] if values == "values-external-redis.yaml" else ["Service", "StatefulSet"]
+    monitor = ["Service", "ServiceMonitor"] if values == "values-gpu.yaml" else []
+    secret = []  # no shipped values file writes keys into the chart
+    assert kinds == sorted(["RayService", *redis, *monitor, *secret])
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_builtin_kinds_validate_strictly(rendered, values):
+    for doc in rendered[values]:
+        if doc["kind"] in CRD_KINDS:
+            with pytest.raises(SchemaNotFoundError):  # a CRD: kubernetes-validate has no schema (it warns)
+                kubernetes_validate.validate(doc, latest_version(), strict=True)
+        else:
+            _validate(doc)
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_pod_templates_and_serve_service_validate(rendered, values):
+    cluster = rayservice(rendered[values])["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        _validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                   "template": group["template"]})
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), "rayStartParams are strings"
+    _validate({"apiVersion": "v1", "kind": "Service", **rayservice(rendered[values])["spec"]["serveService"]})
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_ray_cluster_shape(rendered, values):
+    """Head does no GPU (or any replica) work; the worker group asks Kubernetes and Ray for the same GPUs;
+    the Ray autoscaler's bounds can host Serve's max_workers (and the routers)."""
+    vals = render.load_values(values)
+    cfg = render.serve_config(vals)
+    cluster = rayservice(rendered[values])["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    for c in head["template"]["spec"]["containers"]:
+        assert "nvidia.com/gpu" not in yaml.safe_dump(c["resources"])
+    (group,) = cluster["workerGroupSpecs"]
+    gpus = int(group["rayStartParams"]["num-gpus"])
+    (container,) = group["template"]["spec"]["containers"]
+    res = container["resources"]
+    assert res["limits"].get("nvidia.com/gpu", 0) == res["requests"].get("nvidia.com/gpu", 0) == gpus
+    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    if gpus:
+        assert cfg.worker_num_gpus and cfg.worker_num_gpus <= gpus
+        assert group["maxReplicas"] * gpus / cfg.worker_num_gpus >= cfg.workers.max_workers
+    else:
+        assert cfg.worker_num_gpus == 0 and cfg.engine.device in ("cpu", "auto")
+    cpus = float(str(res["limits"]["cpu"]).removesuffix("m")) / (1000 if str(res["limits"]["cpu"]).endswith("m")
+                                                                   else 1)
+    need = cfg.workers.max_workers * cfg.worker_num_cpus + cfg.router_replicas * cfg.router_num_cpus
+    assert group["maxReplicas"] * cpus >= need
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_redis_is_wired(rendered, values):
+    docs = rendered[values]
+    cfg = render.serve_config(render.load_values(values))
+    if values == "values-external-redis.yaml":
+        assert not by_kind(docs, "StatefulSet")
+        assert cfg.store.redis_url == render.load_values(values)["redis"]["external"]["url"]
+        return
+    (sts,) = by_kind(docs, "StatefulSet")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    svc = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == sts["spec"]["serviceName"])
+    assert cfg.store.redis_url == f"redis://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/0"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
+    import base64
+
+    docs = render.documents(render.helm_template(helm=helm, extra_args=(
+        "--set", "apiKeys.keys={sk-one,sk-two}", "--set", "ingress.enabled=true", "--set", "ingress.host=llm.example",
+        "--set", "metrics.serviceMonitor.enabled=true")))
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            _validate(doc)
+    (secret,) = by_kind(docs, "Secret")
+    (ingress,) = by_kind(docs, "Ingress")
+    rs = rayservice(docs)
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {
+        "name": rs["spec"]["serveService"]["metadata"]["name"], "port": {"number": 8000}}
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    cluster = rs["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        vol = next(v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == secret["metadata"]["name"])
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == vol["name"])
+        assert args["api_keys_file"].startswith(mount["mountPath"] + "/")
+    (key,) = secret["data"]
+    assert args["api_keys_file"].endswith("/" + key)
+    keyfile = tmp_path / key
+    keyfile.write_bytes(base64.b64decode(secret["data"][key]))
+    cfg = render.ServeConfig.model_validate({**args, "api_keys_file": str(keyfile)})
+    assert cfg.keys() >= {"sk-one", "sk-two"}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("--set", "workers.terminationGracePeriodSeconds=30"), "shorter than the drain budget"),
+    (("--set", "redis.enabled=false"), "Redis shared tier is required"),
+    (("--set", "serve.worker_num_gpus=0"), "serve.worker_num_gpus is 0"),
+    (("--set", "serve.engine.budget=1"), None),  # caught by ServeConfig below, not by helm
+])
+def test_bad_values_are_rejected(helm, bad, message):
+    if message is None:
+        vals = render.merge(render.load_values(), {"serve": {"engine": {"budget": 1}}})
+        with pytest.raises(ValueError, match="budget"):
+            render.serve_config(vals)
+        return
+    with pytest.raises(RuntimeError, match=message):
+        render.helm_template(helm=helm, extra_args=bad)

@@ -1,0 +1,43 @@
+"""deploy/manifests/ is what `python -m lessserve.deploy.render_manifests` writes from the chart."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from lessserve.deploy import render_manifests
+from lessserve.deploy.tools import ToolUnavailable, find_kubectl
+
+
+def test_manifests_in_sync_with_chart(helm):
+    stale = render_manifests.stale(helm=helm)
+    assert not stale, f"re-run `python -m lessserve.deploy.render_manifests`; stale: {stale}"
+
+
+@pytest.mark.parametrize("sub", list(render_manifests.VARIANTS))
+def test_kustomization_lists_every_file(sub):
+    folder = render_manifests.MANIFESTS_DIR / sub
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    files = sorted(p.name for p in folder.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kust["resources"]) == files and files
+
+
+@pytest.mark.parametrize("sub", list(render_manifests.VARIANTS))
+def test_kustomize_builds(sub):
+    try:
+        kubectl = find_kubectl(install=False)
+    except ToolUnavailable as e:
+        pytest.skip(f"kubectl unavailable, `kubectl kustomize` not checked: {e}")
+    r = subprocess.run([kubectl, "kustomize", str(render_manifests.MANIFESTS_DIR / sub)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert {d["kind"] for d in yaml.safe_load_all(r.stdout) if d} >= {"RayService", "StatefulSet", "Service"}
+
+
+def test_split_by_template_groups_documents():
+    text = ("---\n# Source: lessserve/templates/a.yaml\nkind: A\n---\n# Source: lessserve/templates/b.yaml\n"
+            "kind: B\n---\n# Source: lessserve/templates/a.yaml\nkind: A2\n")
+    assert render_manifests.split_by_template(text) == {"a.yaml": "---\nkind: A\n---\nkind: A2\n",
+                                                        "b.yaml": "---\nkind: B\n"}

@@ -1,0 +1,66 @@
+"""The chart's serveConfigV2 is a valid Ray Serve config carrying a valid ServeConfig, identical in shape to
+serve_config_document, and the worker pods' termination grace covers the replicas' drain."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from lessserve.cluster.app import build_app, worker_deployment
+from lessserve.cluster.config import IMPORT_PATH, ServeConfig, serve_config_document
+from lessserve.deploy import render
+from tests.deploy.conftest import rayservice
+
+
+def _serve_doc(rendered, values) -> dict:
+    return yaml.safe_load(rayservice(rendered[values])["spec"]["serveConfigV2"])
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_serve_config_v2_validates_with_ray(rendered, values):
+    schema = ServeDeploySchema.model_validate(_serve_doc(rendered, values))
+    (app,) = schema.applications
+    assert app.import_path == IMPORT_PATH and app.route_prefix == "/"
+    assert schema.http_options.port == 8000 and schema.http_options.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_args_are_a_serve_config_and_agree_with_python(rendered, values):
+    doc = _serve_doc(rendered, values)
+    cfg = ServeConfig.model_validate(doc["applications"][0]["args"])  # extra="forbid": field names must match
+    vals = render.load_values(values)
+    assert cfg == render.serve_config(vals)  # the Python twin of the template
+    expected = serve_config_document(cfg, name=vals["applicationName"])
+    doc["applications"][0]["args"] = cfg.model_dump(mode="json", exclude={"api_keys"})
+    assert doc == expected  # same envelope as `lessserve serve` / `serve deploy`
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 8000)
+    assert cfg.store.redis_url, "a RayService always has a shared Redis tier"
+    engine = vals["serve"]["engine"]
+    assert (cfg.engine.model, cfg.engine.budget, cfg.engine.kernels) == (engine["model"], engine["budget"],
+                                                                         engine["kernels"])
+    assert cfg.workers.max_workers == vals["serve"]["workers"]["max_workers"]
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_import_path_resolves_to_the_app(rendered, values):
+    module, attr = _serve_doc(rendered, values)["applications"][0]["import_path"].split(":")
+    assert getattr(importlib.import_module(module), attr) is build_app
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_worker_grace_covers_the_drain(rendered, values):
+    cfg = ServeConfig.model_validate(_serve_doc(rendered, values)["applications"][0]["args"])
+    replica_shutdown = worker_deployment(cfg)._deployment_config.graceful_shutdown_timeout_s
+    assert replica_shutdown > cfg.drain_timeout_s
+    (group,) = rayservice(rendered[values])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    grace = spec["terminationGracePeriodSeconds"]
+    assert grace > replica_shutdown > cfg.drain_timeout_s
+    hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:3] == ["python", "-m", "lessserve.deploy.prestop"]
+    prestop_timeout = float(hook[hook.index("--timeout") + 1])
+    assert replica_shutdown <= prestop_timeout < grace  # the hook waits out the drain, then Ray stops in time
+    importlib.import_module(hook[2])
