@@ -14,18 +14,20 @@ DOCKER_DIR = Path(render.__file__).parent / "docker"
 
 
 def _leaves(d: dict, prefix: str = ""):
+    """Dotted paths of every value a user sets (mappings like `resources` count as one value)."""
     for k, v in d.items():
         path = f"{prefix}{k}"
-        yield path
-        if isinstance(v, dict) and v and k not in ("resources", "requests", "limits", "nodeSelector"):
+        if isinstance(v, dict) and v and k not in ("resources", "nodeSelector", "affinity", "annotations"):
             yield from _leaves(v, path + ".")
+        else:
+            yield path
 
 
 def test_chart_readme_documents_every_value():
     readme = (render.CHART_DIR / "README.md").read_text()
     documented = set(re.findall(r"`([\w.\-]+)`", readme))
     values = yaml.safe_load((render.CHART_DIR / "values.yaml").read_text())
-    missing = [p for p in _leaves(values) if p not in documented and not p.startswith("serve.")]
+    missing = [p for p in _leaves(values) if p not in documented]
     assert not missing, f"values missing from the chart README: {missing}"
     for f in render.VALUES_FILES:
         assert f in readme
@@ -59,3 +61,13 @@ def test_validator_is_strict():
            "template": {"spec": {"containers": [{"name": "c", "image": "i", "bogus": 1}]}}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, "1.29", strict=True)
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES[1:])
+def test_values_files_only_set_known_values(values):
+    """A typo in a values file would be silently ignored by Helm: every path must exist in values.yaml."""
+    known = set(_leaves(yaml.safe_load((render.CHART_DIR / "values.yaml").read_text())))
+    known_prefixes = {k.rsplit(".", 1)[0] for k in known} | known
+    extra = [p for p in _leaves(yaml.safe_load((render.CHART_DIR / values).read_text()))
+             if not p.startswith("serve.") and p not in known and p.rsplit(".", 1)[0] not in known]
+    assert not extra and known_prefixes
