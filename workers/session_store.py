@@ -16,7 +16,13 @@ import threading
 from collections.abc import Iterator
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.cache_store.errors import CacheMissError, CacheStoreError, RestoreError, TierUnavailableError
+from lessserve.cache_store.errors import (
+    CacheMissError,
+    CacheStoreError,
+    IncompatibleCacheError,
+    RestoreError,
+    TierUnavailableError,
+)
 from lessserve.cache_store.store import TieredCacheStore
 from lessserve.cache_store.tier import Tier
 from lessserve.workers.chat_session import ChatSession, Transcript, plan_turn
@@ -24,6 +30,14 @@ from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError
 from lessserve.workers.io_loop import IoLoop
+
+
+def meta_transcript(meta: dict) -> Transcript:
+    """The transcript an encoded cache carries in its header meta (IncompatibleCacheError if none)."""
+    try:
+        return Transcript.from_dict(meta["transcript"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleCacheError(f"the cache carries no usable transcript: {e!r}") from e
 
 
 class SessionStore:
@@ -142,7 +156,10 @@ class SessionStore:
         slot = self.device.slot_of(sid)
         if restored.source == "device":
             return self.sessions[sid]
-        tr = Transcript.from_dict(restored.meta["transcript"])
+        try:
+            tr = meta_transcript(restored.meta)
+        except IncompatibleCacheError as e:  # a cache without its transcript: rebuild over the slot
+            return self._rebuild(sid, RestoreError(sid, restored.source, e))
         self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
         return chat
 
@@ -151,7 +168,8 @@ class SessionStore:
         try:
             known = self.sessions.get(sid)
             tr = known.transcript if known else self._fetch_transcript(sid)
-            self._io.run(self.store.make_room())
+            if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
+                self._io.run(self.store.make_room())
             slot = self.device.new_slot(sid)
             self.store.admit(sid)
             if tr.ids:
@@ -224,7 +242,7 @@ class SessionStore:
         with self._lock:
             from lessserve.cache_store.codec import read_header
 
-            tr = Transcript.from_dict(read_header(blob).meta["transcript"])
+            tr = meta_transcript(read_header(blob).meta)
             if session_id not in self.device.slots:
                 self._io.run(self.store.make_room())
             self._io.run(self.device.put(session_id, blob))

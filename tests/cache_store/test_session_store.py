@@ -139,3 +139,22 @@ def test_quantized_offload_is_smaller_and_the_conversation_goes_on(default_engin
         assert reply.strip() and ss.stats()["redis"]["restores"] == 1
     finally:
         ss.close()
+
+
+def test_a_cache_without_its_transcript_is_refused(default_engine, redis_server, prefix):
+    from lessserve.cache_store.errors import IncompatibleCacheError
+
+    ss = SessionStore(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
+    try:
+        list(ss.turn("t", next_messages([], 0), max_new_tokens=2))
+        ss.device.meta_fn = lambda sid: {}  # a writer that forgot the transcript
+        bare = ss.snapshot("t")
+        with pytest.raises(IncompatibleCacheError):
+            ss.adopt("u", bare)
+        ss._io.run(ss.store.redis.put("u", bare))  # what another writer left in the shared tier
+        assert ss.where("u") == "redis"
+        reply = "".join(ss.turn("u", next_messages([], 1), max_new_tokens=2))
+        assert reply.strip() and ss.where("u") == "device" and ss.transcript("u").turns == 1
+        assert ss.device.free_slots == 0  # t and u: no slot leaked
+    finally:
+        ss.close()
