@@ -42,6 +42,7 @@ class TrainConfig:
     sink: int = 4
     lr: float = 1e-3
     batch: int = 2
+    query_chunks: int = 8  # query chunks per sequence used as training positions (0 = all)
     dropout: float = 0.3
     data_sha256: str = ""
     command: str = ""
@@ -73,15 +74,21 @@ def train_one(i: int, cdir: Path, model: LlamaModel, cfg: TrainConfig, split, de
     t = {k: v.to(device) for k, v in load_layer(cdir / f"layer{i}.pt").items()}
     e = eviction_chunks(t["q"], t["k"], t["v"], spec, cfg.chunk)
     tr_idx, va_idx = split
-    start = min(cfg.budget, t["q"].shape[2] - 1)
-    train = prepare_layer(t["q"][tr_idx], t["k"][tr_idx], t["v"][tr_idx], e[tr_idx], cfg.chunk, start)
-    val = prepare_layer(t["q"][va_idx], t["k"][va_idx], t["v"][va_idx], e[va_idx], cfg.chunk, start)
+    start = (cfg.budget // cfg.chunk) * cfg.chunk  # whole chunks of queries (less_output groups by chunk)
+    n_chunks = -(-t["q"].shape[2] // cfg.chunk)
+    pool = torch.arange(start // cfg.chunk, n_chunks)
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + i)
+    pick = None
+    if 0 < cfg.query_chunks < len(pool):
+        pick = pool[torch.randperm(len(pool), generator=gen)[: cfg.query_chunks]].sort().values
+    train = prepare_layer(t["q"][tr_idx], t["k"][tr_idx], t["v"][tr_idx], e[tr_idx], cfg.chunk, start, chunks=pick)
+    val = prepare_layer(t["q"][va_idx], t["k"][va_idx], t["v"][va_idx], e[va_idx], cfg.chunk, start, chunks=pick)
     del t
     o_proj = model.model.layers[i].self_attn.o_proj.weight.detach().float().to(device)
     steps = cfg.epochs * -(-len(tr_idx) // cfg.batch)
     with tqdm(total=steps, desc=f"layer {i}", unit="step", leave=False, position=bar_pos, file=sys.stderr) as bar:
         r = train_layer(train, val, o_proj, cfg.rank, cfg.hidden, cfg.epochs, seed=cfg.seed * 100003 + i, lr=cfg.lr,
-                        batch=cfg.batch, dropout=cfg.dropout, on_step=bar.update)
+                        batch=cfg.batch, dropout=cfg.dropout, step_every=max(1, cfg.epochs // 2), on_step=bar.update)
     return {"weights": {f: getattr(r.weights, f).cpu() for f in FIELDS},
             "stats": {"layer": i, "val_loss": r.val_loss, "sparse_val_loss": r.sparse_val_loss,
                       "train_loss": r.train_loss, "best_epoch": r.best_epoch,
@@ -127,7 +134,7 @@ def run_training(model: LlamaModel, seqs: torch.Tensor, cfg: TrainConfig, work_d
         "model": cfg.model, "policy": cfg.policy, "budget": cfg.budget, "rank": cfg.rank, "hidden": cfg.hidden,
         "num_layers": L, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
         "epochs": cfg.epochs, "seed": cfg.seed, "chunk": cfg.chunk, "recent": cfg.recent, "sink": cfg.sink,
-        "lr": cfg.lr, "batch": cfg.batch, "dropout": cfg.dropout, "seq_len": int(seqs.shape[1]),
+        "lr": cfg.lr, "batch": cfg.batch, "query_chunks": cfg.query_chunks, "dropout": cfg.dropout, "seq_len": int(seqs.shape[1]),
         "num_seqs": int(seqs.shape[0]), "train_seqs": len(split[0]), "val_seqs": len(split[1]),
         "qkv_source": "full-cache forward; masks replay the engine's chunked eviction",
         "command": cfg.command, "data_sha256": cfg.data_sha256, "train_seconds": round(time.time() - t0, 1),

@@ -36,19 +36,29 @@ class LayerBatch:
         return LayerBatch(**{f: (getattr(self, f) if f == "q_chunk" else getattr(self, f)[idx])
                              for f in self.__dataclass_fields__})
 
+    def select_chunks(self, chunks: torch.Tensor) -> LayerBatch:
+        """Only the queries of the given chunk ids (keys stay whole)."""
+        m = torch.isin(self.q_chunk, chunks)
+        return LayerBatch(k=self.k, v=self.v, e=self.e, q=self.q[:, :, m], o_sparse=self.o_sparse[:, :, m],
+                          lse=self.lse[:, :, m], o_full=self.o_full[:, :, m], q_chunk=self.q_chunk[m])
+
 
 @torch.no_grad()
-def prepare_layer(q, k, v, e, chunk: int, start: int, batch: int = 4) -> LayerBatch:
-    """q [N, Hq, T, D], k/v [N, Hkv, T, D], e [N, Hkv, T] -> LayerBatch for queries t >= start."""
+def prepare_layer(q, k, v, e, chunk: int, start: int, batch: int = 4,
+                  chunks: torch.Tensor | None = None) -> LayerBatch:
+    """q [N, Hq, T, D], k/v [N, Hkv, T, D], e [N, Hkv, T] -> LayerBatch for queries t >= start
+    (start a multiple of chunk), or only those in the given query chunk ids."""
     N, Hq, T, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     t = torch.arange(T, device=q.device)
-    qc = t[start:] // chunk  # [P]
-    causal = t[None, :] <= t[start:, None]  # [P, T]
+    keep = t >= start if chunks is None else torch.isin(t // chunk, chunks.to(q.device)) & (t >= start)
+    tq = t[keep]  # [P] query positions
+    qc = tq // chunk  # [P]
+    causal = t[None, :] <= tq[:, None]  # [P, T]
     o_s, lse, o_f = [], [], []
     for s in range(0, N, batch):
-        qs = q[s : s + batch, :, start:].float().view(-1, Hkv, G, T - start, D)
+        qs = q[s : s + batch][:, :, keep].float().view(-1, Hkv, G, len(tq), D)
         ks, vs, es = k[s : s + batch].float(), v[s : s + batch].float(), e[s : s + batch]
         sc = torch.einsum("nhgpd,nhtd->nhgpt", qs, ks) * D**-0.5  # [n, Hkv, G, P, T]
         full = sc.masked_fill(~causal, float("-inf"))
@@ -57,27 +67,35 @@ def prepare_layer(q, k, v, e, chunk: int, start: int, batch: int = 4) -> LayerBa
         lse.append(torch.logsumexp(sparse, -1).flatten(1, 2))
         o_s.append(torch.einsum("nhgpt,nhtd->nhgpd", sparse.softmax(-1), vs).flatten(1, 2))
         o_f.append(torch.einsum("nhgpt,nhtd->nhgpd", full.softmax(-1), vs).flatten(1, 2))
-    return LayerBatch(k=k.float(), v=v.float(), e=e, q=q[:, :, start:].float(), o_sparse=torch.cat(o_s),
+    return LayerBatch(k=k.float(), v=v.float(), e=e, q=q[:, :, keep].float(), o_sparse=torch.cat(o_s),
                       lse=torch.cat(lse), o_full=torch.cat(o_f), q_chunk=qc)
 
 
 def less_output(b: LayerBatch, w: LessLayerWeights | None, dropout: float = 0.0) -> torch.Tensor:
-    """-> o [N, Hq, P, D]; w=None gives the sparse-only output."""
+    """-> o [N, Hq, P, D]; w=None gives the sparse-only output. Queries are grouped by chunk
+    (P must be whole chunks: start is a multiple of the chunk size)."""
     if w is None:
         return b.o_sparse
     N, Hkv, T, D = b.k.shape
-    Hq = b.q.shape[1]
+    Hq, P = b.q.shape[1], b.q.shape[2]
     G = Hq // Hkv
-    n_chunks = int(b.e.max()) + 1  # e in [0, n_chunks]; the last value means "never evicted"
+    chunks = torch.unique_consecutive(b.q_chunk)  # [Cq] chunk ids of the query positions
     psi = psi_ref(b.k, w, dropout)  # [N, Hkv, T, R]
-    c = torch.arange(n_chunks, device=b.k.device)
-    before = (b.e[:, :, None, :] < c[None, None, :, None]).float()  # [N, Hkv, C, T]: evicted before chunk c
+    # State after each eviction chunk: sum over keys evicted at chunk <= c, then read at c - 1.
+    n_e = int(b.e.max()) + 1
+    idx = b.e.long()[..., None]  # [N, Hkv, T, 1]
     kv = (psi[..., :, None] * b.v[..., None, :]).flatten(-2)  # [N, Hkv, T, R*D]
-    Hs = torch.einsum("nhct,nhtx->nhcx", before, kv)[:, :, b.q_chunk].unflatten(-1, (-1, D))  # [N,Hkv,P,R,D]
-    zs = torch.einsum("nhct,nhtr->nhcr", before, psi)[:, :, b.q_chunk]  # [N, Hkv, P, R]
-    phi = phi_ref(b.q, w, dropout).unflatten(1, (Hkv, G))  # [N, Hkv, G, P, R]
-    num = torch.einsum("nhgpr,nhprd->nhgpd", phi, Hs).flatten(1, 2)
-    den = torch.einsum("nhgpr,nhpr->nhgp", phi, zs).flatten(1, 2)[..., None]
+    Hc = torch.zeros(N, Hkv, n_e, kv.shape[-1], dtype=kv.dtype, device=kv.device)
+    Hc = Hc.scatter_add(2, idx.expand_as(kv), kv).cumsum(2)  # [N, Hkv, n_e, R*D]
+    zc = torch.zeros(N, Hkv, n_e, psi.shape[-1], dtype=psi.dtype, device=psi.device)
+    zc = zc.scatter_add(2, idx.expand_as(psi), psi).cumsum(2)  # [N, Hkv, n_e, R]
+    prev = (chunks - 1).clamp_min(0)
+    live = (chunks > 0).to(psi.dtype)[None, None, :, None]  # chunk 0 sees no evictions
+    Hs = (Hc[:, :, prev] * live).unflatten(-1, (-1, D))  # [N, Hkv, Cq, R, D]
+    zs = zc[:, :, prev] * live  # [N, Hkv, Cq, R]
+    phi = phi_ref(b.q, w, dropout).view(N, Hkv, G, len(chunks), P // len(chunks), -1)  # [N,Hkv,G,Cq,S,R]
+    num = torch.einsum("nhgcsr,nhcrd->nhgcsd", phi, Hs).reshape(N, Hq, P, D)
+    den = torch.einsum("nhgcsr,nhcr->nhgcs", phi, zs).reshape(N, Hq, P, 1)
     wt = torch.exp(-b.lse)[..., None]
     return (b.o_sparse + wt * num) / (1 + wt * den)
 
@@ -122,8 +140,9 @@ def evaluate(b: LayerBatch, w: LessLayerWeights | None, o_proj: torch.Tensor, ba
 
 def train_layer(train: LayerBatch, val: LayerBatch, o_proj: torch.Tensor, rank: int, hidden: int, epochs: int,
                 seed: int, lr: float = 1e-3, batch: int = 2, dropout: float = 0.3, step_every: int | None = None,
-                on_step=None) -> LayerResult:
-    """Adam + StepLR; keeps the weights with the best validation loss (epoch 0 = before training)."""
+                query_chunks: int | None = None, on_step=None) -> LayerResult:
+    """Adam + StepLR; keeps the weights with the best validation loss (epoch 0 = before training).
+    query_chunks: train each step on that many randomly chosen query chunks (None = all)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     N, Hq, _, D = train.q.shape
@@ -140,6 +159,10 @@ def train_layer(train: LayerBatch, val: LayerBatch, o_proj: torch.Tensor, rank: 
         tot = 0.0
         for s in range(0, N, batch):
             sb = train.select(order[s : s + batch])
+            all_chunks = torch.unique_consecutive(train.q_chunk)
+            if query_chunks and query_chunks < len(all_chunks):
+                pick = torch.randperm(len(all_chunks), generator=gen)[:query_chunks]
+                sb = sb.select_chunks(all_chunks[pick])
             loss = projected_mse(less_output(sb, w, dropout), sb.o_full, o_proj)
             opt.zero_grad(set_to_none=True)
             loss.backward()

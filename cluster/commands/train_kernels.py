@@ -18,11 +18,13 @@ def register(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.1, help="last fraction of every file never trained on")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64, help="hidden width R' of phi/psi")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--num-seqs", type=int, default=40)
+    p.add_argument("--num-seqs", type=int, default=24)
     p.add_argument("--batch", type=int, default=2, help="sequences per optimiser step")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--query-chunks", type=int, default=8,
+                   help="query chunks per sequence (seeded per layer) used as training positions; 0 = all")
     p.add_argument("--chunk", type=int, default=32, help="engine prefill chunk the masks replay")
     p.add_argument("--recent", type=int, default=None, help="h2o recent window (default budget/2)")
     p.add_argument("--sink", type=int, default=4, help="lambda sink tokens")
@@ -30,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="kernels .safetensors (default: shipped location)")
     p.add_argument("--work-dir", default=None, help="captures and finished layers (default: cache dir)")
     p.add_argument("--resume", action="store_true", help="keep finished layers of an interrupted run")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 
@@ -45,6 +47,8 @@ def _check(args) -> None:
             raise CliError(flag, f"must be in [{lo}, {hi}], got {val}")
     if args.seq_len <= args.budget + args.chunk:
         raise CliError("--seq-len", f"must exceed --budget + --chunk ({args.budget + args.chunk}) so tokens get evicted")
+    if args.seq_len % args.chunk:
+        raise CliError("--seq-len", f"must be a multiple of --chunk ({args.chunk})")
     if not 0 <= args.holdout < 1:
         raise CliError("--holdout", "must be in [0, 1)")
     if not 0 < args.lr < 1:
@@ -81,7 +85,7 @@ def run(args) -> int:
     model.float().eval()
     cfg = TrainConfig(model=ckpt.model_id, policy=args.policy, budget=args.budget, rank=args.rank,
                       hidden=args.hidden, epochs=args.epochs, seed=args.seed, chunk=args.chunk, recent=args.recent,
-                      sink=args.sink, lr=args.lr, batch=args.batch, data_sha256=sha,
+                      sink=args.sink, lr=args.lr, batch=args.batch, query_chunks=args.query_chunks, data_sha256=sha,
                       command="lessserve " + shlex.join(sys.argv[1:]),
                       extra={"data": [str(Path(d)) for d in args.data], "holdout": args.holdout})
     work = Path(args.work_dir) if args.work_dir else cache_root() / "train-kernels"
