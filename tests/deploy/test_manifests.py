@@ -27,7 +27,7 @@ def test_kustomization_lists_every_file(sub):
 @pytest.mark.parametrize("sub", list(render_manifests.VARIANTS))
 def test_kustomize_builds(sub):
     try:
-        kubectl = find_kubectl(install=False)
+        kubectl = find_kubectl(install=True)
     except ToolUnavailable as e:
         pytest.skip(f"kubectl unavailable, `kubectl kustomize` not checked: {e}")
     r = subprocess.run([kubectl, "kustomize", str(render_manifests.MANIFESTS_DIR / sub)],
