@@ -64,7 +64,7 @@ def unpack_slot(record, k, v, pos, score, H, z, length, slot: int, quant: str = 
     """One record [record_bytes] uint8 -> slab slot `slot`, in place."""
     _check_slab(k, v, pos, score, H, z, length)
     layout = PackLayout.of(k, H, quant)
-    buf = record.reshape(1, -1)
+    buf = record.to(k.device, non_blocking=True).reshape(1, -1)  # a record may come from host memory
     sel = torch.tensor([slot], dtype=torch.long, device=k.device)
     for name, dst in (("k", k), ("v", v)):
         if quant == "int8":
