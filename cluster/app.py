@@ -37,6 +37,21 @@ app = FastAPI(title="lessserve", version="0.1.0",
 _SID = re.compile(SESSION_ID_PATTERN)
 
 
+class TokenTimer:
+    """TTFT and inter-token gaps of one streamed turn, reported to the cluster's histograms."""
+
+    def __init__(self, t0: float):
+        self.t0, self.ttft, self.last, self.itls = t0, None, None, []
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.t0
+        else:
+            self.itls.append(now - self.last)
+        self.last = now
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None):
@@ -149,34 +164,26 @@ class Router:
         if req.stream:
             return StreamingResponse(self._sse(gen, first, cid, model, include_usage, t0),
                                      media_type="text/event-stream")
-        text, end, ttft, itls, last = [], {}, None, [], None
+        text, end, timer = [], {}, TokenTimer(t0)
         async for ev in gen:
-            now = time.perf_counter()
             if ev["type"] == "token":
-                ttft = ttft if ttft is not None else now - t0
-                if last is not None:
-                    itls.append(now - last)
-                last = now
+                timer.tick()
                 text.append(ev["text"])
             elif ev["type"] == "end":
                 end = ev
         use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
-        self.state.record_request.remote(ttft, itls, use["completion_tokens"], first["prefilled"])
+        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
         return JSONResponse(completion_body(cid, model, "".join(text), end.get("finish_reason", "length"), use),
                             headers={"x-session-id": sid} if sid else None)
 
     async def _sse(self, gen, first: dict, cid: str, model: str, include_usage: bool, t0: float):
         send = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
         yield send(chunk_body(cid, model, {"role": "assistant", "content": ""}))
-        ttft, itls, last, end = None, [], None, {}
+        timer, end = TokenTimer(t0), {}
         try:
             async for ev in gen:
-                now = time.perf_counter()
                 if ev["type"] == "token":
-                    ttft = ttft if ttft is not None else now - t0
-                    if last is not None:
-                        itls.append(now - last)
-                    last = now
+                    timer.tick()
                     yield send(chunk_body(cid, model, {"content": ev["text"]}))
                 elif ev["type"] == "end":
                     end = ev
@@ -191,7 +198,7 @@ class Router:
             body["choices"] = []
             yield send(body)
         yield "data: [DONE]\n\n"
-        self.state.record_request.remote(ttft, itls, use["completion_tokens"], first["prefilled"])
+        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
 
     @app.get("/v1/models")
     async def models(self, request: Request):

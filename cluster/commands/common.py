@@ -84,3 +84,21 @@ def engine_config(args: argparse.Namespace, **over):
         err = e.errors()[0]
         flag = "--" + str(err["loc"][0]).replace("_", "-").replace("prefill-chunk", "chunk")
         raise CliError(flag, err["msg"]) from None
+
+
+def register_group(sub, name: str, help_: str, modules: list[str]) -> None:
+    """A subcommand whose own subcommands come from modules of lessserve.cluster.commands, each
+    exposing register(subparsers). A module not written yet is skipped."""
+    import importlib
+
+    p = sub.add_parser(name, help=help_)
+    gsub = p.add_subparsers(dest=name, required=True)
+    for mod_name in modules:
+        full = f"lessserve.cluster.commands.{mod_name}"
+        try:
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as e:
+            if e.name != full:
+                raise
+            continue
+        mod.register(gsub)

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
+from lessserve.cluster.commands.common import register_group
 
 EVAL_MODULES = ["eval_ppl", "eval_passkey"]
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="quality evaluations (perplexity, passkey)")
-    esub = p.add_subparsers(dest="eval", required=True)
-    for name in EVAL_MODULES:
-        try:
-            mod = importlib.import_module(f"lessserve.cluster.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lessserve.cluster.commands.{name}":
-                raise
-            continue
-        mod.register(esub)
+    register_group(sub, "eval", "quality evaluations (perplexity, passkey)", EVAL_MODULES)
