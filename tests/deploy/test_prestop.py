@@ -41,7 +41,7 @@ def test_waits_for_replicas_then_stops_ray():
     out = prestop.run(70, 1.0, drain=lambda d: calls.append(("drain", d)) or 0, replicas=lambda: next(left),
                       stop=lambda: calls.append("stop") or 0, clock=clock, sleep=clock.sleep)
     assert calls == [("drain", 70), "stop"]
-    assert out["replicas_left"] == [] and out["waited_s"] == 2.0
+    assert out["replicas_left"] == [] and out["waited_s"] == 3.0
 
 
 def test_gives_up_at_the_timeout():
@@ -59,3 +59,22 @@ def test_idle_node_skips_the_drain():
 
 def test_failing_commands_do_not_raise():
     assert prestop._run(["/nonexistent/ray", "stop"], timeout=5) == -1
+
+
+def test_head_waits_for_replicas_cluster_wide():
+    actors = [{"actor_id": "a1", "class_name": "ServeReplica:lessserve:LessWorker", "state": "ALIVE"},
+              {"actor_id": "a2", "class_name": "ServeReplica:lessserve:Router", "state": "ALIVE"},
+              {"actor_id": "a3", "class_name": "ServeController", "state": "ALIVE"}]
+    seen = {}
+
+    def fake_list(**kw):
+        seen.update(kw)
+        return actors
+
+    assert prestop.cluster_replicas(list_actors=fake_list) == ["a1"]
+    assert seen["address"] == "http://127.0.0.1:8265" and ("state", "=", "ALIVE") in seen["filters"]
+    assert prestop.cluster_replicas(list_actors=lambda **kw: (_ for _ in ()).throw(ConnectionError())) == []
+    clock = _Clock()
+    left = iter([["a1"], ["a1"], []])
+    out = prestop.run(100, 2.0, drain=None, replicas=lambda: next(left), stop=None, clock=clock, sleep=clock.sleep)
+    assert out == {"drain_rc": None, "replicas_left": [], "waited_s": 4.0, "stop_rc": None}

@@ -64,3 +64,9 @@ def test_worker_grace_covers_the_drain(rendered, values):
     prestop_timeout = float(hook[hook.index("--timeout") + 1])
     assert replica_shutdown <= prestop_timeout < grace  # the hook waits out the drain, then Ray stops in time
     importlib.import_module(hook[2])
+    # The head (GCS, Serve controller) outlives the workers' drains when the whole cluster is deleted.
+    head = rayservice(rendered[values])["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    head_hook = head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert head_hook[:5] == ["python", "-m", "lessserve.deploy.prestop", "--role", "head"]
+    head_timeout = float(head_hook[head_hook.index("--timeout") + 1])
+    assert prestop_timeout < head_timeout < head["terminationGracePeriodSeconds"]
