@@ -1,7 +1,7 @@
 """Render the chart into plain manifests for users without Helm (`kubectl apply -k`).
 
-    python -m lessserve.deploy.render_manifests           # rewrite deploy/manifests/
-    python -m lessserve.deploy.render_manifests --check   # exit 1 if deploy/manifests/ is stale
+    python -m lessserve.deploy.render_manifests           # rewrite deploy/manifests/ and the chart's values.schema.json
+    python -m lessserve.deploy.render_manifests --check   # exit 1 if either is stale
 
 deploy/manifests/ gets the default values (GPU workers), deploy/manifests/cpu/ the CPU-only values, both
 with API keys from a Secret `lessserve-api-keys` (key `api-keys`, one key per line) that the user creates;
@@ -11,6 +11,7 @@ each folder has one file per chart template plus a kustomization.yaml (set `name
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from lessserve.deploy.render import helm_template
+from lessserve.deploy.render import CHART_DIR, helm_template, values_schema
 
 MANIFESTS_DIR = Path(__file__).resolve().parent / "manifests"
 KEYS_SECRET = "lessserve-api-keys"
@@ -42,6 +43,13 @@ def split_by_template(text: str) -> dict[str, str]:
         if body:
             files.setdefault(m["file"], []).append(body)
     return {name: "---\n" + "\n---\n".join(docs) + "\n" for name, docs in files.items()}
+
+
+SCHEMA_FILE = CHART_DIR / "values.schema.json"
+
+
+def schema_text() -> str:
+    return json.dumps(values_schema(), indent=2) + "\n"
 
 
 def render(out_dir: Path = MANIFESTS_DIR, helm: str | None = None) -> list[Path]:
@@ -85,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.check:
         diff = stale(a.out)
-        print("deploy/manifests is in sync" if not diff else "stale: " + ", ".join(diff))
+        if not SCHEMA_FILE.exists() or SCHEMA_FILE.read_text() != schema_text():
+            diff.append(str(SCHEMA_FILE))
+        print("deploy/manifests and values.schema.json are in sync" if not diff else "stale: " + ", ".join(diff))
         return 1 if diff else 0
+    SCHEMA_FILE.write_text(schema_text())  # first: helm validates values against it
+    print(SCHEMA_FILE)
     for p in render(a.out):
         print(p)
     return 0

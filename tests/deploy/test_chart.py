@@ -110,8 +110,8 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     import base64
 
     docs = render.documents(render.helm_template(helm=helm, extra_args=(
-        "--set", "apiKeys.keys={sk-one,sk-two}", "--set", "ingress.enabled=true", "--set", "ingress.host=llm.example",
-        "--set", "metrics.serviceMonitor.enabled=true")))
+        "--set", "apiKeys.keys={sk-one-0123,sk-two-0123}", "--set", "ingress.enabled=true",
+        "--set", "ingress.host=llm.example", "--set", "metrics.serviceMonitor.enabled=true")))
     for doc in docs:
         if doc["kind"] not in CRD_KINDS:
             _validate(doc)
@@ -132,23 +132,28 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     keyfile = tmp_path / key
     keyfile.write_bytes(base64.b64decode(secret["data"][key]))
     cfg = render.ServeConfig.model_validate({**args, "api_keys_file": str(keyfile)})
-    assert cfg.keys() >= {"sk-one", "sk-two"}
+    assert cfg.keys() >= {"sk-one-0123", "sk-two-0123"}
 
 
 @pytest.mark.parametrize("bad, message", [
     (("--set", "workers.terminationGracePeriodSeconds=30"), "shorter than the drain budget"),
     (("--set", "redis.enabled=false"), "Redis shared tier is required"),
     (("--set", "serve.worker_num_gpus=0"), "serve.worker_num_gpus is 0"),
-    (("--set", "serve.engine.budget=1"), None),  # caught by ServeConfig below, not by helm
+    (("--set", "serve.engine.budgt=64"), "additional properties 'budgt'"),  # values.schema.json from ServeConfig
+    (("--set", "serve.engine.budget=1"), "minimum"),
+    (("--set", "serve.host=10.0.0.1"), "additional properties 'host'"),  # owned by the chart
+    (("--set", "serve.store.redis_url=redis://x"), "additional properties 'redis_url'"),
+    (("--set", "rayService.upgradeStrategy=Blue"), "upgradeStrategy"),
 ])
 def test_bad_values_are_rejected(helm, bad, message):
-    if message is None:
-        vals = render.merge(render.load_values(), {"serve": {"engine": {"budget": 1}}})
-        with pytest.raises(ValueError, match="budget"):
-            render.serve_config(vals)
-        return
     with pytest.raises(RuntimeError, match=message):
         render.helm_template(helm=helm, extra_args=bad)
+
+
+def test_python_renderer_rejects_what_the_schema_cannot():
+    vals = render.merge(render.load_values(), {"serve": {"engine": {"policy": "h3o"}}})
+    with pytest.raises(ValueError, match="policy"):
+        render.serve_config(vals)
 
 
 def _strict_crd_schema(node):

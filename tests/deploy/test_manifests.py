@@ -16,6 +16,21 @@ def test_manifests_in_sync_with_chart(helm):
     assert not stale, f"re-run `python -m lessserve.deploy.render_manifests`; stale: {stale}"
 
 
+def test_values_schema_in_sync_with_serve_config():
+    assert render_manifests.SCHEMA_FILE.read_text() == render_manifests.schema_text(), \
+        "re-run `python -m lessserve.deploy.render_manifests`"
+
+
+def test_schema_accepts_every_values_file():
+    import jsonschema
+
+    from lessserve.deploy import render
+
+    schema = yaml.safe_load(render_manifests.SCHEMA_FILE.read_text())
+    for f in render.VALUES_FILES:
+        jsonschema.Draft202012Validator(schema).validate(render.load_values(f))
+
+
 @pytest.mark.parametrize("sub", list(render_manifests.VARIANTS))
 def test_kustomization_lists_every_file(sub):
     folder = render_manifests.MANIFESTS_DIR / sub
