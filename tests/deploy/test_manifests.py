@@ -56,3 +56,14 @@ def test_split_by_template_groups_documents():
             "kind: B\n---\n# Source: lessserve/templates/a.yaml\nkind: A2\n")
     assert render_manifests.split_by_template(text) == {"a.yaml": "---\nkind: A\n---\nkind: A2\n",
                                                         "b.yaml": "---\nkind: B\n"}
+
+
+def test_command_line_entry_points(helm, monkeypatch, capsys):
+    from lessserve.deploy import render
+
+    monkeypatch.setenv("HELM", helm)
+    assert render_manifests.main(["--check"]) == 0
+    assert "in sync" in capsys.readouterr().out
+    assert render.main(["-f", "values-cpu.yaml"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert doc["applications"][0]["args"]["engine"]["device"] == "cpu"
