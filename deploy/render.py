@@ -100,7 +100,7 @@ def values_schema() -> dict:
             "applicationName": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
             "rayVersion": {"type": "string"},
             "rayService": {"type": "object", "properties": {
-                "upgradeStrategy": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                "upgradeStrategy": {"enum": ["NewCluster", "None"]},
                 "autoscaler": {"type": "object", "properties": {
                     "upscalingMode": {"enum": ["Default", "Conservative", "Aggressive"]},
                     "idleTimeoutSeconds": count}}}},

@@ -36,8 +36,7 @@ def test_renders_expected_kinds(rendered, values):
     kinds = sorted(d["kind"] for d in rendered[values])
     redis = [] if values == "values-external-redis.yaml" else ["Service", "StatefulSet"]
     monitor = ["Service", "ServiceMonitor"] if values == "values-gpu.yaml" else []
-    secret = []  # no shipped values file writes keys into the chart
-    assert kinds == sorted(["RayService", *redis, *monitor, *secret])
+    assert kinds == sorted(["RayService", *redis, *monitor])  # no shipped values file puts keys in the chart
 
 
 @pytest.mark.parametrize("values", render.VALUES_FILES)
