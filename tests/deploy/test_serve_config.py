@@ -70,3 +70,30 @@ def test_worker_grace_covers_the_drain(rendered, values):
     assert head_hook[:5] == ["python", "-m", "lessserve.deploy.prestop", "--role", "head"]
     head_timeout = float(head_hook[head_hook.index("--timeout") + 1])
     assert prestop_timeout < head_timeout < head["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_serve_app_builds_and_fits_the_pods(rendered, values):
+    """Serve's own build step (what the controller runs on serveConfigV2) accepts the app, and every
+    replica's resource ask fits one worker pod of the rendered group."""
+    try:
+        from ray.serve._private.build_app import build_app as serve_build
+    except ImportError as e:  # a private Ray module: skip, do not fail, if a Ray release moves it
+        pytest.skip(f"ray.serve._private.build_app unavailable in this Ray: {e}")
+    app_doc = _serve_doc(rendered, values)["applications"][0]
+    built = serve_build(build_app(app_doc["args"]), name=app_doc["name"])
+    deployments = {d.name: d for d in built.deployments}
+    assert set(deployments) == {"Router", "LessWorker"} and built.ingress_deployment_name == "Router"
+    cfg = ServeConfig.model_validate(app_doc["args"])
+    worker = deployments["LessWorker"]
+    scaling = worker._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (cfg.workers.min_workers, cfg.workers.max_workers)
+    (group,) = rayservice(rendered[values])["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod_gpus = int(group["rayStartParams"]["num-gpus"])
+    cpu = str(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    pod_cpus = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    for d in deployments.values():
+        assert d.ray_actor_options.get("num_gpus", 0) <= pod_gpus
+        assert d.ray_actor_options.get("num_cpus", 1) <= pod_cpus
+    assert worker._deployment_config.graceful_shutdown_timeout_s < group["template"]["spec"][
+        "terminationGracePeriodSeconds"]
