@@ -1,8 +1,8 @@
 """The engine generates the same greedy tokens with kernels="triton" (the interpreter on CPU) as with
 kernels="torch": prefill chunks of 16, budget 32 so eviction happens in prefill and in decode.
 
-The tiny random model runs in seconds; the default model (smollm2-135m-instruct, 30 layers) costs
-minutes under the interpreter on 2 cores, so it is marked slow."""
+The tiny random model runs in seconds, the default model (smollm2-135m-instruct, 30 layers) with h2o
+in under a minute; with LESS it costs minutes under the interpreter on 2 cores, so it is marked slow."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def test_tiny_model_same_tokens(tiny_ckpt, policy):
     want = _generate({"model": "tiny", "policy": policy, "kernels": "torch", "dtype": "float32"}, tiny_ckpt, less, ids)
     got = _generate({"model": "tiny", "policy": policy, "kernels": "triton", "dtype": "float32"}, tiny_ckpt, less, ids)
     assert got == want
+
+
+def test_default_model_same_tokens_h2o(default_ckpt, default_engine_factory):
+    """The CLI's default policy (h2o) on the default model: ~40 s under the interpreter."""
+    base = default_engine_factory(kernels="torch", budget=32, prefill_chunk=16, max_slots=1)
+    ids = base.tokenizer.encode(PROMPT)
+    assert len(ids) > 32  # eviction already during prefill
+    out = {k: _generate({"policy": "h2o", "kernels": k}, default_ckpt, None, ids, base.tokenizer, base.model)
+           for k in ("torch", "triton")}
+    assert out["triton"] == out["torch"]
 
 
 @pytest.mark.slow
