@@ -26,7 +26,7 @@ def _validate(doc: dict) -> None:
 
 @pytest.mark.parametrize("values", render.VALUES_FILES)
 def test_helm_lint(helm, values):
-    r = subprocess.run([helm, "lint", str(render.CHART_DIR), "-f", str(render.CHART_DIR / values)],
+    r = subprocess.run([helm, "lint", "--strict", str(render.CHART_DIR), "-f", str(render.CHART_DIR / values)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
