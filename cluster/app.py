@@ -258,8 +258,8 @@ def worker_deployment(cfg: ServeConfig):
 
 
 def build_app(args: dict | None = None):
-    """Serve import path target: `args` is a ServeConfig mapping (without args: defaults + env)."""
-    cfg = ServeConfig.model_validate(args) if args else load_config()
+    """Serve import path target: `args` is a ServeConfig mapping; LESSSERVE_* env applies on top."""
+    cfg = load_config(base=args)
     # Replicas get the config without the scaling block: changing worker counts or autoscaling
     # is then a lightweight update that keeps running workers and their sessions.
     cfg_dict = cfg.model_dump(mode="json", exclude={"workers"})

@@ -7,6 +7,7 @@ application's `args` hold them, so the same file works with `lessserve serve --c
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -101,9 +102,11 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None) -> ServeConfig:
-    """File, then LESSSERVE_* env, then explicit overrides (dotted keys, None = unset)."""
-    data = read_config_file(path) if path else {}
+                env: dict[str, str] | None = None, base: dict | None = None) -> ServeConfig:
+    """File (or `base`, e.g. Serve application args), then LESSSERVE_* env, then explicit
+    overrides (dotted keys, None = unset). Env on top of args lets a deployment keep secrets such
+    as a Redis URL with a password in a Secret rather than in its Serve config."""
+    data = read_config_file(path) if path else copy.deepcopy(base or {})
     env = os.environ if env is None else env
     for var, dotted in ENV_OVERRIDES.items():
         if env.get(var):
