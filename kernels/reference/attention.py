@@ -32,10 +32,11 @@ def chunk_attention_ref(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns out [n, Hq, C, D] (q.dtype), mass_cache [n, Hkv, B] fp32, mass_new [n, Hkv, C] fp32."""
     n, Hq, C, D = q.shape
-    Hkv, B = k_cache.shape[1], k_cache.shape[2]
+    Hkv, B_cap = k_cache.shape[1], k_cache.shape[2]
+    B = max(int(length[slot_ids].max()), 1) if n else 1  # attend over live entries only; pad mass back
     G = Hq // Hkv
     qf = q.float().view(n, Hkv, G, C, D)
-    kc, vc = k_cache[slot_ids].float(), v_cache[slot_ids].float()  # [n, Hkv, B, D]
+    kc, vc = k_cache[slot_ids, :, :B].float(), v_cache[slot_ids, :, :B].float()  # [n, Hkv, B, D]
     s_cache = torch.einsum("nhgcd,nhbd->nhgcb", qf, kc) * scale
     valid = torch.arange(B, device=q.device)[None, :] < length[slot_ids].to(q.device)[:, None]  # [n, B]
     s_cache = s_cache.masked_fill(~valid[:, None, None, None, :], float("-inf"))
@@ -57,7 +58,9 @@ def chunk_attention_ref(
     out = (num / den).view(n, Hq, C, D).to(q.dtype)
     p = e / e.sum(dim=-1, keepdim=True)  # sparse-normalised probabilities
     mass = p.sum(dim=(2, 3))  # [n, Hkv, B + C]
-    return out, mass[..., :B].contiguous(), mass[..., B:].contiguous()
+    mass_cache = torch.zeros(n, Hkv, B_cap, dtype=mass.dtype, device=mass.device)
+    mass_cache[..., :B] = mass[..., :B]
+    return out, mass_cache, mass[..., B:].contiguous()
 
 
 def decode_attention_ref(

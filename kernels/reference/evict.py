@@ -68,6 +68,9 @@ def evict_absorb_ref(
     dev = k_new.device
     ln = length[slot_ids].to(dev).long()  # [n]
     total = ln + C
+    if bool((total <= B).all()):  # nothing to evict: append in place (same result as the general path)
+        return _append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, mass_cache,
+                       mass_new)
     # Gather the merged sequence in position order: cache[:len] then new[:C].
     j = torch.arange(B + C, device=dev)[None, :]
     src = torch.where(j < ln[:, None], j, B + j - ln[:, None]).clamp(max=B + C - 1)  # [n, B + C]
@@ -101,3 +104,19 @@ def evict_absorb_ref(
     pos_cache[slot_ids] = merged_pos.gather(2, keep).masked_fill(~filled, -1)
     score_cache[slot_ids] = merged_score.gather(2, keep).masked_fill(~filled, 0.0)
     return new_len.to(torch.int32)
+
+
+def _append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, mass_cache, mass_new):
+    """Every slot has room: accumulate this step's mass, write the chunk at [len, len + C)."""
+    n, Hkv, C, _ = k_new.shape
+    score_cache[slot_ids] = score_cache[slot_ids] + mass_cache.float()
+    rows = slot_ids[:, None].expand(n, C)  # [n, C]
+    cols = ln[:, None] + torch.arange(C, device=k_new.device)[None, :]  # [n, C]
+    k_cache[rows, :, cols] = k_new.to(k_cache.dtype).permute(0, 2, 1, 3)  # [n, C, Hkv, D]
+    v_cache[rows, :, cols] = v_new.to(v_cache.dtype).permute(0, 2, 1, 3)
+    pos_cache[rows, :, cols] = pos_new.to(pos_cache.dtype)[..., None].expand(n, C, Hkv)
+    score_cache[rows, :, cols] = mass_new.float().permute(0, 2, 1)
+    tail = (torch.arange(k_cache.shape[2], device=k_new.device)[None, :] >= (ln + C)[:, None])[:, None, :]  # [n,1,B]
+    pos_cache[slot_ids] = pos_cache[slot_ids].masked_fill(tail, -1)
+    score_cache[slot_ids] = score_cache[slot_ids].masked_fill(tail, 0.0)
+    return (ln + C).to(torch.int32)
