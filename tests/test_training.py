@@ -88,7 +88,7 @@ def test_training_beats_sparse_only_and_resumes(tmp_path):
     mtime = (run_dir / "layer0.pt").stat().st_mtime_ns
     k2 = run_training(model_of(ckpt), seqs(), cfg(), work, resume=True)
     assert (run_dir / "layer0.pt").stat().st_mtime_ns == mtime
-    for a, b in zip(k1.layers, k2.layers):
+    for a, b in zip(k1.layers, k2.layers, strict=True):
         assert torch.equal(a.w1q, b.w1q) and torch.equal(a.w2k, b.w2k)  # seeded: resumed == uninterrupted
 
 
@@ -117,3 +117,17 @@ def test_bad_data_exits_2_naming_the_flag(tmp_path, capsys, data):
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data" in err[0]
+
+
+def test_compressed_capture_matches_full_where_nothing_differs(tmp_path):
+    from lessserve.workers.train_capture import capture_qkv_compressed
+
+    m = model_of(tiny_checkpoint(tmp_path))
+    toks = seqs(2)
+    full = capture_qkv(m, toks)
+    roomy = capture_qkv_compressed(m, toks, EvictionSpec("h2o", T, T // 2), CHUNK)  # budget holds everything
+    tight = capture_qkv_compressed(m, toks, EvictionSpec("h2o", BUDGET, BUDGET // 2), CHUNK)
+    for f in ("q", "k", "v"):
+        assert torch.allclose(roomy[1][f], full[1][f], atol=1e-4)
+        assert torch.allclose(tight[0][f], full[0][f], atol=1e-5)  # layer 0 sees the same input
+    assert not torch.allclose(tight[1]["q"], full[1]["q"], atol=1e-4)

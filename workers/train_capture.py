@@ -44,6 +44,46 @@ def capture_qkv(model: LlamaModel, seqs: torch.Tensor, batch: int = 4, progress=
 
 
 @torch.inference_mode()
+def capture_qkv_compressed(model: LlamaModel, seqs: torch.Tensor, spec: EvictionSpec, chunk: int, batch: int = 4,
+                           progress=None) -> list[dict]:
+    """Like capture_qkv, but each layer's output is the policy's compressed attention (the engine
+    with the base policy, no LESS, chunked prefill): Q/K/V as the serving run sees them."""
+    a = model.args
+    N, T = seqs.shape
+    Hkv, D, B = a.num_kv_heads, a.head_dim, spec.budget
+    dev = next(model.parameters()).device
+    out = [{n: torch.empty(N, h, T, D) for n, h in (("q", a.num_heads), ("k", Hkv), ("v", Hkv))}
+           for _ in range(a.num_layers)]
+    for s in range(0, N, batch):
+        e = min(N, s + batch)
+        n = e - s
+        slots = torch.arange(n, device=dev)
+        caches = [dict(k=torch.zeros(n, Hkv, B, D, device=dev), v=torch.zeros(n, Hkv, B, D, device=dev),
+                       pos=torch.full((n, Hkv, B), -1, dtype=torch.int32, device=dev),
+                       score=torch.zeros(n, Hkv, B, device=dev),
+                       length=torch.zeros(n, dtype=torch.int32, device=dev))
+                  for _ in range(a.num_layers)]
+        for lo in range(0, T, chunk):
+            hi = min(T, lo + chunk)
+            pos = torch.arange(lo, hi, device=dev)[None].expand(n, hi - lo)
+
+            def attend(layer, q, k, v, s=s, e=e, lo=lo, hi=hi, pos=pos, caches=caches, slots=slots):
+                c = caches[layer]
+                out[layer]["q"][s:e, :, lo:hi] = q.float().cpu()
+                out[layer]["k"][s:e, :, lo:hi] = k.float().cpu()
+                out[layer]["v"][s:e, :, lo:hi] = v.float().cpu()
+                o, m_cache, m_new = chunk_attention_ref(q, k, v, c["k"], c["v"], c["length"], slots, D**-0.5)
+                c["length"] = evict_absorb_ref(c["k"], c["v"], c["pos"], c["score"], c["length"], slots,
+                                               k, v, pos, m_cache, m_new, spec)
+                return o
+
+            model(seqs[s:e, lo:hi].to(dev), pos, attend, last_only=True)
+        if progress:
+            progress(n)
+    return out
+
+
+@torch.inference_mode()
 def eviction_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: EvictionSpec,
                     chunk: int) -> torch.Tensor:
     """q [N, Hq, T, D], k/v [N, Hkv, T, D] -> e [N, Hkv, T] int32: the chunk index at whose end

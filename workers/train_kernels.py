@@ -23,7 +23,13 @@ from lessserve.kernels.reference.lowrank import LessLayerWeights
 from lessserve.workers.less_weights import FIELDS, LessKernels
 from lessserve.workers.model import LlamaModel
 from lessserve.workers.policy import Policy, eviction_spec
-from lessserve.workers.train_capture import capture_qkv, eviction_chunks, load_layer, save_layer
+from lessserve.workers.train_capture import (
+    capture_qkv,
+    capture_qkv_compressed,
+    eviction_chunks,
+    load_layer,
+    save_layer,
+)
 from lessserve.workers.train_data import split_train_val
 from lessserve.workers.train_layer import prepare_layer, train_layer
 
@@ -43,34 +49,44 @@ class TrainConfig:
     lr: float = 1e-3
     batch: int = 2
     query_chunks: int = 8  # query chunks per sequence used as training positions (0 = all)
+    qkv_source: str = "full"  # full: full-cache forward (paper); compressed: the base policy's serving run
     dropout: float = 0.3
     data_sha256: str = ""
     command: str = ""
     extra: dict = field(default_factory=dict)
 
     def run_name(self) -> str:
-        return f"{self.policy}-b{self.budget}-r{self.rank}-h{self.hidden}-e{self.epochs}-s{self.seed}"
+        src = "" if self.qkv_source == "full" else f"-{self.qkv_source}"
+        return f"{self.policy}-b{self.budget}-r{self.rank}-h{self.hidden}-e{self.epochs}-s{self.seed}{src}"
 
 
 def capture_key(cfg: TrainConfig, seqs: torch.Tensor) -> str:
-    h = hashlib.sha256(f"{cfg.model}|{cfg.data_sha256}|{tuple(seqs.shape)}|{cfg.seed}".encode())
+    src = cfg.qkv_source if cfg.qkv_source == "full" else f"{cfg.qkv_source}|{cfg.policy}|{cfg.budget}|{cfg.chunk}"
+    h = hashlib.sha256(f"{cfg.model}|{cfg.data_sha256}|{tuple(seqs.shape)}|{cfg.seed}|{src}".encode())
     h.update(seqs.numpy().tobytes())
     return h.hexdigest()[:12]
 
 
-def ensure_capture(model: LlamaModel, seqs: torch.Tensor, cdir: Path) -> None:
+def policy_spec(cfg: TrainConfig):
+    return eviction_spec(Policy.parse(cfg.policy), cfg.budget, cfg.recent, cfg.sink, max_context=1 << 30)
+
+
+def ensure_capture(model: LlamaModel, seqs: torch.Tensor, cdir: Path, cfg: TrainConfig) -> None:
     L = model.args.num_layers
     if all((cdir / f"layer{i}.pt").is_file() for i in range(L)):
         return
     cdir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(seqs), desc="capture q/k/v", unit="seq", file=sys.stderr) as bar:
-        layers = capture_qkv(model, seqs, progress=bar.update)
+    with tqdm(total=len(seqs), desc=f"capture q/k/v ({cfg.qkv_source})", unit="seq", file=sys.stderr) as bar:
+        if cfg.qkv_source == "compressed":
+            layers = capture_qkv_compressed(model, seqs, policy_spec(cfg), cfg.chunk, progress=bar.update)
+        else:
+            layers = capture_qkv(model, seqs, progress=bar.update)
     for i, t in enumerate(layers):
         save_layer(cdir / f"layer{i}.pt", t)
 
 
 def train_one(i: int, cdir: Path, model: LlamaModel, cfg: TrainConfig, split, device, bar_pos: int) -> dict:
-    spec = eviction_spec(Policy.parse(cfg.policy), cfg.budget, cfg.recent, cfg.sink, max_context=1 << 30)
+    spec = policy_spec(cfg)
     t = {k: v.to(device) for k, v in load_layer(cdir / f"layer{i}.pt").items()}
     e = eviction_chunks(t["q"], t["k"], t["v"], spec, cfg.chunk)
     tr_idx, va_idx = split
@@ -98,6 +114,8 @@ def train_one(i: int, cdir: Path, model: LlamaModel, cfg: TrainConfig, split, de
 def run_training(model: LlamaModel, seqs: torch.Tensor, cfg: TrainConfig, work_dir: Path, resume: bool = False,
                  device: torch.device | str = "cpu") -> LessKernels:
     """seqs [N, T] token ids (N >= 2) -> trained LessKernels (manifest filled in)."""
+    if cfg.qkv_source not in ("full", "compressed"):
+        raise ValueError(f"qkv_source must be full or compressed, got {cfg.qkv_source!r}")
     if cfg.policy not in ("h2o", "lambda"):
         raise ValueError(f"policy must be h2o or lambda, got {cfg.policy!r}")
     t0 = time.time()
@@ -106,7 +124,7 @@ def run_training(model: LlamaModel, seqs: torch.Tensor, cfg: TrainConfig, work_d
     for p in model.parameters():
         p.requires_grad_(False)
     cdir = work_dir / f"capture-{capture_key(cfg, seqs)}"
-    ensure_capture(model, seqs, cdir)
+    ensure_capture(model, seqs, cdir, cfg)
     rdir = work_dir / cfg.run_name()
     if rdir.exists() and not resume:
         shutil.rmtree(rdir)
@@ -134,9 +152,10 @@ def run_training(model: LlamaModel, seqs: torch.Tensor, cfg: TrainConfig, work_d
         "model": cfg.model, "policy": cfg.policy, "budget": cfg.budget, "rank": cfg.rank, "hidden": cfg.hidden,
         "num_layers": L, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
         "epochs": cfg.epochs, "seed": cfg.seed, "chunk": cfg.chunk, "recent": cfg.recent, "sink": cfg.sink,
-        "lr": cfg.lr, "batch": cfg.batch, "query_chunks": cfg.query_chunks, "dropout": cfg.dropout, "seq_len": int(seqs.shape[1]),
+        "lr": cfg.lr, "batch": cfg.batch, "query_chunks": cfg.query_chunks, "dropout": cfg.dropout,
+        "seq_len": int(seqs.shape[1]),
         "num_seqs": int(seqs.shape[0]), "train_seqs": len(split[0]), "val_seqs": len(split[1]),
-        "qkv_source": "full-cache forward; masks replay the engine's chunked eviction",
+        "qkv_source": cfg.qkv_source, "masks": "replay of the engine's chunked eviction",
         "command": cfg.command, "data_sha256": cfg.data_sha256, "train_seconds": round(time.time() - t0, 1),
         "layers": stats, **cfg.extra,
     }

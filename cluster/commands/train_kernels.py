@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=32, help="engine prefill chunk the masks replay")
     p.add_argument("--recent", type=int, default=None, help="h2o recent window (default budget/2)")
     p.add_argument("--sink", type=int, default=4, help="lambda sink tokens")
+    p.add_argument("--qkv-source", default="full", choices=["full", "compressed"],
+                   help="Q/K/V from the full-cache forward (paper) or from the base policy's serving run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="kernels .safetensors (default: shipped location)")
     p.add_argument("--work-dir", default=None, help="captures and finished layers (default: cache dir)")
@@ -46,7 +48,7 @@ def _check(args) -> None:
         if not lo <= val <= hi:
             raise CliError(flag, f"must be in [{lo}, {hi}], got {val}")
     if args.seq_len <= args.budget + args.chunk:
-        raise CliError("--seq-len", f"must exceed --budget + --chunk ({args.budget + args.chunk}) so tokens get evicted")
+        raise CliError("--seq-len", f"must exceed --budget + --chunk ({args.budget + args.chunk}) for evictions")
     if args.seq_len % args.chunk:
         raise CliError("--seq-len", f"must be a multiple of --chunk ({args.chunk})")
     if not 0 <= args.holdout < 1:
@@ -85,7 +87,8 @@ def run(args) -> int:
     model.float().eval()
     cfg = TrainConfig(model=ckpt.model_id, policy=args.policy, budget=args.budget, rank=args.rank,
                       hidden=args.hidden, epochs=args.epochs, seed=args.seed, chunk=args.chunk, recent=args.recent,
-                      sink=args.sink, lr=args.lr, batch=args.batch, query_chunks=args.query_chunks, data_sha256=sha,
+                      sink=args.sink, lr=args.lr, batch=args.batch, query_chunks=args.query_chunks,
+                      qkv_source=args.qkv_source, data_sha256=sha,
                       command="lessserve " + shlex.join(sys.argv[1:]),
                       extra={"data": [str(Path(d)) for d in args.data], "holdout": args.holdout})
     work = Path(args.work_dir) if args.work_dir else cache_root() / "train-kernels"
