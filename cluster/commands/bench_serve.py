@@ -37,7 +37,7 @@ def run(args) -> int:
 
     configs = [
         ("sessions " + args.policy, {"engine.policy": args.policy, "engine.budget": args.budget}, True),
-        ("no session cache (full)", {"engine.policy": "full", "engine.max_context": 8192}, False),
+        ("no session cache (full)", {"engine.policy": "full", "engine.max_context": 4096}, False),
     ]
     rows = []
     for name, over, sessions in configs:
