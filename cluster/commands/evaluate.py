@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lessserve.cluster.commands.common import register_group
 
-EVAL_MODULES = ["eval_ppl", "eval_passkey"]
+EVAL_MODULES = ["eval_ppl", "eval_passkey", "eval_report"]
 
 
 def register(sub) -> None:

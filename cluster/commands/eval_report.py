@@ -1,0 +1,52 @@
+"""`lessserve eval report`: regenerate the quality report (ppl on held-out Brown and
+tinyshakespeare, passkey, gap closed) into one folder."""
+
+from __future__ import annotations
+
+from lessserve.cluster.commands.common import (
+    CliError,
+    add_engine_flags,
+    engine_config,
+    existing_file,
+    parse_ints,
+    parse_policies,
+)
+from lessserve.workers.eval_report import POLICIES
+
+
+def register(esub) -> None:
+    p = esub.add_parser("report", help="the whole quality report (JSON, markdown, plots)")
+    p.add_argument("--brown", default="../shared/data/brown.txt", help="Brown text; its last 10%% is used")
+    p.add_argument("--shakespeare", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--budgets", default="64,128,256")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--lengths", default="512,1024,2000")
+    p.add_argument("--trials", type=int, default=2, help="passkey trials per depth")
+    p.add_argument("--out", default="docs/quality", help="output folder")
+    add_engine_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    texts = {"brown_heldout": (str(existing_file("--brown", args.brown)), 0.1),
+             "tinyshakespeare": (str(existing_file("--shakespeare", args.shakespeare)), None)}
+    policies = parse_policies("--policies", args.policies)
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
+    if not 16 <= args.context <= 65536:
+        raise CliError("--context", "must be in [16, 65536]")
+    if not 1 <= args.windows <= 1000 or not 1 <= args.trials <= 100:
+        raise CliError("--windows" if not 1 <= args.windows <= 1000 else "--trials", "out of range")
+    from lessserve.workers.eval_common import EngineFactory
+    from lessserve.workers.eval_report import run_report
+
+    factory = EngineFactory(engine_config(args, max_context=max(args.context, max(lengths)) + 64, max_slots=1))
+    rep = run_report(factory, texts, policies, budgets, args.context, args.windows, lengths, args.trials, args.out)
+    for g in rep["gap_closed"]:
+        print(f"{g['text']:16s} {g['policy']:6s} budget {g['budget']:4d}: +less closes {g['gap_closed']:.1%} "
+              f"of the gap to full" + (f" (+ baseline: {g['plus_gap_closed']:.1%})" if g["plus_gap_closed"]
+                                       is not None else ""))
+    print(f"report written to {args.out}/report.md")
+    return 0
