@@ -26,6 +26,30 @@ from lessserve.workers.session_store import SessionStore
 log = logging.getLogger("ray.serve")
 
 
+class SessionLocks:
+    """One FIFO lock per session, kept only while someone holds or waits for it."""
+
+    def __init__(self):
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, sid: str):
+        lock, users = self._locks.get(sid, (asyncio.Lock(), 0))
+        self._locks[sid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[sid]
+            if users == 1:
+                del self._locks[sid]
+            else:
+                self._locks[sid] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -42,7 +66,7 @@ class LessWorker:
         self.worker_id = _replica_id()
         self.directory = make_directory(self.cfg.store.redis_url)
         self.state = get_state()
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks = SessionLocks()
         self.draining = False
         self._maint = asyncio.get_event_loop().create_task(self._maintain_loop())
 
@@ -58,16 +82,13 @@ class LessWorker:
     async def chat(self, session_id: str | None, owner: str, messages: list[dict], max_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
         sid = session_id or f"oneoff-{uuid.uuid4().hex}"
-        lock = self.locks.setdefault(sid, asyncio.Lock())
-        async with lock:  # turns of one session run in arrival order
+        async with self.locks.hold(sid):  # turns of one session run in arrival order
             try:
                 async for ev in self._turn(sid, session_id, owner, messages, max_tokens, temperature, top_p, seed):
                     yield ev
             finally:
                 if session_id is None:
                     await self.scheduler.run_exclusive(lambda: self.sessions.delete(sid))
-                if not lock.locked() and self.locks.get(sid) is lock:
-                    self.locks.pop(sid, None)
 
     async def _turn(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed):
         try:
@@ -107,9 +128,8 @@ class LessWorker:
         return None if info is None else {"id": session_id, "worker": self.worker_id, **info}
 
     async def delete_session(self, session_id: str) -> bool:
-        async with self.locks.setdefault(session_id, asyncio.Lock()):
+        async with self.locks.hold(session_id):
             existed = await self.scheduler.run_exclusive(lambda: self.sessions.delete(session_id))
-        self.locks.pop(session_id, None)
         await self.directory.forget(session_id)
         return bool(existed)
 
