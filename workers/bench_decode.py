@@ -68,7 +68,7 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
         progress(f"batch {b}: lessserve {policy} ...")
         ours = bench_engine(factory, policy, budget, b, context, steps, prompt)
         progress(f"batch {b}: transformers full cache ...")
-        ref = bench_transformers(factory.ckpt.folder, b, context, steps, prompt, factory.make(policy, budget).device)
+        ref = bench_transformers(factory.ckpt.folder, b, context, steps, prompt, factory.device)
         ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
         rows += [ours, ref]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lessserve.workers.config import EngineConfig
-from lessserve.workers.engine import Engine
-from lessserve.workers.model_loader import load_checkpoint
+from lessserve.workers.engine import Engine, pick_device
+from lessserve.workers.model_loader import load_checkpoint, load_tokenizer
 
 
 @dataclass
@@ -17,15 +17,13 @@ class EngineFactory:
 
     def __post_init__(self):
         self.ckpt = load_checkpoint(self.base.model)
+        self.tokenizer = load_tokenizer(self.ckpt.folder)
+        self.device = pick_device(self.base.device)
         self._first: Engine | None = None
 
     def make(self, policy: str, budget: int, max_slots: int = 1) -> Engine:
         cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots})
         if self._first is None:
-            self._first = Engine(cfg, checkpoint=self.ckpt)
+            self._first = Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer)
             return self._first
-        return Engine(cfg, checkpoint=self.ckpt, tokenizer=self._first.tokenizer, model=self._first.model)
-
-    @property
-    def tokenizer(self):
-        return self.make("full", self.base.budget).tokenizer if self._first is None else self._first.tokenizer
+        return Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer, model=self._first.model)

@@ -57,6 +57,7 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
             nll, n = window_nll(engine, w)
             total, count = total + nll, count + n
         row = {"policy": policy, "budget": engine.spec.budget if policy != "full" else context,
+               "nominal_budget": budget,
                "ppl": math.exp(total / count), "tokens": count,
                "cache_bytes_per_session": engine.slab.slot_bytes()}
         if engine.less is not None:

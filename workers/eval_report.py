@@ -40,13 +40,12 @@ def run_report(factory: EngineFactory, texts: dict[str, tuple[str, float | None]
     ppl_rows: list[dict] = []
     for name, (path, tail) in texts.items():
         progress(f"== perplexity on {name}")
-        for p in policies:
-            for b in budgets if p != "full" else budgets[:1]:
-                row = eval_ppl(factory, read_text(path, tail_fraction=tail), [p], [b], context, windows)[0]
-                row.update(text=name, nominal_budget=b)
-                kb = row.pop("kernels_budget", None)
-                row["kernels"] = "" if kb is None else ("trained here" if kb == b else f"trained at {kb}")
-                ppl_rows.append(row)
+        for row in eval_ppl(factory, read_text(path, tail_fraction=tail), policies, budgets, context, windows):
+            kb = row.pop("kernels_budget", None)
+            row["text"] = name
+            here = kb == row["nominal_budget"]
+            row["kernels"] = "" if kb is None else ("trained here" if here else f"trained at {kb}")
+            ppl_rows.append(row)
     progress("== passkey")
     pk_rows = eval_passkey(factory, policies, budgets, lengths, trials)
     gaps = [g for name in texts for g in gap_closed(ppl_rows, name)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lessserve.cluster.commands.common import CliError, add_engine_flags, engine_config, parse_ints
+from lessserve.cluster.commands.common import add_engine_flags, engine_config, in_range, parse_ints
 
 
 def register(bsub) -> None:
@@ -17,17 +17,15 @@ def register(bsub) -> None:
 
 def run(args) -> int:
     batches = parse_ints("--batches", args.batches, lo=1, hi=1024)
-    if not 64 <= args.context <= 32768:
-        raise CliError("--context", "must be in [64, 32768]")
-    if not 1 <= args.steps <= 10000:
-        raise CliError("--steps", "must be in [1, 10000]")
+    in_range("--context", args.context, 64, 32768)
+    in_range("--steps", args.steps, 1, 10000)
     from lessserve.workers.bench_decode import bench_decode
     from lessserve.workers.eval_common import EngineFactory
     from lessserve.workers.report import markdown_table, write_json
 
     factory = EngineFactory(engine_config(args, max_context=args.context + args.steps + 8, prefill_chunk=256))
     rows = bench_decode(factory, args.policy, args.budget, batches, args.context, args.steps)
-    dev = factory.make(args.policy, args.budget).device
+    dev = factory.device
     print(f"device: {dev} (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu"
           else f"device: {dev}")
     print(markdown_table(rows))

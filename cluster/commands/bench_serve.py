@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from lessserve.cluster.commands.common import CliError
+from lessserve.cluster.commands.common import CliError, in_range
 
 
 def register(bsub) -> None:
@@ -23,11 +23,11 @@ def register(bsub) -> None:
 
 def run(args) -> int:
     for flag, v, lo, hi in (("--users", args.users, 1, 256), ("--turns", args.turns, 1, 64),
-                            ("--max-tokens", args.max_tokens, 1, 1024), ("--port", args.port, 1024, 65535)):
-        if not lo <= v <= hi:
-            raise CliError(flag, f"must be in [{lo}, {hi}]")
-    if not 0 < args.rate <= 100 or not 1 <= args.time_limit <= 3600:
-        raise CliError("--rate" if not 0 < args.rate <= 100 else "--time-limit", "out of range")
+                            ("--max-tokens", args.max_tokens, 1, 1024), ("--port", args.port, 1024, 65535),
+                            ("--time-limit", args.time_limit, 1, 3600)):
+        in_range(flag, v, lo, hi)
+    if not 0 < args.rate <= 100:
+        raise CliError("--rate", "must be in (0, 100]")
     import asyncio
 
     from lessserve.cluster import launch

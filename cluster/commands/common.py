@@ -39,6 +39,12 @@ def parse_ints(flag: str, value: str, lo: int = 1, hi: int = 1 << 20) -> list[in
     return vals
 
 
+def in_range(flag: str, value: float, lo: float, hi: float) -> None:
+    """A numeric flag within [lo, hi], else a CliError naming it."""
+    if not lo <= value <= hi:
+        raise CliError(flag, f"must be in [{lo}, {hi}], got {value}")
+
+
 def existing_file(flag: str, value: str) -> Path:
     p = Path(value).expanduser()
     if not p.exists():

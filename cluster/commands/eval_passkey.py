@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lessserve.cluster.commands.common import CliError, add_engine_flags, engine_config, parse_ints, parse_policies
+from lessserve.cluster.commands.common import add_engine_flags, engine_config, in_range, parse_ints, parse_policies
 
 
 def register(esub) -> None:
@@ -22,8 +22,7 @@ def run(args) -> int:
     policies = parse_policies("--policies", args.policies)
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
     lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
-    if not 1 <= args.trials <= 100:
-        raise CliError("--trials", "must be in [1, 100]")
+    in_range("--trials", args.trials, 1, 100)
     from lessserve.workers.eval_common import EngineFactory
     from lessserve.workers.eval_passkey import eval_passkey
     from lessserve.workers.plots import line_plot

@@ -7,6 +7,7 @@ from lessserve.cluster.commands.common import (
     add_engine_flags,
     engine_config,
     existing_file,
+    in_range,
     parse_ints,
     parse_policies,
 )
@@ -31,10 +32,8 @@ def run(args) -> int:
     existing_file("--text", args.text)
     policies = parse_policies("--policies", args.policies)
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
-    if not 16 <= args.context <= 65536:
-        raise CliError("--context", "must be in [16, 65536]")
-    if not 1 <= args.windows <= 1000:
-        raise CliError("--windows", "must be in [1, 1000]")
+    in_range("--context", args.context, 16, 65536)
+    in_range("--windows", args.windows, 1, 1000)
     if args.tail_fraction is not None and not 0 < args.tail_fraction <= 1:
         raise CliError("--tail-fraction", "must be in (0, 1]")
     from lessserve.workers.eval_common import EngineFactory

@@ -4,10 +4,10 @@ tinyshakespeare, passkey, gap closed) into one folder."""
 from __future__ import annotations
 
 from lessserve.cluster.commands.common import (
-    CliError,
     add_engine_flags,
     engine_config,
     existing_file,
+    in_range,
     parse_ints,
     parse_policies,
 )
@@ -35,10 +35,9 @@ def run(args) -> int:
     policies = parse_policies("--policies", args.policies)
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
     lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
-    if not 16 <= args.context <= 65536:
-        raise CliError("--context", "must be in [16, 65536]")
-    if not 1 <= args.windows <= 1000 or not 1 <= args.trials <= 100:
-        raise CliError("--windows" if not 1 <= args.windows <= 1000 else "--trials", "out of range")
+    in_range("--context", args.context, 16, 65536)
+    in_range("--windows", args.windows, 1, 1000)
+    in_range("--trials", args.trials, 1, 100)
     from lessserve.workers.eval_common import EngineFactory
     from lessserve.workers.eval_report import run_report
 
