@@ -45,7 +45,7 @@ class ClusterTier(Tier):
 
     async def stats(self) -> TierStats:
         keys = await self.keys()
-        return TierStats(sessions=len(keys), bytes=await _call(self.state.blob_bytes))
+        return TierStats(sessions=len(keys), bytes=await _call(self.state.blob_bytes, self.prefix))
 
 
 class ClusterTranscripts(TranscriptStore):

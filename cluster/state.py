@@ -63,8 +63,8 @@ class ClusterState:
     def blob_keys(self) -> list[str]:
         return list(self.blobs)
 
-    def blob_bytes(self) -> int:
-        return sum(len(v) for v in self.blobs.values())
+    def blob_bytes(self, prefix: str = "") -> int:
+        return sum(len(v) for k, v in self.blobs.items() if k.startswith(prefix))
 
     # metrics
     def report_worker(self, worker: str, stats: dict) -> None:
