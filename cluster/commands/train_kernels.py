@@ -36,6 +36,13 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="keep finished layers of an interrupted run")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--device", default="auto")
+    p.add_argument("--init", default=None,
+                   help="start from these kernels (.safetensors) instead of training layer by layer")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="then fine-tune all layers end to end (KL to the full model) for this many sequences")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-seqs", type=int, default=64, help="sequences of --seq-len for the end-to-end stage")
+    p.add_argument("--finetune-eval-every", type=int, default=10, help="steps between validation passes")
     p.set_defaults(func=run)
 
 
@@ -44,7 +51,9 @@ def _check(args) -> None:
                               ("--hidden", args.hidden, 1, 4096), ("--epochs", args.epochs, 1, 1000),
                               ("--seq-len", args.seq_len, 16, 65536), ("--num-seqs", args.num_seqs, 2, 100000),
                               ("--batch", args.batch, 1, 1024), ("--chunk", args.chunk, 1, 8192),
-                              ("--threads", args.threads, 1, 1024)):
+                              ("--threads", args.threads, 1, 1024), ("--finetune-steps", args.finetune_steps, 0, 10**6),
+                              ("--finetune-seqs", args.finetune_seqs, 2, 100000),
+                              ("--finetune-eval-every", args.finetune_eval_every, 1, 10**6)):
         if not lo <= val <= hi:
             raise CliError(flag, f"must be in [{lo}, {hi}], got {val}")
     if args.seq_len <= args.budget + args.chunk:
@@ -53,8 +62,13 @@ def _check(args) -> None:
         raise CliError("--seq-len", f"must be a multiple of --chunk ({args.chunk})")
     if not 0 <= args.holdout < 1:
         raise CliError("--holdout", "must be in [0, 1)")
-    if not 0 < args.lr < 1:
-        raise CliError("--lr", "must be in (0, 1)")
+    for flag, lr in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
+        if not 0 < lr < 1:
+            raise CliError(flag, "must be in (0, 1)")
+    if args.init is not None and not Path(args.init).is_file():
+        raise CliError("--init", f"no such kernels file: {args.init}")
+    if args.init is not None and not args.finetune_steps:
+        raise CliError("--init", "only makes sense with --finetune-steps > 0")
 
 
 def run(args) -> int:
@@ -66,7 +80,9 @@ def run(args) -> int:
     from lessserve.workers.model import LlamaModel
     from lessserve.workers.model_loader import cache_root, load_checkpoint, load_tokenizer
     from lessserve.workers.train_data import TrainingDataError, read_training_text, token_blocks
-    from lessserve.workers.train_kernels import TrainConfig, run_training
+    from lessserve.workers.less_weights import LessKernels
+    from lessserve.workers.train_e2e import FinetuneConfig, run_finetune
+    from lessserve.workers.train_kernels import TrainConfig, policy_spec, run_training
 
     torch.set_num_threads(args.threads)
     try:
@@ -85,14 +101,27 @@ def run(args) -> int:
     model = LlamaModel(ckpt.args)
     model.load_hf_state_dict(ckpt.state_dict)
     model.float().eval()
+    command = "lessserve " + shlex.join(sys.argv[1:])
     cfg = TrainConfig(model=ckpt.model_id, policy=args.policy, budget=args.budget, rank=args.rank,
                       hidden=args.hidden, epochs=args.epochs, seed=args.seed, chunk=args.chunk, recent=args.recent,
                       sink=args.sink, lr=args.lr, batch=args.batch, query_chunks=args.query_chunks,
-                      qkv_source=args.qkv_source, data_sha256=sha,
-                      command="lessserve " + shlex.join(sys.argv[1:]),
+                      qkv_source=args.qkv_source, data_sha256=sha, command=command,
                       extra={"data": [str(Path(d)) for d in args.data], "holdout": args.holdout})
     work = Path(args.work_dir) if args.work_dir else cache_root() / "train-kernels"
-    kernels = run_training(model, seqs, cfg, work, resume=args.resume, device=pick_device(args.device))
+    device = pick_device(args.device)
+    if args.init:
+        kernels = LessKernels.load(args.init)
+        if kernels.manifest.get("model") != ckpt.model_id or kernels.manifest.get("policy") != args.policy:
+            raise CliError("--init", f"kernels are for {kernels.manifest.get('model')}/{kernels.manifest.get('policy')}"
+                                     f", not {ckpt.model_id}/{args.policy}")
+    else:
+        kernels = run_training(model, seqs, cfg, work, resume=args.resume, device=device)
+    if args.finetune_steps:
+        ft_seqs = token_blocks(ids, args.seq_len, args.finetune_seqs, args.seed + 1)
+        ft = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, eval_every=args.finetune_eval_every,
+                            seed=args.seed)
+        kernels = run_finetune(model, kernels, ft_seqs, policy_spec(cfg), args.chunk, ft, work, command,
+                               resume=args.resume, device=device)
     out = Path(args.out) if args.out else SHIPPED_DIR / f"{ckpt.model_id}-{args.policy}-b{args.budget}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     kernels.save(out)
