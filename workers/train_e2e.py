@@ -162,7 +162,8 @@ def finetune(model: LlamaModel, kernels: LessKernels, train: torch.Tensor, val: 
               for w in kernels.layers]
     params = [getattr(w, f) for w in layers for f in FIELDS]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     start = (spec.budget // chunk) * chunk
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randint(len(train), (cfg.steps,), generator=gen).tolist()
@@ -205,7 +206,8 @@ def finetune(model: LlamaModel, kernels: LessKernels, train: torch.Tensor, val: 
             bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                r = {"step": step, "train_kl": float(loss.detach()), **val_metrics(model, val, spec, chunk, layers, start)}
+                r = {"step": step, "train_kl": float(loss.detach()),
+                     **val_metrics(model, val, spec, chunk, layers, start)}
                 if r["kl"] < min(h["kl"] for h in history):
                     best_params = [p.detach().clone() for p in params]
                 history.append(r)

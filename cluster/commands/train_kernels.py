@@ -76,11 +76,10 @@ def run(args) -> int:
     import torch
 
     from lessserve.workers.engine import pick_device
-    from lessserve.workers.less_weights import SHIPPED_DIR
+    from lessserve.workers.less_weights import SHIPPED_DIR, LessKernels
     from lessserve.workers.model import LlamaModel
     from lessserve.workers.model_loader import cache_root, load_checkpoint, load_tokenizer
     from lessserve.workers.train_data import TrainingDataError, read_training_text, token_blocks
-    from lessserve.workers.less_weights import LessKernels
     from lessserve.workers.train_e2e import FinetuneConfig, run_finetune
     from lessserve.workers.train_kernels import TrainConfig, policy_spec, run_training
 
