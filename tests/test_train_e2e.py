@@ -53,3 +53,59 @@ def test_finetune_lowers_validation_kl_and_resumes(tiny_ckpt, tmp_path):
     assert [h["step"] for h in s2["history"]] == [0, 3, 6]
     for a, b in zip(out.layers, again.layers, strict=True):
         assert torch.allclose(a.w1q, b.w1q, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--init", "nope.safetensors", "--finetune-steps", "2"], "--init"),
+    (["--finetune-steps", "-1"], "--finetune-steps"),
+    (["--finetune-steps", "2", "--finetune-lr", "3"], "--finetune-lr"),
+    (["--finetune-steps", "2", "--finetune-seqs", "1"], "--finetune-seqs"),
+])
+def test_finetune_flags_are_checked(tmp_path, capsys, argv, flag):
+    from lessserve.cluster.cli import main
+
+    data = tmp_path / "d.txt"
+    data.write_text("some text " * 50)
+    with pytest.raises(SystemExit) as ex:
+        main(["train-kernels", "--data", str(data), "--out", str(tmp_path / "k.safetensors"), *argv])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
+
+
+def test_init_needs_finetune_steps(tmp_path, capsys):
+    from lessserve.cluster.cli import main
+
+    data, init = tmp_path / "d.txt", tmp_path / "k.safetensors"
+    data.write_text("some text " * 50)
+    tiny_less().save(init)
+    with pytest.raises(SystemExit) as ex:
+        main(["train-kernels", "--data", str(data), "--init", str(init)])
+    assert ex.value.code == 2 and "--finetune-steps" in capsys.readouterr().err
+
+
+def test_run_finetune_records_the_run_in_the_manifest(tiny_ckpt, tmp_path):
+    from lessserve.workers.train_e2e import run_finetune
+
+    e = make(tiny_ckpt, "h2o+less", budget=16, chunk=8)
+    data = torch.tensor([ids(64, seed=20 + i) for i in range(10)])
+    cfg = FinetuneConfig(steps=2, lr=1e-2, eval_every=1)
+    out = run_finetune(e.model, tiny_less(tiny_ckpt.args), data, e.spec, 8, cfg, tmp_path, "lessserve train-kernels x")
+    ft = out.manifest["finetune"]
+    assert ft["command"] == "lessserve train-kernels x" and ft["train_seqs"] == 9 and ft["val_seqs"] == 1
+    assert [h["step"] for h in ft["history"]] == [0, 1, 2]
+    assert len(list(tmp_path.glob("finetune-*.pt"))) == 1  # resumable state
+    assert out.digest() != tiny_less(tiny_ckpt.args).digest()
+
+
+def test_recorded_command_carries_no_machine_paths(tmp_path, monkeypatch):
+    from lessserve.cluster.commands.train_kernels import recorded_command
+
+    data = tmp_path / "shared" / "brown.txt"
+    data.parent.mkdir()
+    data.write_text("x")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    cmd = recorded_command(["train-kernels", "--data", str(data), "--work-dir", "/tmp/w", "--out=/tmp/k.safetensors",
+                            "--threads", "2", "--resume", "--finetune-steps", "5"])
+    assert cmd == "lessserve train-kernels --data ../shared/brown.txt --finetune-steps 5"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -71,6 +72,23 @@ def _check(args) -> None:
         raise CliError("--init", "only makes sense with --finetune-steps > 0")
 
 
+LOCATION_FLAGS = ("--work-dir", "--out", "--threads", "--device")  # where/how fast, never what is learned
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command for the manifest: location flags dropped, --data/--init paths relative to the
+    working directory (a manifest must not carry one machine's paths)."""
+    out, it = [], iter(argv)
+    for a in it:
+        flag = a.split("=", 1)[0]
+        if flag in LOCATION_FLAGS or flag == "--resume":
+            if "=" not in a and flag != "--resume":
+                next(it, None)
+            continue
+        out.append(os.path.relpath(a) if os.path.isabs(a) and os.path.exists(a) else a)
+    return "lessserve " + shlex.join(out)
+
+
 def run(args) -> int:
     _check(args)
     import torch
@@ -100,12 +118,12 @@ def run(args) -> int:
     model = LlamaModel(ckpt.args)
     model.load_hf_state_dict(ckpt.state_dict)
     model.float().eval()
-    command = "lessserve " + shlex.join(sys.argv[1:])
+    command = recorded_command(sys.argv[1:])
     cfg = TrainConfig(model=ckpt.model_id, policy=args.policy, budget=args.budget, rank=args.rank,
                       hidden=args.hidden, epochs=args.epochs, seed=args.seed, chunk=args.chunk, recent=args.recent,
                       sink=args.sink, lr=args.lr, batch=args.batch, query_chunks=args.query_chunks,
                       qkv_source=args.qkv_source, data_sha256=sha, command=command,
-                      extra={"data": [str(Path(d)) for d in args.data], "holdout": args.holdout})
+                      extra={"data": [os.path.relpath(d) for d in args.data], "holdout": args.holdout})
     work = Path(args.work_dir) if args.work_dir else cache_root() / "train-kernels"
     device = pick_device(args.device)
     if args.init:
