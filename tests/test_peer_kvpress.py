@@ -92,7 +92,8 @@ def test_eval_passkey_uses_passkey_cases(monkeypatch):
             key = text.split("The pass key is ")[1][:5]
             return TOK(" " + key + ".")["input_ids"][:n]
 
-    factory = SimpleNamespace(tokenizer=TOK, make=lambda policy, budget: Engine())
+    factory = SimpleNamespace(tokenizer=TOK, make=lambda policy, budget: Engine(),
+                              row_key=lambda engine, kind, **inputs: repr(sorted(inputs.items())))
     rows = ep.eval_passkey(factory, ["h2o"], [64], [300], trials_per_depth=1, seed=5)
     assert calls == [((300,), 1, 5)]
     assert rows == [{"policy": "h2o", "budget": 64, "length": 300, "accuracy": 1.0, "trials": 3}]

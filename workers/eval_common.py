@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine, pick_device
+from lessserve.workers.eval_cache import row_key
 from lessserve.workers.model_loader import load_checkpoint, load_tokenizer
 
 
@@ -27,3 +28,8 @@ class EngineFactory:
             self._first = Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer)
             return self._first
         return Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer, model=self._first.model)
+
+    def row_key(self, engine: Engine, kind: str, **inputs) -> str:
+        """Cache key of one evaluation row: everything the number depends on."""
+        return row_key(kind=kind, engine=engine.cfg.model_dump(mode="json"), model=self.ckpt.model_id,
+                       less=engine.less_digest, **inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from lessserve.workers.eval_cache import RowCache, digest_ids
 from lessserve.workers.eval_common import EngineFactory
 from lessserve.workers.passkey_prompts import (  # noqa: F401  (re-exported)
     DEPTHS,
@@ -19,15 +20,20 @@ from lessserve.workers.report import progress
 
 
 def eval_passkey(factory: EngineFactory, policies: list[str], budgets: list[int], lengths: list[int],
-                 trials_per_depth: int = 1, seed: int = 0) -> list[dict]:
+                 trials_per_depth: int = 1, seed: int = 0, cache: RowCache | None = None) -> list[dict]:
     tok = factory.tokenizer
     cases = passkey_cases(tok, lengths, trials_per_depth, seed)
     prompts = {L: [(ids, k) for ids, k, _ in cs] for L, cs in cases.items()}
     runs = [(p, b) for p in policies for b in (budgets if p != "full" else [budgets[0]])]
     rows = []
+    cache = cache or RowCache(None)
     for i, (policy, budget) in enumerate(runs):
         engine = factory.make(policy, budget)
         for L in lengths:
+            rk = factory.row_key(engine, "passkey", prompts=digest_ids(ids for ids, _ in prompts[L]), length=L)
+            if (row := cache.get(rk)) is not None:
+                rows.append(row)
+                continue
             t0, hits = time.time(), 0
             for ids, key in prompts[L]:
                 slot = engine.alloc()
@@ -39,6 +45,7 @@ def eval_passkey(factory: EngineFactory, policies: list[str], budgets: list[int]
             row = {"policy": policy, "budget": engine.spec.budget if policy != "full" else max(lengths),
                    "length": L, "accuracy": hits / len(prompts[L]), "trials": len(prompts[L])}
             rows.append(row)
+            cache.put(rk, row)
             progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} length={L:5d} "
                      f"acc={row['accuracy']:.2f} ({time.time() - t0:.0f}s)")
     return rows

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lessserve.workers.eval_cache import RowCache, digest_ids
 from lessserve.workers.eval_common import EngineFactory
 from lessserve.workers.report import progress
 
@@ -46,12 +47,18 @@ def window_nll(engine, ids: list[int]) -> tuple[float, int]:
 
 
 def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: list[int], context: int,
-             windows: int) -> list[dict]:
+             windows: int, cache: RowCache | None = None) -> list[dict]:
     wins = token_windows(factory.tokenizer, text, context, windows)
     rows = []
     runs = [(p, b) for p in policies for b in (budgets if p != "full" else [budgets[0]])]
+    cache = cache or RowCache(None)
     for i, (policy, budget) in enumerate(runs):
         engine = factory.make(policy, budget)
+        key = factory.row_key(engine, "ppl", windows=digest_ids(wins), context=context)
+        if (row := cache.get(key)) is not None:
+            rows.append(row)
+            progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} ppl={row['ppl']:.3f} (cached)")
+            continue
         t0, total, count = time.time(), 0.0, 0
         for w in wins:
             nll, n = window_nll(engine, w)
@@ -63,6 +70,7 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
         if engine.less is not None:
             row["kernels_budget"] = int(engine.less.manifest.get("budget", -1))
         rows.append(row)
+        cache.put(key, row)
         progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} ppl={row['ppl']:.3f} "
                  f"({time.time() - t0:.0f}s)")
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lessserve.workers.eval_cache import RowCache
 from lessserve.workers.eval_common import EngineFactory
 from lessserve.workers.eval_passkey import eval_passkey
 from lessserve.workers.eval_ppl import eval_ppl, read_text
@@ -33,21 +34,23 @@ def gap_closed(rows: list[dict], text: str) -> list[dict]:
 
 def run_report(factory: EngineFactory, texts: dict[str, tuple[str, float | None]], policies: list[str],
                budgets: list[int], context: int, windows: int, lengths: list[int], trials: int,
-               out_dir: str | Path) -> dict:
-    """texts: name -> (path, tail fraction or None). Writes report.json, report.md and PNGs."""
+               out_dir: str | Path, cache: RowCache | None = None) -> dict:
+    """texts: name -> (path, tail fraction or None). Writes report.json, report.md and PNGs.
+    cache: finished rows from an earlier (interrupted) run, reused when their key still matches."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ppl_rows: list[dict] = []
     for name, (path, tail) in texts.items():
         progress(f"== perplexity on {name}")
-        for row in eval_ppl(factory, read_text(path, tail_fraction=tail), policies, budgets, context, windows):
+        for row in eval_ppl(factory, read_text(path, tail_fraction=tail), policies, budgets, context, windows,
+                            cache):
             kb = row.pop("kernels_budget", None)
             row["text"] = name
             here = kb == row["nominal_budget"]
             row["kernels"] = "" if kb is None else ("trained here" if here else f"trained at {kb}")
             ppl_rows.append(row)
     progress("== passkey")
-    pk_rows = eval_passkey(factory, policies, budgets, lengths, trials)
+    pk_rows = eval_passkey(factory, policies, budgets, lengths, trials, cache=cache)
     gaps = [g for name in texts for g in gap_closed(ppl_rows, name)]
     report = {"context": context, "windows": windows, "ppl": ppl_rows, "passkey": pk_rows, "gap_closed": gaps,
               "less_state_tokens": factory.make("h2o+", budgets[0]).less_state_tokens}
