@@ -140,6 +140,14 @@ def test_merge_command_writes_files(tmp_path):
     assert len(merged["rows"]) == len(KV["rows"]) + len(OURS)
     md = stem.with_suffix(".md").read_text()
     assert "kvpress 0.5.5" in md and "| kvpress | SnapKVPress | 128 | 128 | 0.67 |  |" in md
+    # Re-merge: kvpress rows from the merged file, ours from a report.json (its "passkey" rows).
+    (tmp_path / "report.json").write_text(json.dumps({"ppl": [], "passkey": OURS[:2]}))
+    stem2 = tmp_path / "out" / "peers2"
+    assert pk.main(["merge", "--kvpress", str(stem.with_suffix(".json")), "--ours", str(tmp_path / "report.json"),
+                    "--out", str(stem2), "--no-plot"]) == 0
+    again = json.loads(stem2.with_suffix(".json").read_text())
+    assert again["kvpress_header"] == merged["kvpress_header"]
+    assert len(again["rows"]) == len(KV["rows"]) + 2
 
 
 def test_bad_flags_name_the_flag(capsys):

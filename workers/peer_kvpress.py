@@ -350,8 +350,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lessserve.workers.peer_kvpress merge",
                                 description="merge kvpress and lessserve passkey JSON into a table, JSON and PNG")
-    p.add_argument("--kvpress", required=True, help="JSON from the kvpress run")
-    p.add_argument("--ours", required=True, help="JSON from `lessserve eval passkey --json`")
+    p.add_argument("--kvpress", required=True, help="JSON from the kvpress run (or an earlier merged JSON)")
+    p.add_argument("--ours", required=True, help="JSON from `lessserve eval passkey --json` or `eval report`")
     p.add_argument("--out", required=True, help="output stem: writes STEM.json, STEM.md, STEM.png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -362,6 +362,10 @@ def merge(argv: list[str]) -> int:
         except (OSError, ValueError) as e:
             p.error(f"{flag}: cannot read {path}: {e}")
     kv, ours = loaded["--kvpress"], loaded["--ours"]
+    if isinstance(kv, dict) and "kvpress_header" in kv:  # an earlier merged file: keep its kvpress rows only
+        kv = {"header": kv["kvpress_header"], "rows": [r for r in kv["rows"] if r.get("system") == "kvpress"]}
+    if isinstance(ours, dict):  # `lessserve eval report`'s report.json
+        ours = ours.get("passkey", [])
     rows = merge_rows(kv, ours)
     header = kv.get("header", {}) if isinstance(kv, dict) else {}
     md = table(rows)
