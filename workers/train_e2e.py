@@ -127,10 +127,17 @@ class FinetuneConfig:
 
 
 @torch.no_grad()
-def val_metrics(model, seqs: torch.Tensor, spec, chunk, layers, start: int) -> dict:
+def sparse_only_nll(model, seqs: torch.Tensor, spec, chunk, start: int) -> float:
+    """Summed next-token NLL past `start` without LESS: fixed for a run (the model is frozen)."""
+    return sum(next_token_nll(compressed_logits(model, s[None], spec, chunk, None), s[None], start)[0] for s in seqs)
+
+
+@torch.no_grad()
+def val_metrics(model, seqs: torch.Tensor, spec, chunk, layers, start: int, sparse_nll: float) -> dict:
     """On positions past `start`: KL(full || sparse+LESS) (the training objective, used to pick the
-    best step), and the perplexity of full, sparse-only and sparse+LESS with the gap closed."""
-    tot = {"full": 0.0, "sparse": 0.0, "less": 0.0}
+    best step), and the perplexity of full, sparse-only and sparse+LESS with the gap closed.
+    sparse_nll: sparse_only_nll of these sequences (computed once per run)."""
+    tot = {"full": 0.0, "sparse": sparse_nll, "less": 0.0}
     kl, cnt = 0.0, 0
     for s in seqs:
         tok = s[None]
@@ -140,7 +147,6 @@ def val_metrics(model, seqs: torch.Tensor, spec, chunk, layers, start: int) -> d
         kl += float(kl_to_full(less, F.log_softmax(full.float(), -1), start)) / len(seqs)
         nll_f, c = next_token_nll(full, tok, start)
         tot["full"] += nll_f
-        tot["sparse"] += next_token_nll(compressed_logits(model, tok, spec, chunk, None), tok, start)[0]
         tot["less"] += next_token_nll(less, tok, start)[0]
         cnt += c
     out = {"kl": kl, **{k: math.exp(v / cnt) for k, v in tot.items()}}
@@ -178,8 +184,9 @@ def finetune(model: LlamaModel, kernels: LessKernels, train: torch.Tensor, val: 
         sched.load_state_dict(st["sched"])
         step, history = st["step"], st["history"]
         log(f"resumed fine-tuning at step {step}/{cfg.steps}")
+    sparse_nll = sparse_only_nll(model, val, spec, chunk, start)
     if not history:
-        history.append({"step": 0, **val_metrics(model, val, spec, chunk, layers, start)})
+        history.append({"step": 0, **val_metrics(model, val, spec, chunk, layers, start, sparse_nll)})
         log(f"step 0: val {history[-1]}")
 
     def save():
@@ -207,7 +214,7 @@ def finetune(model: LlamaModel, kernels: LessKernels, train: torch.Tensor, val: 
             bar.update(1)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 r = {"step": step, "train_kl": float(loss.detach()),
-                     **val_metrics(model, val, spec, chunk, layers, start)}
+                     **val_metrics(model, val, spec, chunk, layers, start, sparse_nll)}
                 if r["kl"] < min(h["kl"] for h in history):
                     best_params = [p.detach().clone() for p in params]
                 history.append(r)
