@@ -52,12 +52,10 @@ def run_report(factory: EngineFactory, texts: dict[str, tuple[str, float | None]
     progress("== passkey")
     pk_rows = eval_passkey(factory, policies, budgets, lengths, trials, cache=cache)
     gaps = [g for name in texts for g in gap_closed(ppl_rows, name)]
-    report = {"context": context, "windows": windows, "ppl": ppl_rows, "passkey": pk_rows, "gap_closed": gaps,
-              "less_state_tokens": factory.make("h2o+", budgets[0]).less_state_tokens}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     command = (f"lessserve eval report --policies {','.join(policies)} --budgets {','.join(map(str, budgets))} "
                f"--context {context} --windows {windows} --lengths {','.join(map(str, lengths))} --trials {trials}")
-    report["command"] = command
+    report = {"context": context, "windows": windows, "ppl": ppl_rows, "passkey": pk_rows, "gap_closed": gaps,
+              "less_state_tokens": factory.make("h2o+", budgets[0]).less_state_tokens, "command": command}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Quality report (context {context}, {windows} windows)", "", f"Made by `{command}`.", ""]
     for name in texts:
