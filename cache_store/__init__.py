@@ -20,14 +20,14 @@ from lessserve.cache_store.errors import (
     TruncatedError,
 )
 from lessserve.cache_store.host_tier import HostTier
-from lessserve.cache_store.policy import LRUPolicy
+from lessserve.cache_store.lru import LRU
 from lessserve.cache_store.redis_tier import RedisTier
 from lessserve.cache_store.store import Restored, TieredCacheStore
 from lessserve.cache_store.tier import DeviceTier, Tier, TierStats
 
 __all__ = [
     "BadMagicError", "CacheIdentity", "CacheMissError", "CacheStoreError", "ChecksumError", "CodecError",
-    "DeviceTier", "FormatVersionError", "HostTier", "IncompatibleCacheError", "LRUPolicy", "RedisTier",
+    "DeviceTier", "FormatVersionError", "HostTier", "IncompatibleCacheError", "LRU", "RedisTier",
     "RestoreError", "Restored", "SessionPinnedError", "StoreConfig", "Tier", "TierFullError", "TierStats",
     "TierUnavailableError", "TieredCacheStore", "TruncatedError", "decode", "encode", "read_header",
 ]

@@ -7,7 +7,7 @@ Layout (little endian):
   pad     to a multiple of 64 bytes
   payload each tensor's raw bytes at a 64-byte aligned offset
 
-Decoding anything that does not fit (another model / policy / budget / LESS kernels, bad magic
+Decoding anything that does not fit (another model / policy / budget / LESS weights, bad magic
 or version, a checksum mismatch, a truncated buffer) raises a typed CodecError; a cache is never
 restored under a configuration other than the one that wrote it. Quantisation is the caller's
 business: it simply encodes int8 tensors and their scales under their own names.
@@ -47,7 +47,15 @@ class CacheIdentity:
     model: str
     policy: str
     budget: int
-    kernels: str  # hash of the LESS kernels ("none" without LESS)
+    less_weights: str  # content digest of the LESS weights ("none" without LESS)
+
+    def to_wire(self) -> dict:
+        """Header JSON; the digest keeps its format-1 key, "kernels"."""
+        return {"model": self.model, "policy": self.policy, "budget": self.budget, "kernels": self.less_weights}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> CacheIdentity:
+        return cls(model=d["model"], policy=d["policy"], budget=d["budget"], less_weights=d["kernels"])
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,7 @@ def encode(tensors: dict[str, torch.Tensor], identity: CacheIdentity, meta: dict
     crc = zlib.crc32(mv)
     mv.release()
     head = json.dumps({
-        "identity": asdict(identity),
+        "identity": identity.to_wire(),
         "tensors": [asdict(s) for s in specs],
         "payload_bytes": payload_bytes,
         "payload_crc32": crc,
@@ -144,7 +152,7 @@ def read_header(buf: Blob) -> Header:
         raise ChecksumError("header checksum mismatch: the cache header is corrupted")
     try:
         h = json.loads(bytes(head))
-        ident = CacheIdentity(**h["identity"])
+        ident = CacheIdentity.from_wire(h["identity"])
         specs = tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"]), s["offset"], s["nbytes"])
                       for s in h["tensors"])
         header = Header(ident, specs, int(h["payload_bytes"]), int(h["payload_crc32"]), dict(h["meta"]),
@@ -159,7 +167,7 @@ def read_header(buf: Blob) -> Header:
 
 def check_identity(got: CacheIdentity, expect: CacheIdentity) -> None:
     diff = [f"{k}: cache {getattr(got, k)!r} != {getattr(expect, k)!r}"
-            for k in ("model", "policy", "budget", "kernels") if getattr(got, k) != getattr(expect, k)]
+            for k in ("model", "policy", "budget", "less_weights") if getattr(got, k) != getattr(expect, k)]
     if diff:
         raise IncompatibleCacheError("cache written under another configuration (" + "; ".join(diff) + ")")
 

@@ -1,28 +1,31 @@
-"""Typed errors of the session cache store. Callers catch these, never a bare None."""
+"""Typed errors of the session cache store. Callers catch these, never a bare None.
+
+Each is a branch of the one tree (lessserve.errors): a backend that is down is also a
+DependencyUnavailableError, a full tier a CapacityError, so boundaries map them by category.
+"""
 
 from __future__ import annotations
 
+from lessserve.errors import CapacityError, DependencyUnavailableError, LessServeError, NotFoundError
 
-class CacheStoreError(Exception):
+
+class CacheStoreError(LessServeError):
     """Base class for every error the cache store raises on purpose."""
 
 
-class CacheMissError(CacheStoreError, KeyError):
+class CacheMissError(CacheStoreError, NotFoundError):
     """The session has no copy in the tier (or in any tier) that was asked."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "cache miss"
 
-
-class TierUnavailableError(CacheStoreError):
+class TierUnavailableError(CacheStoreError, DependencyUnavailableError):
     """A tier's backend (e.g. the Redis server) could not be reached or failed mid-operation."""
 
 
-class TierFullError(CacheStoreError):
+class TierFullError(CacheStoreError, CapacityError):
     """A value does not fit in a tier even after evicting every unpinned session."""
 
 
-class SessionPinnedError(CacheStoreError):
+class SessionPinnedError(CacheStoreError, CapacityError):
     """The session is in use by a running request and cannot be moved or deleted now."""
 
 
@@ -47,7 +50,7 @@ class ChecksumError(CodecError):
 
 
 class IncompatibleCacheError(CodecError):
-    """The cache was written under another model / policy / budget / LESS kernels / layout."""
+    """The cache was written under another model / policy / budget / LESS weights / layout."""
 
 
 class RestoreError(CacheStoreError):
@@ -58,3 +61,6 @@ class RestoreError(CacheStoreError):
     def __init__(self, sid: str, tier: str, cause: Exception):
         super().__init__(f"session {sid!r}: restore from {tier} failed: {type(cause).__name__}: {cause}")
         self.sid, self.tier, self.cause = sid, tier, cause
+
+    def __reduce__(self):  # picklable across Ray: rebuilt from its three arguments
+        return type(self), (self.sid, self.tier, self.cause)

@@ -27,7 +27,7 @@ from lessserve.cache_store.errors import (
     TierUnavailableError,
 )
 from lessserve.cache_store.host_tier import HostTier
-from lessserve.cache_store.policy import LRUPolicy
+from lessserve.cache_store.lru import LRU
 from lessserve.cache_store.redis_tier import RedisTier, make_client
 from lessserve.cache_store.tier import TIER_ORDER, DeviceTier, Tier, TierStats
 from lessserve.cache_store.transcripts import MemoryTranscripts, RedisTranscripts, TranscriptStore
@@ -40,28 +40,31 @@ class Restored:
 
 
 class TieredCacheStore:
-    """`redis` is the shared tier: a RedisTier (built from config.redis_url when not given), or
-    any Tier every worker reaches (the cluster passes its own when no Redis is configured)."""
+    """`shared` is the tier every worker reaches: a RedisTier (built from config.redis_url when not
+    given), or any other Tier (the cluster passes one over its state actor when no Redis is
+    configured). Tiers are reported under their own names: "device", "host", and the shared
+    tier's `name` ("redis", "cluster")."""
 
     def __init__(self, config: StoreConfig, device: DeviceTier, host: HostTier | None = None,
-                 redis: Tier | None = None, transcripts: TranscriptStore | None = None,
+                 shared: Tier | None = None, transcripts: TranscriptStore | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.device = device
         self.host = host or HostTier(config.host_bytes)
-        if redis is None and config.redis_url:
+        if shared is None and config.redis_url:
             client = make_client(config.redis_url, config.redis_pool_size, config.redis_timeout_s)
-            redis = RedisTier(client, config.redis_prefix, config.ttl_s, config.part_bytes)
-        self.redis = redis
+            shared = RedisTier(client, config.redis_prefix, config.ttl_s, config.part_bytes)
+        self.shared = shared
+        self.shared_name = shared.name if shared else None
         if transcripts is None:
-            transcripts = (RedisTranscripts(redis.client, config.redis_prefix, config.transcript_ttl_s)
-                           if isinstance(redis, RedisTier) else MemoryTranscripts())
+            transcripts = (RedisTranscripts(shared.client, config.redis_prefix, config.transcript_ttl_s)
+                           if isinstance(shared, RedisTier) else MemoryTranscripts())
         self.transcripts = transcripts
         self.tiers: dict[str, Tier] = {"device": device, "host": self.host}
-        if redis:
-            self.tiers["redis"] = redis
-        self.lru = {"device": LRUPolicy(clock), "host": LRUPolicy(clock)}
-        self.counters = {name: TierStats() for name in TIER_ORDER}
+        if shared:
+            self.tiers[shared.name] = shared
+        self.lru = {"device": LRU(clock), "host": LRU(clock)}
+        self.counters = {name: TierStats() for name in self.tiers}
         self.recomputes_total = 0
         self._loc: dict[str, str] = {}  # this store's own sessions on device / host (Redis is asked)
         self._pins: dict[str, int] = {}
@@ -100,9 +103,13 @@ class TieredCacheStore:
         """The nearest tier holding the session's cache; CacheMissError if none does."""
         if sid in self._loc:
             return self._loc[sid]
-        if self.redis and await self.redis.contains(sid):
-            return "redis"
+        if self.shared and await self.shared.contains(sid):
+            return self.shared_name
         raise CacheMissError(f"session {sid!r} has no cache in any tier")
+
+    def _rank(self, tier: str) -> int:
+        """Distance from the model: device 0, host 1, the shared tier 2."""
+        return TIER_ORDER.index("shared" if tier == self.shared_name else tier)
 
     def _set_loc(self, sid: str, tier: str | None) -> None:
         old = self._loc.pop(sid, None)
@@ -128,24 +135,27 @@ class TieredCacheStore:
 
     # --- moving down ------------------------------------------------------------------------
     async def offload(self, sid: str, to: str) -> str:
-        """Move the session's cache down to tier `to` (host or redis). Returns where it landed
-        (redis when it is bigger than the whole host tier)."""
-        if to not in ("host", "redis"):
-            raise CacheStoreError(f"offload goes to host or redis, not {to!r} (use restore)")
-        if to == "redis" and not self.redis:
-            raise TierUnavailableError("no redis tier configured (StoreConfig.redis_url is None)")
+        """Move the session's cache down to tier `to`: "host", or "shared" (also spelled by the
+        shared tier's name, e.g. "redis"). Returns where it landed (the shared tier when it is
+        bigger than the whole host tier)."""
+        if to == "shared":
+            to = self.shared_name or to
+        if to != "host" and to != self.shared_name:
+            if to in ("shared", "redis") and not self.shared:
+                raise TierUnavailableError("no shared tier configured (StoreConfig.redis_url is None)")
+            raise CacheStoreError(f"offload goes to host or the shared tier, not {to!r} (use restore)")
         if self.is_pinned(sid):
             raise SessionPinnedError(f"session {sid!r} is in use")
         async with self._lock:
             src = await self.where(sid)
-            if TIER_ORDER.index(src) >= TIER_ORDER.index(to):
+            if self._rank(src) >= self._rank(to):
                 return src
             return await self._move(sid, src, to)
 
     async def _move(self, sid: str, src: str, dst: str) -> str:
         blob = await self.tiers[src].get(sid)
-        if dst == "host" and len(blob) > self.host.capacity and self.redis:
-            dst = "redis"
+        if dst == "host" and len(blob) > self.host.capacity and self.shared:
+            dst = self.shared_name
         if dst == "host":
             await self._host_room(len(blob), sid)
         await self.tiers[dst].put(sid, blob)  # a failure here leaves the source copy in place
@@ -154,23 +164,23 @@ class TieredCacheStore:
         return dst
 
     async def _host_room(self, nbytes: int, sid: str) -> None:
-        """Spill least recently used host sessions to Redis (or drop them without Redis: their
-        transcripts rebuild them) until `nbytes` fit."""
+        """Spill least recently used host sessions to the shared tier (or drop them without one:
+        their transcripts rebuild them) until `nbytes` fit."""
         while not self.host.fits(nbytes, replacing=sid):
             victims = [v for v in self.lru["host"].victims(self._pins) if v != sid]
             if not victims:
                 raise TierFullError(f"host tier: {nbytes} bytes do not fit ({self.host.used} of "
                                     f"{self.host.capacity} used, nothing evictable)")
-            if self.redis:
-                await self._move(victims[0], "host", "redis")
+            if self.shared:
+                await self._move(victims[0], "host", self.shared_name)
             else:
                 await self.host.delete(victims[0])
                 self._set_loc(victims[0], None)
 
     async def drain(self) -> int:
-        """Move every unpinned session off the device and out of host memory, to Redis (to host
-        memory without Redis). Returns the number of sessions moved."""
-        to = "redis" if self.redis else "host"
+        """Move every unpinned session off the device and out of host memory, to the shared tier
+        (to host memory without one). Returns the number of sessions moved."""
+        to = self.shared_name or "host"
         moved = 0
         async with self._lock:
             for src in ("device", "host"):
@@ -182,16 +192,16 @@ class TieredCacheStore:
         return moved
 
     async def maintain(self) -> int:
-        """Idle-time movement (device -> host, host -> Redis). Returns sessions moved."""
+        """Idle-time movement (device -> host, host -> shared). Returns sessions moved."""
         moved = 0
         async with self._lock:
             if self.config.device_idle_s is not None:
                 for sid in self.lru["device"].idle(self.config.device_idle_s, self._pins):
                     await self._move(sid, "device", "host")
                     moved += 1
-            if self.redis and self.config.host_idle_s is not None:
+            if self.shared and self.config.host_idle_s is not None:
                 for sid in self.lru["host"].idle(self.config.host_idle_s, self._pins):
-                    await self._move(sid, "host", "redis")
+                    await self._move(sid, "host", self.shared_name)
                     moved += 1
         return moved
 
@@ -200,7 +210,7 @@ class TieredCacheStore:
         """Bring the session's cache to the device. Any failure raises RestoreError naming the
         tier (cause chained: CacheMissError, TierUnavailableError, a CodecError, TierFullError);
         a copy that failed to decode is deleted so it is never tried again. A host copy moves up;
-        a Redis copy stays behind as a fallback unless `keep_redis_copy` is off."""
+        a shared copy stays behind as a fallback unless `keep_redis_copy` is off."""
         async with self._lock:
             if self._loc.get(sid) == "device":
                 self.counters["device"].hits += 1
@@ -209,9 +219,9 @@ class TieredCacheStore:
             self.counters["device"].misses += 1
             src = self._loc.get(sid)
             if src is None:  # not here: ask the shared tier (or fail on the host tier without one)
-                if self.redis:
+                if self.shared:
                     self.counters["host"].misses += 1
-                src = "redis" if self.redis else "host"
+                src = self.shared_name or "host"
             try:
                 tier = self.tiers[src]
                 blob = await tier.get(sid)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from lessserve.cache_store.codec import Blob
 
-TIER_ORDER = ("device", "host", "redis")  # nearest the model first
+TIER_ORDER = ("device", "host", "shared")  # roles, nearest the model first; the shared tier has its own name
 
 
 @dataclass

@@ -17,9 +17,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lessserve.cluster.auth import AuthError, owner_of
+from lessserve.cluster.auth import owner_of
 from lessserve.cluster.config import ServeConfig, load_config
 from lessserve.cluster.directory import make_directory
+from lessserve.cluster.http_errors import ApiError, HttpError, http_error
 from lessserve.cluster.openai_types import (
     SESSION_ID_PATTERN,
     ChatCompletionRequest,
@@ -31,6 +32,7 @@ from lessserve.cluster.openai_types import (
 )
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
+from lessserve.errors import LessServeError
 
 app = FastAPI(title="lessserve", version="0.1.0",
               description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")
@@ -52,21 +54,19 @@ class TokenTimer:
         self.last = now
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.code, self.param = status, type_, code, param
-
-
 def _err(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-         param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status)
+         param: str | None = None, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, e: ApiError):
-    return _err(e.status, str(e), e.type, e.code, e.param)
+def _answer(h: HttpError) -> JSONResponse:
+    return _err(h.status, h.message, h.type, h.code, h.param, h.retry_after)
+
+
+@app.exception_handler(LessServeError)
+async def _known_error(request: Request, e: LessServeError):
+    return _answer(http_error(e))
 
 
 @app.exception_handler(RequestValidationError)
@@ -82,7 +82,8 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
-    return _err(500, f"internal error: {type(e).__name__}", "server_error")
+    known = http_error(e)  # a known error a worker raised, wrapped by Ray
+    return _answer(known) if known else _err(500, f"internal error: {type(e).__name__}", "server_error")
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
@@ -103,10 +104,7 @@ class Router:
 
     # --- helpers ----------------------------------------------------------------------------
     def _owner(self, request: Request) -> str:
-        try:
-            return owner_of(request.headers.get("authorization"), self.keys)
-        except AuthError as e:
-            raise ApiError(401, str(e), "authentication_error", "invalid_api_key") from None
+        return owner_of(request.headers.get("authorization"), self.keys)
 
     async def _check_session(self, sid: str, owner: str) -> dict | None:
         if not _SID.match(sid):
@@ -158,7 +156,7 @@ class Router:
         gen = handle.chat.remote(sid, owner, messages, max_tokens, req.temperature, req.top_p, req.seed)
         first = await gen.__anext__()
         if first["type"] == "error":
-            raise ApiError(first["status"], first["message"], code=first.get("code"))
+            raise HttpError.from_event(first).api_error()
         cid, model = completion_id(), self.cfg.model_name
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if req.stream:
@@ -188,7 +186,9 @@ class Router:
                 elif ev["type"] == "end":
                     end = ev
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-            yield send(error_body(f"generation failed: {type(e).__name__}", "server_error"))
+            h = http_error(e)
+            yield send(error_body(f"generation failed: {h.message if h else type(e).__name__}",
+                                  h.type if h else "server_error", code=h.code if h else None))
             yield "data: [DONE]\n\n"
             return
         use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])

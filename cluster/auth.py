@@ -6,11 +6,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from lessserve.errors import AuthError
+
 ANONYMOUS = "anonymous"
-
-
-class AuthError(Exception):
-    pass
 
 
 def owner_of(authorization: str | None, keys: set[str]) -> str:

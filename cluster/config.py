@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.workers.config import EngineConfig
@@ -72,14 +74,31 @@ class ServeConfig(BaseModel):
         return keys
 
 
-ENV_OVERRIDES = {  # env var -> dotted field
+ENV_PREFIX = "LESSSERVE_"
+SHORT_ENV = {  # short names kept as aliases of the nested ones (LESSSERVE_ENGINE__BUDGET, ...)
     "LESSSERVE_MODEL": "engine.model",
     "LESSSERVE_POLICY": "engine.policy",
     "LESSSERVE_BUDGET": "engine.budget",
     "LESSSERVE_KERNELS": "engine.kernels",
     "LESSSERVE_REDIS_URL": "store.redis_url",
-    "LESSSERVE_API_KEYS_FILE": "api_keys_file",
 }
+NOT_FROM_ENV = ("api_keys",)  # read at run time by each replica (ServeConfig.keys), never copied into args
+
+
+class _Env(EnvSettingsSource):
+    """pydantic-settings' env source (nested fields as LESSSERVE_SECTION__FIELD) over a given mapping."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self._given = env
+        super().__init__(_EnvSchema, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+
+    def _load_env_vars(self):
+        return {k.lower(): v for k, v in self._given.items()}
+
+    def get_field_value(self, field, field_name):
+        if field_name in NOT_FROM_ENV:
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
 
 
 def _set(d: dict, dotted: str, value: Any) -> None:
@@ -87,6 +106,30 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     for p in path:
         d = d.setdefault(p, {})
     d[last] = value
+
+
+def _merge(into: dict, top: dict) -> dict:
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
+def env_layer(env: Mapping[str, str]) -> dict:
+    """The config fields LESSSERVE_* variables set: short aliases, then the nested names on top."""
+    out: dict = {}
+    for var, dotted in SHORT_ENV.items():
+        if env.get(var):
+            _set(out, dotted, env[var])
+    return _merge(out, _Env(env)())
+
+
+class _EnvSchema(ServeConfig, BaseSettings):
+    """ServeConfig's fields as pydantic-settings sees them (the schema its env source reads)."""
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__")
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -102,15 +145,12 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None, base: dict | None = None) -> ServeConfig:
+                env: Mapping[str, str] | None = None, base: dict | None = None) -> ServeConfig:
     """File (or `base`, e.g. Serve application args), then LESSSERVE_* env, then explicit
     overrides (dotted keys, None = unset). Env on top of args lets a deployment keep secrets such
     as a Redis URL with a password in a Secret rather than in its Serve config."""
     data = read_config_file(path) if path else copy.deepcopy(base or {})
-    env = os.environ if env is None else env
-    for var, dotted in ENV_OVERRIDES.items():
-        if env.get(var):
-            _set(data, dotted, env[var])
+    _merge(data, env_layer(os.environ if env is None else env))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(data, dotted, value)

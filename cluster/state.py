@@ -104,9 +104,6 @@ class ClusterState:
             if samples:
                 lines += render_metric(f"lessserve_tier_{name}", "gauge" if key in ("sessions", "bytes")
                                        else "counter", f"Per-tier {key}", samples)
-        if self.blobs:
-            lines += render_metric("lessserve_tier_sessions", "gauge", "Per-tier sessions",
-                                   [({"tier": "cluster"}, sum(1 for k in self.blobs if k.startswith("kv:")))])
         queue = sum(int(w.get("queue_depth", 0)) for w in self.workers.values()) + queue_depth
         lines += render_metric("lessserve_queue_depth", "gauge", "Turns waiting or running on workers",
                                [({}, queue)])

@@ -16,10 +16,11 @@ from ray import serve
 
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import make_directory
+from lessserve.cluster.http_errors import http_error
 from lessserve.cluster.state import get_state
+from lessserve.errors import LessServeError
 from lessserve.workers.chat_session import Detokenizer
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import ContextOverflowError, LessServeError
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 from lessserve.workers.session_store import SessionStore
 
@@ -74,9 +75,9 @@ class LessWorker:
         """Without Redis, sessions move between workers through the cluster-state actor."""
         if self.cfg.store.redis_url:
             return None
-        from lessserve.cluster.ray_tier import ClusterTier
+        from lessserve.cluster.actor_tier import ActorTier
 
-        return ClusterTier(get_state())
+        return ActorTier(get_state())
 
     # --- turns ------------------------------------------------------------------------------
     async def chat(self, session_id: str | None, owner: str, messages: list[dict], max_tokens: int,
@@ -94,11 +95,8 @@ class LessWorker:
         try:
             session, new_ids = await self.scheduler.run_exclusive(
                 lambda: self.sessions.open_turn(sid, messages, max_tokens))
-        except ContextOverflowError as e:
-            yield {"type": "error", "status": 400, "message": str(e), "code": "context_length_exceeded"}
-            return
-        except LessServeError as e:
-            yield {"type": "error", "status": 503, "message": f"session unavailable: {e}"}
+        except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
+            yield http_error(e).to_event()
             return
         if session_id is not None:
             await self.directory.place(sid, self.worker_id, owner)

@@ -20,6 +20,7 @@ import yaml
 
 from lessserve.cluster.config import ServeConfig, serve_config_document
 from lessserve.deploy.tools import find_helm
+from lessserve.errors import ConfigError
 
 CHART_DIR = Path(__file__).resolve().parent / "chart" / "lessserve"
 VALUES_FILES = ("values.yaml", "values-gpu.yaml", "values-cpu.yaml", "values-external-redis.yaml")
@@ -123,6 +124,10 @@ def values_schema() -> dict:
     }
 
 
+class ChartRenderError(ConfigError, RuntimeError):
+    """`helm template` refused the chart with these values (the message is helm's)."""
+
+
 def helm_template(*values_files: str | Path, release: str = RELEASE, helm: str | None = None,
                   extra_args: tuple[str, ...] = ()) -> str:
     """`helm template` of the chart with these values files (bare names: files in the chart folder)."""
@@ -133,7 +138,7 @@ def helm_template(*values_files: str | Path, release: str = RELEASE, helm: str |
         cmd += ["-f", str(path)]
     r = subprocess.run([*cmd, *extra_args], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr}")
+        raise ChartRenderError(f"{' '.join(cmd)} failed:\n{r.stderr}")
     return r.stdout
 
 

@@ -11,18 +11,17 @@ from typing import Literal
 
 import torch
 
+from lessserve.errors import ConfigError
+from lessserve.kernels.errors import KernelUnavailableError
+
 Impl = Literal["auto", "torch", "triton"]
 IMPLS = ("auto", "torch", "triton")
-
-
-class KernelUnavailableError(RuntimeError):
-    """`triton` was requested but Triton (or a driver / the interpreter) is not available."""
 
 
 def default_impl() -> str:
     impl = os.environ.get("LESSSERVE_KERNELS", "auto")
     if impl not in IMPLS:
-        raise ValueError(f"LESSSERVE_KERNELS={impl!r}: expected one of {IMPLS}")
+        raise ConfigError(f"LESSSERVE_KERNELS={impl!r}: expected one of {IMPLS}")
     return impl
 
 
@@ -38,7 +37,7 @@ def resolve(impl: str | None, device: torch.device) -> str:
     """Map `auto`/None to a concrete implementation; validate `triton`."""
     impl = impl or default_impl()
     if impl not in IMPLS:
-        raise ValueError(f"kernels impl {impl!r}: expected one of {IMPLS}")
+        raise ConfigError(f"kernels impl {impl!r}: expected one of {IMPLS}")
     if impl == "auto":
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
     if impl == "triton" and not triton_usable(device):

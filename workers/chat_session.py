@@ -108,12 +108,19 @@ class ChatSession:
     def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
         """Run one assistant turn for the full message history; yields text pieces."""
-        tok = self.engine.tokenizer
-        new_ids = self.begin_turn(messages)
-        detok, gen = Detokenizer(tok), []
-        for t in self.engine.generate(self.slot, new_ids, max_new_tokens, temperature, top_p,
-                                      stop_ids=[tok.eos_token_id], seed=seed):
-            gen.append(t)
-            if t != tok.eos_token_id:
-                yield detok.push(t)
+        gen: list[int] = []
+        yield from stream_reply(self, self.begin_turn(messages), gen, max_new_tokens, temperature, top_p, seed)
         self.finish_turn(messages, gen)
+
+
+def stream_reply(chat: ChatSession, new_ids: list[int], gen: list[int], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    """Prefill `new_ids` into the session's slot and generate with Engine.generate (no scheduler):
+    every sampled token is appended to `gen` (also when the consumer stops early); yields text."""
+    tok = chat.engine.tokenizer
+    detok = Detokenizer(tok)
+    for t in chat.engine.generate(chat.slot, new_ids, max_new_tokens, temperature, top_p,
+                                  stop_ids=[tok.eos_token_id], seed=seed):
+        gen.append(t)
+        if t != tok.eos_token_id:
+            yield detok.push(t)

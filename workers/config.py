@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from lessserve.workers.compression import Policy
 from lessserve.workers.errors import ConfigError
 from lessserve.workers.model_loader import DEFAULT_MODEL
-from lessserve.workers.policy import Policy
 
 
 class EngineConfig(BaseModel):
@@ -19,13 +19,16 @@ class EngineConfig(BaseModel):
     budget: int = Field(128, ge=2, le=65536, description="Cached tokens per layer and KV head")
     recent: int | None = Field(None, ge=1, description="h2o recent window (default budget/2)")
     sink: int = Field(4, ge=1, description="lambda: first tokens always kept")
-    less_kernels: str | None = Field(None, description="LESS kernels .safetensors (default: shipped ones)")
+    less_weights: str | None = Field(None, validation_alias=AliasChoices("less_weights", "less_kernels"),
+                                     description="Learned LESS weights .safetensors (default: the shipped ones; "
+                                     "`less_kernels` is the old name, accepted for one release)")
     max_slots: int = Field(8, ge=1, le=4096, description="Session slots preallocated on the device")
     max_context: int = Field(8192, ge=16, description="Longest session for the `full` policy")
     prefill_chunk: int = Field(32, ge=1, le=8192, description="Tokens per chunked-prefill step")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Kernel implementation")
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "
+                                                        "(auto: Triton on CUDA, torch elsewhere)")
 
     @field_validator("policy")
     @classmethod

@@ -25,7 +25,7 @@ QUANTIZED = ("k", "v")
 
 def engine_identity(engine: Engine) -> CacheIdentity:
     return CacheIdentity(model=engine.model_id, policy=engine.policy.name, budget=engine.cfg.budget,
-                         kernels=engine.less_digest)
+                         less_weights=engine.less_digest)
 
 
 def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

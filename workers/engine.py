@@ -14,12 +14,12 @@ import torch
 
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
+from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.errors import ConfigError, ContextOverflowError
-from lessserve.workers.less_weights import LessKernels, shipped_kernels_path
+from lessserve.workers.less_weights import LessWeights, shipped_weights_path
 from lessserve.workers.model import LlamaModel
 from lessserve.workers.model_loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
-from lessserve.workers.policy import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.sampling import sample
 from lessserve.workers.slots import SlotSlab
 
@@ -34,7 +34,7 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     def __init__(self, cfg: EngineConfig | None = None, checkpoint: LoadedCheckpoint | None = None,
-                 less: LessKernels | None = None, tokenizer=None, model: LlamaModel | None = None):
+                 less: LessWeights | None = None, tokenizer=None, model: LlamaModel | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         self.device = pick_device(cfg.device)
         self.dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -60,23 +60,23 @@ class Engine:
                              self.spec.budget, self.less.rank if self.less else 0, self.device, self.dtype)
 
     # --- setup ------------------------------------------------------------------------------
-    def _load_less(self, less: LessKernels | None) -> LessKernels | None:
+    def _load_less(self, less: LessWeights | None) -> LessWeights | None:
         if not self.policy.less:
             return None
         if less is None:
-            path = self.cfg.less_kernels or shipped_kernels_path(self.model_id, self.policy.base, self.cfg.budget)
-            less = LessKernels.load(path)
+            path = self.cfg.less_weights or shipped_weights_path(self.model_id, self.policy.base, self.cfg.budget)
+            less = LessWeights.load(path)
         a = self.args
         if len(less.layers) != a.num_layers or less.layers[0].w1q.shape[:2] != (a.num_heads, a.head_dim) \
                 or less.layers[0].w1k.shape[0] != a.num_kv_heads:
-            raise ConfigError(f"LESS kernels (manifest model {less.manifest.get('model')!r}) do not fit "
+            raise ConfigError(f"LESS weights (manifest model {less.manifest.get('model')!r}) do not fit "
                               f"{self.model_id}: {a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads")
         return less.to(self.device, torch.float32)
 
     def _plus_rank(self) -> int:
         """Rank of the LESS state the `+` baseline matches in memory (shipped kernels, else 8)."""
         try:
-            return int(LessKernels.load(shipped_kernels_path(self.model_id, self.policy.base, self.cfg.budget))
+            return int(LessWeights.load(shipped_weights_path(self.model_id, self.policy.base, self.cfg.budget))
                        .manifest["rank"])
         except ConfigError:
             return 8

@@ -1,33 +1,36 @@
-"""Typed errors raised by the engine. Callers map them to CLI exits or HTTP 4xx."""
+"""The engine's errors, each under a category of the one tree (lessserve.errors)."""
+
+from lessserve.errors import (  # noqa: F401  (re-exported: callers import the tree from here too)
+    CapacityError,
+    ConfigError,
+    LessServeError,
+    NotFoundError,
+    RequestError,
+)
 
 
-class LessServeError(Exception):
-    """Base class for every error this package raises on purpose."""
-
-
-class ModelNotFoundError(LessServeError):
+class ModelNotFoundError(ConfigError):
     """The model name/path could not be resolved to local weights."""
 
 
-class UnsupportedModelError(LessServeError):
+class UnsupportedModelError(ConfigError):
     """The checkpoint is not a supported Llama-family architecture."""
 
 
-class ConfigError(LessServeError):
-    """A configuration value is invalid (policy, budget, kernels file, ...)."""
+class LessWeightsMissingError(ConfigError):
+    """A `+less` policy was requested but no trained LESS weights exist for this model/policy."""
 
 
-class SlotsExhaustedError(LessServeError):
+LessKernelsMissingError = LessWeightsMissingError  # the old name, kept for one release
+
+
+class SlotsExhaustedError(CapacityError):
     """No free session slot is left in the slab."""
 
 
 class SlotStateError(LessServeError):
-    """A slot id is invalid, not allocated, or used inconsistently."""
+    """A slot id is invalid, not allocated, or used inconsistently (a bug, never a user's doing)."""
 
 
-class ContextOverflowError(LessServeError):
+class ContextOverflowError(RequestError):
     """A session would exceed what its policy can hold (e.g. `full` past max_context)."""
-
-
-class LessKernelsMissingError(ConfigError):
-    """A `+less` policy was requested but no trained kernels exist for this model/policy."""

@@ -1,4 +1,4 @@
-"""LESS kernels (phi/psi weights per layer): a safetensors file plus a JSON manifest.
+"""LESS weights (phi/psi weights per layer): a safetensors file plus a JSON manifest.
 
 Layout: tensors `layers.{i}.{w1q,w2q,w1k,w2k,wint,s1,s2}`; manifest `<file>.json` with at least
 {"model", "policy", "budget", "rank", "hidden"}. Shipped kernels live in `less_weights/`.
@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lessserve.kernels.reference.lowrank import LessLayerWeights
-from lessserve.workers.errors import ConfigError, LessKernelsMissingError
+from lessserve.workers.errors import ConfigError, LessWeightsMissingError
 
 SHIPPED_DIR = Path(__file__).parent / "less_weights"
 FIELDS = ("w1q", "w2q", "w1k", "w2k", "wint", "s1", "s2")
 
 
 @dataclass
-class LessKernels:
+class LessWeights:
     layers: list[LessLayerWeights]
     manifest: dict
 
@@ -38,8 +38,8 @@ class LessKernels:
                 h.update(getattr(w, f).detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def to(self, device, dtype=torch.float32) -> LessKernels:
-        return LessKernels([w.to(device, dtype) for w in self.layers], self.manifest)
+    def to(self, device, dtype=torch.float32) -> LessWeights:
+        return LessWeights([w.to(device, dtype) for w in self.layers], self.manifest)
 
     def save(self, path: str | Path, dtype=torch.float16) -> None:
         path = Path(path)
@@ -51,15 +51,15 @@ class LessKernels:
         path.with_suffix(".json").write_text(json.dumps(self.manifest, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> LessKernels:
+    def load(cls, path: str | Path) -> LessWeights:
         path = Path(path)
         man_path = path.with_suffix(".json")
         if not path.is_file() or not man_path.is_file():
-            raise ConfigError(f"LESS kernels file {path} or its manifest {man_path.name} is missing")
+            raise ConfigError(f"LESS weights file {path} or its manifest {man_path.name} is missing")
         manifest = json.loads(man_path.read_text())
         missing = {"model", "policy", "budget", "rank", "hidden", "num_layers"} - manifest.keys()
         if missing:
-            raise ConfigError(f"LESS kernels manifest {man_path} lacks {sorted(missing)}")
+            raise ConfigError(f"LESS weights manifest {man_path} lacks {sorted(missing)}")
         t = load_file(str(path))
         layers = [
             LessLayerWeights(**{f: t[f"layers.{i}.{f}"].float() for f in FIELDS})
@@ -70,7 +70,7 @@ class LessKernels:
     @classmethod
     def random(cls, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, rank: int = 8,
                hidden: int = 64, seed: int = 0, scale_init: float = 1e-4, model: str = "random",
-               policy: str = "h2o", budget: int = 128) -> LessKernels:
+               policy: str = "h2o", budget: int = 128) -> LessWeights:
         g = torch.Generator().manual_seed(seed)
         r = lambda *s, fan: torch.randn(*s, generator=g) / fan**0.5  # noqa: E731
         layers = [
@@ -87,7 +87,7 @@ class LessKernels:
         return cls(layers, manifest)
 
 
-def shipped_kernels_path(model_id: str, base_policy: str, budget: int) -> Path:
+def shipped_weights_path(model_id: str, base_policy: str, budget: int) -> Path:
     """Prefer kernels trained at this budget; else any budget for the model and policy."""
     exact = SHIPPED_DIR / f"{model_id}-{base_policy}-b{budget}.safetensors"
     if exact.is_file():
@@ -95,8 +95,8 @@ def shipped_kernels_path(model_id: str, base_policy: str, budget: int) -> Path:
     others = sorted(SHIPPED_DIR.glob(f"{model_id}-{base_policy}-b*.safetensors"))
     if others:
         return others[0]
-    raise LessKernelsMissingError(
-        f"policy {base_policy}+less needs trained LESS kernels for model {model_id!r}; none shipped. "
-        f"Train them with `lessserve train-kernels --model {model_id} --policy {base_policy}` "
-        f"and pass --less-kernels FILE"
+    raise LessWeightsMissingError(
+        f"policy {base_policy}+less needs trained LESS weights for model {model_id!r}; none shipped. "
+        f"Train them with `lessserve train-less --model {model_id} --policy {base_policy}` "
+        f"and pass --less-weights FILE"
     )

@@ -1,19 +1,26 @@
 """Chat sessions by id over one Engine and a TieredCacheStore: the class a worker serves with.
 
-Every method is synchronous (safe to call from plain code or from inside an event loop: the
-store's asyncio I/O runs on a private loop in a daemon thread, and calls block until done).
-`turn` restores the session's cache from wherever it is (device, host memory, Redis) or, when
-the cache is lost / corrupt / incompatible, rebuilds it by re-prefilling the transcript (counted
-as a recompute); it then streams the reply. The transcript is written to the store's durable
-transcript tier after every turn. Calls are serialised by a lock, except the token stream itself.
+A turn has one API, in two halves so that any driver can generate in between:
+  open_turn(sid, messages)      bring the session's cache to the device (restored from host or the
+                                shared tier, or rebuilt by re-prefilling its transcript when lost,
+                                corrupt or incompatible: a recompute), pin it, plan the turn;
+                                returns the ChatSession and the token ids to prefill
+  close_turn(sid, messages, t)  record the generated tokens (none: the turn failed and is rolled
+                                back), unpin, persist the transcript to the store's durable tier
+The worker drives it with its BatchScheduler; lessserve.testing.run_turn drives it with
+Engine.generate for tests and benchmarks.
+
+Threads: a SessionStore is not thread-safe. One thread owns it and the engine together (the
+worker's scheduler thread: every call arrives through BatchScheduler.run_exclusive, between
+forward passes). The store's asyncio I/O (redis-py objects) belongs to a private event loop on a
+daemon thread (`io`); each call here blocks until its coroutine is done, so store operations never
+interleave. Per-session ordering of turns is the worker's business (its SessionLocks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import threading
-from collections.abc import Iterator
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import (
@@ -50,48 +57,32 @@ class SessionStore:
         self.config = config = config or StoreConfig()
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
-        self._io = IoLoop("session-store-io")
-        self.store: TieredCacheStore = self._io.run(self._make_store())
-        self._lock = threading.RLock()
+        self.io = IoLoop("session-store-io")
+        self.store: TieredCacheStore = self.io.run(self._make_store())
         self.transcript_write_failures = 0
 
     async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
-        return TieredCacheStore(self.config, self.device, redis=self.shared,
+        return TieredCacheStore(self.config, self.device, shared=self.shared,
                                 transcripts=getattr(self.shared, "transcripts", None))
 
     def _meta(self, sid: str) -> dict:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
 
     # --- the turn ---------------------------------------------------------------------------
-    def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """One assistant turn for the full message history; yields text pieces. The session is
-        pinned (never moved or evicted) until the stream ends or is closed."""
-        with self._lock:
-            chat = self._bring_to_device(session_id)
-        try:
-            yield from chat.turn(messages, max_new_tokens, temperature, top_p, seed)
-        finally:
-            with self._lock:
-                self.store.unpin(session_id)
-                self.store.touch(session_id)
-                self._write_transcript(session_id)
-
     def open_turn(self, session_id: str, messages: list[dict],
                   max_new_tokens: int = 0) -> tuple[ChatSession, list[int]]:
         """First half of a turn driven by an external scheduler: bring the session to the device
         (pinned), check the turn fits, and return it with the token ids to prefill. Pair with
         `close_turn`, which must be called whatever happens."""
-        with self._lock:
-            chat = self._bring_to_device(session_id)
-            try:
-                plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
-                self._check_fits(chat, plan, max_new_tokens)
-                self._open[session_id] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
-                return chat, chat.begin_turn(messages, plan)
-            except BaseException:
-                self.store.unpin(session_id)
-                raise
+        chat = self._bring_to_device(session_id)
+        try:
+            plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
+            self._check_fits(chat, plan, max_new_tokens)
+            self._open[session_id] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+            return chat, chat.begin_turn(messages, plan)
+        except BaseException:
+            self.store.unpin(session_id)
+            raise
 
     def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
         eng = self.engine
@@ -108,46 +99,44 @@ class SessionStore:
         """Second half: record the generated tokens, unpin, persist the transcript. A turn that
         produced nothing (it failed) is rolled back: the transcript returns to its state before
         the turn and the device copy is dropped, so the next turn rebuilds from the transcript."""
-        with self._lock:
-            chat = self.sessions[session_id]
-            before = self._open.pop(session_id, None)
-            try:
-                if tokens:
-                    chat.finish_turn(messages, tokens)
-                elif before is not None:
-                    chat.transcript = before
-                    self._io.run(self.store.forget_cache(session_id))
-                    self.sessions.pop(session_id, None)
-            finally:
-                self.store.unpin(session_id)
-                self.store.touch(session_id)
-                if session_id in self.sessions:
-                    self._write_transcript(session_id)
+        chat = self.sessions[session_id]
+        before = self._open.pop(session_id, None)
+        try:
+            if tokens:
+                chat.finish_turn(messages, tokens)
+            elif before is not None:
+                chat.transcript = before
+                self.io.run(self.store.forget_cache(session_id))
+                self.sessions.pop(session_id, None)
+        finally:
+            self.store.unpin(session_id)
+            self.store.touch(session_id)
+            if session_id in self.sessions:
+                self._write_transcript(session_id)
 
     def info(self, session_id: str) -> dict | None:
         """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for an unknown session."""
-        with self._lock:
-            try:
-                tier = self._io.run(self.store.where(session_id))
-            except CacheMissError:
-                tier = None
-            known = self.sessions.get(session_id)
-            tr = known.transcript if known else self._fetch_transcript(session_id)
-            if tier is None and not tr.ids:
-                return None
-            eng = self.engine
-            if tier == "device":
-                slot = self.device.slot_of(session_id)
-                seen, cached = eng.slab.seen[slot], eng.slab.cached_tokens(slot)
-            else:
-                seen, cached = len(tr.ids), min(len(tr.ids), eng.spec.budget)
-            return {"tier": tier or "transcript", "tokens_seen": seen, "cached_tokens": cached,
-                    "cache_bytes": eng.slab.slot_bytes(), "turns": tr.turns}
+        try:
+            tier = self.io.run(self.store.where(session_id))
+        except CacheMissError:
+            tier = None
+        known = self.sessions.get(session_id)
+        tr = known.transcript if known else self._fetch_transcript(session_id)
+        if tier is None and not tr.ids:
+            return None
+        eng = self.engine
+        if tier == "device":
+            slot = self.device.slot_of(session_id)
+            seen, cached = eng.slab.seen[slot], eng.slab.cached_tokens(slot)
+        else:
+            seen, cached = len(tr.ids), min(len(tr.ids), eng.spec.budget)
+        return {"tier": tier or "transcript", "tokens_seen": seen, "cached_tokens": cached,
+                "cache_bytes": eng.slab.slot_bytes(), "turns": tr.turns}
 
     def _bring_to_device(self, sid: str) -> ChatSession:
         self.store.pin(sid)
         try:
-            restored = self._io.run(self.store.restore(sid))
+            restored = self.io.run(self.store.restore(sid))
         except RestoreError as e:
             return self._rebuild(sid, e)
         except BaseException:
@@ -169,7 +158,7 @@ class SessionStore:
             known = self.sessions.get(sid)
             tr = known.transcript if known else self._fetch_transcript(sid)
             if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
-                self._io.run(self.store.make_room())
+                self.io.run(self.store.make_room())
             slot = self.device.new_slot(sid)
             self.store.admit(sid)
             if tr.ids:
@@ -184,77 +173,49 @@ class SessionStore:
 
     def _fetch_transcript(self, sid: str) -> Transcript:
         try:
-            return Transcript.from_dict(self._io.run(self.store.get_transcript(sid)))
+            return Transcript.from_dict(self.io.run(self.store.get_transcript(sid)))
         except CacheMissError:
             return Transcript()  # a new session (or one nobody can remember: plan_turn rebuilds it)
 
     def _write_transcript(self, sid: str) -> None:
         try:
-            self._io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
+            self.io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
         except TierUnavailableError:  # durability degraded, the conversation is not: counted in stats
             self.transcript_write_failures += 1
 
     # --- placement --------------------------------------------------------------------------
     def where(self, session_id: str) -> str:
-        """"device", "host" or "redis"; CacheMissError if no tier holds the session's cache."""
-        with self._lock:
-            return self._io.run(self.store.where(session_id))
+        """"device", "host" or the shared tier's name; CacheMissError if no tier holds the cache."""
+        return self.io.run(self.store.where(session_id))
 
     def offload(self, session_id: str, tier: str) -> str:
-        """Move the session's cache down to "host" or "redis"; returns the tier it landed in."""
-        with self._lock:
-            return self._io.run(self.store.offload(session_id, tier))
+        """Move the session's cache down to "host" or "shared" (or the shared tier's name, e.g.
+        "redis"); returns the tier it landed in."""
+        return self.io.run(self.store.offload(session_id, tier))
 
     def restore(self, session_id: str) -> str:
         """Bring the session's cache to the device ahead of its next turn; returns where it came
         from. Raises RestoreError when it cannot (the next turn then rebuilds it)."""
-        with self._lock:
-            return self._io.run(self.store.restore(session_id)).source
+        return self.io.run(self.store.restore(session_id)).source
 
     def delete(self, session_id: str) -> bool:
         """Forget the session: its cache in every tier and its transcript. True if it existed."""
-        with self._lock:
-            existed = session_id in self.sessions or self.info(session_id) is not None
-            self._io.run(self.store.delete(session_id))
-            self.sessions.pop(session_id, None)
-            return existed
+        existed = session_id in self.sessions or self.info(session_id) is not None
+        self.io.run(self.store.delete(session_id))
+        self.sessions.pop(session_id, None)
+        return existed
 
     def drain(self) -> int:
         """Move every idle session to the shared tier (host memory without Redis)."""
-        with self._lock:
-            for sid in list(self.device.slots):
-                self._write_transcript(sid)
-            return self._io.run(self.store.drain())
+        for sid in list(self.device.slots):
+            self._write_transcript(sid)
+        return self.io.run(self.store.drain())
 
     def maintain(self) -> int:
-        """Idle-time movement (device -> host -> Redis); call it periodically."""
-        with self._lock:
-            return self._io.run(self.store.maintain())
+        """Idle-time movement (device -> host -> shared tier); call it periodically."""
+        return self.io.run(self.store.maintain())
 
-    # --- migration, inspection --------------------------------------------------------------
-    def snapshot(self, session_id: str) -> bytes:
-        """The session's device cache, encoded (transcript inside), without moving it."""
-        with self._lock:
-            return bytes(self._io.run(self.device.get(session_id)))
-
-    def adopt(self, session_id: str, blob: bytes) -> None:
-        """Load an encoded cache (from snapshot, or another worker) into a device slot."""
-        with self._lock:
-            from lessserve.cache_store.codec import read_header
-
-            tr = meta_transcript(read_header(blob).meta)
-            if session_id not in self.device.slots:
-                self._io.run(self.store.make_room())
-            self._io.run(self.device.put(session_id, blob))
-            self.store.admit(session_id)
-            self.sessions[session_id] = ChatSession(self.engine, slot=self.device.slot_of(session_id),
-                                                    transcript=tr)
-
-    def forget_cache(self, session_id: str) -> None:
-        """Drop the session's cache everywhere but keep its transcript (tests, benchmarks)."""
-        with self._lock:
-            self._io.run(self.store.forget_cache(session_id))
-
+    # --- inspection -------------------------------------------------------------------------
     def transcript(self, session_id: str) -> Transcript:
         try:
             return self.sessions[session_id].transcript
@@ -262,14 +223,12 @@ class SessionStore:
             raise CacheMissError(f"unknown session {session_id!r}") from None
 
     def stats(self) -> dict:
-        with self._lock:
-            out = self._io.run(self.store.stats())
-            out["total"]["transcript_write_failures"] = self.transcript_write_failures
-            return out
+        out = self.io.run(self.store.stats())
+        out["total"]["transcript_write_failures"] = self.transcript_write_failures
+        return out
 
     def close(self) -> None:
         """Close the store's connections and stop its I/O thread (caches on the device are kept)."""
-        with self._lock:
-            with contextlib.suppress(CacheStoreError):
-                self._io.run(self.store.close())
-            self._io.stop()
+        with contextlib.suppress(CacheStoreError):
+            self.io.run(self.store.close())
+        self.io.stop()

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lessserve.kernels.errors import PackError
+
 QUANT_MODES = ("none", "int8")
 _ALIGN = 16
-
-
-class PackError(ValueError):
-    """A pack / unpack call got tensors that do not fit the layout."""
 
 
 def quantize_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

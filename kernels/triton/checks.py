@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class KernelInputError(ValueError):
-    """A kernel wrapper got tensors of the wrong shape, dtype, device or layout."""
-
+from lessserve.kernels.errors import KernelInputError  # noqa: F401  (re-exported)
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -5,7 +5,6 @@ model for conversations."""
 from __future__ import annotations
 
 import os
-import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,42 +12,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lessserve.cache_store.local_redis import LocalRedis  # noqa: E402
-
 TINY_ARGS = dict(arch="LlamaForCausalLM", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=4096, tie_word_embeddings=True, attention_bias=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The CI and dev machines have 2 shared cores: one intra-op thread avoids spin-wait collapse
-    (measured 150x on a contended box). Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    """One shared server for the session; tests isolate themselves with a unique key prefix."""
-    server = LocalRedis().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis():
-    """A private server a fault test may kill and restart (AOF on, fsync always)."""
-    server = LocalRedis().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test:{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -97,32 +68,3 @@ def tiny_blobs(tiny_ckpt):
         state["length"][0], state["seen"][0] = min(n, 16), n
         out.append(bytes(encode(state, engine_identity(e), {})))
     return out
-
-
-@pytest.fixture(scope="session")
-def default_model():
-    """(checkpoint, first engine) of the real default model, loaded once."""
-    from lessserve.workers.config import EngineConfig
-    from lessserve.workers.engine import Engine
-    from lessserve.workers.model_loader import load_checkpoint
-
-    ckpt = load_checkpoint("smollm2-135m-instruct")
-    first = Engine(EngineConfig(policy="h2o", budget=16, max_slots=2, prefill_chunk=16, device="cpu",
-                                dtype="float32"), checkpoint=ckpt)
-    return ckpt, first
-
-
-@pytest.fixture
-def default_engine(default_model):
-    """make(**cfg): an engine over the real default model, sharing the loaded weights."""
-    from lessserve.workers.config import EngineConfig
-    from lessserve.workers.engine import Engine
-
-    ckpt, first = default_model
-
-    def make(**cfg):
-        c = EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 2, "prefill_chunk": 16, "device": "cpu",
-                            "dtype": "float32", **cfg})
-        return Engine(c, checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)
-
-    return make

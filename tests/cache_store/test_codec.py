@@ -19,7 +19,7 @@ from lessserve.cache_store.errors import (
 )
 from lessserve.workers.device_tier import EngineDeviceTier
 
-ID = codec.CacheIdentity(model="m", policy="h2o", budget=64, kernels="none")
+ID = codec.CacheIdentity(model="m", policy="h2o", budget=64, less_weights="none")
 
 
 def sample() -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_bad_magic_and_version():
 
 
 @pytest.mark.parametrize("field,value", [("model", "other-model"), ("policy", "lambda"), ("budget", 128),
-                                         ("kernels", "0123abcd")])
+                                         ("less_weights", "0123abcd")])
 def test_other_configuration_is_refused(field, value):
     blob = codec.encode(sample(), ID)
     other = codec.CacheIdentity(**{**ID.__dict__, field: value})

@@ -13,7 +13,7 @@ from lessserve.cache_store import codec
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError
 from lessserve.cache_store.redis_tier import RedisTier
 
-ID = codec.CacheIdentity(model="m", policy="h2o", budget=8, kernels="none")
+ID = codec.CacheIdentity(model="m", policy="h2o", budget=8, less_weights="none")
 
 
 def value(seed: int, numel: int = 40_000) -> bytes:

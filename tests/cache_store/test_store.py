@@ -17,12 +17,12 @@ from lessserve.cache_store.errors import (
     TierFullError,
 )
 from lessserve.cache_store.host_tier import HostTier
-from lessserve.cache_store.policy import LRUPolicy
+from lessserve.cache_store.lru import LRU
 from lessserve.cache_store.redis_tier import RedisTier
 from lessserve.cache_store.store import TieredCacheStore
 from lessserve.cache_store.tier import DeviceTier, TierStats
 
-ID = codec.CacheIdentity(model="fake", policy="h2o", budget=8, kernels="none")
+ID = codec.CacheIdentity(model="fake", policy="h2o", budget=8, less_weights="none")
 
 
 class FakeDevice(DeviceTier):
@@ -81,7 +81,7 @@ def make_store(redis_url=None, prefix="t", slots=2, host_sessions=8, clock=None,
     dev = FakeDevice(slots)
     redis = RedisTier.from_url(redis_url, prefix=prefix, ttl_s=60) if redis_url else None
     config = StoreConfig(host_bytes=host_sessions * (BLOB + 64), redis_url=None, **cfg)
-    return TieredCacheStore(config, dev, redis=redis, clock=clock or Clock()), dev
+    return TieredCacheStore(config, dev, shared=redis, clock=clock or Clock()), dev
 
 
 async def new_session(store, dev, sid, value):
@@ -92,7 +92,7 @@ async def new_session(store, dev, sid, value):
 
 def test_lru_policy_skips_pinned_and_orders_by_use():
     clock = Clock()
-    p = LRUPolicy(clock)
+    p = LRU(clock)
     for i, s in enumerate("abc"):
         clock.t = i
         p.touch(s)
@@ -114,7 +114,7 @@ def test_down_and_up_through_every_tier(redis_server, prefix):
         r = await store.restore("a")
         assert r.source == "redis" and r.meta == {"sid": "a"}
         assert await store.where("a") == "device" and torch.equal(dev.held["a"]["x"], torch.full((250,), 1.5))
-        assert await store.redis.contains("a")  # kept as a durable fallback (keep_redis_copy)
+        assert await store.shared.contains("a")  # kept as a durable fallback (keep_redis_copy)
         await store.offload("a", "host")
         assert (await store.restore("a")).source == "host"
         assert (await store.restore("a")).source == "device"
@@ -137,7 +137,7 @@ def test_restore_can_move_the_redis_copy_instead(redis_server, prefix):
         await new_session(store, dev, "a", 1)
         await store.offload("a", "redis")
         await store.restore("a")
-        assert not await store.redis.contains("a") and await store.where("a") == "device"
+        assert not await store.shared.contains("a") and await store.where("a") == "device"
         await store.close()
 
     asyncio.run(main())
@@ -235,9 +235,9 @@ def test_delete_frees_every_tier_and_the_transcript(redis_server, prefix):
         await new_session(store, dev, "a", 1)
         await store.put_transcript("a", {"ids": [1, 2]})
         await store.offload("a", "redis")
-        await store.host.put("a", await store.redis.get("a"))  # a stale copy on host too: both go
+        await store.host.put("a", await store.shared.get("a"))  # a stale copy on host too: both go
         await store.delete("a")
-        assert not dev.held and await store.host.keys() == [] and await store.redis.keys() == []
+        assert not dev.held and await store.host.keys() == [] and await store.shared.keys() == []
         with pytest.raises(CacheMissError):
             await store.get_transcript("a")
         await store.close()
@@ -250,12 +250,12 @@ def test_corrupt_copy_is_refused_and_removed(redis_server, prefix):
         store, dev = make_store(redis_server.url, prefix)
         await new_session(store, dev, "a", 1)
         await store.offload("a", "redis")
-        gen = (await store.redis.client.get(f"{prefix}:a:ptr")).decode().split(":")[0]
-        await store.redis.client.setrange(f"{prefix}:a:{gen}:0", BLOB - 10, b"\xff\xfe")
+        gen = (await store.shared.client.get(f"{prefix}:a:ptr")).decode().split(":")[0]
+        await store.shared.client.setrange(f"{prefix}:a:{gen}:0", BLOB - 10, b"\xff\xfe")
         with pytest.raises(RestoreError) as e:
             await store.restore("a")
         assert isinstance(e.value.cause, ChecksumError) and e.value.tier == "redis"
-        assert not dev.held and not await store.redis.contains("a")
+        assert not dev.held and not await store.shared.contains("a")
         store.record_recompute(e.value.tier)
         assert (await store.stats())["redis"]["recomputes"] == 1
         await store.close()

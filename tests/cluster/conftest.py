@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from lessserve.cache_store.local_redis import LocalRedis, free_port  # noqa: E402
+from lessserve.testing.local_redis import LocalRedis, free_port  # noqa: E402
 
 KEY_A, KEY_B = "test-key-a", "test-key-b"
 

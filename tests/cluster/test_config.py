@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from lessserve.cluster.cli import main
+from lessserve.cli.main import main
 from lessserve.cluster.config import IMPORT_PATH, ServeConfig, load_config, serve_config_document
 
 

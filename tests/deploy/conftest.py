@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lessserve.deploy import render
-from lessserve.deploy.tools import ToolUnavailable, find_helm
+from lessserve.deploy.tools import ToolUnavailable
+from tests.deploy.k8s_tools import ensure_tool
 
 
 @pytest.fixture(scope="session")
 def helm() -> str:
     try:
-        return find_helm(install=True)
+        return ensure_tool("helm")
     except ToolUnavailable as e:
         pytest.skip(f"helm unavailable, chart rendering not checked: {e}")
 

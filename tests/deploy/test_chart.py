@@ -183,8 +183,9 @@ def _crd_validator(path: str):
 
 @pytest.mark.parametrize("values", render.VALUES_FILES)
 def test_rayservice_matches_kuberay_crd(rendered, values):
-    """Optional: env KUBERAY_CRD = path of KubeRay's ray.io_rayservices.yaml (not shipped here)."""
-    path = os.environ.get("KUBERAY_CRD")
+    """KubeRay's RayService CRD schema: env KUBERAY_CRD, else ../shared/kuberay beside the checkout."""
+    beside = Path(__file__).resolve().parents[3] / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+    path = os.environ.get("KUBERAY_CRD") or (str(beside) if beside.is_file() else None)
     if not path:
         pytest.skip("KUBERAY_CRD not set: RayService not checked against KubeRay's CRD schema "
                     "(point it at ray-operator/config/crd/bases/ray.io_rayservices.yaml of a KubeRay checkout)")

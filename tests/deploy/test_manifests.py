@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from lessserve.deploy import render_manifests
-from lessserve.deploy.tools import ToolUnavailable, find_kubectl
+from lessserve.deploy.tools import ToolUnavailable
+from tests.deploy.k8s_tools import ensure_tool
 
 
 def test_manifests_in_sync_with_chart(helm):
@@ -42,7 +43,7 @@ def test_kustomization_lists_every_file(sub):
 @pytest.mark.parametrize("sub", list(render_manifests.VARIANTS))
 def test_kustomize_builds(sub):
     try:
-        kubectl = find_kubectl(install=True)
+        kubectl = ensure_tool("kubectl")
     except ToolUnavailable as e:
         pytest.skip(f"kubectl unavailable, `kubectl kustomize` not checked: {e}")
     r = subprocess.run([kubectl, "kustomize", str(render_manifests.MANIFESTS_DIR / sub)],

@@ -11,6 +11,7 @@ import yaml
 from lessserve.deploy import render, tools
 
 DOCKER_DIR = Path(render.__file__).parent / "docker"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _leaves(d: dict, prefix: str = ""):
@@ -50,7 +51,7 @@ def test_find_tool_says_why_when_nothing_found(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(tools.ToolUnavailable, match="no working helm"):
-        tools.find_helm(install=False)
+        tools.find_helm()
 
 
 def test_validator_is_strict():
@@ -70,3 +71,15 @@ def test_values_files_only_set_known_values(values):
     extra = [p for p in _leaves(yaml.safe_load((render.CHART_DIR / values).read_text()))
              if not p.startswith("serve.") and p not in known and p.rsplit(".", 1)[0] not in known]
     assert not extra, f"{values} sets values the chart does not have: {extra}"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
+def test_images_copy_every_package(dockerfile):
+    """`pip install /tmp/lessserve` in the image needs every folder pyproject maps a package to."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = {d.split("/")[0] for d in project["tool"]["setuptools"]["package-dir"].values()}
+    text = (ROOT / "deploy" / "docker" / dockerfile).read_text()
+    copied = set(re.findall(r"^COPY --chown=\S+ (\w+) /tmp/lessserve/\1$", text, re.M))
+    assert folders <= copied, folders - copied

@@ -46,12 +46,12 @@ def test_default_model_same_tokens_h2o(default_ckpt, default_engine_factory):
 
 @pytest.mark.slow
 def test_default_model_same_tokens_h2o_less(default_ckpt, default_engine_factory):
-    """h2o+less with random LESS kernels of visible strength (s1 = s2 = 1), 8 greedy tokens."""
-    from lessserve.workers.less_weights import LessKernels
+    """h2o+less with random LESS weights of visible strength (s1 = s2 = 1), 8 greedy tokens."""
+    from lessserve.workers.less_weights import LessWeights
 
     base = default_engine_factory(kernels="torch", budget=32, prefill_chunk=16, max_slots=1)
     a = base.args
-    less = LessKernels.random(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, rank=8, hidden=16, seed=0,
+    less = LessWeights.random(a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim, rank=8, hidden=16, seed=0,
                               scale_init=1.0, model="random")
     ids = base.tokenizer.encode(PROMPT)
     assert len(ids) > 32  # eviction already during prefill

@@ -1,0 +1,80 @@
+"""Batched decode of N sessions at a given context: this engine (compressed slots) against
+transformers' own model with its full DynamicCache, side by side in one run."""
+
+from __future__ import annotations
+
+import torch
+
+from lessserve.bench.result import BenchResult
+from lessserve.bench.timer import Timer
+from lessserve.lab.engines import EngineFactory
+from lessserve.lab.output import progress
+from lessserve.lab.text import token_windows
+from lessserve.workers.config import EngineConfig
+
+
+def _time_steps(step, steps: int, device: torch.device, warmup: int = 2) -> float:
+    """Seconds for `steps` decode steps (median step x steps; the cache grows by one token a step)."""
+    return Timer(device, warmup, steps)(step) * steps
+
+
+@torch.inference_mode()
+def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
+                 prompt: list[int]) -> dict:
+    engine = factory.make(policy, budget, max_slots=batch)
+    slots = [engine.alloc() for _ in range(batch)]
+    engine.prefill(slots[0], prompt)  # one real prefill, copied into the other slots
+    state = engine.slab.export(slots[0])
+    for s in slots[1:]:
+        engine.slab.load(s, state)
+    toks = [1] * batch
+    dt = _time_steps(lambda: engine.decode(slots, toks), steps, engine.device)
+    return {"system": f"lessserve {policy}", "budget": engine.spec.budget, "batch": batch, "context": context,
+            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": engine.slab.slot_bytes()}
+
+
+@torch.inference_mode()
+def bench_transformers(folder, batch: int, context: int, steps: int, prompt: list[int], device) -> dict:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+    cache = DynamicCache()
+    hf(ids, past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(batch)
+    nxt = torch.ones(batch, 1, dtype=torch.long, device=device)
+
+    def step():  # generate()'s inner loop: the cache grows by `steps` tokens, ~1% of the context
+        hf(nxt, past_key_values=cache, use_cache=True)
+
+    dt = _time_steps(step, steps, device)
+    a = hf.config
+    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * context * (a.hidden_size // a.num_attention_heads) * 4
+    return {"system": "transformers full", "budget": context, "batch": batch, "context": context,
+            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": kv}
+
+
+def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list[int], context: int,
+                 steps: int) -> list[dict]:
+    tok = factory.tokenizer
+    text = " ".join(["The history of the river valley is long and full of small stories."] * (context // 4))
+    prompt = token_windows(tok, text, context, 1)[0]
+    rows = []
+    for b in batches:
+        progress(f"batch {b}: lessserve {policy} ...")
+        ours = bench_engine(factory, policy, budget, b, context, steps, prompt)
+        progress(f"batch {b}: transformers full cache ...")
+        ref = bench_transformers(factory.ckpt.folder, b, context, steps, prompt, factory.device)
+        ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+        ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
+        rows += [ours, ref]
+    return rows
+
+
+def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: int) -> BenchResult:
+    """`lessserve bench decode`: the engine's policy against transformers' full cache, per batch."""
+    factory = EngineFactory(engine.model_copy(update={"max_context": context + steps + 8, "prefill_chunk": 256}))
+    rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps)
+    dev = factory.device
+    note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""
+    return BenchResult("decode", rows, {"device": f"{dev}{note}"})

@@ -1,0 +1,55 @@
+"""`lessserve chat`: a terminal multi-turn chat, in process or against a server (--url)."""
+
+from __future__ import annotations
+
+import sys
+
+from lessserve.cli.flags import CliError, add_engine_flags, engine_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    p.add_argument("--url", default=None, help="talk to a running `lessserve serve` instead")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    add_engine_flags(p)
+    p.set_defaults(func=run)
+
+
+def _lines():
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip():
+            yield line
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 1:
+        raise CliError("--max-new-tokens", "must be >= 1")
+    if args.url:
+        from lessserve.cli.chat_remote import chat_remote
+
+        return chat_remote(args, _lines())
+    from lessserve.workers.chat_session import ChatSession
+    from lessserve.workers.engine import Engine
+
+    engine = Engine(engine_config(args, max_slots=1))
+    session = ChatSession(engine)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    for line in _lines():
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("bot> ")
+        for piece in session.turn(messages, args.max_new_tokens, args.temperature):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        messages = list(session.transcript.messages)
+        s = session.stats()
+        print(f"\n[cached_tokens={s['cached_tokens']} tokens_seen={s['tokens_seen']} "
+              f"cache_bytes={s['cache_bytes']} prefilled={session.last_prefill}]")
+    return 0

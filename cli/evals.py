@@ -1,0 +1,146 @@
+"""`lessserve eval {ppl,passkey,report}`: quality under each policy and budget."""
+
+from __future__ import annotations
+
+from lessserve.cli.flags import (
+    CliError,
+    add_engine_flags,
+    engine_config,
+    existing_file,
+    in_range,
+    parse_ints,
+    parse_policies,
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="quality evaluations (perplexity, passkey, the quality report)")
+    esub = p.add_subparsers(dest="eval", required=True)
+    for reg in (_register_ppl, _register_passkey, _register_report):
+        reg(esub)
+
+
+def _register_ppl(esub) -> None:
+    p = esub.add_parser("ppl", help="perplexity over text windows")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--policies", default="full,h2o,lambda")
+    p.add_argument("--budgets", default="64,128,256")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--tail-fraction", type=float, default=None,
+                   help="use only the last fraction of the text (e.g. 0.1 for a held-out split)")
+    p.add_argument("--json", default=None, help="write rows here")
+    p.add_argument("--plot", default=None, help="PNG: perplexity vs budget per policy")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_ppl)
+
+
+def cmd_ppl(args) -> int:
+    existing_file("--text", args.text)
+    policies = parse_policies("--policies", args.policies)
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    in_range("--context", args.context, 16, 65536)
+    in_range("--windows", args.windows, 1, 1000)
+    if args.tail_fraction is not None and not 0 < args.tail_fraction <= 1:
+        raise CliError("--tail-fraction", "must be in (0, 1]")
+    from lessserve.evals.ppl import eval_ppl, read_text
+    from lessserve.lab.engines import EngineFactory
+    from lessserve.lab.output import markdown_table, write_json
+    from lessserve.lab.plots import line_plot
+
+    try:
+        text = read_text(args.text, tail_fraction=args.tail_fraction)
+    except (OSError, UnicodeError) as e:
+        raise CliError("--text", str(e)) from None
+    factory = EngineFactory(engine_config(args, max_context=args.context, max_slots=1))
+    try:
+        rows = eval_ppl(factory, text, policies, budgets, args.context, args.windows)
+    except ValueError as e:
+        raise CliError("--text", str(e)) from None
+    print(markdown_table(rows))
+    write_json(args.json, rows)
+    if args.plot:
+        line_plot(rows, "budget", "ppl", "policy", args.plot, f"Perplexity vs budget ({args.text.split('/')[-1]})",
+                  logx=True)
+    return 0
+
+
+def _register_passkey(esub) -> None:
+    p = esub.add_parser("passkey", help="pass-key retrieval accuracy")
+    p.add_argument("--policies", default="full,h2o,lambda")
+    p.add_argument("--budgets", default="64,128,256")
+    p.add_argument("--lengths", default="512,1024,2000")
+    p.add_argument("--trials", type=int, default=2, help="trials per depth (depths 10/50/90%%)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: accuracy vs length per policy")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_passkey)
+
+
+def cmd_passkey(args) -> int:
+    policies = parse_policies("--policies", args.policies)
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
+    in_range("--trials", args.trials, 1, 100)
+    from lessserve.evals.passkey import eval_passkey
+    from lessserve.lab.engines import EngineFactory
+    from lessserve.lab.output import markdown_table, write_json
+    from lessserve.lab.plots import line_plot
+
+    factory = EngineFactory(engine_config(args, max_context=max(lengths) + 64, max_slots=1))
+    rows = eval_passkey(factory, policies, budgets, lengths, args.trials, args.seed)
+    print(markdown_table(rows))
+    write_json(args.json, rows)
+    if args.plot:
+        for r in rows:
+            r["series"] = f"{r['policy']}@{r['budget']}"
+        line_plot(rows, "length", "accuracy", "series", args.plot, "Passkey accuracy vs length")
+    return 0
+
+
+def _register_report(esub) -> None:
+    p = esub.add_parser("report", help="the whole quality report (JSON, markdown, plots)")
+    p.add_argument("--brown", default="../shared/data/brown.txt", help="Brown text; its last 10%% is used")
+    p.add_argument("--shakespeare", default="../shared/data/tinyshakespeare.txt")
+    from lessserve.evals.report import POLICIES
+
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--budgets", default="64,128,256")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--lengths", default="512,1024,2000")
+    p.add_argument("--trials", type=int, default=2, help="passkey trials per depth")
+    p.add_argument("--out", default="docs/quality", help="output folder")
+    p.add_argument("--cache", default=None, help="row cache file (default: <cache dir>/eval-report/rows.jsonl)")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute every row (default: reuse rows of an earlier run whose inputs, engine "
+                        "config and LESS weights are unchanged)")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    texts = {"brown_heldout": (str(existing_file("--brown", args.brown)), 0.1),
+             "tinyshakespeare": (str(existing_file("--shakespeare", args.shakespeare)), None)}
+    policies = parse_policies("--policies", args.policies)
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
+    in_range("--context", args.context, 16, 65536)
+    in_range("--windows", args.windows, 1, 1000)
+    in_range("--trials", args.trials, 1, 100)
+    from lessserve.evals.report import run_report
+    from lessserve.evals.row_cache import RowCache
+    from lessserve.lab.engines import EngineFactory
+    from lessserve.workers.model_loader import cache_root
+
+    factory = EngineFactory(engine_config(args, max_context=max(args.context, max(lengths)) + 64, max_slots=1))
+    cache = RowCache(None if args.fresh else (args.cache or cache_root() / "eval-report" / "rows.jsonl"))
+    rep = run_report(factory, texts, policies, budgets, args.context, args.windows, lengths, args.trials, args.out,
+                     cache)
+    for g in rep["gap_closed"]:
+        print(f"{g['text']:16s} {g['policy']:6s} budget {g['budget']:4d}: +less closes {g['gap_closed']:.1%} "
+              f"of the gap to full" + (f" (+ baseline: {g['plus_gap_closed']:.1%})" if g["plus_gap_closed"]
+                                       is not None else ""))
+    print(f"report written to {args.out}/report.md")
+    return 0

@@ -1,0 +1,78 @@
+"""`lessserve serve`: the serving cluster (embedded default: local Ray, one worker, CPU if no GPU)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from pydantic import ValidationError
+
+from lessserve.cli.flags import CliError, existing_file, from_validation, help_of
+
+# flag -> ServeConfig field (dotted): builds the overrides and names the flag of a bad value
+SERVE_FLAGS = {"--host": "host", "--port": "port", "--redis-url": "store.redis_url", "--api-keys-file": "api_keys_file",
+               "--model": "engine.model", "--policy": "engine.policy", "--budget": "engine.budget",
+               "--kernels": "engine.kernels", "--max-slots": "engine.max_slots", "--workers": "workers.min_workers",
+               "--max-workers": "workers.max_workers"}
+
+
+def register(sub) -> None:
+    from lessserve.cluster.config import ServeConfig
+    from lessserve.workers.config import EngineConfig
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible REST API")
+    p.add_argument("--config", default=None, help="YAML: lessserve config or a Serve config file")
+    p.add_argument("--host", default=None, help=help_of(ServeConfig, "host"))
+    p.add_argument("--port", type=int, default=None, help=help_of(ServeConfig, "port"))
+    p.add_argument("--redis-url", default=None, help="shared Redis tier and session directory (default: none)")
+    p.add_argument("--workers", type=int, default=None, help="fixed number of workers")
+    p.add_argument("--max-workers", type=int, default=None, help="autoscale up to this many workers")
+    p.add_argument("--api-keys-file", default=None, help="file with one API key per line")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    p.add_argument("--model", default=None, help=help_of(EngineConfig, "model"))
+    p.add_argument("--policy", default=None, help=help_of(EngineConfig, "policy"))
+    p.add_argument("--budget", type=int, default=None, help=help_of(EngineConfig, "budget"))
+    p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
+                   help=help_of(EngineConfig, "kernels"))
+    p.add_argument("--max-slots", type=int, default=None, help=help_of(EngineConfig, "max_slots"))
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from lessserve.cluster.config import load_config
+
+    if args.config:
+        existing_file("--config", args.config)
+    if args.api_keys_file:
+        existing_file("--api-keys-file", args.api_keys_file)
+    over = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in SERVE_FLAGS.items()}
+    if args.workers is not None:
+        over["workers.max_workers"] = args.workers
+    if args.max_workers is not None:
+        over["workers.max_workers"] = args.max_workers
+    try:
+        return load_config(args.config, over)
+    except ValidationError as e:
+        if not e.errors()[0]["loc"]:
+            raise CliError("--config", str(e)) from None
+        raise from_validation(e, SERVE_FLAGS) from None
+    except (OSError, ValueError) as e:
+        raise CliError("--config", str(e)) from None
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    from lessserve.cluster import launch
+
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    launch.start(cfg, address=args.address)
+    print(f"lessserve: serving {cfg.model_name} ({cfg.engine.policy}, budget {cfg.engine.budget}) on "
+          f"http://{cfg.host}:{cfg.port}/v1  (Ctrl-C to stop)", flush=True)
+    try:
+        stop.wait()
+    finally:
+        print("lessserve: draining workers and shutting down ...", flush=True)
+        launch.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""lessserve.evals: quality evaluations (perplexity, passkey, the quality report, the kvpress peer)."""

@@ -1,0 +1,111 @@
+"""Configuration of LESS-weights training (pydantic): the per-layer stage, the end-to-end stage,
+and a whole `lessserve train-less` run. The CLI reads its defaults from these models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lessserve.workers.model_loader import DEFAULT_MODEL
+
+
+class TrainConfig(BaseModel):
+    """The per-layer stage: fit each layer's phi/psi to that layer's full attention output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    policy: Literal["h2o", "lambda"] = Field(description="eviction policy the weights serve")
+    budget: int = Field(128, ge=2, le=65536, description="cached tokens per layer and KV head")
+    rank: int = Field(8, ge=1, le=256, description="rank R of the low-rank state")
+    hidden: int = Field(64, ge=1, le=4096, description="hidden width R' of phi/psi")
+    epochs: int = Field(5, ge=1, le=1000)
+    seed: int = 0
+    chunk: int = Field(32, ge=1, le=8192, description="engine prefill chunk the masks replay")
+    recent: int | None = Field(None, ge=1, description="h2o recent window (default budget/2)")
+    sink: int = Field(4, ge=1, description="lambda sink tokens")
+    lr: float = Field(1e-2, gt=0, lt=1)
+    batch: int = Field(2, ge=1, le=1024, description="sequences per optimiser step")
+    query_chunks: int = Field(8, ge=0, description="query chunks per sequence (seeded per layer) used as "
+                              "training positions; 0 = all")
+    qkv_source: Literal["full", "compressed"] = Field(
+        "full", description="Q/K/V from the full-cache forward (paper) or from the base policy's serving run")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    data_sha256: str = ""
+    command: str = ""
+    extra: dict = Field(default_factory=dict)
+
+    def run_name(self) -> str:
+        src = "" if self.qkv_source == "full" else f"-{self.qkv_source}"
+        return f"{self.policy}-b{self.budget}-r{self.rank}-h{self.hidden}-e{self.epochs}-s{self.seed}{src}"
+
+
+class FinetuneConfig(BaseModel):
+    """The end-to-end stage: all layers at once, KL(full || compressed+LESS) of next-token distributions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(60, ge=1, le=10**6, description="sequences trained on (one per step)")
+    lr: float = Field(1e-3, gt=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(10, ge=1, le=10**6, description="steps between validation passes")
+    seed: int = 0
+
+
+class TrainLessConfig(BaseModel):
+    """One `lessserve train-less` run: data, the per-layer stage (unless `init` is given), then
+    `finetune_steps` of the end-to-end stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="alias, HF folder, cached hub id or .gguf")
+    policy: Literal["h2o", "lambda"] = Field("h2o", description="eviction policy the weights serve")
+    budget: int = TrainConfig.model_fields["budget"]
+    data: list[str] = Field(min_length=1, description="UTF-8 text files or directories")
+    holdout: float = Field(0.1, ge=0, lt=1, description="last fraction of every file never trained on")
+    rank: int = TrainConfig.model_fields["rank"]
+    hidden: int = TrainConfig.model_fields["hidden"]
+    epochs: int = TrainConfig.model_fields["epochs"]
+    seq_len: int = Field(1024, ge=16, le=65536, description="tokens per training sequence")
+    num_seqs: int = Field(24, ge=2, le=100000, description="sequences of the per-layer stage")
+    batch: int = TrainConfig.model_fields["batch"]
+    lr: float = TrainConfig.model_fields["lr"]
+    query_chunks: int = TrainConfig.model_fields["query_chunks"]
+    chunk: int = TrainConfig.model_fields["chunk"]
+    recent: int | None = TrainConfig.model_fields["recent"]
+    sink: int = TrainConfig.model_fields["sink"]
+    qkv_source: Literal["full", "compressed"] = TrainConfig.model_fields["qkv_source"]
+    seed: int = 0
+    out: str | None = Field(None, description="weights .safetensors (default: the shipped location)")
+    work_dir: str | None = Field(None, description="captures and finished layers (default: the cache dir)")
+    resume: bool = Field(False, description="keep finished layers of an interrupted run")
+    threads: int = Field(1, ge=1, le=1024, description="CPU threads")
+    device: str = "auto"
+    init: str | None = Field(None, description="start from these weights (.safetensors) instead of training "
+                             "layer by layer")
+    finetune_steps: int = Field(0, ge=0, le=10**6, description="then fine-tune all layers end to end (KL to the "
+                                "full model) for this many sequences")
+    finetune_lr: float = FinetuneConfig.model_fields["lr"]
+    finetune_seqs: int = Field(64, ge=2, le=100000, description="sequences of --seq-len for the end-to-end stage")
+    finetune_eval_every: int = FinetuneConfig.model_fields["eval_every"]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.seq_len <= self.budget + self.chunk:
+            raise ValueError(f"seq_len: must exceed budget + chunk ({self.budget + self.chunk}) for evictions")
+        if self.seq_len % self.chunk:
+            raise ValueError(f"seq_len: must be a multiple of chunk ({self.chunk})")
+        if self.init is not None and not self.finetune_steps:
+            raise ValueError("init: only makes sense with finetune_steps > 0")
+        return self
+
+    def layerwise(self, model_id: str, data_sha256: str, command: str, extra: dict) -> TrainConfig:
+        return TrainConfig(model=model_id, data_sha256=data_sha256, command=command, extra=extra,
+                           **self.model_dump(include=set(TrainConfig.model_fields) & set(TrainLessConfig.model_fields)
+                                             - {"model"}))
+
+    def finetune(self) -> FinetuneConfig:
+        return FinetuneConfig(steps=self.finetune_steps, lr=self.finetune_lr, eval_every=self.finetune_eval_every,
+                              seed=self.seed)
