@@ -66,6 +66,7 @@ class TieredCacheStore:
         self.lru = {"device": LRU(clock), "host": LRU(clock)}
         self.counters = {name: TierStats() for name in self.tiers}
         self.recomputes_total = 0
+        self.dropped_total = 0  # device caches dropped because no tier could take them
         self._loc: dict[str, str] = {}  # this store's own sessions on device / host (Redis is asked)
         self._pins: dict[str, int] = {}
         self._lock = asyncio.Lock()
@@ -125,13 +126,28 @@ class TieredCacheStore:
         self._set_loc(sid, "device")
 
     async def make_room(self, slots: int = 1) -> None:
-        """Free device slots by moving least recently used unpinned sessions to host memory."""
+        """Free device slots by moving least recently used unpinned sessions to host memory (or on
+        to the shared tier). TierFullError only when every device session is pinned."""
         async with self._lock:
-            while self.device.free_slots < slots:
-                victims = self.lru["device"].victims(self._pins)
-                if not victims:
-                    raise TierFullError(f"no free device slot and all {len(self.lru['device'])} sessions are pinned")
-                await self._move(victims[0], "device", "host")
+            await self._free_device_slots(slots)
+
+    async def _free_device_slots(self, slots: int) -> None:
+        while self.device.free_slots < slots:
+            victims = self.lru["device"].victims(self._pins)
+            if not victims:
+                raise TierFullError(f"no free device slot and all {len(self.lru['device'])} sessions are pinned")
+            await self._evict_from_device(victims[0])
+
+    async def _evict_from_device(self, sid: str) -> None:
+        """Move an unpinned session off the device; when no tier can take it (host full and the
+        shared tier full or down), drop its cache: its transcript, or the next request's own
+        history, rebuilds it. Counted as `dropped`."""
+        try:
+            await self._move(sid, "device", "host")
+        except (TierFullError, TierUnavailableError):
+            await self.device.delete(sid)
+            self._set_loc(sid, None)
+            self.dropped_total += 1
 
     # --- moving down ------------------------------------------------------------------------
     async def offload(self, sid: str, to: str) -> str:
@@ -179,31 +195,36 @@ class TieredCacheStore:
 
     async def drain(self) -> int:
         """Move every unpinned session off the device and out of host memory, to the shared tier
-        (to host memory without one). Returns the number of sessions moved."""
+        (to host memory without one). Best effort, session by session: one that cannot move (the
+        shared tier is down or full) stays where it is. Returns the number of sessions moved."""
         to = self.shared_name or "host"
         moved = 0
         async with self._lock:
             for src in ("device", "host"):
-                if src == to:
-                    continue
-                for sid in self.lru[src].victims(self._pins):
-                    await self._move(sid, src, to)
-                    moved += 1
+                if src != to:
+                    for sid in self.lru[src].victims(self._pins):
+                        moved += await self._try_move(sid, src, to)
         return moved
 
     async def maintain(self) -> int:
-        """Idle-time movement (device -> host, host -> shared). Returns sessions moved."""
+        """Idle-time movement (device -> host, host -> shared), best effort. Returns sessions moved."""
         moved = 0
         async with self._lock:
             if self.config.device_idle_s is not None:
                 for sid in self.lru["device"].idle(self.config.device_idle_s, self._pins):
-                    await self._move(sid, "device", "host")
-                    moved += 1
+                    moved += await self._try_move(sid, "device", "host")
             if self.shared and self.config.host_idle_s is not None:
                 for sid in self.lru["host"].idle(self.config.host_idle_s, self._pins):
-                    await self._move(sid, "host", self.shared_name)
-                    moved += 1
+                    moved += await self._try_move(sid, "host", self.shared_name)
         return moved
+
+    async def _try_move(self, sid: str, src: str, dst: str) -> int:
+        """1 if the session moved; 0 if the destination could not take it (it stays in `src`)."""
+        try:
+            await self._move(sid, src, dst)
+            return 1
+        except (TierFullError, TierUnavailableError):
+            return 0
 
     # --- moving up --------------------------------------------------------------------------
     async def restore(self, sid: str) -> Restored:
@@ -225,11 +246,7 @@ class TieredCacheStore:
             try:
                 tier = self.tiers[src]
                 blob = await tier.get(sid)
-                while self.device.free_slots < 1:
-                    victims = self.lru["device"].victims(self._pins)
-                    if not victims:
-                        raise TierFullError("no free device slot and every device session is pinned")
-                    await self._move(victims[0], "device", "host")
+                await self._free_device_slots(1)
                 meta = read_header(blob).meta
                 await self.device.put(sid, blob)
             except (CacheMissError, TierUnavailableError, CodecError, TierFullError) as e:
@@ -274,8 +291,12 @@ class TieredCacheStore:
         if self.is_pinned(sid):
             raise SessionPinnedError(f"session {sid!r} is in use")
         async with self._lock:
-            for tier in self.tiers.values():
-                await tier.delete(sid)
+            for name, tier in self.tiers.items():
+                try:
+                    await tier.delete(sid)
+                except TierUnavailableError:  # a stale shared copy is harmless: it carries its own transcript
+                    if name == "device":
+                        raise
             self._set_loc(sid, None)
 
     async def put_transcript(self, sid: str, transcript: dict) -> None:
@@ -297,7 +318,7 @@ class TieredCacheStore:
                                       c.recomputes).to_dict()
             except TierUnavailableError as e:
                 out[name] = {**c.to_dict(), "sessions": None, "bytes": None, "error": str(e)}
-        out["total"] = {"recomputes": self.recomputes_total}
+        out["total"] = {"recomputes": self.recomputes_total, "dropped": self.dropped_total}
         return out
 
     async def close(self) -> None:

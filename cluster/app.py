@@ -5,22 +5,27 @@
 """
 
 
+import asyncio
 import json
+import logging
 import re
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lessserve.cluster.auth import owner_of
 from lessserve.cluster.config import ServeConfig, load_config
-from lessserve.cluster.directory import make_directory
-from lessserve.cluster.http_errors import ApiError, HttpError, http_error
+from lessserve.cluster.directory import DirectoryUnavailableError, make_directory
+from lessserve.cluster.health import Health
+from lessserve.cluster.http_errors import RETRY_AFTER_S, ApiError, HttpError, http_error
 from lessserve.cluster.openai_types import (
     SESSION_ID_PATTERN,
     ChatCompletionRequest,
@@ -30,13 +35,16 @@ from lessserve.cluster.openai_types import (
     error_body,
     usage,
 )
+from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS, install
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
 from lessserve.errors import LessServeError
 
 app = FastAPI(title="lessserve", version="0.1.0",
               description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")
+install(app)
 _SID = re.compile(SESSION_ID_PATTERN)
+log = logging.getLogger("ray.serve")
 
 
 class TokenTimer:
@@ -61,7 +69,30 @@ def _err(status: int, message: str, type_: str = "invalid_request_error", code: 
 
 
 def _answer(h: HttpError) -> JSONResponse:
+    _count(h.status)
     return _err(h.status, h.message, h.type, h.code, h.param, h.retry_after)
+
+
+_STATE: list = []
+
+
+def _count(status: int) -> None:
+    """Error counters in /metrics (best effort: never fails a response)."""
+    try:
+        if not _STATE:
+            _STATE.append(get_state())
+        _STATE[0].record_error.remote(status)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@app.middleware("http")
+async def _request_id(request: Request, call_next):
+    """Every response carries x-request-id (the client's, or a fresh one): the log names it."""
+    request.state.request_id = request.headers.get("x-request-id") or "req-" + uuid.uuid4().hex[:16]
+    response = await call_next(request)
+    response.headers["x-request-id"] = request.state.request_id
+    return response
 
 
 @app.exception_handler(LessServeError)
@@ -72,6 +103,7 @@ async def _known_error(request: Request, e: LessServeError):
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, e: RequestValidationError):
     first = e.errors()[0] if e.errors() else {}
+    _count(400)
     return _err(400, f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg', 'invalid request')}")
 
 
@@ -83,13 +115,25 @@ async def _http_error(request: Request, e: StarletteHTTPException):
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
     known = http_error(e)  # a known error a worker raised, wrapped by Ray
-    return _answer(known) if known else _err(500, f"internal error: {type(e).__name__}", "server_error")
+    if known:
+        return _answer(known)
+    if isinstance(e, WORKER_GONE):
+        return _answer(HttpError(503, "service_unavailable", "worker_unavailable",
+                                 f"the worker running this turn went away: {type(e).__name__}",
+                                 retry_after=RETRY_AFTER_S))
+    rid = getattr(request.state, "request_id", "-")
+    log.error("request %s: unexpected %s", rid, type(e).__name__, exc_info=e)
+    _count(500)
+    return _err(500, f"internal error {type(e).__name__} (request id {rid})", "server_error", "internal_error")
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     return f"{loc}: {err['msg']}", loc or None
+
+
+WORKER_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is unreachable
 
 
 @serve.deployment(name="Router")
@@ -101,6 +145,8 @@ class Router:
         self.keys = self.cfg.keys()
         self.directory = make_directory(self.cfg.store.redis_url)
         self.state = get_state()
+        self.health = Health(self.directory, self.state, bool(self.cfg.store.redis_url),
+                             worker_stale_s=3 * self.cfg.maintain_interval_s + 10)
 
     # --- helpers ----------------------------------------------------------------------------
     def _owner(self, request: Request) -> str:
@@ -109,13 +155,21 @@ class Router:
     async def _check_session(self, sid: str, owner: str) -> dict | None:
         if not _SID.match(sid):
             raise ApiError(400, "session id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="session_id")
-        entry = await self.directory.lookup(sid)
+        try:
+            entry = await self.directory.lookup(sid)
+        except DirectoryUnavailableError as e:  # degraded: the worker checks the owner itself
+            log.warning("session directory unavailable: %s", e)
+            return None
         if entry and entry.get("owner") not in (None, owner):
             raise ApiError(404, f"session {sid!r} not found", "not_found_error", "session_not_found")
         return entry
 
     async def _body(self, request: Request) -> dict:
-        if int(request.headers.get("content-length") or 0) > self.cfg.max_body_bytes:
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise ApiError(400, "content-length is not an integer") from None
+        if declared > self.cfg.max_body_bytes:
             raise ApiError(413, f"request body over {self.cfg.max_body_bytes} bytes")
         raw = b""
         async for part in request.stream():
@@ -130,8 +184,31 @@ class Router:
             raise ApiError(400, "the JSON body must be an object")
         return data
 
+    async def _start(self, sid: str | None, args: tuple, streamed: bool) -> tuple:
+        """Start a turn on a worker and read it up to its first token (all of it when not
+        streamed). A worker that dies before then is replaced by another (the turn is rebuilt from
+        the request's history; nothing reached the client), up to `turn_retries` times.
+        -> (event generator, events read so far)."""
+        for attempt in range(self.cfg.turn_retries + 1):
+            handle = self.worker.options(stream=True, session_id=sid) if sid else self.worker.options(stream=True)
+            gen, seen = handle.chat.remote(*args), []
+            try:
+                async for ev in gen:
+                    seen.append(ev)
+                    if ev["type"] == "error" or (streamed and ev["type"] in ("token", "end")):
+                        break
+                return gen, seen
+            except WORKER_GONE as e:
+                if attempt == self.cfg.turn_retries:
+                    raise ApiError(503, f"no worker could run the turn: {type(e).__name__}", "service_unavailable",
+                                   "worker_unavailable", retry_after=RETRY_AFTER_S) from None
+                log.warning("worker died before the first token (%s); retrying the turn elsewhere", type(e).__name__)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     # --- endpoints --------------------------------------------------------------------------
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERRORS, openapi_extra=CHAT_EXTRA,
+              summary="Chat completion (OpenAI-compatible); X-Session-Id keeps the conversation's cache")
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
         owner = self._owner(request)
@@ -151,44 +228,56 @@ class Router:
         sid = request.headers.get("x-session-id") or req.session_id
         if sid:
             await self._check_session(sid, owner)
-        handle = self.worker.options(stream=True, session_id=sid) if sid else self.worker.options(stream=True)
-        messages = [m.model_dump() for m in req.messages]
-        gen = handle.chat.remote(sid, owner, messages, max_tokens, req.temperature, req.top_p, req.seed)
-        first = await gen.__anext__()
+        messages = [m.plain() for m in req.messages]
+        args = (sid, owner, messages, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
+        gen, seen = await self._start(sid, args, streamed=req.stream)
+        first = seen[0]
         if first["type"] == "error":
             raise HttpError.from_event(first).api_error()
         cid, model = completion_id(), self.cfg.model_name
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return StreamingResponse(self._sse(gen, first, cid, model, include_usage, t0),
+            return StreamingResponse(self._sse(gen, seen, cid, model, include_usage, t0),
                                      media_type="text/event-stream")
         text, end, timer = [], {}, TokenTimer(t0)
-        async for ev in gen:
+        for ev in seen[1:]:
             if ev["type"] == "token":
                 timer.tick()
                 text.append(ev["text"])
             elif ev["type"] == "end":
                 end = ev
+            elif ev["type"] == "error":
+                raise HttpError.from_event(ev).api_error()
         use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
         self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
         return JSONResponse(completion_body(cid, model, "".join(text), end.get("finish_reason", "length"), use),
                             headers={"x-session-id": sid} if sid else None)
 
-    async def _sse(self, gen, first: dict, cid: str, model: str, include_usage: bool, t0: float):
+    async def _sse(self, gen, seen: list[dict], cid: str, model: str, include_usage: bool, t0: float):
         send = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
         yield send(chunk_body(cid, model, {"role": "assistant", "content": ""}))
-        timer, end = TokenTimer(t0), {}
-        try:
+        timer, end, first = TokenTimer(t0), {}, seen[0]
+
+        async def events():
+            for ev in seen[1:]:
+                yield ev
             async for ev in gen:
+                yield ev
+
+        try:
+            async for ev in events():
                 if ev["type"] == "token":
                     timer.tick()
                     yield send(chunk_body(cid, model, {"content": ev["text"]}))
                 elif ev["type"] == "end":
                     end = ev
-        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
+                elif ev["type"] == "error":
+                    raise HttpError.from_event(ev).api_error()
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
             h = http_error(e)
+            log.warning("stream of %s ended by %s: %s", cid, type(e).__name__, e)
             yield send(error_body(f"generation failed: {h.message if h else type(e).__name__}",
-                                  h.type if h else "server_error", code=h.code if h else None))
+                                  h.type if h else "server_error", code=h.code if h else "stream_interrupted"))
             yield "data: [DONE]\n\n"
             return
         use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
@@ -200,33 +289,42 @@ class Router:
         yield "data: [DONE]\n\n"
         self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models(self, request: Request):
         self._owner(request)
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
                                             "owned_by": "lessserve"}]}
 
-    @app.get("/v1/sessions/{session_id}")
+    @app.get("/v1/sessions/{session_id}", responses={k: ERRORS[k] for k in (400, 401, 404, 503)})
     async def session(self, session_id: str, request: Request):
         owner = self._owner(request)
         await self._check_session(session_id, owner)
-        info = await self.worker.options(session_id=session_id).session_info.remote(session_id)
+        info = await self.worker.options(session_id=session_id).session_info.remote(session_id, owner)
         if info is None:
             raise ApiError(404, f"session {session_id!r} not found", "not_found_error", "session_not_found")
         return info
 
-    @app.delete("/v1/sessions/{session_id}")
+    @app.delete("/v1/sessions/{session_id}", responses={k: ERRORS[k] for k in (400, 401, 404, 503)})
     async def delete_session(self, session_id: str, request: Request):
         owner = self._owner(request)
         entry = await self._check_session(session_id, owner)
-        existed = await self.worker.options(session_id=session_id).delete_session.remote(session_id)
+        existed = await self.worker.options(session_id=session_id).delete_session.remote(session_id, owner)
         if not existed and entry is None:
             raise ApiError(404, f"session {session_id!r} not found", "not_found_error", "session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     @app.get("/healthz")
     async def healthz(self):
-        return {"status": "ok", "model": self.cfg.model_name, "policy": self.cfg.engine.policy}
+        """Liveness: 200 while this router answers; `status` says "degraded" with the reasons."""
+        h = await self.health.check()
+        return {"status": h["status"], "reasons": h["reasons"], "model": self.cfg.model_name,
+                "policy": self.cfg.engine.policy}
+
+    @app.get("/readyz", responses={503: {"description": "no worker has reported in recently"}})
+    async def readyz(self):
+        """Readiness: 200 (status ok or degraded, with reasons) while turns can be served, else 503."""
+        h = await self.health.check()
+        return JSONResponse(h, status_code=200 if h["workers"] != 0 else 503)
 
     @app.get("/metrics")
     async def metrics(self):

@@ -60,6 +60,11 @@ class ServeConfig(BaseModel):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     drain_timeout_s: float = Field(60.0, gt=0, description="Time a leaving worker has to offload its sessions")
+    queue_depth: int = Field(64, ge=0, description="Turns that may wait per worker when every slot is busy "
+                             "(more: 503 with Retry-After)")
+    queue_max_wait_s: float = Field(30.0, gt=0, description="Longest a turn waits for a slot before a 503")
+    turn_retries: int = Field(2, ge=0, le=10, description="Times the router retries a turn on another worker "
+                              "when its worker died before the first token")
     maintain_interval_s: float = Field(5.0, gt=0, description="Worker tier-maintenance period")
 
     @property

@@ -11,37 +11,88 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=200_000)
+    type: Literal["text"]
+    text: str = Field(..., max_length=200_000)
+
+
+class ChatMessage(BaseModel):
+    """One message. `content` is a string or a list of text parts (joined); role `developer` is
+    read as `system`. Other roles (tool, function) and non-text parts are refused with 400."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(..., max_length=200_000)
+    name: str | None = Field(None, max_length=256, description="accepted and ignored")
+
+    def plain(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
+    """The body of POST /v1/chat/completions. OpenAI fields this server does not use are accepted
+    and ignored; a field of the wrong type, or out of range, is a 400 naming it."""
+
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    model: str = Field(..., max_length=256)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,
+                                        description="the whole conversation; the last message is the user's")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most (legacy name)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation ends before the first")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
-    stream_options: dict | None = None
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
-    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = Field(None, max_length=256, description="accepted and ignored")
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
+                                   description="the conversation's id (the X-Session-Id header wins)")
 
     @field_validator("messages")
     @classmethod
     def _last_is_user(cls, v: list[ChatMessage]) -> list[ChatMessage]:
         if v[-1].role != "user":
             raise ValueError("the last message must have role 'user'")
-        if not any(m.content.strip() for m in v):
+        if not any(m.plain()["content"].strip() for m in v):
             raise ValueError("messages are empty")
         return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(len(x) > 256 for x in stops)):
+            raise ValueError("at most 4 stop strings of at most 256 characters")
+        return stops
+
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI style. 503s carry a Retry-After header (seconds)."""
+
+    error: ErrorDetail
 
 
 def completion_id() -> str:

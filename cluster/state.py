@@ -22,8 +22,12 @@ class ClusterState:
         self.blobs: dict[str, bytes] = {}
         self.ttft = Histogram()
         self.itl = Histogram()
-        self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0}
+        self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0,
+                         "errors_503": 0, "errors_500": 0}
         self.t0 = time.time()
+
+    def started_at(self) -> float:
+        return self.t0
 
     # directory
     def lookup(self, sid: str) -> dict | None:
@@ -67,6 +71,11 @@ class ClusterState:
         return sum(len(v) for k, v in self.blobs.items() if k.startswith(prefix))
 
     # metrics
+    def live_workers(self, stale_s: float) -> int:
+        """Workers that reported within the last `stale_s` seconds."""
+        now = time.time()
+        return sum(1 for w in self.workers.values() if now - w["t"] <= stale_s)
+
     def report_worker(self, worker: str, stats: dict) -> None:
         self.workers[worker] = {**stats, "t": time.time()}
 
@@ -81,6 +90,8 @@ class ClusterState:
 
     def record_error(self, status: int) -> None:
         self.counters["errors_5xx" if status >= 500 else "errors_4xx"] += 1
+        if status in (500, 503):
+            self.counters[f"errors_{status}"] += 1
 
     def prometheus(self, queue_depth: int = 0) -> str:
         up = max(time.time() - self.t0, 1e-9)
@@ -104,6 +115,21 @@ class ClusterState:
             if samples:
                 lines += render_metric(f"lessserve_tier_{name}", "gauge" if key in ("sessions", "bytes")
                                        else "counter", f"Per-tier {key}", samples)
+        adm = {k: sum((w.get("admission") or {}).get(k, 0) for w in self.workers.values())
+               for k in ("running", "waiting", "waits_total", "wait_seconds_total", "rejected_total")}
+        lines += render_metric("lessserve_turns_running", "gauge", "Turns holding a session slot",
+                               [({}, adm["running"])])
+        lines += render_metric("lessserve_turns_waiting", "gauge", "Turns waiting for a session slot",
+                               [({}, adm["waiting"])])
+        lines += render_metric("lessserve_turn_waits_total", "counter", "Turns that waited for a slot",
+                               [({}, adm["waits_total"])])
+        lines += render_metric("lessserve_turn_wait_seconds_total", "counter", "Seconds turns waited for a slot",
+                               [({}, adm["wait_seconds_total"])])
+        lines += render_metric("lessserve_turn_rejections_total", "counter", "Turns refused with 503 (queue full "
+                               "or wait too long)", [({}, adm["rejected_total"])])
+        pending = sum(int(w.get("directory_pending", 0)) for w in self.workers.values())
+        lines += render_metric("lessserve_directory_writes_pending", "gauge", "Directory writes kept back by an "
+                               "outage", [({}, pending)])
         queue = sum(int(w.get("queue_depth", 0)) for w in self.workers.values()) + queue_depth
         lines += render_metric("lessserve_queue_depth", "gauge", "Turns waiting or running on workers",
                                [({}, queue)])

@@ -21,13 +21,15 @@ class Transcript:
     text: str = ""  # the rendered chat text those ids stand for
     messages: list[dict] = field(default_factory=list)
     turns: int = 0
+    owner: str | None = None  # who may continue this conversation (an API key's hash; None = anyone)
 
     def to_dict(self) -> dict:
-        return {"ids": self.ids, "text": self.text, "messages": self.messages, "turns": self.turns}
+        return {"ids": self.ids, "text": self.text, "messages": self.messages, "turns": self.turns, "owner": self.owner}
 
     @classmethod
     def from_dict(cls, d: dict) -> Transcript:
-        return cls(ids=list(d["ids"]), text=d["text"], messages=list(d["messages"]), turns=int(d["turns"]))
+        return cls(ids=list(d["ids"]), text=d["text"], messages=list(d["messages"]), turns=int(d["turns"]),
+                   owner=d.get("owner"))
 
 
 @dataclass
@@ -65,6 +67,33 @@ class Detokenizer:
             return ""
         piece, self.sent = text[self.sent:], len(text)
         return piece
+
+
+class StopStrings:
+    """OpenAI `stop`: streamed text ends before the first stop string, which is never sent. Text
+    that could still turn into a stop string is held back until it cannot."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [x for x in stops if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.buf = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """-> (text safe to send now, whether a stop string was hit)."""
+        if not self.stops:
+            return piece, False
+        self.buf += piece
+        cut = min((i for i in (self.buf.find(x) for x in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf = self.buf[:cut], ""
+            return out, True
+        n = max(len(self.buf) - self.hold, 0)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
 
 
 class ChatSession:

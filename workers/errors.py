@@ -34,3 +34,7 @@ class SlotStateError(LessServeError):
 
 class ContextOverflowError(RequestError):
     """A session would exceed what its policy can hold (e.g. `full` past max_context)."""
+
+
+class SessionNotFoundError(NotFoundError):
+    """No such session for this owner (another owner's session is reported the same way)."""

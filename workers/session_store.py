@@ -35,7 +35,7 @@ from lessserve.cache_store.tier import Tier
 from lessserve.workers.chat_session import ChatSession, Transcript, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import ContextOverflowError
+from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
 from lessserve.workers.io_loop import IoLoop
 
 
@@ -60,6 +60,8 @@ class SessionStore:
         self.io = IoLoop("session-store-io")
         self.store: TieredCacheStore = self.io.run(self._make_store())
         self.transcript_write_failures = 0
+        self.transcript_read_failures = 0
+        self.unsaved: set[str] = set()  # sessions whose latest transcript is not durable yet
 
     async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
         return TieredCacheStore(self.config, self.device, shared=self.shared,
@@ -69,16 +71,20 @@ class SessionStore:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
 
     # --- the turn ---------------------------------------------------------------------------
-    def open_turn(self, session_id: str, messages: list[dict],
-                  max_new_tokens: int = 0) -> tuple[ChatSession, list[int]]:
+    def open_turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
+                  owner: str | None = None) -> tuple[ChatSession, list[int]]:
         """First half of a turn driven by an external scheduler: bring the session to the device
-        (pinned), check the turn fits, and return it with the token ids to prefill. Pair with
-        `close_turn`, which must be called whatever happens."""
+        (pinned), check the owner and that the turn fits, and return it with the token ids to
+        prefill. Pair with `close_turn`, which must be called whatever happens (also after an
+        error here: it is then a no-op). A session another owner created is SessionNotFoundError."""
         chat = self._bring_to_device(session_id)
         try:
+            if owner is not None and chat.transcript.owner not in (None, owner):
+                raise SessionNotFoundError(f"session {session_id!r} not found")
             plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
             self._check_fits(chat, plan, max_new_tokens)
             self._open[session_id] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+            chat.transcript.owner = chat.transcript.owner or owner
             return chat, chat.begin_turn(messages, plan)
         except BaseException:
             self.store.unpin(session_id)
@@ -99,8 +105,10 @@ class SessionStore:
         """Second half: record the generated tokens, unpin, persist the transcript. A turn that
         produced nothing (it failed) is rolled back: the transcript returns to its state before
         the turn and the device copy is dropped, so the next turn rebuilds from the transcript."""
-        chat = self.sessions[session_id]
+        chat = self.sessions.get(session_id)
         before = self._open.pop(session_id, None)
+        if chat is None or before is None:  # open_turn failed: nothing was pinned or planned
+            return
         try:
             if tokens:
                 chat.finish_turn(messages, tokens)
@@ -114,15 +122,16 @@ class SessionStore:
             if session_id in self.sessions:
                 self._write_transcript(session_id)
 
-    def info(self, session_id: str) -> dict | None:
-        """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for an unknown session."""
+    def info(self, session_id: str, owner: str | None = None) -> dict | None:
+        """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for a session
+        unknown to this owner. TierUnavailableError when only the (unreachable) shared tier knows."""
         try:
             tier = self.io.run(self.store.where(session_id))
         except CacheMissError:
             tier = None
         known = self.sessions.get(session_id)
-        tr = known.transcript if known else self._fetch_transcript(session_id)
-        if tier is None and not tr.ids:
+        tr = known.transcript if known else self._fetch_transcript(session_id, strict=True)
+        if (tier is None and not tr.ids) or (owner is not None and tr.owner not in (None, owner)):
             return None
         eng = self.engine
         if tier == "device":
@@ -171,17 +180,46 @@ class SessionStore:
             self.store.unpin(sid)
             raise
 
-    def _fetch_transcript(self, sid: str) -> Transcript:
+    def _fetch_transcript(self, sid: str, strict: bool = False) -> Transcript:
+        """The durable transcript; an empty one for a new session, or (unless `strict`) when the
+        shared tier is down: the request's own history then rebuilds the session (plan_turn)."""
         try:
             return Transcript.from_dict(self.io.run(self.store.get_transcript(sid)))
         except CacheMissError:
             return Transcript()  # a new session (or one nobody can remember: plan_turn rebuilds it)
+        except TierUnavailableError:
+            self.transcript_read_failures += 1
+            if strict:
+                raise
+            return Transcript()
 
     def _write_transcript(self, sid: str) -> None:
         try:
             self.io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
-        except TierUnavailableError:  # durability degraded, the conversation is not: counted in stats
+            self.unsaved.discard(sid)
+        except TierUnavailableError:  # durability degraded, the conversation is not: retried by flush()
             self.transcript_write_failures += 1
+            self.unsaved.add(sid)
+
+    def flush(self) -> int:
+        """Write the transcripts an outage kept from being saved; returns how many are still unsaved."""
+        for sid in list(self.unsaved):
+            if sid in self.sessions:
+                self._write_transcript(sid)
+            else:
+                self.unsaved.discard(sid)
+        return len(self.unsaved)
+
+    def republish(self) -> int:
+        """Write every transcript this worker holds (the shared tier came back empty). Returns the
+        number written."""
+        for sid in list(self.sessions):
+            self._write_transcript(sid)
+        return len(self.sessions) - len(self.unsaved)
+
+    def resident(self) -> dict[str, str | None]:
+        """Sessions this worker knows -> their owners."""
+        return {sid: chat.transcript.owner for sid, chat in self.sessions.items()}
 
     # --- placement --------------------------------------------------------------------------
     def where(self, session_id: str) -> str:
@@ -198,10 +236,14 @@ class SessionStore:
         from. Raises RestoreError when it cannot (the next turn then rebuilds it)."""
         return self.io.run(self.store.restore(session_id)).source
 
-    def delete(self, session_id: str) -> bool:
-        """Forget the session: its cache in every tier and its transcript. True if it existed."""
-        existed = session_id in self.sessions or self.info(session_id) is not None
+    def delete(self, session_id: str, owner: str | None = None) -> bool:
+        """Forget the session: its cache in every tier and its transcript. True if it existed;
+        another owner's session is left alone (False)."""
+        existed = self.info(session_id, owner) is not None
+        if not existed and owner is not None and session_id in self.sessions:
+            return False  # someone else's
         self.io.run(self.store.delete(session_id))
+        self.unsaved.discard(session_id)
         self.sessions.pop(session_id, None)
         return existed
 
@@ -224,7 +266,9 @@ class SessionStore:
 
     def stats(self) -> dict:
         out = self.io.run(self.store.stats())
-        out["total"]["transcript_write_failures"] = self.transcript_write_failures
+        out["total"].update(transcript_write_failures=self.transcript_write_failures,
+                            transcript_read_failures=self.transcript_read_failures,
+                            unsaved_transcripts=len(self.unsaved))
         return out
 
     def close(self) -> None:
