@@ -1,0 +1,40 @@
+"""Independent replays for exact checks: a transcript re-fed to a fresh engine slot through chunks
+this module cuts itself (absolute multiples of prefill_chunk, docs/engine.md), and a slot's state
+compared field by field, bit for bit."""
+
+from __future__ import annotations
+
+import torch
+
+from lessserve.kernels.reference.pack import dequantize_int8_ref, quantize_int8_ref
+
+FIELDS = ("k", "v", "pos", "score", "H", "z", "length", "seen")
+
+
+def replay(engine, ids: list[int]) -> int:
+    """A fresh slot of `engine` that consumed `ids` from position 0, chunk by chunk; returns the slot."""
+    slot, chunk, off = engine.alloc(), engine.cfg.prefill_chunk, 0
+    while off < len(ids):
+        size = min(chunk - off % chunk, len(ids) - off)
+        engine.forward([slot], torch.tensor([ids[off : off + size]]), last_only=True)
+        off += size
+    return slot
+
+
+def int8_round_trip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an int8 offload must restore: k and v quantised and dequantised, the rest untouched."""
+    out = dict(state)
+    for f in ("k", "v"):
+        out[f] = dequantize_int8_ref(*quantize_int8_ref(state[f]), state[f].dtype)
+    return out
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    """Every slot field equal bit for bit (dtype and shape included)."""
+    for f in FIELDS:
+        g, w = got[f], want[f]
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}: {f} is {g.dtype} {tuple(g.shape)}, " \
+                                                          f"want {w.dtype} {tuple(w.shape)}"
+        if not torch.equal(g, w):
+            diff = (g != w).nonzero()
+            raise AssertionError(f"{what}: {f} differs at {diff.shape[0]} places, first {diff[0].tolist()}")
