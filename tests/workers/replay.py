@@ -38,3 +38,16 @@ def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
         if not torch.equal(g, w):
             diff = (g != w).nonzero()
             raise AssertionError(f"{what}: {f} differs at {diff.shape[0]} places, first {diff[0].tolist()}")
+
+
+def replayed_reply(engine, transcript, messages: list[dict], max_new_tokens: int) -> str:
+    """The reply a session rebuilt from `transcript` must give: the transcript replayed into a
+    fresh slot of `engine`, then the turn (greedy)."""
+    from lessserve.workers.chat_session import ChatSession, Transcript
+
+    tr = Transcript.from_dict(transcript.to_dict())
+    chat = ChatSession(engine, slot=replay(engine, tr.ids), transcript=tr)
+    try:
+        return "".join(chat.turn(messages, max_new_tokens))
+    finally:
+        chat.close()

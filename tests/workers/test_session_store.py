@@ -8,8 +8,9 @@ import pytest
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError
 from lessserve.testing import adopt, forget_cache, run_turn, snapshot
-from lessserve.workers.chat_session import ChatSession
+from lessserve.workers.chat_session import ChatSession, Transcript
 from lessserve.workers.session_store import SessionStore
+from tests.workers.replay import replayed_reply
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: one intra-op thread
 
@@ -62,8 +63,9 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
         # 1. Redis crashes while holding the only cache: the worker re-prefills its transcript.
         a.offload("s", "redis")
         own_redis.kill()
+        want = replayed_reply(default_engine(), a.transcript("s"), next_messages(hist, 1), NEW_TOKENS)
         reply = "".join(run_turn(a, "s", next_messages(hist, 1), max_new_tokens=NEW_TOKENS))
-        assert reply.strip()
+        assert reply.strip() and reply == want  # the rebuild == an independent replay of the transcript
         assert a.transcript("s").ids[: len(ids_after_1)] == ids_after_1 and a.transcript("s").turns == 2
         st = a.stats()
         assert st["redis"]["recomputes"] == 1 and st["total"]["transcript_write_failures"] == 1
@@ -91,7 +93,8 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
         r = a.store.shared
         gen = a.io.run(r.client.get(f"{prefix}:s:ptr")).decode().split(":")[0]
         a.io.run(r.client.setrange(f"{prefix}:s:{gen}:0", 5000, b"\x00\xff\x00\xff"))
-        list(run_turn(a, "s", next_messages(hist, 2), max_new_tokens=NEW_TOKENS))
+        want = replayed_reply(default_engine(), a.transcript("s"), next_messages(hist, 2), NEW_TOKENS)
+        assert "".join(run_turn(a, "s", next_messages(hist, 2), max_new_tokens=NEW_TOKENS)) == want
         assert a.stats()["redis"]["recomputes"] == 2 and a.transcript("s").turns == 3
         a.drain()
 
@@ -100,7 +103,8 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
         b = SessionStore(default_engine(budget=24), cfg)
         try:
             msgs = [*a.transcript("s").messages, {"role": "user", "content": "Thanks."}]
-            list(run_turn(b, "s", msgs, max_new_tokens=2))
+            want = replayed_reply(default_engine(budget=24), a.transcript("s"), msgs, 2)
+            assert "".join(run_turn(b, "s", msgs, max_new_tokens=2)) == want
             assert b.stats()["redis"]["recomputes"] == 1
             assert b.transcript("s").ids[: len(ids_after_1)] == ids_after_1
             assert b.transcript("s").turns == 4
@@ -121,7 +125,9 @@ def test_embedded_default_without_redis(default_engine):
         st = ss.stats()
         assert "redis" not in st and st["host"]["restores"] == 1 and ss.where("x") == "device"
         forget_cache(ss, "x")  # lost cache, transcript kept: the next turn recomputes
-        list(run_turn(ss, "x", next_messages(ss.transcript("x").messages, 2), max_new_tokens=3))
+        msgs = next_messages(ss.transcript("x").messages, 2)
+        want = replayed_reply(default_engine(), ss.transcript("x"), msgs, 3)
+        assert "".join(run_turn(ss, "x", msgs, max_new_tokens=3)) == want
         assert ss.stats()["total"]["recomputes"] == 1
     finally:
         ss.close()
@@ -158,6 +164,7 @@ def test_a_cache_without_its_transcript_is_refused(default_engine, redis_server,
         assert ss.where("u") == "redis"
         reply = "".join(run_turn(ss, "u", next_messages([], 1), max_new_tokens=2))
         assert reply.strip() and ss.where("u") == "device" and ss.transcript("u").turns == 1
+        assert reply == replayed_reply(default_engine(), Transcript(), next_messages([], 1), 2)  # a fresh start
         assert ss.device.free_slots == 0  # t and u: no slot leaked
     finally:
         ss.close()
