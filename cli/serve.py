@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from pydantic import ValidationError
 
@@ -65,14 +66,29 @@ def run(args) -> int:
     from lessserve.cluster import launch
 
     stop = threading.Event()
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda *_: stop.set())
-    launch.start(cfg, address=args.address)
-    print(f"lessserve: serving {cfg.model_name} ({cfg.engine.policy}, budget {cfg.engine.budget}) on "
-          f"http://{cfg.host}:{cfg.port}/v1  (Ctrl-C to stop)", flush=True)
+
+    def on_signal(signum, _frame):
+        if not stop.is_set():
+            print(f"lessserve: {signal.Signals(signum).name}: draining (up to {cfg.drain_timeout_s:g} s), "
+                  "then exiting", flush=True)
+        stop.set()
+
+    def handle_signals():  # ray.init installs its own SIGTERM handler (a stack dump, then abort): replace it
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on_signal)
+
+    handle_signals()
+    launch.start(cfg, address=args.address, after_init=handle_signals)
+    handle_signals()
+    if not stop.is_set():
+        print(f"lessserve: serving {cfg.model_name} ({cfg.engine.policy}, budget {cfg.engine.budget}) on "
+              f"http://{cfg.host}:{cfg.port}/v1  (Ctrl-C to stop)", flush=True)
     try:
-        stop.wait()
+        while not stop.wait(0.5):
+            pass
     finally:
+        t0 = time.monotonic()
         print("lessserve: draining workers and shutting down ...", flush=True)
         launch.stop()
+        print(f"lessserve: stopped in {time.monotonic() - t0:.1f} s", flush=True)
     return 0

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from lessserve.cluster.config import ServeConfig
 
 
-def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None) -> None:
+def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None,
+          after_init: Callable[[], None] | None = None) -> None:
+    """`after_init` runs right after ray.init (which installs Ray's own SIGTERM handler: a stack
+    dump, then abort), e.g. to put the caller's signal handlers back before the slow deploy."""
     import ray
     from ray import serve
 
@@ -15,6 +19,8 @@ def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = N
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", num_cpus=num_cpus,
                  include_dashboard=False, log_to_driver=False, logging_level="WARNING", namespace="lessserve")
+    if after_init:
+        after_init()
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     from lessserve.cluster.app import build_app
