@@ -159,6 +159,8 @@ def read_header(buf: Blob) -> Header:
                         _align(_FIXED.size + head_len))
     except (ValueError, KeyError, TypeError) as e:
         raise CodecError(f"malformed cache header: {e}") from e
+    if any(mv[_FIXED.size + head_len : header.payload_start]):  # the alignment padding is no checksum's: zeros only
+        raise ChecksumError("non-zero bytes in the header padding: the cache header is corrupted")
     expected = header.payload_start + header.payload_bytes
     if len(mv) != expected:
         raise TruncatedError(f"{len(mv)} bytes; the header says {expected}")
