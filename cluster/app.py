@@ -203,6 +203,7 @@ class Router:
                     raise ApiError(503, f"no worker could run the turn: {type(e).__name__}", "service_unavailable",
                                    "worker_unavailable", retry_after=RETRY_AFTER_S) from None
                 log.warning("worker died before the first token (%s); retrying the turn elsewhere", type(e).__name__)
+                self.state.record_retry.remote()
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 

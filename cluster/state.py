@@ -23,7 +23,7 @@ class ClusterState:
         self.ttft = Histogram()
         self.itl = Histogram()
         self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0,
-                         "errors_503": 0, "errors_500": 0}
+                         "errors_503": 0, "errors_500": 0, "turn_retries": 0}
         self.t0 = time.time()
 
     def started_at(self) -> float:
@@ -87,6 +87,10 @@ class ClusterState:
         self.counters["turns"] += 1
         self.counters["tokens_out"] += tokens_out
         self.counters["tokens_prefilled"] += prefilled
+
+    def record_retry(self) -> None:
+        """The router re-ran a turn on another worker (its worker died before the first token)."""
+        self.counters["turn_retries"] += 1
 
     def record_error(self, status: int) -> None:
         self.counters["errors_5xx" if status >= 500 else "errors_4xx"] += 1

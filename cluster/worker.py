@@ -120,7 +120,9 @@ class LessWorker:
         if session_id is not None:
             await self.directory.place(sid, self.worker_id, owner)
         tok = self.engine.tokenizer
-        yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": len(new_ids)}
+        prefilled = len(new_ids) + session.rebuilt  # what this turn computed again: not cached
+        session.rebuilt = 0
+        yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": prefilled}
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop_ids=(tok.eos_token_id,))
         tokens: list[int] = []

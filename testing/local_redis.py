@@ -77,6 +77,12 @@ class LocalRedis:
         except OSError:
             return False
 
+    def client(self):
+        """A synchronous redis-py client of this server (for tests to look inside)."""
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
     def kill(self) -> None:
         """SIGKILL, as a crash would: no shutdown save."""
         if self.proc and self.proc.poll() is None:

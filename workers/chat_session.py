@@ -104,6 +104,7 @@ class ChatSession:
         self.slot = engine.alloc() if slot is None else slot
         self.transcript = transcript or Transcript()
         self.last_prefill = 0  # tokens prefilled by the latest turn
+        self.rebuilt = 0  # tokens re-prefilled from the transcript before it (a lost cache)
 
     def close(self) -> None:
         self.engine.free(self.slot)

@@ -77,7 +77,7 @@ class SessionStore:
         (pinned), check the owner and that the turn fits, and return it with the token ids to
         prefill. Pair with `close_turn`, which must be called whatever happens (also after an
         error here: it is then a no-op). A session another owner created is SessionNotFoundError."""
-        chat = self._bring_to_device(session_id)
+        chat = self._bring_to_device(session_id, messages)
         try:
             if owner is not None and chat.transcript.owner not in (None, owner):
                 raise SessionNotFoundError(f"session {session_id!r} not found")
@@ -142,12 +142,12 @@ class SessionStore:
         return {"tier": tier or "transcript", "tokens_seen": seen, "cached_tokens": cached,
                 "cache_bytes": eng.slab.slot_bytes(), "turns": tr.turns}
 
-    def _bring_to_device(self, sid: str) -> ChatSession:
+    def _bring_to_device(self, sid: str, messages: list[dict] | None = None) -> ChatSession:
         self.store.pin(sid)
         try:
             restored = self.io.run(self.store.restore(sid))
         except RestoreError as e:
-            return self._rebuild(sid, e)
+            return self._rebuild(sid, e, messages)
         except BaseException:
             self.store.unpin(sid)
             raise
@@ -157,15 +157,19 @@ class SessionStore:
         try:
             tr = meta_transcript(restored.meta)
         except IncompatibleCacheError as e:  # a cache without its transcript: rebuild over the slot
-            return self._rebuild(sid, RestoreError(sid, restored.source, e))
+            return self._rebuild(sid, RestoreError(sid, restored.source, e), messages)
         self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
         return chat
 
-    def _rebuild(self, sid: str, err: RestoreError) -> ChatSession:
-        """No usable cache: re-prefill the transcript (a recompute), or start a new session."""
+    def _rebuild(self, sid: str, err: RestoreError, messages: list[dict] | None = None) -> ChatSession:
+        """No usable cache: re-prefill the transcript (a recompute), or start a new session. A
+        transcript the request's history does not extend is not re-prefilled (the turn then
+        prefills the request from scratch). `ChatSession.rebuilt` counts the tokens re-prefilled."""
         try:
             known = self.sessions.get(sid)
             tr = known.transcript if known else self._fetch_transcript(sid)
+            if tr.ids and messages is not None and plan_turn(self.engine.tokenizer, tr, messages).rebuild:
+                tr = Transcript(turns=tr.turns, owner=tr.owner)
             if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
                 self.io.run(self.store.make_room())
             slot = self.device.new_slot(sid)
@@ -175,6 +179,7 @@ class SessionStore:
             if known or tr.ids:
                 self.store.record_recompute(err.tier)
             self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
+            chat.rebuilt = len(tr.ids)
             return chat
         except BaseException:
             self.store.unpin(sid)
