@@ -5,32 +5,20 @@ Same signatures and results as kernels/reference/attention.py.
 
 from __future__ import annotations
 
-import os
-
 import torch
-import triton
 
 from lessserve.kernels.triton.attention_kernels import attn_fwd_kernel, attn_mass_kernel
 from lessserve.kernels.triton.checks import (
+    TL_TYPES,
     expect,
     expect_device,
     expect_float,
     expect_inner_contiguous,
     expect_shape,
+    interpreting,
     new_output,
-    pow2,
 )
-
-BLOCK_N = 64
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """ "ieee" = fp32 dot operands: for fp32 data, and for bf16 under the interpreter (whose bf16
-    tl.dot returns garbage in triton 3.x); "native" = fp16 / bf16 tensor-core dots."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"):
-        return "ieee"
-    return "native"
-FUSED_MAX_ROWS = 64  # G*C up to this: one row block, mass fused into the pass
+from lessserve.kernels.triton.launch import FUSED_MAX_ROWS, attention_launches
 
 
 def _validate(q, k_new, v_new, k_cache, v_cache, length, slot_ids, H, z, phi_q) -> bool:
@@ -77,19 +65,16 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale, 
     mass_new = new_output((n, Hkv, C), torch.float32, dev)
     if n == 0:
         return out, mass_cache, mass_new
-    GC = G * C
-    fused = GC <= FUSED_MAX_ROWS
-    BLOCK_M = max(16, pow2(GC)) if fused else 32
-    BLOCK_D = pow2(D, 16)
-    prec = dot_precision(q.dtype)
+    R = H.shape[2] if use_less else 0
+    fwd, *mass = attention_launches(n, Hq, Hkv, C, B, D, R, TL_TYPES[q.dtype], use_less, interpreting())
+    GC, fused = G * C, fwd.constexprs["FUSED_MASS"]
     length = length.to(torch.int32) if length.dtype != torch.int32 else length
-    slot_ids = slot_ids.contiguous()
+    slot_ids = slot_ids.to(torch.int64).contiguous()
     if use_less:
-        R = H.shape[2]
         Hp, zp, pp = H, z, phi_q
         sH, sz, sp = H.stride()[:3], z.stride()[:2], phi_q.stride()[:3]
     else:
-        R, Hp, zp, pp = 0, q, q, q  # placeholders, never read
+        Hp, zp, pp = q, q, q  # placeholders, never read
         sH, sz, sp = (0, 0, 0), (0, 0), (0, 0, 0)
     if fused:
         logits = torch.empty((n, Hkv, GC, B + C), dtype=torch.float32, device=dev)  # scratch
@@ -98,25 +83,22 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale, 
         logits = q  # placeholder
         m = torch.empty((n, Hkv, GC), dtype=torch.float32, device=dev)
         l_ = torch.empty((n, Hkv, GC), dtype=torch.float32, device=dev)
-    grid = (n, Hkv, triton.cdiv(GC, BLOCK_M))
-    attn_fwd_kernel[grid](
+    attn_fwd_kernel[fwd.grid](
         q, k_new, v_new, k_cache, v_cache, length, slot_ids, Hp, zp, pp,
         out, m, l_, logits, mass_cache, mass_new,
         C, G, B, D, R, float(scale),
         *q.stride()[:3], *out.stride()[:3],
         *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         *sH, *sz, *sp,
-        HAS_LESS=use_less, FUSED_MASS=fused, DOT_PREC=prec,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_R=max(16, pow2(R)),
+        **fwd.options,
     )
-    if not fused:
-        nb_cache = triton.cdiv(B, BLOCK_N)
-        grid = (n, Hkv, nb_cache + triton.cdiv(C, BLOCK_N))
-        attn_mass_kernel[grid](
+    for ml in mass:  # G*C > 64: the mass from (m, l), one block of keys per program
+        nb_cache = -(-B // ml.constexprs["BLOCK_N"])
+        attn_mass_kernel[ml.grid](
             q, k_new, k_cache, length, slot_ids, m, l_, mass_cache, mass_new,
             C, G, B, D, float(scale), nb_cache,
             *q.stride()[:3], *k_new.stride()[:3], *k_cache.stride()[:3],
-            DOT_PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            **ml.options,
         )
     return out, mass_cache, mass_new
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lessserve.kernels.errors import KernelInputError  # noqa: F401  (re-exported)
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # names in launch.py
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (set before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def expect(cond: bool, msg: str) -> None:
@@ -32,13 +40,6 @@ def expect_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
 
 def expect_inner_contiguous(name: str, t: torch.Tensor) -> None:
     expect(t.stride(-1) == 1, f"{name}: last dimension must be contiguous (stride {t.stride(-1)})")
-
-
-def pow2(x: int, lo: int = 1) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
 
 
 _POISON = {"on": False}

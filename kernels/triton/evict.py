@@ -12,18 +12,15 @@ import torch
 from lessserve.kernels.reference.evict import EvictionSpec
 from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
 from lessserve.kernels.triton.checks import (
+    TL_TYPES,
     expect,
     expect_device,
     expect_float,
     expect_inner_contiguous,
     expect_shape,
-    pow2,
 )
 from lessserve.kernels.triton.evict_kernels import absorb_kernel, evict_move_kernel, evict_select_kernel
-
-MODES = {"full": 0, "h2o": 1, "lambda": 2}
-BLOCK_J = 64
-MAX_MERGED = 1 << 16  # B + C per program, held in one block by the select kernel
+from lessserve.kernels.triton.launch import EVICT_MODES, MAX_MERGED, evict_launches
 
 
 def _validate(k_cache, v_cache, pos_cache, score_cache, length, slot_ids, k_new, v_new, pos_new,
@@ -45,11 +42,13 @@ def _validate(k_cache, v_cache, pos_cache, score_cache, length, slot_ids, k_new,
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         expect_float(name, t)
         expect_inner_contiguous(name, t)
+    expect(k_cache.dtype == v_cache.dtype == k_new.dtype == v_new.dtype,
+           f"k/v dtypes differ: {k_cache.dtype}, {v_cache.dtype}, {k_new.dtype}, {v_new.dtype}")
     expect(pos_cache.dtype == torch.int32, f"pos_cache: dtype {pos_cache.dtype}, expected int32")
     expect(score_cache.dtype == torch.float32, f"score_cache: dtype {score_cache.dtype}, expected float32")
     for name, t in (("pos_cache", pos_cache), ("score_cache", score_cache)):
         expect_inner_contiguous(name, t)
-    expect(spec.mode in MODES, f"eviction mode {spec.mode!r}: expected one of {tuple(MODES)}")
+    expect(spec.mode in EVICT_MODES, f"eviction mode {spec.mode!r}: expected one of {tuple(EVICT_MODES)}")
     expect(spec.budget == B, f"spec.budget={spec.budget} but the cache holds B={B} entries")
     expect(0 <= spec.recent and 0 <= spec.sink and spec.recent + spec.sink <= B,
            f"recent={spec.recent} + sink={spec.sink} must fit in budget {B}")
@@ -92,19 +91,21 @@ def evict_absorb(
     n, C = k_new.shape[0], k_new.shape[2]
     dev = k_cache.device
     ln = length.to(torch.int32).contiguous() if length.dtype != torch.int32 else length.contiguous()
-    slot_ids = slot_ids.contiguous()
+    slot_ids = slot_ids.to(torch.int64).contiguous()
     new_len = (ln[slot_ids] + C).clamp(max=B).to(torch.int32)  # [n]
     if n == 0:
         return new_len
     mass_cache = mass_cache.float().contiguous()
     mass_new = mass_new.float().contiguous()
     pos_new = pos_new.to(torch.int32).contiguous()
-    BLOCK_T = pow2(B + C, 16)
+    R = H.shape[2] if use_less else 0
+    select, move, *absorb = evict_launches(n, Hkv, B, C, D, R, spec.mode, TL_TYPES[k_cache.dtype], use_less)
+    BLOCK_T = select.constexprs["BLOCK_T"]
     code = torch.empty((n, Hkv, BLOCK_T), dtype=torch.int32, device=dev)  # scratch
-    evict_select_kernel[(n, Hkv)](
+    evict_select_kernel[select.grid](
         score_cache, mass_cache, mass_new, ln, slot_ids, code,
         C, B, spec.recent, spec.sink, score_cache.stride(0), score_cache.stride(1),
-        MODE=MODES[spec.mode], BLOCK_T=BLOCK_T,
+        **select.options,
     )
     if use_less:
         vk = torch.zeros((n, Hkv, C, D), dtype=k_cache.dtype, device=dev)  # victims, zero rows unused
@@ -112,20 +113,16 @@ def evict_absorb(
         used = torch.zeros((n, Hkv, C), dtype=torch.float32, device=dev)
     else:
         vk = vv = used = code  # placeholders, never written
-    evict_move_kernel[(n, Hkv)](
+    evict_move_kernel[move.grid](
         k_cache, v_cache, pos_cache, score_cache, ln, slot_ids,
         k_new, v_new, pos_new, mass_cache, mass_new, code,
         vk, vv, used,
         C, B, D, BLOCK_T,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *pos_cache.stride()[:2], *score_cache.stride()[:2],
         *k_new.stride()[:3], *v_new.stride()[:3], pos_new.stride(0),
-        WRITE_VICTIMS=use_less, BLOCK_J=BLOCK_J, BLOCK_D=pow2(D, 16),
+        **move.options,
     )
-    if use_less:
-        R = H.shape[2]
+    for ab in absorb:  # with LESS: psi of the victims by torch matmuls, then H += f^T v, z += sum f
         f = (psi_ref(vk, psi) * used[..., None]).contiguous()  # [n, Hkv, C, R] fp32
-        absorb_kernel[(n, Hkv)](
-            f, vv, H, z, slot_ids, C, R, D, *H.stride()[:3], *z.stride()[:2],
-            BLOCK_C=min(64, pow2(C, 16)), BLOCK_R=pow2(R, 16), BLOCK_D=pow2(D, 16),
-        )
+        absorb_kernel[ab.grid](f, vv, H, z, slot_ids, C, R, D, *H.stride()[:3], *z.stride()[:2], **ab.options)
     return new_len

@@ -15,7 +15,7 @@ Merged order j in [0, total): the slot's L cached entries, then the chunk's C ne
 import triton
 import triton.language as tl
 
-INVALID = -(1 << 30)
+INVALID = tl.constexpr(-(1 << 30))  # a constexpr: a plain global does not compile for a GPU (AOT-tested)
 
 
 @triton.jit

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lessserve.kernels.triton.checks import expect, expect_float, new_output, pow2
+from lessserve.kernels.triton.checks import TL_TYPES, expect, expect_float, new_output
+from lessserve.kernels.triton.launch import quant_launch
 from lessserve.kernels.triton.quant_kernels import dequantize_int8_kernel, quantize_int8_kernel
-
-BLOCK_R = 16
 
 
 def quantize_rows(x: torch.Tensor, sel: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
@@ -16,10 +15,10 @@ def quantize_rows(x: torch.Tensor, sel: torch.Tensor, q: torch.Tensor, s: torch.
     M0, (L, M1, D) = sel.numel(), x.shape[1:]
     if M0 == 0 or M1 == 0 or L == 0:
         return
-    grid = (M0, triton_cdiv(M1, BLOCK_R), L)
-    quantize_int8_kernel[grid](x, q, s, sel, M1, D, x.stride(0), x.stride(2), q.stride(0), q.stride(2),
-                               s.stride(0), s.stride(2), x.stride(1), q.stride(1), s.stride(1),
-                               BLOCK_R=BLOCK_R, BLOCK_D=pow2(D, 16))
+    ql = quant_launch("quantize", M0, M1, L, D, TL_TYPES[x.dtype])
+    quantize_int8_kernel[ql.grid](x, q, s, sel.to(torch.int64), M1, D, x.stride(0), x.stride(2), q.stride(0),
+                                  q.stride(2), s.stride(0), s.stride(2), x.stride(1), q.stride(1), s.stride(1),
+                                  **ql.options)
 
 
 def dequantize_rows(q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, sel: torch.Tensor) -> None:
@@ -27,15 +26,10 @@ def dequantize_rows(q: torch.Tensor, s: torch.Tensor, y: torch.Tensor, sel: torc
     M0, (L, M1, D) = q.shape[0], q.shape[1:]
     if M0 == 0 or M1 == 0 or L == 0:
         return
-    grid = (M0, triton_cdiv(M1, BLOCK_R), L)
-    dequantize_int8_kernel[grid](q, s, y, sel, M1, D, q.stride(0), q.stride(2), s.stride(0), s.stride(2),
-                                 y.stride(0), y.stride(2), q.stride(1), s.stride(1), y.stride(1),
-                                 BLOCK_R=BLOCK_R, BLOCK_D=pow2(D, 16))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
+    ql = quant_launch("dequantize", M0, M1, L, D, TL_TYPES[y.dtype])
+    dequantize_int8_kernel[ql.grid](q, s, y, sel.to(torch.int64), M1, D, q.stride(0), q.stride(2), s.stride(0),
+                                    s.stride(2), y.stride(0), y.stride(2), q.stride(1), s.stride(1), y.stride(1),
+                                    **ql.options)
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., T, D] float -> (q int8 [..., T, D], scale fp32 [..., T])."""
