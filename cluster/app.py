@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
@@ -134,6 +134,7 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 
 WORKER_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is unreachable
+SESSION_PATH = Path(..., pattern=SESSION_ID_PATTERN, description="the conversation's id (X-Session-Id)")
 
 
 @serve.deployment(name="Router")
@@ -145,6 +146,7 @@ class Router:
         self.keys = self.cfg.keys()
         self.directory = make_directory(self.cfg.store.redis_url)
         self.state = get_state()
+        install(app, sorted({self.cfg.model_name, self.cfg.engine.model}))
         self.health = Health(self.directory, self.state, bool(self.cfg.store.redis_url),
                              worker_stale_s=3 * self.cfg.maintain_interval_s + 10)
 
@@ -297,7 +299,7 @@ class Router:
                                             "owned_by": "lessserve"}]}
 
     @app.get("/v1/sessions/{session_id}", responses={k: ERRORS[k] for k in (400, 401, 404, 503)})
-    async def session(self, session_id: str, request: Request):
+    async def session(self, request: Request, session_id: str = SESSION_PATH):
         owner = self._owner(request)
         await self._check_session(session_id, owner)
         info = await self.worker.options(session_id=session_id).session_info.remote(session_id, owner)
@@ -306,7 +308,7 @@ class Router:
         return info
 
     @app.delete("/v1/sessions/{session_id}", responses={k: ERRORS[k] for k in (400, 401, 404, 503)})
-    async def delete_session(self, session_id: str, request: Request):
+    async def delete_session(self, request: Request, session_id: str = SESSION_PATH):
         owner = self._owner(request)
         entry = await self._check_session(session_id, owner)
         existed = await self.worker.options(session_id=session_id).delete_session.remote(session_id, owner)

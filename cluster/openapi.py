@@ -31,13 +31,19 @@ SESSION_HEADER = {"name": "X-Session-Id", "in": "header", "required": False,
                   "schema": {"type": "string", "pattern": SESSION_ID_PATTERN}}
 CHAT_EXTRA = {
     "parameters": [SESSION_HEADER],
+    "responses": {"200": {"description": "the completion (application/json), or with stream=true server-sent "
+                                         "chat.completion.chunk events ending with `data: [DONE]`",
+                          "content": {"application/json": {"schema": {"type": "object"}},
+                                      "text/event-stream": {"schema": {"type": "string"}}}}},
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": REF.format(model="ChatCompletionRequest")}}}},
 }
 
 
-def install(app: FastAPI) -> None:
-    """Replace app.openapi with one that adds the request schemas and the security scheme."""
+def install(app: FastAPI, model_names: list[str] | None = None) -> None:
+    """Replace app.openapi with one that adds the request schemas and the security scheme;
+    `model_names`: the models this deployment serves (documented as the `model` field's enum)."""
+    app.openapi_schema = None
 
     def openapi() -> dict:
         if app.openapi_schema:
@@ -46,6 +52,8 @@ def install(app: FastAPI) -> None:
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         body = ChatCompletionRequest.model_json_schema(ref_template=REF)
         schemas.update(body.pop("$defs", {}))
+        if model_names:
+            body["properties"]["model"]["enum"] = list(model_names)
         schemas["ChatCompletionRequest"] = body
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                            "description": "an API key, when the server has keys"}}
