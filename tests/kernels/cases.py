@@ -1,4 +1,5 @@
-"""Random inputs for the kernel tests (fresh each run: no fixed seed)."""
+"""Random inputs for the kernel tests, drawn from torch's global generator, which conftest.py seeds
+per test from its id (the seed is in the failure report)."""
 
 from __future__ import annotations
 

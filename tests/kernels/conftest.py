@@ -7,6 +7,7 @@ triton (and any @triton.jit module) is imported, hence the environment is set he
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 
@@ -37,3 +38,26 @@ def close(got: torch.Tensor, want: torch.Tensor, tol: tuple[float, float], what:
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def seed_of(nodeid: str) -> int:
+    """The seed a kernel test draws its random inputs with: crc32 of its test id."""
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every random case is seeded from its own test id (so a failure reproduces exactly, alone or in
+    any run order); the seed is printed in the failure report."""
+    seed = seed_of(request.node.nodeid)
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("seed", f"random inputs seeded with torch.manual_seed({seed_of(item.nodeid)}) "
+                                        f"(crc32 of {item.nodeid!r})"))

@@ -45,7 +45,10 @@ def test_quantize_int8_triton_matches_reference(shape, dtype, device):
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == x.shape[:-1]
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     y_ref = dequantize_int8_ref(q_ref, s_ref, dtype)
-    assert torch.equal(y.float(), y_ref.float()) or dtype == BF16  # bf16 rounding of the interpreter
+    if dtype == BF16 and not torch.cuda.is_available():  # the interpreter's fp32 -> bf16 cast truncates: 1 ulp
+        assert ((y.float() - y_ref.float()).abs() <= 2.0 ** -7 * y_ref.float().abs()).all()
+    else:
+        assert torch.equal(y.float(), y_ref.float())
     tol = {F32: 0.0, F16: 1e-3, BF16: 1e-2}[dtype]
     err = (y.float() - x.float()).abs()
     assert (err <= s[..., None] / 2 + tol * x.float().abs() + 1e-6).all()
@@ -74,8 +77,7 @@ def test_pack_unpack_triton_matches_reference(quant, dtype, slots, device):
     got = pack_slots(*slab, sid, quant)
     layout = PackLayout.of(slab[0], slab[4], quant)
     assert got.shape == ref.shape == (len(slots), layout.record_bytes)
-    if dtype != BF16:
-        assert torch.equal(got, ref)
+    assert torch.equal(got, ref)  # every dtype: codes, scales and copied sections byte for byte
     # restore record j into the free slot 5 with both implementations
     for j, s in enumerate(slots):
         a = [t.clone() for t in slab]
@@ -85,8 +87,11 @@ def test_pack_unpack_triton_matches_reference(quant, dtype, slots, device):
         unpack_slot_ref(ref[j], *a, 5, quant)
         unpack_slot(got[j], *b, 5, quant)
         for name, ta, tb, orig in zip(("k", "v", "pos", "score", "H", "z"), a, b, slab, strict=False):
-            ulp = 1e-2 * ta[:, 5].float().abs() if dtype == BF16 else 0.0  # interpreter's bf16 cast truncates
-            assert ((ta[:, 5].float() - tb[:, 5].float()).abs() <= ulp).all(), name
+            if dtype == BF16 and quant == "int8" and name in ("k", "v") and not torch.cuda.is_available():
+                ulp = 2.0 ** -7 * ta[:, 5].float().abs()  # one bf16 ulp: the interpreter's fp32 -> bf16 truncates
+                assert ((ta[:, 5].float() - tb[:, 5].float()).abs() <= ulp).all(), name
+            else:
+                assert torch.equal(ta[:, 5], tb[:, 5]), f"{name}: Triton unpack != reference"
             if name in ("pos", "score", "H", "z") or quant == "none":
                 assert torch.equal(tb[:, 5], orig[:, s]), f"{name} must round-trip exactly"
             else:
