@@ -29,6 +29,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "
                                                         "(auto: Triton on CUDA, torch elsewhere)")
+    cuda_graphs: bool = Field(False, description="Decode steps through CUDA graphs captured per batch-size bucket "
+                              "(CUDA only; one extra pad slot; a bucket that cannot be captured runs eagerly)")
 
     @field_validator("policy")
     @classmethod

@@ -16,6 +16,7 @@ from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
+from lessserve.workers.cuda_graphs import DecodeGraphs, backend_for
 from lessserve.workers.errors import ConfigError, ContextOverflowError
 from lessserve.workers.less_weights import LessWeights, shipped_weights_path
 from lessserve.workers.model import LlamaModel
@@ -56,8 +57,14 @@ class Engine:
         self.less_state_tokens = extra
         self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra)
         self.scale = self.args.head_dim ** -0.5
-        self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim, cfg.max_slots,
-                             self.spec.budget, self.less.rank if self.less else 0, self.device, self.dtype)
+        backend, self.graphs_off = backend_for(self.device) if cfg.cuda_graphs else (None, "cuda_graphs is off")
+        self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
+                             cfg.max_slots + (backend is not None), self.spec.budget,
+                             self.less.rank if self.less else 0, self.device, self.dtype)
+        self.graphs: DecodeGraphs | None = None
+        if backend is not None:  # one extra slot, never handed out: the graphs' padding rows point at it
+            step = lambda t, s, p: self._step(t, s, p, last_only=True)[:, -1]  # noqa: E731
+            self.graphs = DecodeGraphs(step, cfg.max_slots, self.slab.alloc(), self.device, backend)
 
     # --- setup ------------------------------------------------------------------------------
     def _load_less(self, less: LessWeights | None) -> LessWeights | None:
@@ -97,19 +104,32 @@ class Engine:
                 "cache_bytes": self.slab.slot_bytes()}
 
     # --- the step ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V])."""
-        n, C = tokens.shape
+    def _check_step(self, slots: Sequence[int], C: int) -> None:
         for s in slots:
             self.slab.check(s)
             if self.spec.mode == "full" and int(self.slab.length[s]) + C > self.spec.budget:
                 raise ContextOverflowError(
                     f"session would hold {int(self.slab.length[s]) + C} tokens; the full policy's limit "
                     f"is max_context={self.spec.budget}")
+
+    @torch.inference_mode()
+    def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V])."""
+        n, C = tokens.shape
+        self._check_step(slots, C)
         slot_ids = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         seen = torch.tensor([self.slab.seen[s] for s in slots], dtype=torch.long, device=self.device)
         positions = seen[:, None] + torch.arange(C, device=self.device)[None, :]  # [n, C]
+        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only)
+        for s in slots:
+            self.slab.seen[s] += C
+        return logits
+
+    def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
+              last_only: bool) -> torch.Tensor:
+        """The device-side step (no host synchronisation, so a CUDA graph can capture it):
+        tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated."""
+        C = tokens.shape[1]
         slab, less, impl, spec = self.slab, self.less, self.impl, self.spec
         new_length = slab.length
 
@@ -133,10 +153,8 @@ class Engine:
                 k, v, positions, m_cache, m_new, spec, H=H, z=z, psi=lw, impl=impl)
             return out
 
-        logits = self.model(tokens.to(self.device), positions, attend, last_only=last_only)
+        logits = self.model(tokens, positions, attend, last_only=last_only)
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
-        for s in slots:
-            slab.seen[s] += C
         return logits
 
     def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
@@ -162,7 +180,15 @@ class Engine:
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
-        """One decode step for many sessions together. Returns logits [n, V]."""
+        """One decode step for many sessions together. Returns logits [n, V]. With cuda_graphs on a
+        CUDA device, through the captured graph of the batch's bucket (eagerly where capture failed)."""
+        if self.graphs is not None:
+            self._check_step(slots, 1)
+            out = self.graphs.run(slots, tokens, [self.slab.seen[s] for s in slots])
+            if out is not None:
+                for s in slots:
+                    self.slab.seen[s] += 1
+                return out.clone()  # the graph's output buffer is overwritten by the next replay
         t = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]
         return self.forward(slots, t, last_only=True)[:, -1]
 
