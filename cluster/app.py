@@ -155,7 +155,7 @@ class Router:
         return owner_of(request.headers.get("authorization"), self.keys)
 
     async def _check_session(self, sid: str, owner: str) -> dict | None:
-        if not _SID.match(sid):
+        if not _SID.fullmatch(sid):  # match() would let "$" accept a trailing newline
             raise ApiError(400, "session id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="session_id")
         try:
             entry = await self.directory.lookup(sid)
