@@ -1,0 +1,95 @@
+"""API keys and session isolation, without a cluster: `owner_of` (cluster/auth.py) and the router's
+`_check_session` (cluster/app.py) on a fake session directory. Fast: these are the mutation run's
+tests for both (tests/mutation)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from lessserve.cluster.auth import ANONYMOUS, owner_of
+from lessserve.errors import AuthError
+
+KEYS = {"key-one", "key-two"}
+
+
+def test_no_keys_configured_is_anonymous_whatever_the_header():
+    for header in (None, "", "Bearer anything", "Basic x"):
+        assert owner_of(header, set()) == ANONYMOUS == "anonymous"
+
+
+@pytest.mark.parametrize("header", [None, "", "key-one", "Basic key-one", "Bearer", "Bearerkey-one", "Token key-one"])
+def test_a_missing_or_malformed_header_is_refused(header):
+    with pytest.raises(AuthError, match="missing API key"):
+        owner_of(header, KEYS)
+
+
+@pytest.mark.parametrize("key", ["key-on", "key-one2", "KEY-ONE", "", "key-one key-two", "wrong"])
+def test_a_wrong_key_is_refused(key):
+    with pytest.raises(AuthError, match="invalid API key"):
+        owner_of(f"Bearer {key}", KEYS)
+
+
+@pytest.mark.parametrize("header", ["Bearer key-one", "bearer key-one", "BEARER key-one", "Bearer  key-one  "])
+def test_the_owner_is_a_hash_of_the_key(header):
+    want = "key-" + hashlib.sha256(b"key-one").hexdigest()[:16]
+    assert owner_of(header, KEYS) == want and "key-one" not in want[4:]
+    assert owner_of("Bearer key-two", KEYS) != want
+
+
+# --- the router's per-session check --------------------------------------------------------------
+class FakeDirectory:
+    def __init__(self, entries: dict, down: bool = False):
+        self.entries, self.down, self.asked = entries, down, []
+
+    async def lookup(self, sid: str):
+        from lessserve.cluster.directory import DirectoryUnavailableError
+
+        self.asked.append(sid)
+        if self.down:
+            raise DirectoryUnavailableError("redis down")
+        return self.entries.get(sid)
+
+
+def check(directory: FakeDirectory, sid: str, owner: str):
+    from lessserve.cluster.app import Router
+
+    router = object.__new__(Router.func_or_class)  # no Serve, no __init__: only the directory is used
+    router.directory = directory
+    return asyncio.run(router._check_session(sid, owner))
+
+
+@pytest.mark.parametrize("sid", ["", "a" * 129, "a b", "x/y", "s\n", "ü", "a;b", "../etc"])
+def test_a_malformed_session_id_is_400_before_any_lookup(sid):
+    from lessserve.cluster.http_errors import ApiError
+
+    d = FakeDirectory({})
+    with pytest.raises(ApiError) as ex:
+        check(d, sid, "o")
+    assert ex.value.status == 400 and ex.value.param == "session_id" and d.asked == []
+
+
+@pytest.mark.parametrize("sid", ["a", "a" * 128, "A-z_0.9:x"])
+def test_well_formed_ids_are_looked_up(sid):
+    d = FakeDirectory({})
+    assert check(d, sid, "o") is None and d.asked == [sid]
+
+
+def test_another_owners_session_is_404_and_yours_or_unowned_is_returned():
+    from lessserve.cluster.http_errors import ApiError
+
+    mine, unowned = {"owner": "me", "worker": "w1"}, {"worker": "w2"}
+    d = FakeDirectory({"mine": mine, "theirs": {"owner": "them", "worker": "w3"}, "unowned": unowned,
+                       "null": {"owner": None}})
+    assert check(d, "mine", "me") == mine
+    assert check(d, "unowned", "me") == unowned and check(d, "null", "me") == {"owner": None}
+    with pytest.raises(ApiError) as ex:
+        check(d, "theirs", "me")
+    e = ex.value
+    assert (e.status, e.type, e.code) == (404, "not_found_error", "session_not_found") and "them" not in str(e)
+
+
+def test_an_unreachable_directory_defers_the_check_to_the_worker():
+    assert check(FakeDirectory({"s": {"owner": "them"}}, down=True), "s", "me") is None
