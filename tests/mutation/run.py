@@ -236,10 +236,11 @@ def summarise(key: str, db: Path, module: str, baseline: float) -> dict:
         else:
             killed += 1  # killed by a failing test, or by the timeout
     done = killed + incompetent + survived
-    res = {"module": module, "killed": killed + incompetent, "survived": survived, "equivalent": len(equivalent), "annotations": annotations,
-           "pending": pending, "score": round((killed + incompetent) / done, 4) if done else None,
-           "baseline_s": round(baseline, 1), "tests": MODULES[key][2], "survivors": survivors,
-           "equivalent_mutants": equivalent}
+    res = {"module": module, "killed": killed + incompetent, "survived": survived,
+           "equivalent": len(equivalent), "annotations": annotations, "pending": pending,
+           "score": round((killed + incompetent) / done, 4) if done else None,
+           "baseline_s": round(baseline, 1), "tests": MODULES[key][2],
+           "survivors": survivors, "equivalent_mutants": equivalent}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{key}.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
