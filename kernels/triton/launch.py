@@ -14,11 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 NUM_WARPS, NUM_STAGES = 4, 3  # Triton's CUDA defaults, made explicit so AOT compiles the same
+# Block sizes and warps below were chosen from the ahead-of-time compiles' own resource reports
+# (kernels/triton/aot.py; docs/kernels.md has the table), not from GPU timings (none exist yet):
 ATTN_BLOCK_N = 64  # keys per block (fp16 / bf16 tensor-core dots)
-# fp32 data (ieee dots are FMA loops): 16 keys per block and 8 warps from 32 rows up. With 64 keys,
-# the sm_80 compile of BLOCK_M 64 x head_dim 128 needed 176 KB of shared memory (over the 163 KB a
-# block may have) and 9-18 KB of stack per thread (spills); with 16 it is 68 KB and no stack.
+# fp32 data (ieee dots are FMA loops): 16 keys per block. With 64, the sm_80 compile of BLOCK_M 64 x
+# head_dim 128 needed 176 KB of shared memory (over the 163 KB a block may have) and 9-18 KB of
+# stack per thread (spills); with 16 it is 68 KB.
 ATTN_BLOCK_N_FP32 = 16
+ATTN_WIDE_ROWS = 32  # from this many rows per block, 8 warps (4 spilled 0.4-1.9 KB per thread at 64 rows)
 FUSED_MAX_ROWS = 64  # G*C up to this: one row block, mass fused into the pass
 UNFUSED_BLOCK_M = 32
 EVICT_BLOCK_J = 64
@@ -82,7 +85,8 @@ def attention_launches(n: int, Hq: int, Hkv: int, C: int, B: int, D: int, R: int
     BLOCK_M = max(16, pow2(GC)) if fused else UNFUSED_BLOCK_M
     BLOCK_D = pow2(D, 16)
     prec = dot_precision(dtype, interpret)
-    BLOCK_N, warps = (ATTN_BLOCK_N_FP32, 8 if BLOCK_M >= 32 else 4) if dtype == "fp32" else (ATTN_BLOCK_N, NUM_WARPS)
+    BLOCK_N = ATTN_BLOCK_N_FP32 if dtype == "fp32" else ATTN_BLOCK_N
+    warps = 8 if BLOCK_M >= ATTN_WIDE_ROWS else NUM_WARPS
     less_t = "fp32" if use_less else dtype  # without LESS, q stands in for H / z / phi (never read)
     fwd = Launch(
         "attention_kernels", "attn_fwd_kernel", (n, Hkv, cdiv(GC, BLOCK_M)),
@@ -108,7 +112,11 @@ def attention_launches(n: int, Hq: int, Hkv: int, C: int, B: int, D: int, R: int
 # --- evict-and-absorb -----------------------------------------------------------------------------
 def evict_launches(n: int, Hkv: int, B: int, C: int, D: int, R: int, mode: str, dtype: str,
                    use_less: bool) -> list[Launch]:
-    """evict_absorb: select, move, and (with LESS) absorb; psi runs in torch between move and absorb."""
+    """evict_absorb: select, move, and (with LESS) absorb; psi runs in torch between move and absorb.
+
+    select holds all B + C priorities in one block: one warp per 1024 of them (4 to 32); with 4
+    warps, 16384 took 7-38 s to compile and spilled, 65536 took 1-9 minutes and 13-18 KB of stack.
+    move at head_dim 128 on 8 warps (4 spilled ~0.5 KB); absorb at most 32 victims per block."""
     BLOCK_T = pow2(B + C, 16)
     BLOCK_D = pow2(D, 16)
     victim_t = dtype if use_less else "i32"  # without LESS, the code scratch stands in (never written)
@@ -116,17 +124,19 @@ def evict_launches(n: int, Hkv: int, B: int, C: int, D: int, R: int, mode: str, 
         Launch("evict_kernels", "evict_select_kernel", (n, Hkv),
                constexprs=dict(MODE=EVICT_MODES[mode], BLOCK_T=BLOCK_T),
                ptr_types=dict(sc_ptr="fp32", mc_ptr="fp32", mn_ptr="fp32", len_ptr="i32", slot_ptr="i64",
-                              code_ptr="i32")),  # no data pointers: dtype "-"
+                              code_ptr="i32"),  # no data pointers: dtype "-"
+               num_warps=min(32, max(NUM_WARPS, BLOCK_T // 1024))),
         Launch("evict_kernels", "evict_move_kernel", (n, Hkv),
                constexprs=dict(WRITE_VICTIMS=use_less, BLOCK_J=EVICT_BLOCK_J, BLOCK_D=BLOCK_D),
                ptr_types=dict(kc_ptr=dtype, vc_ptr=dtype, pc_ptr="i32", sc_ptr="fp32", len_ptr="i32",
                               slot_ptr="i64", kn_ptr=dtype, vn_ptr=dtype, pn_ptr="i32", mc_ptr="fp32",
                               mn_ptr="fp32", code_ptr="i32", vk_ptr=victim_t, vv_ptr=victim_t,
-                              used_ptr="fp32" if use_less else "i32"), dtype=dtype),
+                              used_ptr="fp32" if use_less else "i32"), dtype=dtype,
+               num_warps=8 if BLOCK_D >= 128 else NUM_WARPS),
     ]
     if use_less:
         out.append(Launch("evict_kernels", "absorb_kernel", (n, Hkv),
-                          constexprs=dict(BLOCK_C=min(64, pow2(C, 16)), BLOCK_R=pow2(R, 16), BLOCK_D=BLOCK_D),
+                          constexprs=dict(BLOCK_C=min(32, pow2(C, 16)), BLOCK_R=pow2(R, 16), BLOCK_D=BLOCK_D),
                           ptr_types=dict(f_ptr="fp32", vv_ptr=dtype, H_ptr="fp32", z_ptr="fp32", slot_ptr="i64"),
                           dtype=dtype))
     return out
@@ -149,7 +159,6 @@ HEAD_DIMS = (64, 128)  # Llama-2/3 7B-8B and the default model; the wrappers acc
 GQA_GROUPS = (1, 3, 4, 8)  # llama2-7b, smollm2-135m, llama3-8b / -70b, Qwen-style
 CHUNKS = (1, 16, 32, 64, 256)  # decode, prefill chunks (the engine's default is 32)
 LESS_RANKS = (8,)  # the shipped LESS weights' rank (BLOCK_R 16 covers ranks 1-16)
-BUDGETS = (32, 128, 512, 2048, 8192)  # cached tokens per head: tests, default, serving sizes, `full` context
 
 
 def configuration_space() -> list[Launch]:
@@ -166,16 +175,16 @@ def configuration_space() -> list[Launch]:
             for G in GQA_GROUPS:
                 for C in CHUNKS:
                     for use_less in (False, True):
-                        for R in LESS_RANKS if use_less else (0,):
+                        for R in LESS_RANKS if use_less else (0,):  # (the budget changes no constexpr)
                             add(attention_launches(1, G, 1, C, 128, D, R, dt, use_less))
             for C in CHUNKS:
                 for use_less in (False, True):
                     add(evict_launches(1, 1, 128, C, D, LESS_RANKS[0], "h2o", dt, use_less))
             for direction in ("quantize", "dequantize"):
                 add([quant_launch(direction, 1, 1, 1, D, dt)])
-    for mode in EVICT_MODES:
-        for B in BUDGETS:
-            for C in (1, 32):
-                add(evict_launches(1, 1, B, C, 64, 0, mode, "fp32", False)[:1])  # select: no data pointers
-        add(evict_launches(1, 1, MAX_MERGED - 256, 256, 64, 0, mode, "fp32", False)[:1])  # the largest block
+    for mode in EVICT_MODES:  # select: no data pointers; one block of B + C priorities, every power of two
+        t = 16
+        while t <= MAX_MERGED:
+            add(evict_launches(1, 1, t - 1, 1, 64, 0, mode, "fp32", False)[:1])  # B + C = t
+            t *= 2
     return list(seen.values())
