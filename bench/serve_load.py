@@ -16,6 +16,20 @@ import time
 
 import httpx
 
+from lessserve.errors import LessServeError
+
+
+class TurnFailed(LessServeError):
+    """A turn answered with an HTTP error (status, the server's Retry-After if any)."""
+
+    def __init__(self, status: int, retry_after: str | None, text: str):
+        super().__init__(f"HTTP {status}: {text}")
+        self.status, self.retry_after = status, float(retry_after) if retry_after else None
+
+    def __reduce__(self):
+        return type(self), (self.status, str(self.retry_after) if self.retry_after else None, str(self))
+
+
 WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
          "morning engine silver island paper orchard lantern").split()
 
@@ -46,7 +60,7 @@ async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[
     async with client.stream("POST", url, json=body, headers=hdr) as r:
         if r.status_code != 200:
             await r.aread()
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            raise TurnFailed(r.status_code, r.headers.get("retry-after"), r.text[:200])
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -87,7 +101,7 @@ async def run_load(base_url: str, model: str, users: int, turns: int, rate: floa
             msgs.append({"role": "user", "content": q})
             try:
                 text, ttft, itl = await _turn(client, url, model, msgs, sid, max_tokens, headers or {})
-            except (httpx.HTTPError, RuntimeError):
+            except (httpx.HTTPError, TurnFailed):
                 errors += 1
                 return
             msgs.append({"role": "assistant", "content": text})

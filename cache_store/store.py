@@ -299,6 +299,15 @@ class TieredCacheStore:
                         raise
             self._set_loc(sid, None)
 
+    async def drop_local(self, sid: str) -> None:
+        """Drop the session's device and host copies only (the shared tier and transcript stay)."""
+        if self.is_pinned(sid):
+            raise SessionPinnedError(f"session {sid!r} is in use")
+        async with self._lock:
+            for name in ("device", "host"):
+                await self.tiers[name].delete(sid)
+            self._set_loc(sid, None)
+
     async def put_transcript(self, sid: str, transcript: dict) -> None:
         await self.transcripts.put(sid, transcript)
 

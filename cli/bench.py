@@ -16,7 +16,7 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve):
+    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu):
         reg(bsub)
 
 
@@ -103,6 +103,10 @@ def _register_kernels(bsub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--plan", action="store_true",
+                   help="print the static roofline (bytes per call, expected time at --gpu's bandwidth); no timing")
+    p.add_argument("--gpu", default="h200", help="plan: datasheet bandwidth and SMs of h200 | h100 | a100")
+    p.add_argument("--bandwidth", type=float, default=None, help="plan: GB/s to assume instead of the datasheet's")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_kernels)
 
@@ -112,6 +116,8 @@ def cmd_kernels(args) -> int:
 
     from lessserve.bench.kernels import KERNELS, MODELS, run_kernels
 
+    if args.plan:
+        return _plan(args)
     gpu = torch.cuda.is_available()
     kernels = parse_names("--kernels", args.kernels, KERNELS)
     models = parse_names("--models", args.models or (",".join(MODELS) if gpu else "smollm2-135m"), MODELS)
@@ -121,6 +127,77 @@ def cmd_kernels(args) -> int:
     in_range("--iters", args.iters, 1, 100_000)
     in_range("--warmup", args.warmup, 0, 100_000)
     return _emit(run_kernels(kernels, models, batches, budgets, args.context, args.dtype, args.warmup, args.iters),
+                 args)
+
+
+def _plan(args) -> int:
+    """`bench kernels --plan`: 7B / 8B / default shapes, batch 1-128, budgets 128-2048 unless narrowed."""
+    from lessserve.bench.roofline import GPUS, KERNELS, SHAPES, run_plan
+
+    kernels = parse_names("--kernels", args.kernels, KERNELS)
+    models = parse_names("--models", args.models or ",".join(SHAPES), SHAPES)
+    batches = parse_ints("--batches", args.batches or "1,8,32,128", lo=1, hi=4096)
+    budgets = parse_ints("--budgets", args.budgets or "128,512,2048", lo=16, hi=65536)
+    gpu = parse_names("--gpu", args.gpu, GPUS)[0]
+    if args.bandwidth is not None:
+        in_range("--bandwidth", args.bandwidth, 1, 100_000)
+    bw = args.bandwidth * 1e9 if args.bandwidth else None
+    return _emit(run_plan(kernels, models, batches, budgets, gpu, bw), args)
+
+
+def _register_gpu(bsub) -> None:
+    from lessserve.bench.gpu_run import BUDGET_S, STAGES
+
+    p = bsub.add_parser("gpu", help="the prepared GPU run: native GPU tests + kernels / decode / serve benches "
+                        "(without a GPU: a dry run of the CPU-side stages)")
+    p.add_argument("--out", default="gpu-results", help="folder for summary.md / summary.json / stage JSON")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}, in order")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds for the whole run")
+    p.set_defaults(func=cmd_gpu)
+
+
+def cmd_gpu(args) -> int:
+    from pathlib import Path
+
+    from lessserve.bench.gpu_run import STAGES, run_gpu
+
+    stages = parse_names("--stages", args.stages, STAGES)
+    in_range("--budget-s", args.budget_s, 10, 3600)
+    return run_gpu(Path(args.out), stages, args.budget_s)
+
+
+def _register_soak(bsub) -> None:
+    p = bsub.add_parser("soak", help="bounded mixed multi-turn load for a set time, Redis faults optional; "
+                                     "5xx/503 counts, TTFT, RSS of router and workers over time")
+    p.add_argument("--duration", type=float, default=300, help="seconds of load")
+    p.add_argument("--users", type=int, default=6)
+    p.add_argument("--turns", type=int, default=4, help="turns per conversation (then a new one)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-turns", type=int, default=100_000, help="stop after this many turns in all")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--faults", action="store_true", help="kill Redis periodically (back from AOF, then empty)")
+    p.add_argument("--fault-every", type=float, default=60, help="seconds between Redis kills")
+    p.add_argument("--sample-every", type=float, default=5, help="seconds between RSS samples")
+    p.add_argument("--warmup", type=float, default=60, help="seconds before the RSS baseline")
+    p.add_argument("--port", type=int, default=8322)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: RSS over time")
+    p.set_defaults(func=cmd_soak)
+
+
+def cmd_soak(args) -> int:
+    for flag, v, lo, hi in (("--duration", args.duration, 10, 86400), ("--users", args.users, 1, 256),
+                            ("--turns", args.turns, 1, 64), ("--max-tokens", args.max_tokens, 1, 1024),
+                            ("--max-turns", args.max_turns, 1, 10**7), ("--workers", args.workers, 1, 64),
+                            ("--fault-every", args.fault_every, 5, 86400),
+                            ("--sample-every", args.sample_every, 0.5, 600),
+                            ("--warmup", args.warmup, 0, 86400), ("--port", args.port, 1024, 65535)):
+        in_range(flag, v, lo, hi)
+    from lessserve.bench.soak import run_soak
+
+    return _emit(run_soak(args.duration, args.users, args.turns, args.max_tokens, args.max_turns, args.port,
+                          args.seed, args.faults, args.fault_every, args.sample_every, args.warmup, args.workers),
                  args)
 
 

@@ -5,9 +5,8 @@ DirectoryUnavailableError; `WriteBehind` keeps a worker's writes through an outa
 from __future__ import annotations
 
 import json
-import time
 
-from lessserve.cluster.state import get_state
+from lessserve.cluster.state import get_state, merged_entry
 from lessserve.errors import DependencyUnavailableError
 
 
@@ -28,8 +27,9 @@ class ActorDirectory:
     async def lookup(self, sid: str) -> dict | None:
         return await self._call(self.state.lookup, sid)
 
-    async def place(self, sid: str, worker: str | None = None, owner: str | None = None) -> dict:
-        return await self._call(self.state.place, sid, worker, owner)
+    async def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
+                    if_newer: bool = False) -> dict | None:
+        return await self._call(self.state.place, sid, worker, owner, turns, if_newer)
 
     async def forget(self, sid: str) -> None:
         await self._call(self.state.forget, sid)
@@ -47,8 +47,14 @@ class RedisDirectory:
 
     def __init__(self, url: str, key: str = "lessserve:directory", timeout_s: float = 2.0):
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
 
-        self.r = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # a restarted server costs one reconnect, not a failed call
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
+        self.r = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry,
+                                         retry_on_error=[ConnectionError, TimeoutError])
         self.key = key
 
     async def _call(self, coro):
@@ -63,14 +69,11 @@ class RedisDirectory:
         raw = await self._call(self.r.hget(self.key, sid))
         return json.loads(raw) if raw else None
 
-    async def place(self, sid: str, worker: str | None = None, owner: str | None = None) -> dict:
-        e = await self.lookup(sid) or {"worker": None, "owner": owner}
-        if worker is not None:
-            e["worker"] = worker
-        if owner is not None and e.get("owner") is None:
-            e["owner"] = owner
-        e["t"] = time.time()
-        await self._call(self.r.hset(self.key, sid, json.dumps(e)))
+    async def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
+                    if_newer: bool = False) -> dict | None:
+        e = merged_entry(await self.lookup(sid), worker, owner, turns, if_newer)
+        if e is not None:
+            await self._call(self.r.hset(self.key, sid, json.dumps(e)))
         return e
 
     async def forget(self, sid: str) -> None:
@@ -100,11 +103,12 @@ class WriteBehind:
 
     def __init__(self, directory):
         self.directory = directory
-        self.pending: dict[str, tuple] = {}  # sid -> ("place", worker, owner) | ("forget",)
+        self.pending: dict[str, tuple] = {}  # sid -> ("place", worker, owner, turns, if_newer) | ("forget",)
         self.failures = 0
 
-    async def place(self, sid: str, worker: str, owner: str | None) -> None:
-        await self._write(sid, ("place", worker, owner))
+    async def place(self, sid: str, worker: str, owner: str | None, turns: int | None = None,
+                    if_newer: bool = False) -> None:
+        await self._write(sid, ("place", worker, owner, turns, if_newer))
 
     async def forget(self, sid: str) -> None:
         await self._write(sid, ("forget",))
@@ -119,7 +123,7 @@ class WriteBehind:
 
     async def _apply(self, sid: str, op: tuple) -> None:
         if op[0] == "place":
-            await self.directory.place(sid, op[1], op[2])
+            await self.directory.place(sid, *op[1:])
         else:
             await self.directory.forget(sid)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
@@ -29,20 +30,34 @@ def rendezvous_rank(session_id: str, replica_ids: list[str]) -> list[str]:
 
 
 class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
+    REMEMBERED = 100_000  # sessions whose last replica this router keeps (for directory outages)
+
     def initialize_state(self, redis_url: str | None = None, **kwargs):
         super().initialize_state(**kwargs)
         self._redis_url = redis_url
         self._directory = None
+        self._last: OrderedDict[str, str] = OrderedDict()  # session -> replica this router last sent it to
 
     async def _preferred(self, sid: str) -> str | None:
+        """The directory's worker; while the directory is down, the replica this router last sent
+        the session to (so a degraded cluster keeps each session on one worker)."""
         try:
             if self._directory is None:
                 self._directory = make_directory(self._redis_url)
             entry = await self._directory.lookup(sid)
-        except Exception as e:  # noqa: BLE001 - the directory is a hint; hashing still routes
+        except Exception as e:  # noqa: BLE001 - the directory is a hint; memory and hashing still route
             log.warning("session directory lookup failed: %s", e)
-            return None
-        return entry.get("worker") if entry else None
+            return self._last.get(sid)
+        return entry.get("worker") if entry else self._last.get(sid)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        sid = pending_request.metadata.session_id if pending_request is not None else None
+        if sid:
+            self._last[sid] = replica_id.unique_id
+            self._last.move_to_end(sid)
+            while len(self._last) > self.REMEMBERED:
+                self._last.popitem(last=False)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

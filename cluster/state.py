@@ -14,6 +14,25 @@ STATE_ACTOR = "lessserve-cluster-state"
 NAMESPACE = "lessserve"
 
 
+def merged_entry(old: dict | None, worker: str | None, owner: str | None, turns: int | None,
+                 if_newer: bool) -> dict | None:
+    """A session's directory entry after `worker` claims it: {"worker", "owner", "turns", "t"}.
+    The owner never changes once set. `if_newer` (a re-publish after the backend lost its contents)
+    claims only when no entry records more turns: a worker holding a stale copy never wins over
+    the one that served the latest turn. None: the claim was refused."""
+    e = dict(old or {"worker": None, "owner": owner})
+    if if_newer and old and turns is not None and (old.get("turns") or 0) > turns:
+        return None
+    if worker is not None:
+        e["worker"] = worker
+    if owner is not None and e.get("owner") is None:
+        e["owner"] = owner
+    if turns is not None:
+        e["turns"] = turns
+    e["t"] = time.time()
+    return e
+
+
 @ray.remote(num_cpus=0)
 class ClusterState:
     def __init__(self):
@@ -33,13 +52,11 @@ class ClusterState:
     def lookup(self, sid: str) -> dict | None:
         return self.directory.get(sid)
 
-    def place(self, sid: str, worker: str | None = None, owner: str | None = None) -> dict:
-        e = self.directory.setdefault(sid, {"worker": None, "owner": owner})
-        if worker is not None:
-            e["worker"] = worker
-        if owner is not None and e.get("owner") is None:
-            e["owner"] = owner
-        e["t"] = time.time()
+    def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
+              if_newer: bool = False) -> dict | None:
+        e = merged_entry(self.directory.get(sid), worker, owner, turns, if_newer)
+        if e is not None:
+            self.directory[sid] = e
         return e
 
     def forget(self, sid: str) -> None:

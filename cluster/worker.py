@@ -117,8 +117,8 @@ class LessWorker:
         except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
             yield http_error(e).to_event()
             return
-        if session_id is not None:
-            await self.directory.place(sid, self.worker_id, owner)
+        if session_id is not None:  # this worker serves the latest turn: it holds the current copy
+            await self.directory.place(sid, self.worker_id, owner, sum(m["role"] == "user" for m in messages))
         tok = self.engine.tokenizer
         prefilled = len(new_ids) + session.rebuilt  # what this turn computed again: not cached
         session.rebuilt = 0
@@ -192,9 +192,13 @@ class LessWorker:
         self.epoch = epoch
         if restarted or came_back:
             held = await self.scheduler.run_exclusive(self.sessions.resident)
-            for sid, owner in held.items():
-                await self.directory.place(sid, self.worker_id, owner)
-            self.republished += await self.scheduler.run_exclusive(self.sessions.republish)
+            claimed, stale = [], []
+            for sid, (owner, turns) in held.items():
+                entry = await self.directory.directory.place(sid, self.worker_id, owner, turns, if_newer=True)
+                (claimed if entry is not None else stale).append(sid)
+            for sid in stale:  # another worker served a later turn: this copy is stale
+                await self.scheduler.run_exclusive(lambda sid=sid: self.sessions.drop_local(sid))
+            self.republished += await self.scheduler.run_exclusive(lambda: self.sessions.republish(claimed))
         await self.directory.flush()
         await self.scheduler.run_exclusive(self.sessions.flush)
 

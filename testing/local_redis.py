@@ -89,8 +89,13 @@ class LocalRedis:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def restart(self) -> LocalRedis:
+    def restart(self, empty: bool = False) -> LocalRedis:
+        """SIGKILL, then start on the same port: from the AOF, or `empty` (its files wiped first)."""
         self.kill()
+        if empty:
+            for f in self.folder.rglob("*"):
+                if f.is_file():
+                    f.unlink()
         return self.start()
 
     def stop(self) -> None:

@@ -132,7 +132,7 @@ class ChatSession:
         tr.ids += gen[:-1]
         tr.text += tok.decode(gen[:-1], skip_special_tokens=False)
         tr.messages = [*messages, {"role": "assistant", "content": reply}]
-        tr.turns += 1
+        tr.turns = sum(1 for m in messages if m.get("role") == "user")  # the conversation's, from the request
         return reply
 
     def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,

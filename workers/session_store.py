@@ -215,16 +215,36 @@ class SessionStore:
                 self.unsaved.discard(sid)
         return len(self.unsaved)
 
-    def republish(self) -> int:
-        """Write every transcript this worker holds (the shared tier came back empty). Returns the
-        number written."""
-        for sid in list(self.sessions):
-            self._write_transcript(sid)
-        return len(self.sessions) - len(self.unsaved)
+    def republish(self, sids: list[str] | None = None) -> int:
+        """Write the transcripts of these sessions (default: all this worker knows) after the shared
+        tier lost its contents, each only where the durable one is missing or records fewer turns
+        (another worker may have served a later turn). Returns the number written."""
+        n = 0
+        for sid in list(self.sessions) if sids is None else [x for x in sids if x in self.sessions]:
+            try:
+                durable = self.io.run(self.store.get_transcript(sid)).get("turns", 0)
+            except CacheMissError:
+                durable = -1
+            except TierUnavailableError:
+                self.unsaved.add(sid)
+                continue
+            if durable < self.sessions[sid].transcript.turns:
+                self._write_transcript(sid)
+                n += sid not in self.unsaved
+        return n
 
-    def resident(self) -> dict[str, str | None]:
-        """Sessions this worker knows -> their owners."""
-        return {sid: chat.transcript.owner for sid, chat in self.sessions.items()}
+    def drop_local(self, sid: str) -> None:
+        """Forget this worker's copy (device, host, in memory), never the shared tier's or the
+        durable transcript: another worker holds a newer one."""
+        if self.store.is_pinned(sid):
+            return
+        self.io.run(self.store.drop_local(sid))
+        self.sessions.pop(sid, None)
+        self.unsaved.discard(sid)
+
+    def resident(self) -> dict[str, tuple[str | None, int]]:
+        """Sessions this worker knows -> (owner, turns)."""
+        return {sid: (chat.transcript.owner, chat.transcript.turns) for sid, chat in self.sessions.items()}
 
     # --- placement --------------------------------------------------------------------------
     def where(self, session_id: str) -> str:
