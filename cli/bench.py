@@ -16,7 +16,7 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu):
+    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak):
         reg(bsub)
 
 
