@@ -93,3 +93,25 @@ def test_capture_failure_runs_eagerly(tiny_ckpt, prompts, monkeypatch):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert e.graphs.replays == 0 and set(e.graphs.fallback) == {4, 1, 2}
     assert "stream is capturing" in e.graphs.fallback[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_native(tiny_ckpt, prompts):
+    """On a GPU: real capture with the Triton kernels, same logits as eager, every bucket replayed."""
+    from tests.conftest import tiny_less
+
+    less = tiny_less()
+
+    def engine(graphs: bool) -> Engine:
+        cfg = EngineConfig(model="tiny", policy="h2o+less", budget=16, prefill_chunk=8, max_slots=5,
+                           max_context=512, kernels="triton", dtype="float32", device="cuda", cuda_graphs=graphs)
+        return Engine(cfg, checkpoint=tiny_ckpt, less=less)
+
+    want, _ = _run(engine(False), prompts, STEPS)
+    e = engine(True)
+    got, _ = _run(e, prompts, STEPS)
+    assert not e.graphs.fallback, e.graphs.fallback
+    assert e.graphs.replays == len(STEPS)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
