@@ -55,6 +55,8 @@ async def _users(url: str, model: str, users: int, turns: int, max_tokens: int, 
                     except TurnFailed as e:
                         tally[f"http_{e.status}"] = tally.get(f"http_{e.status}", 0) + 1
                         if e.status != 503:
+                            tally.setdefault("first_error", str(e))
+                            await asyncio.sleep(1.0)
                             break
                         await asyncio.sleep(e.retry_after or 1.0)
                     except httpx.HTTPError:
@@ -119,7 +121,7 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
     async def main():
         t0 = time.perf_counter()
         deadline = t0 + duration_s
-        tasks = [_users(f"http://127.0.0.1:{port}", cfg.model_name, users, turns, max_tokens, deadline, max_turns,
+        tasks = [_users(f"http://127.0.0.1:{port}/v1/chat/completions", cfg.model_name, users, turns, max_tokens, deadline, max_turns,
                         seed, tally), _sample(sample_s, deadline, t0, samples)]
         if faults:
             tasks.append(_faults(redis, fault_every_s, min(10.0, fault_every_s / 2), deadline, fault_log))
@@ -140,6 +142,8 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
                 "router_rss_growth": growth(samples, "router", warmup_s),
                 "worker_rss_growth": growth(samples, "worker", warmup_s)}]
     notes = [f"fault at {t - t0:.0f} s: {what}" for t, what in fault_log]
+    if "first_error" in tally:
+        notes.append(f"first non-503 error: {tally['first_error']}")
     meta = {"users": users, "turns per conversation": turns, "duration_s": duration_s, "faults": faults,
             "workers": workers}
     return BenchResult("soak", samples, meta, plot=Plot("t_s", "rss_mb", "process", "RSS of the Serve replicas"),
