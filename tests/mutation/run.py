@@ -101,7 +101,8 @@ def workspace() -> Path:
 
 def test_env(src: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1", "TRITON_INTERPRET": "1",
-            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # plugin autoload costs ~8 s per run; none is needed
 
 
 def function_lines(path: Path, names: list[str]) -> list[tuple[int, int]]:
@@ -169,17 +170,35 @@ def run_module(key: str, minutes: float, fresh: bool) -> None:
     if fresh and db.exists():
         db.unlink()
     env = test_env(src)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout=600", *tests]
+    sock = str(WORK / "forkserver.sock")
+    server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", sock, str(src)], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(sock):
+            if server.poll() is not None:
+                raise SystemExit("the fork server did not start")
+            time.sleep(0.2)
+        run_cosmic_ray(key, module, functions, tests, src, env, sock, db, minutes)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # our own process group
+        server.wait()
+
+
+def run_cosmic_ray(key, module, functions, tests, src, env, sock, db, minutes) -> None:
+    client = [sys.executable, "-S", str(HERE / "forkserver.py"), "run", sock]
+    pytest_args = ["-x", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.time()
-    base = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
+    base = subprocess.run([*client, "900", *pytest_args], cwd=src, env=env, capture_output=True, text=True)
     if base.returncode != 0:
-        raise SystemExit(f"{key}: the unmutated tests fail:\n{base.stdout[-3000:]}")
+        raise SystemExit(f"{key}: the unmutated tests fail (exit {base.returncode}): run them in {src}")
     baseline = time.time() - t0
+    timeout = max(30.0, 4 * baseline + 10)
+    command = [*client, f"{timeout:.0f}", *pytest_args]
     cfg = WORK / "sessions" / f"{key}.toml"
     cfg.write_text(
         "[cosmic-ray]\n"
         f"module-path = {json.dumps(module)}\n"
-        f"timeout = {max(60.0, 3 * baseline):.0f}\n"
+        f"timeout = {timeout + 30:.0f}\n"
         "excluded-modules = []\n"
         f"test-command = {json.dumps(' '.join(command))}\n"
         "[cosmic-ray.distributor]\nname = \"local\"\n")
