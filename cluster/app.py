@@ -166,7 +166,8 @@ class Router:
             raise ApiError(404, f"session {sid!r} not found", "not_found_error", "session_not_found")
         return entry
 
-    async def _body(self, request: Request) -> dict:
+    async def _body(self, request: Request) -> bytes:
+        """The raw JSON object of the body, checked for size and well-formedness."""
         try:
             declared = int(request.headers.get("content-length") or 0)
         except ValueError:
@@ -184,7 +185,7 @@ class Router:
             raise ApiError(400, f"malformed JSON body: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the JSON body must be an object")
-        return data
+        return raw
 
     async def _start(self, sid: str | None, args: tuple, streamed: bool) -> tuple:
         """Start a turn on a worker and read it up to its first token (all of it when not
@@ -215,9 +216,9 @@ class Router:
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
         owner = self._owner(request)
-        data = await self._body(request)
-        try:
-            req = ChatCompletionRequest.model_validate(data)
+        raw = await self._body(request)
+        try:  # strict: a wrong JSON type is a 400, never coerced ("0.5" is not a temperature)
+            req = ChatCompletionRequest.model_validate_json(raw, strict=True)
         except ValidationError as e:
             msg, param = _validation_message(e)
             raise ApiError(400, msg, param=param) from None

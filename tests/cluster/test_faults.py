@@ -86,6 +86,13 @@ def faulty(cluster):
         r.stop()
 
 
+def report(fault: str, convs: list[Conversation]) -> None:
+    """One row of the fault table in docs/reliability.md (`pytest tests/cluster/test_faults.py -s`)."""
+    st = [x for cv in convs for x in cv.statuses]
+    print(f"\nFAULT-TABLE | {fault} | {len(st)} | {sum(x >= 500 and x != 503 for x in st)} | {st.count(503)} | "
+          f"{len(convs)} of {len(convs)} |")
+
+
 def wait_for(cond, timeout: float = 30, every: float = 0.5):
     end = time.time() + timeout
     while time.time() < end:
@@ -123,6 +130,7 @@ def test_redis_down_then_back_empty_every_conversation_continues(faulty):
         assert cv.turns_recorded() == 3 and len(cv.msgs) == 6
         assert all(s == 200 for s in cv.statuses), cv.statuses
     assert fresh.turns_recorded() == 2
+    report("Redis killed with 4 conversations resident, a new one started, Redis back empty", [*convs, fresh])
 
 
 def test_offloaded_caches_restore_from_redis_aof_after_a_crash(faulty):
@@ -140,6 +148,7 @@ def test_offloaded_caches_restore_from_redis_aof_after_a_crash(faulty):
         # restored from Redis: the history was not prefilled again, only the new message
         assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 20, body["usage"]
         assert info(cv)["turns"] == 2 and len(cv.msgs) == before + 2
+    report("caches offloaded to Redis, Redis SIGKILLed and back from its AOF", convs)
 
 
 def test_more_conversations_than_slots_all_complete_without_500(faulty):
@@ -160,6 +169,7 @@ def test_more_conversations_than_slots_all_complete_without_500(faulty):
     assert statuses.count(200) == 16
     for cv in convs:
         assert cv.turns_recorded() == 2
+    report("max_slots 2, host_bytes 0, 8 concurrent conversations x 2 turns", convs)
     metrics = httpx.get(c["url"] + "/metrics", timeout=30).text
     assert "lessserve_turn_waits_total" in metrics and "lessserve_turns_waiting" in metrics
 
@@ -204,6 +214,8 @@ def test_worker_killed_before_the_first_token_is_retried_elsewhere(faulty):
     st = httpx.get(f"{c['url']}/v1/sessions/{cv.sid}", headers=H, timeout=60).json()
     assert st["turns"] == 2  # the retried turn appended its user message once
     assert _metric(c["url"], "lessserve_turn_retries_total") == retries + 1  # it was retried, not just slow
+    cv.statuses.append(r.status_code)
+    report("worker SIGKILLed before the first token (router retries elsewhere)", [cv])
 
 
 def test_worker_killed_mid_stream_ends_the_stream_with_an_error_event(faulty):

@@ -1,0 +1,88 @@
+"""Backpressure and the directory's outage handling, as units (no Ray): the turn gate admits at
+most `slots` turns, queues `depth` more for at most `max_wait_s`, refuses the rest with a
+CapacityError; write-behind keeps failed directory writes and replays them; a re-publish never
+overwrites an entry that records more turns."""
+
+import asyncio
+
+import pytest
+
+from lessserve.cluster.admission import QueueFullError, QueueTimeoutError, TurnGate
+from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind
+from lessserve.cluster.http_errors import http_error
+from lessserve.cluster.state import merged_entry
+
+
+def test_gate_admits_queues_and_refuses():
+    async def main():
+        gate, log = TurnGate(slots=2, depth=1, max_wait_s=0.3), []
+
+        async def turn(name, hold):
+            async with gate.admit():
+                log.append(("in", name, gate.running))
+                await asyncio.sleep(hold)
+
+        a, b = asyncio.create_task(turn("a", 0.2)), asyncio.create_task(turn("b", 0.2))
+        await asyncio.sleep(0.01)
+        c = asyncio.create_task(turn("c", 0.0))  # waits for a slot, gets one when a ends
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as full:
+            await turn("d", 0)  # slots busy and the queue (depth 1) full
+        await asyncio.gather(a, b, c)
+        blockers = [asyncio.create_task(turn(x, 1.0)) for x in "ef"]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueTimeoutError) as late:
+            await turn("g", 0)  # waits 0.3 s, no slot frees
+        await asyncio.gather(*blockers)
+        return gate, log, full.value, late.value
+
+    gate, log, full, late = asyncio.run(main())
+    assert [x[1] for x in log][:3] == ["a", "b", "c"] and max(x[2] for x in log) == 2
+    st = gate.stats()
+    assert st["rejected_total"] == 2 and st["waits_total"] == 2 and st["running"] == 0 and st["waiting"] == 0
+    for e in (full, late):
+        h = http_error(e)
+        assert h.status == 503 and h.retry_after
+
+
+class FlakyDirectory:
+    """A directory backend that is down until `up` is set (records what reached it)."""
+
+    def __init__(self):
+        self.up, self.entries = False, {}
+
+    async def place(self, sid, worker=None, owner=None, turns=None, if_newer=False):
+        if not self.up:
+            raise DirectoryUnavailableError("down")
+        self.entries[sid] = merged_entry(self.entries.get(sid), worker, owner, turns, if_newer)
+
+    async def forget(self, sid):
+        if not self.up:
+            raise DirectoryUnavailableError("down")
+        self.entries.pop(sid, None)
+
+
+def test_write_behind_keeps_the_latest_write_per_session_and_replays_it():
+    async def main():
+        d = FlakyDirectory()
+        wb = WriteBehind(d)
+        await wb.place("s1", "w1", "o", 1)
+        await wb.place("s1", "w2", "o", 2)  # the latest wins
+        await wb.place("s2", "w1", "o", 1)
+        await wb.forget("s2")
+        assert await wb.flush() == 2  # still down: nothing replayed
+        d.up = True
+        assert await wb.flush() == 0
+        return d, wb
+
+    d, wb = asyncio.run(main())
+    assert set(d.entries) == {"s1"} and d.entries["s1"]["worker"] == "w2" and d.entries["s1"]["turns"] == 2
+    assert wb.failures == 4
+
+
+def test_a_republish_never_overwrites_a_newer_entry():
+    e = merged_entry(None, "w1", "o", 3, if_newer=True)
+    assert e["worker"] == "w1" and e["turns"] == 3
+    assert merged_entry(e, "w2", "o", 2, if_newer=True) is None  # w2 holds a stale copy
+    assert merged_entry(e, "w2", "other", 4, if_newer=True)["owner"] == "o"  # the owner never changes
+    assert merged_entry(e, "w2", "o", 1, if_newer=False)["worker"] == "w2"  # a served turn always claims
