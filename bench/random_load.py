@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -32,6 +33,30 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _engines(what: str, models: list[str], policy: str, budget: int, max_slots: int, **cfg) -> Iterator:
+    """(model name, engine) for every model x compared configuration; one random model per shape."""
+    dev = _device()
+    for name in models:
+        model = random_model(model_args(name), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        for kernels, graphs in _configs(dev.type == "cuda"):
+            progress(f"{what}: {name} kernels={kernels} cuda_graphs={graphs}")
+            yield name, random_engine(name, EngineConfig(policy=policy, budget=budget, max_slots=max_slots,
+                                                         kernels=kernels, cuda_graphs=graphs, **cfg), model)
+            _empty_cache()
+        del model
+        _empty_cache()
+
+
+def _meta(policy: str, budget: int, **more) -> dict:
+    dev = _device()
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (no CUDA GPU)",
+            "policy": policy, "budget": budget, "weights": "random (shapes only)", **more}
+
+
 def _decode_rows(e, name: str, batches: list[int], context: int, steps: int, dev: torch.device) -> list[dict]:
     slots = [e.alloc() for _ in range(max(batches))]
     e.prefill(slots[0], torch.randint(0, e.args.vocab_size, (context,)).tolist())
@@ -50,22 +75,10 @@ def _decode_rows(e, name: str, batches: list[int], context: int, steps: int, dev
 @torch.inference_mode()
 def run_random_decode(models: list[str], batches: list[int], context: int, steps: int, policy: str = "h2o+less",
                       budget: int = 128) -> BenchResult:
-    gpu = torch.cuda.is_available()
-    dev = torch.device("cuda" if gpu else "cpu")
     rows = []
-    for name in models:
-        model = random_model(model_args(name), dev, torch.bfloat16 if gpu else torch.float32)
-        for kernels, graphs in _configs(gpu):
-            progress(f"decode: {name} kernels={kernels} cuda_graphs={graphs}")
-            cfg = EngineConfig(policy=policy, budget=budget, max_slots=max(batches), kernels=kernels,
-                               cuda_graphs=graphs, prefill_chunk=64)
-            rows += _decode_rows(random_engine(name, cfg, model), name, batches, context, steps, dev)
-            _empty_cache()
-        del model
-        _empty_cache()
-    meta = {"device": torch.cuda.get_device_name(dev) if gpu else "cpu (no CUDA GPU)", "policy": policy,
-            "budget": budget, "weights": "random (shapes only)"}
-    return BenchResult("decode-random", rows, meta)
+    for name, e in _engines("decode", models, policy, budget, max(batches), prefill_chunk=64):
+        rows += _decode_rows(e, name, batches, context, steps, _device())
+    return BenchResult("decode-random", rows, _meta(policy, budget))
 
 
 async def _user(sched, slot: int, turns: int, new_tokens: int, max_tokens: int, vocab: int, seed: int,
@@ -96,42 +109,33 @@ def _pct(xs: list[float], q: float) -> float:
 @torch.inference_mode()
 def run_random_serve(models: list[str], users: int, turns: int, new_tokens: int, max_tokens: int,
                      policy: str = "h2o+less", budget: int = 128) -> BenchResult:
+    rows = []
+    for name, e in _engines(f"serve ({users} users x {turns} turns)", models, policy, budget, users):
+        rows.append({"model": name, "kernels": e.cfg.kernels, "cuda_graphs": e.cfg.cuda_graphs, "users": users,
+                     **_serve_load(e, users, turns, new_tokens, max_tokens)})
+    return BenchResult("serve-random", rows, _meta(policy, budget, new_tokens_per_turn=new_tokens,
+                                                   reply_tokens=max_tokens))
+
+
+def _serve_load(e, users: int, turns: int, new_tokens: int, max_tokens: int) -> dict:
     from lessserve.workers.scheduler import BatchScheduler
 
-    gpu = torch.cuda.is_available()
-    dev = torch.device("cuda" if gpu else "cpu")
-    rows = []
-    for name in models:
-        model = random_model(model_args(name), dev, torch.bfloat16 if gpu else torch.float32)
-        for kernels, graphs in _configs(gpu):
-            progress(f"serve: {name} kernels={kernels} cuda_graphs={graphs}, {users} users x {turns} turns")
-            cfg = EngineConfig(policy=policy, budget=budget, max_slots=users, kernels=kernels, cuda_graphs=graphs)
-            e = random_engine(name, cfg, model)
-            sched = BatchScheduler(e, max_batch=users)
-            slots = [e.alloc() for _ in range(users)]
-            res: list[dict] = []
+    sched = BatchScheduler(e, max_batch=users)
+    slots = [e.alloc() for _ in range(users)]
+    res: list[dict] = []
 
-            async def load(e=e, sched=sched, slots=slots, res=res):
-                await asyncio.gather(*(_user(sched, s, turns, new_tokens, max_tokens, e.args.vocab_size, i, res)
-                                       for i, s in enumerate(slots)))
+    async def load():
+        await asyncio.gather(*(_user(sched, s, turns, new_tokens, max_tokens, e.args.vocab_size, i, res)
+                               for i, s in enumerate(slots)))
 
-            t0 = time.perf_counter()
-            try:
-                asyncio.run(load())
-            finally:
-                sched.close()
-            wall = time.perf_counter() - t0
-            ttft = [r["ttft"] for r in res]
-            itl = [x for r in res for x in r["itl"]]
-            rows.append({"model": name, "kernels": kernels, "cuda_graphs": graphs, "users": users, "turns": len(res),
-                         "turns_per_s": len(res) / wall, "tokens_per_s": sum(r["tokens"] for r in res) / wall,
-                         "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99),
-                         "itl_p50_s": _pct(itl, 0.5), "itl_p99_s": _pct(itl, 0.99)})
-            del e, sched, load
-            _empty_cache()
-        del model
-        _empty_cache()
-    meta = {"device": torch.cuda.get_device_name(dev) if gpu else "cpu (no CUDA GPU)", "policy": policy,
-            "budget": budget, "weights": "random (shapes only)", "new tokens per turn": new_tokens,
-            "reply tokens": max_tokens}
-    return BenchResult("serve-random", rows, meta)
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(load())
+    finally:
+        sched.close()
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in res]
+    itl = [x for r in res for x in r["itl"]]
+    return {"turns": len(res), "turns_per_s": len(res) / wall, "tokens_per_s": sum(r["tokens"] for r in res) / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": _pct(ttft, 0.99), "itl_p50_s": _pct(itl, 0.5),
+            "itl_p99_s": _pct(itl, 0.99)}
