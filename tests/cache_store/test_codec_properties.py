@@ -1,8 +1,10 @@
 """Property tests of the codec (hypothesis): any slot content round-trips bit for bit, and every
-single-byte corruption of an encoded cache is refused with a CodecError (never decoded silently)."""
+single-byte corruption of an encoded cache is refused with a CodecError (never decoded silently);
+format 1 bytes stay readable and are written unchanged; a malformed header is a CodecError."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,3 +90,59 @@ def test_every_byte_of_one_cache_is_covered():
         except CodecError:
             pass
     assert not accepted, f"corruptions at bytes {accepted} decoded silently"
+
+
+# --- format 1 on the wire: what older workers wrote must stay readable, and be written the same -----
+FORMAT_1 = bytes.fromhex(
+    "4c534b564341434801001c0100005654dcdc7b226964656e74697479223a7b226d6f64656c223a226d222c22706f6c696379223a2268326f"
+    "2b6c657373222c22627564676574223a31362c226b65726e656c73223a2261626364227d2c2274656e736f7273223a5b7b226e616d65223a"
+    "226b222c226474797065223a22666c6f61743332222c227368617065223a5b322c335d2c226f6666736574223a302c226e6279746573223a"
+    "32347d2c7b226e616d65223a22706f73222c226474797065223a22696e743332222c227368617065223a5b335d2c226f6666736574223a36"
+    "342c226e6279746573223a31327d5d2c227061796c6f61645f6279746573223a3132382c227061796c6f61645f6372633332223a31303230"
+    "3631373632352c226d657461223a7b2274223a317d7d000000000000000000000000000000000000000000000000803f0000004000004040"
+    "000080400000a040000000000000000000000000000000000000000000000000000000000000000000000000000000000000000001000000"
+    "0200000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+)
+
+
+def golden_state() -> dict[str, torch.Tensor]:
+    return {"k": torch.arange(6, dtype=torch.float32).reshape(2, 3), "pos": torch.arange(3, dtype=torch.int32)}
+
+
+def test_format_1_bytes_are_read_and_written_unchanged():
+    d = codec.decode(FORMAT_1, ID)
+    assert d.meta == {"t": 1} and codec.read_header(FORMAT_1).payload_start == 320
+    for name, t in golden_state().items():
+        assert same_bits(d.tensors[name], t), name
+    assert bytes(codec.encode(golden_state(), ID, {"t": 1})) == FORMAT_1
+
+
+def forged(head: bytes) -> bytes:
+    """A buffer whose header checksum is right but whose header JSON is `head`."""
+    import struct
+    import zlib
+
+    fixed = struct.pack("<8sHII", codec.MAGIC, codec.FORMAT_VERSION, len(head), zlib.crc32(head))
+    body = fixed + head
+    return body + bytes(-len(body) % 64)
+
+
+@pytest.mark.parametrize("head", [b"{not json", b"[1, 2]", b'{"identity": 3}',
+                                  b'{"identity": {"model": "m", "policy": "p", "budget": 1, "kernels": "k"}, '
+                                  b'"tensors": 5, "payload_bytes": 0, "payload_crc32": 0, "meta": {}}',
+                                  b'{"identity": {"model": "m"}, "tensors": [], "payload_bytes": 0, '
+                                  b'"payload_crc32": 0, "meta": {}}',
+                                  b"\xff\xfe"])
+def test_a_malformed_header_with_a_valid_checksum_is_a_codec_error(head):
+    with pytest.raises(CodecError):
+        codec.decode(forged(head), ID)
+
+
+def test_identities_and_headers_are_immutable():
+    import dataclasses
+
+    assert hash(ID) == hash(codec.CacheIdentity(**dataclasses.asdict(ID)))
+    header = codec.read_header(FORMAT_1)
+    for obj, field in ((ID, "budget"), (header, "payload_bytes")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, 0)

@@ -28,11 +28,17 @@ def test_unknown_policies_are_refused_naming_the_choices(name):
     assert all(n in str(ex.value) for n in POLICY_NAMES)
 
 
-@pytest.mark.parametrize("rank,D,itemsize", [(8, 64, 4), (8, 64, 2), (4, 16, 4), (8, 128, 2), (1, 1, 1)])
+# (25, 1, 1) and (64, 2, 1): states many tokens long, where a byte more per token changes the count
+@pytest.mark.parametrize("rank,D,itemsize", [(8, 64, 4), (8, 64, 2), (4, 16, 4), (8, 128, 2), (1, 1, 1), (25, 1, 1),
+                                             (64, 2, 1)])
 def test_less_state_tokens_is_the_state_bytes_in_tokens_rounded_up(rank, D, itemsize):
     got = less_state_tokens(rank, D, itemsize)
     state, token = rank * (D + 1) * 4, 2 * D * itemsize + 8
     assert got == math.ceil(state / token) and (got - 1) * token < state <= got * token
+
+
+def test_a_plain_policy_by_default():
+    assert Policy("h2o") == Policy.parse("h2o") and not Policy("lambda").less and not Policy("lambda").plus
 
 
 def test_documented_values():
@@ -45,6 +51,7 @@ def spec(name, budget=16, recent=None, sink=4, max_context=512, extra=0):
 
 
 def test_specs():
+    assert eviction_spec(Policy.parse("h2o+"), 16, None, 4, 512) == eviction_spec(Policy.parse("h2o"), 16, None, 4, 512)
     assert spec("full") == ("full", 512, 512, 0)
     assert spec("full", budget=1, extra=7) == ("full", 512, 512, 0)  # full ignores the budget
     assert spec("h2o") == ("h2o", 16, 8, 0) and spec("h2o", budget=17) == ("h2o", 17, 8, 0)
