@@ -7,7 +7,8 @@ tree (`git archive HEAD`) is unpacked afresh into a scratch workspace ($LESSSERV
 default /tmp/lessserve-mutation) with a `lessserve/` folder of links, so the tests import the
 scratch copy, and cosmic-ray mutates that copy, one mutant at a time. Each module's session
 database is kept beside the workspace, keyed by the module file's hash: a run stopped by
---minutes (per module) resumes where it stopped; --fresh starts over. Results (score, survivors)
+--minutes (per module) resumes where it stopped; --retest runs the survivors again (after new
+tests); --fresh starts over. Results (score, survivors)
 go to tests/mutation/results/<module>.json; --report prints the table from those files only.
 
 Operators: one semantic replacement per operator (+ <-> -, * <-> /, // -> /, % -> //, ** -> *,
@@ -161,7 +162,20 @@ def skip_out_of_scope(db: Path, path: Path, lines: list[tuple[int, int]] | None)
             wdb.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=why))
 
 
-def run_module(key: str, minutes: float, fresh: bool) -> None:
+def forget_survivors(db: Path) -> int:
+    """Drop the results of surviving mutants, so that the next exec tests them again (new tests)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    with use_db(str(db), WorkDB.Mode.open) as wdb:
+        survived = [j for j, r in wdb.results if r.test_outcome is not None and r.test_outcome.name == "SURVIVED"]
+    con = __import__("sqlite3").connect(db)
+    con.executemany("DELETE FROM work_results WHERE job_id = ?", [(j,) for j in survived])
+    con.commit()
+    con.close()
+    return len(survived)
+
+
+def run_module(key: str, minutes: float, fresh: bool, retest: bool = False) -> None:
     module, functions, tests = MODULES[key]
     src = workspace()
     digest = hashlib.sha256((src / module).read_bytes() + " ".join(tests).encode()).hexdigest()[:12]
@@ -178,6 +192,8 @@ def run_module(key: str, minutes: float, fresh: bool) -> None:
             if server.poll() is not None:
                 raise SystemExit("the fork server did not start")
             time.sleep(0.2)
+        if retest and db.exists():
+            print(f"[{key}] {forget_survivors(db)} survivors to test again", flush=True)
         run_cosmic_ray(key, module, functions, tests, src, env, sock, db, minutes)
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # our own process group
@@ -288,6 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     ap.add_argument("--minutes", type=float, default=10.0, help="time bound per module (resumable)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    ap.add_argument("--retest", action="store_true", help="test the surviving mutants again (after new tests)")
     ap.add_argument("--report", action="store_true", help="only print the table of the saved results")
     a = ap.parse_args(argv)
     unknown = set(a.modules) - set(MODULES)
@@ -295,7 +312,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown modules {sorted(unknown)}; choose from {', '.join(MODULES)}")
     if not a.report:
         for key in a.modules or list(MODULES):
-            run_module(key, a.minutes, a.fresh)
+            run_module(key, a.minutes, a.fresh, a.retest)
     report()
 
 
