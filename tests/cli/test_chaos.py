@@ -135,6 +135,9 @@ def check(res: dict) -> None:
         want = len(encode(tok, render(tok, c.msgs[:-1])))
         assert abs(c.last["usage"]["prompt_tokens"] - want) <= 2 * res["turns"], (c.last["usage"], want)
     assert "SIGTERM received" not in res["log"]
+    print(f"\nFAULT-TABLE | chaos: {'; '.join(res['faults'])} | {len(statuses)} | "
+          f"{sum(x >= 500 and x != 503 for x in statuses)} | {statuses.count(503)} | "
+          f"{len(res['clients'])} of {len(res['clients'])} |")
 
 
 def test_chaos_short(tmp_path):

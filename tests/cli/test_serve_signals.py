@@ -85,3 +85,6 @@ def test_sigterm_and_sigint_drain_exit_0_and_the_conversation_continues(tmp_path
         text = path.read_text()
         assert "SIGTERM received" not in text and "PC: @" not in text and "Traceback" not in text, text[-2000:]
         assert "draining" in text
+    print(f"\nFAULT-TABLE | SIGTERM to lessserve serve (exit {rc} in {took:.0f} s), SIGINT to its successor (exit "
+          f"{rc2}); the conversation continued with {second['usage']['prompt_tokens_details']['cached_tokens']} "
+          "cached tokens | 2 | 0 | 0 | 1 of 1 |")
