@@ -51,31 +51,37 @@ class AotResult:
     seconds: float = 0.0
 
 
-# attn_fwd_kernel configurations in the default (CI) set: (FUSED_MASS, BLOCK_M, BLOCK_D, HAS_LESS)
-_CI_ATTN = {
-    "bf16": {(True, 16, 64, True), (True, 16, 128, True), (True, 32, 128, False), (True, 64, 128, True),
-             (False, 32, 64, True)},  # decode at both head dims, every row block, the unfused path
-    "fp16": {(True, 16, 128, True)},  # decode (the same code as bf16 but for the element type)
-    "fp32": {(True, 16, 128, True), (True, 64, 128, True), (False, 32, 128, True)},
+# The default (CI) set, per kernel: (dtype, the constexprs that vary) - a covering subset
+_CI_KEY = {
+    "attn_fwd_kernel": lambda c: (c["FUSED_MASS"], c["BLOCK_M"], c["BLOCK_D"], c["HAS_LESS"]),
+    "attn_mass_kernel": lambda c: c["BLOCK_D"],
+    "evict_move_kernel": lambda c: (c["WRITE_VICTIMS"], c["BLOCK_D"]),
+    "absorb_kernel": lambda c: (c["BLOCK_C"], c["BLOCK_D"]),
+    "quantize_int8_kernel": lambda c: c["BLOCK_D"],
+    "dequantize_int8_kernel": lambda c: c["BLOCK_D"],
+    # smallest, the default budget's, serving sizes (budget 2048 + chunk 256); 8192 to 65536
+    # (budgets past 4K, the `full` policy) cost 3-20 s each to compile: in the full space only
+    "evict_select_kernel": lambda c: c["BLOCK_T"] in (16, 256, 4096),
+}
+_CI = {
+    "attn_fwd_kernel": {  # decode at both head dims, every row block, the unfused path; the largest
+        ("bf16", (True, 16, 64, True)), ("bf16", (True, 16, 128, True)), ("bf16", (True, 32, 128, False)),
+        ("bf16", (True, 64, 128, True)), ("bf16", (False, 32, 64, True)), ("fp16", (True, 16, 128, True)),
+        ("fp32", (True, 16, 128, True)), ("fp32", (True, 64, 128, True)), ("fp32", (False, 32, 128, True))},
+    "attn_mass_kernel": {("bf16", 64), ("fp16", 128), ("fp32", 128)},
+    "evict_move_kernel": {("bf16", (True, 128)), ("fp16", (False, 64)), ("fp32", (True, 64))},
+    "absorb_kernel": {("bf16", (16, 64)), ("fp16", (32, 128)), ("fp32", (32, 128))},
+    "quantize_int8_kernel": {("bf16", 128), ("fp16", 64), ("fp32", 128)},
+    "dequantize_int8_kernel": {("bf16", 128), ("fp16", 64), ("fp32", 128)},
+    "evict_select_kernel": {("-", True)},
 }
 
 
 def _in_ci(x: Launch) -> bool:
-    """A covering subset: every kernel x dtype x target, every constexpr value of each kernel at
-    least once, the decode hot path, and each kernel's most resource-hungry configuration (shared
-    memory and registers grow with the blocks, so the largest is the binding one)."""
-    c = x.constexprs
-    if x.kernel == "attn_fwd_kernel":
-        return (c["FUSED_MASS"], c["BLOCK_M"], c["BLOCK_D"], c["HAS_LESS"]) in _CI_ATTN[x.dtype]
-    if x.kernel == "evict_select_kernel":
-        # smallest, the default budget's, serving sizes (budget 2048 + chunk 256); the larger blocks
-        # (8192 to 65536: budgets past 4K, the `full` policy) cost 3-20 s each: in the full space only
-        return c["BLOCK_T"] in (16, 256, 4096)
-    if x.kernel == "evict_move_kernel":
-        return (c["WRITE_VICTIMS"], c["BLOCK_D"]) in {(True, 128), (False, 64)}
-    if x.kernel == "absorb_kernel":
-        return (c["BLOCK_C"], c["BLOCK_D"]) in {(16, 64), (32, 128)}
-    return c["BLOCK_D"] == 128 or x.dtype == "bf16"  # attn_mass_kernel, the int8 codec
+    """A covering subset of the full space: every kernel x dtype x target, every constexpr value of
+    each kernel at least once, the decode hot path, and the attention kernel's most resource-hungry
+    configurations (shared memory and registers grow with the blocks: the largest bind)."""
+    return (x.dtype, _CI_KEY[x.kernel](x.constexprs)) in _CI[x.kernel]
 
 
 def _in_decode(x: Launch) -> bool:
