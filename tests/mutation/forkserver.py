@@ -6,6 +6,7 @@ It saves the ~10 s interpreter start of every mutant's test run.
     python -S tests/mutation/forkserver.py run SOCKET TIMEOUT_S ARGS...  (cosmic-ray's test-command)
 
 `run` exits with the child's pytest exit status; a child past TIMEOUT_S is killed (status 124).
+The latest run's output is in last-run.log beside the socket.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def serve(path: str, src: str) -> None:
         conn, _ = sock.accept()
         with conn:
             req = json.loads(conn.makefile().readline())
-            args, timeout_s = req["args"], float(req["timeout"])
+            args, timeout_s, log = req["args"], float(req["timeout"]), req["log"]
             pid = os.fork()
             if pid == 0:
                 os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # the latest run's output
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                for fd in (1, 2):
+                    os.dup2(out, fd)
                 os.chdir(src)
                 import pytest
 
@@ -69,7 +71,8 @@ def serve(path: str, src: str) -> None:
 def run(path: str, timeout_s: str, args: list[str]) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    sock.sendall((json.dumps({"args": args, "timeout": timeout_s}) + "\n").encode())
+    log = os.path.join(os.path.dirname(path), "last-run.log")
+    sock.sendall((json.dumps({"args": args, "timeout": timeout_s, "log": log}) + "\n").encode())
     return int(sock.makefile().readline() or 125)
 
 

@@ -203,11 +203,17 @@ def run_module(key: str, minutes: float, fresh: bool, retest: bool = False) -> N
 def run_cosmic_ray(key, module, functions, tests, src, env, sock, db, minutes) -> None:
     client = [sys.executable, "-S", str(HERE / "forkserver.py"), "run", sock]
     pytest_args = ["-x", "-q", "-p", "no:cacheprovider", *tests]
-    t0 = time.time()
-    base = subprocess.run([*client, "900", *pytest_args], cwd=src, env=env, capture_output=True, text=True)
-    if base.returncode != 0:
-        raise SystemExit(f"{key}: the unmutated tests fail (exit {base.returncode}): run them in {src}")
-    baseline = time.time() - t0
+    for _ in range(2):  # once more on a failure: a loaded machine can make a first run fail
+        t0 = time.time()
+        base = subprocess.run([*client, "900", *pytest_args], cwd=src, env=env, capture_output=True, text=True)
+        baseline = time.time() - t0
+        if base.returncode == 0:
+            break
+    else:
+        log = WORK / f"{key}-baseline.log"
+        shutil.copy(WORK / "last-run.log", log)
+        print(f"[{key}] skipped: the unmutated tests fail (exit {base.returncode}); see {log}", flush=True)
+        return
     timeout = max(30.0, 4 * baseline + 10)
     command = [*client, f"{timeout:.0f}", *pytest_args]
     cfg = WORK / "sessions" / f"{key}.toml"
