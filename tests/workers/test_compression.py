@@ -37,8 +37,13 @@ def test_less_state_tokens_is_the_state_bytes_in_tokens_rounded_up(rank, D, item
     assert got == math.ceil(state / token) and (got - 1) * token < state <= got * token
 
 
-def test_a_plain_policy_by_default():
+def test_a_plain_policy_by_default_and_immutable():
+    import dataclasses
+
     assert Policy("h2o") == Policy.parse("h2o") and not Policy("lambda").less and not Policy("lambda").plus
+    assert len({Policy.parse("h2o+less"), Policy.parse(" h2o+less")}) == 1  # hashable: usable as a key
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Policy("h2o").less = True
 
 
 def test_documented_values():
