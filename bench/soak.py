@@ -88,11 +88,27 @@ async def _faults(redis, every_s: float, down_s: float, deadline: float, log: li
         n += 1
 
 
-async def _sample(every_s: float, deadline: float, t0: float, rows: list) -> None:
+async def host_tier_mb(base_url: str) -> float:
+    """Bytes the workers' host tiers hold (from /metrics): memory the config bounds (store.host_bytes)."""
+    async with httpx.AsyncClient(timeout=10) as c:
+        text = (await c.get(base_url + "/metrics")).text
+    for line in text.splitlines():
+        if line.startswith('lessserve_tier_bytes{tier="host"}'):
+            return float(line.split()[-1]) / 2**20
+    return 0.0
+
+
+async def _sample(base_url: str, every_s: float, deadline: float, t0: float, rows: list) -> None:
+    """RSS per role, and the workers' RSS less their host tiers (what must stay flat)."""
     while time.perf_counter() < deadline:
         rss = serve_rss_mb()
+        try:
+            host = await host_tier_mb(base_url)
+        except httpx.HTTPError:
+            host = 0.0
         t = round(time.perf_counter() - t0, 1)
         rows += [{"t_s": t, "process": role, "rss_mb": round(mb, 1)} for role, mb in rss.items()]
+        rows.append({"t_s": t, "process": "worker minus host tier", "rss_mb": round(rss["worker"] - host, 1)})
         await asyncio.sleep(every_s)
 
 
@@ -122,7 +138,7 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
         t0 = time.perf_counter()
         deadline = t0 + duration_s
         tasks = [_users(f"http://127.0.0.1:{port}/v1/chat/completions", cfg.model_name, users, turns, max_tokens, deadline, max_turns,
-                        seed, tally), _sample(sample_s, deadline, t0, samples)]
+                        seed, tally), _sample(f"http://127.0.0.1:{port}", sample_s, deadline, t0, samples)]
         if faults:
             tasks.append(_faults(redis, fault_every_s, min(10.0, fault_every_s / 2), deadline, fault_log))
         await asyncio.gather(*tasks)
@@ -140,7 +156,8 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
                 "transport_errors": tally["transport_errors"],
                 "ttft_p50_s": _percentile(tally["ttft"], 0.5), "ttft_p99_s": _percentile(tally["ttft"], 0.99),
                 "router_rss_growth": growth(samples, "router", warmup_s),
-                "worker_rss_growth": growth(samples, "worker", warmup_s)}]
+                "worker_rss_growth": growth(samples, "worker", warmup_s),
+                "worker_minus_host_tier_growth": growth(samples, "worker minus host tier", warmup_s)}]
     notes = [f"fault at {t - t0:.0f} s: {what}" for t, what in fault_log]
     if "first_error" in tally:
         notes.append(f"first non-503 error: {tally['first_error']}")

@@ -100,6 +100,10 @@ class TieredCacheStore:
             self.lru[tier].touch(sid)
 
     # --- where ------------------------------------------------------------------------------
+    def holds(self, sid: str) -> bool:
+        """The session's cache is on this store's device or host tier."""
+        return sid in self._loc
+
     async def where(self, sid: str) -> str:
         """The nearest tier holding the session's cache; CacheMissError if none does."""
         if sid in self._loc:

@@ -276,18 +276,35 @@ class SessionStore:
         """Move every idle session to the shared tier (host memory without Redis)."""
         for sid in list(self.device.slots):
             self._write_transcript(sid)
-        return self.io.run(self.store.drain())
+        moved = self.io.run(self.store.drain())
+        self._forget_departed()
+        return moved
 
     def maintain(self) -> int:
         """Idle-time movement (device -> host -> shared tier); call it periodically."""
-        return self.io.run(self.store.maintain())
+        moved = self.io.run(self.store.maintain())
+        self._forget_departed()
+        return moved
+
+    def _forget_departed(self) -> None:
+        """Stop keeping sessions whose cache left this worker for the shared tier once their
+        transcript is durable there: memory per worker stays bounded by its tiers, not by every
+        session it ever served. (Without a shared tier nothing departs: the transcript is all.)"""
+        if self.store.shared is None:
+            return
+        for sid in list(self.sessions):
+            if not self.store.holds(sid) and sid not in self.unsaved and not self.store.is_pinned(sid):
+                del self.sessions[sid]
 
     # --- inspection -------------------------------------------------------------------------
     def transcript(self, session_id: str) -> Transcript:
-        try:
+        """The session's transcript: this worker's, else the durable one; CacheMissError if none."""
+        if session_id in self.sessions:
             return self.sessions[session_id].transcript
-        except KeyError:
-            raise CacheMissError(f"unknown session {session_id!r}") from None
+        tr = self._fetch_transcript(session_id, strict=True)
+        if not tr.ids:
+            raise CacheMissError(f"unknown session {session_id!r}")
+        return tr
 
     def stats(self) -> dict:
         out = self.io.run(self.store.stats())
