@@ -137,8 +137,9 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
     async def main():
         t0 = time.perf_counter()
         deadline = t0 + duration_s
-        tasks = [_users(f"http://127.0.0.1:{port}/v1/chat/completions", cfg.model_name, users, turns, max_tokens, deadline, max_turns,
-                        seed, tally), _sample(f"http://127.0.0.1:{port}", sample_s, deadline, t0, samples)]
+        base = f"http://127.0.0.1:{port}"
+        tasks = [_users(base + "/v1/chat/completions", cfg.model_name, users, turns, max_tokens, deadline, max_turns,
+                        seed, tally), _sample(base, sample_s, deadline, t0, samples)]
         if faults:
             tasks.append(_faults(redis, fault_every_s, min(10.0, fault_every_s / 2), deadline, fault_log))
         await asyncio.gather(*tasks)
