@@ -185,6 +185,8 @@ def run_module(key: str, minutes: float, fresh: bool, retest: bool = False) -> N
         db.unlink()
     env = test_env(src)
     sock = str(WORK / "forkserver.sock")
+    if os.path.exists(sock):  # a killed server's: the wait below must see the new one's
+        os.unlink(sock)
     server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", sock, str(src)], env=env,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -211,7 +213,8 @@ def run_cosmic_ray(key, module, functions, tests, src, env, sock, db, minutes) -
             break
     else:
         log = WORK / f"{key}-baseline.log"
-        shutil.copy(WORK / "last-run.log", log)
+        if (WORK / "last-run.log").exists():
+            shutil.copy(WORK / "last-run.log", log)
         print(f"[{key}] skipped: the unmutated tests fail (exit {base.returncode}); see {log}", flush=True)
         return
     timeout = max(30.0, 4 * baseline + 10)
