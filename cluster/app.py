@@ -349,7 +349,8 @@ def worker_deployment(cfg: ServeConfig):
             "target_ongoing_requests": w.target_ongoing_requests,
             "upscale_delay_s": w.upscale_delay_s, "downscale_delay_s": w.downscale_delay_s,
         },
-        ray_actor_options={"num_cpus": cfg.worker_num_cpus, "num_gpus": gpus},
+        ray_actor_options={"num_cpus": cfg.worker_num_cpus, "num_gpus": gpus,
+                           **({"resources": cfg.worker_resources} if cfg.worker_resources else {})},
         max_ongoing_requests=cfg.max_ongoing_per_worker,
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 10,
         request_router_config=RequestRouterConfig(
@@ -367,4 +368,6 @@ def build_app(args: dict | None = None):
     cfg_dict = cfg.model_dump(mode="json", exclude={"workers"})
     worker = worker_deployment(cfg).bind(cfg_dict)
     return Router.options(num_replicas=cfg.router_replicas,
-                          ray_actor_options={"num_cpus": cfg.router_num_cpus}).bind(worker, cfg_dict)
+                          ray_actor_options={"num_cpus": cfg.router_num_cpus,
+                                             **({"resources": cfg.router_resources} if cfg.router_resources else {})},
+                          ).bind(worker, cfg_dict)

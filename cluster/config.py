@@ -55,6 +55,10 @@ class ServeConfig(BaseModel):
     router_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per router replica")
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker replica")
     worker_num_gpus: float | None = Field(None, ge=0, description="GPUs per worker (None: 1 if the cluster has any)")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each worker "
+                                               "replica asks for (e.g. {worker_node: 1}: one per GPU node group)")
+    router_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each router "
+                                               "replica asks for (e.g. pin routers to the head node)")
     max_ongoing_per_worker: int = Field(64, ge=1, description="Serve max_ongoing_requests per worker")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for")

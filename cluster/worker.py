@@ -62,6 +62,15 @@ class SessionLocks:
         return len(self._locks)
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -76,6 +85,7 @@ class LessWorker:
         self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier())
         self.scheduler = BatchScheduler(self.engine)
         self.worker_id = _replica_id()
+        self.node_id = _node_id()
         self.directory = WriteBehind(make_directory(self.cfg.store.redis_url))
         self.state = get_state()
         self.locks = SessionLocks()
@@ -149,7 +159,7 @@ class LessWorker:
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:
         info = await self.scheduler.run_exclusive(lambda: self.sessions.info(session_id, owner))
-        return None if info is None else {"id": session_id, "worker": self.worker_id, **info}
+        return None if info is None else {"id": session_id, "worker": self.worker_id, "node": self.node_id, **info}
 
     async def delete_session(self, session_id: str, owner: str | None = None) -> bool:
         async with self.locks.hold(session_id):
@@ -174,7 +184,7 @@ class LessWorker:
 
     async def stats(self) -> dict:
         st = await self.scheduler.run_exclusive(self.sessions.stats)
-        return {"worker": self.worker_id, "queue_depth": self.scheduler.active, "tiers": st,
+        return {"worker": self.worker_id, "node": self.node_id, "queue_depth": self.scheduler.active, "tiers": st,
                 "free_slots": self.engine.slab.free_slots, "admission": self.gate.stats(),
                 "directory_pending": len(self.directory.pending), "republished": self.republished,
                 "shared_tier_up": self.epoch is not None}

@@ -127,3 +127,9 @@ def default_engine(default_model):
         return Engine(c, checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multinode tests start their own Ray cluster (several nodes) and need a process where Ray
+    is not running yet: they run first."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is None)

@@ -4,7 +4,7 @@ empty, Redis crashed and back from its AOF, a worker process SIGKILLed mid-turn,
 SIGTERMed and replaced. Every response is 200 or a documented 503 (with Retry-After); every
 conversation completes; every session's recorded turns equal its conversation's.
 
-The default run has the short schedule (one fault per round); `-m slow` runs it twice as long
+The default run has the short schedule (one fault per round); `-m long` runs it twice as long
 with more conversations."""
 
 from __future__ import annotations
@@ -144,6 +144,6 @@ def test_chaos_short(tmp_path):
     check(run_chaos(tmp_path, conversations=3, cycles=1))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_chaos_long(tmp_path):
     check(run_chaos(tmp_path, conversations=6, cycles=2))
