@@ -103,6 +103,7 @@ def values_schema() -> dict:
             "rayService": {"type": "object", "properties": {
                 "upgradeStrategy": {"enum": ["NewCluster", "None"]},
                 "autoscaler": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"},
                     "upscalingMode": {"enum": ["Default", "Conservative", "Aggressive"]},
                     "idleTimeoutSeconds": count}}}},
             "workers": {"type": "object", "properties": {

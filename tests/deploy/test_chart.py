@@ -68,6 +68,7 @@ def test_ray_cluster_shape(rendered, values):
     cfg = render.serve_config(vals)
     cluster = rayservice(rendered[values])["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] >= 70  # a replica's drain budget
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
     for c in head["template"]["spec"]["containers"]:
@@ -143,6 +144,8 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     (("--set", "serve.host=10.0.0.1"), "additional properties 'host'"),  # owned by the chart
     (("--set", "serve.store.redis_url=redis://x"), "additional properties 'redis_url'"),
     (("--set", "rayService.upgradeStrategy=Blue"), "upgradeStrategy"),
+    (("--set", "rayService.autoscaler.idleTimeoutSeconds=30"), "shorter than a replica's drain budget 70"),
+    (("--set", "rayService.autoscaler.enabled=maybe"), "enabled"),
 ])
 def test_bad_values_are_rejected(helm, bad, message):
     with pytest.raises(RuntimeError, match=message):
