@@ -57,6 +57,13 @@ def test_any_slot_content_round_trips_bit_for_bit(state, meta):
     blob = codec.encode(state, ID, {"transcript": meta})
     d = codec.decode(bytes(blob), ID)
     assert d.meta == {"transcript": meta} and list(d.tensors) == list(state)
+    h = d.header  # the layout pads to 64 bytes and no more: a reader of another version finds the same offsets
+    up = lambda n: -(-n // 64) * 64  # noqa: E731
+    head_len = int.from_bytes(bytes(blob[10:14]), "little")
+    assert h.payload_start == up(18 + head_len) and h.tensors[0].offset == 0
+    for a, b in zip(h.tensors, h.tensors[1:], strict=False):
+        assert b.offset == up(a.offset + a.nbytes)
+    assert h.payload_bytes == up(h.tensors[-1].offset + h.tensors[-1].nbytes)
     for name, t in state.items():
         assert same_bits(d.tensors[name], t), name
 
@@ -117,14 +124,19 @@ def test_format_1_bytes_are_read_and_written_unchanged():
     assert bytes(codec.encode(golden_state(), ID, {"t": 1})) == FORMAT_1
 
 
-def forged(head: bytes) -> bytes:
-    """A buffer whose header checksum is right but whose header JSON is `head`."""
+def forged(head: bytes, payload: bytes = b"", crc: int | None = None) -> bytes:
+    """A buffer whose header checksum is right but whose header JSON is `head` (then `payload`)."""
+    import json
     import struct
     import zlib
 
+    if crc is not None:  # keep the payload's size and checksum consistent
+        h = json.loads(head)
+        h["payload_bytes"], h["payload_crc32"] = len(payload), crc
+        head = json.dumps(h).encode()
     fixed = struct.pack("<8sHII", codec.MAGIC, codec.FORMAT_VERSION, len(head), zlib.crc32(head))
     body = fixed + head
-    return body + bytes(-len(body) % 64)
+    return body + bytes(-len(body) % 64) + payload
 
 
 @pytest.mark.parametrize("head", [b"{not json", b"[1, 2]", b'{"identity": 3}',
@@ -143,6 +155,31 @@ def test_identities_and_headers_are_immutable():
 
     assert hash(ID) == hash(codec.CacheIdentity(**dataclasses.asdict(ID)))
     header = codec.read_header(FORMAT_1)
-    for obj, field in ((ID, "budget"), (header, "payload_bytes")):
+    for obj, field in ((ID, "budget"), (header, "payload_bytes"), (header.tensors[0], "offset"),
+                       (codec.decode(FORMAT_1, ID), "tensors")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, field, 0)
+
+
+def test_an_aligned_empty_cache_and_any_memoryview_decode():
+    for k in range(64):  # one of these metas makes the header end exactly on a 64-byte boundary
+        blob = bytes(codec.encode({}, ID, {"p": "x" * k}))
+        if len(blob) == 18 + int.from_bytes(blob[10:14], "little"):
+            break
+    else:
+        raise AssertionError("no aligned header found")
+    assert codec.decode(blob, ID).tensors == {}
+    assert codec.decode(memoryview(FORMAT_1).cast("I"), ID).meta == {"t": 1}  # a view of 4-byte items
+
+
+def test_a_tensor_spec_outside_the_payload_is_refused():
+    import json
+    import zlib
+
+    header = json.loads(FORMAT_1[18:18 + int.from_bytes(FORMAT_1[10:14], "little")])
+    payload = FORMAT_1[320:]
+    for change in ({"offset": 120}, {"nbytes": 20}, {"offset": -8}, {"shape": [2, 2]}):
+        h = json.loads(json.dumps(header))
+        h["tensors"][0].update(change)
+        with pytest.raises(CodecError):
+            codec.decode(forged(json.dumps(h).encode(), payload, zlib.crc32(payload)), ID)
