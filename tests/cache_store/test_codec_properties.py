@@ -178,7 +178,7 @@ def test_a_tensor_spec_outside_the_payload_is_refused():
 
     header = json.loads(FORMAT_1[18:18 + int.from_bytes(FORMAT_1[10:14], "little")])
     payload = FORMAT_1[320:]
-    for change in ({"offset": 120}, {"nbytes": 20}, {"offset": -8}, {"shape": [2, 2]}):
+    for change in ({"offset": 120}, {"nbytes": 20}, {"offset": -8}, {"offset": -1}, {"shape": [2, 2]}):
         h = json.loads(json.dumps(header))
         h["tensors"][0].update(change)
         with pytest.raises(CodecError):
