@@ -109,18 +109,14 @@ class SessionStore:
         before = self._open.pop(session_id, None)
         if chat is None or before is None:  # open_turn failed: nothing was pinned or planned
             return
-        try:
-            if tokens:
-                chat.finish_turn(messages, tokens)
-            elif before is not None:
-                chat.transcript = before
-                self.io.run(self.store.forget_cache(session_id))
-                self.sessions.pop(session_id, None)
-        finally:
-            self.store.unpin(session_id)
+        self.store.unpin(session_id)
+        if tokens:
+            chat.finish_turn(messages, tokens)
             self.store.touch(session_id)
-            if session_id in self.sessions:
-                self._write_transcript(session_id)
+            self._write_transcript(session_id)
+        else:  # the slot holds tokens the turn prefilled: drop this worker's copy, keep the transcript
+            chat.transcript = before
+            self.io.run(self.store.drop_local(session_id))
 
     def info(self, session_id: str, owner: str | None = None) -> dict | None:
         """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for a session

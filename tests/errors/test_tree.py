@@ -36,6 +36,7 @@ def all_error_classes() -> list[type]:
 
 
 def instance(cls: type) -> BaseException:
+    from lessserve.bench.serve_load import TurnFailed
     from lessserve.cache_store.errors import RestoreError
     from lessserve.cli.flags import CliError
     from lessserve.cluster.http_errors import ApiError
@@ -44,6 +45,8 @@ def instance(cls: type) -> BaseException:
         return cls("s", "redis", E.DependencyUnavailableError("down"))
     if issubclass(cls, CliError):
         return cls("--flag", "bad")
+    if issubclass(cls, TurnFailed):
+        return cls(502, None, "bad gateway")
     if issubclass(cls, ApiError):
         return cls(409, "conflict")
     return cls("message")
