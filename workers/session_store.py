@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import (
@@ -32,11 +33,14 @@ from lessserve.cache_store.errors import (
 )
 from lessserve.cache_store.store import TieredCacheStore
 from lessserve.cache_store.tier import Tier
-from lessserve.workers.chat_session import ChatSession, Transcript, plan_turn
+from lessserve.errors import LessServeError
+from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
 from lessserve.workers.io_loop import IoLoop
+
+LOCAL = "~"  # session ids a client cannot send (outside SESSION_ID_PATTERN): a worker's own sessions
 
 
 def meta_transcript(meta: dict) -> Transcript:
@@ -61,6 +65,8 @@ class SessionStore:
         self.store: TieredCacheStore = self.io.run(self._make_store())
         self.transcript_write_failures = 0
         self.transcript_read_failures = 0
+        self.prefix_builds = 0  # shared system prompts prefilled on this worker
+        self.prefix_hits = 0  # new sessions started from a copy of one
         self.unsaved: set[str] = set()  # sessions whose latest transcript is not durable yet
 
     async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
@@ -168,6 +174,8 @@ class SessionStore:
                 tr = Transcript(turns=tr.turns, owner=tr.owner)
             if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
                 self.io.run(self.store.make_room())
+            if not tr.ids and not known and messages and self._from_prefix(sid, messages, tr.owner):
+                return self.sessions[sid]  # a new conversation starting from a shared system prompt
             slot = self.device.new_slot(sid)
             self.store.admit(sid)
             if tr.ids:
@@ -180,6 +188,75 @@ class SessionStore:
         except BaseException:
             self.store.unpin(sid)
             raise
+
+    # --- forks and shared prefixes ---------------------------------------------------------------
+    def fork(self, src: str, dst: str, owner: str | None = None) -> bool:
+        """`dst` starts as a copy of `src`'s compressed cache and transcript: one slot copied on the
+        device, O(budget) whatever the conversation's length; later turns of either never reach the
+        other. False (dst then starts empty and its first turn prefills its history) when src has
+        no usable cache or belongs to another owner."""
+        if dst in self.sessions or self.store.holds(dst):
+            return False
+        if src not in self.sessions:
+            try:
+                self.io.run(self.store.where(src))  # a cache another worker left in the shared tier
+            except (CacheMissError, TierUnavailableError):
+                return False
+        try:
+            chat = self._bring_to_device(src)
+        except LessServeError:
+            return False
+        try:
+            if owner is not None and chat.transcript.owner not in (None, owner):
+                return False
+            self._copy_into(dst, chat)
+            return True
+        finally:
+            self.store.unpin(src)
+            self.store.touch(src)
+
+    def _copy_into(self, dst: str, chat: ChatSession) -> ChatSession:
+        self.io.run(self.store.make_room())  # the source is pinned by the caller
+        slot = self.device.new_slot(dst)
+        self.engine.slab.copy(chat.slot, slot)
+        self.store.admit(dst)
+        tr = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+        self.sessions[dst] = out = ChatSession(self.engine, slot=slot, transcript=tr)
+        return out
+
+    def _from_prefix(self, sid: str, messages: list[dict], owner: str | None) -> bool:
+        """A new session whose history opens with a system prompt starts from a copy of that
+        prompt's compressed state, prefilled once per worker (a local session "~prefix-<hash>").
+        The caller holds sid pinned. False when the prompt is not a clean prefix of the template."""
+        if messages[0].get("role") != "system" or len(messages) < 2:
+            return False
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(messages[:1], add_generation_prompt=False, tokenize=False)
+        from lessserve.workers.chat_session import render
+
+        if not render(tok, messages).startswith(text) or len(text) < 64:
+            return False
+        key = LOCAL + "prefix-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.store.pin(key)
+        try:
+            if key not in self.device.slots:  # never built here, or moved off the device: build it again
+                if self.store.holds(key):
+                    self.io.run(self.store.drop_local(key))
+                self.sessions.pop(key, None)
+                self.io.run(self.store.make_room())
+                slot = self.device.new_slot(key)
+                self.store.admit(key)
+                ids = encode(tok, text)
+                self.engine.prefill(slot, ids)
+                self.sessions[key] = ChatSession(self.engine, slot=slot,
+                                                 transcript=Transcript(ids=ids, text=text, messages=messages[:1]))
+                self.prefix_builds += 1
+            chat = self._copy_into(sid, self.sessions[key])
+            chat.transcript.owner = owner
+            self.prefix_hits += 1
+            return True
+        finally:
+            self.store.unpin(key)
 
     def _fetch_transcript(self, sid: str, strict: bool = False) -> Transcript:
         """The durable transcript; an empty one for a new session, or (unless `strict`) when the
@@ -195,6 +272,8 @@ class SessionStore:
             return Transcript()
 
     def _write_transcript(self, sid: str) -> None:
+        if sid.startswith(LOCAL):  # a worker's own helper session (a shared prefix): never durable
+            return
         try:
             self.io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
             self.unsaved.discard(sid)
@@ -240,7 +319,8 @@ class SessionStore:
 
     def resident(self) -> dict[str, tuple[str | None, int]]:
         """Sessions this worker knows -> (owner, turns)."""
-        return {sid: (chat.transcript.owner, chat.transcript.turns) for sid, chat in self.sessions.items()}
+        return {sid: (chat.transcript.owner, chat.transcript.turns) for sid, chat in self.sessions.items()
+                if not sid.startswith(LOCAL)}
 
     # --- placement --------------------------------------------------------------------------
     def where(self, session_id: str) -> str:
@@ -306,7 +386,8 @@ class SessionStore:
         out = self.io.run(self.store.stats())
         out["total"].update(transcript_write_failures=self.transcript_write_failures,
                             transcript_read_failures=self.transcript_read_failures,
-                            unsaved_transcripts=len(self.unsaved))
+                            unsaved_transcripts=len(self.unsaved), prefix_builds=self.prefix_builds,
+                            prefix_hits=self.prefix_hits)
         return out
 
     def close(self) -> None:

@@ -89,6 +89,16 @@ class SlotSlab:
         out["seen"] = torch.tensor([self.seen[slot]], dtype=torch.int64)
         return out
 
+    def copy(self, src: int, dst: int) -> None:
+        """dst becomes a copy of src (a fork): O(capacity) on the device, whatever src has seen."""
+        self.check(src)
+        self.check(dst)
+        for f in STATE_FIELDS:
+            t = getattr(self, f)
+            t[:, dst].copy_(t[:, src])
+        self.length[dst] = self.length[src]
+        self.seen[dst] = self.seen[src]
+
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Scatter an exported state into an allocated slot (shapes must match exactly)."""
         self.check(slot)
