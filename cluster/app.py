@@ -6,6 +6,7 @@
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -35,7 +36,17 @@ from lessserve.cluster.openai_types import (
     error_body,
     usage,
 )
-from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS, install
+from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS, RESPONSES_EXTRA, install
+from lessserve.cluster.responses import ResponseStore
+from lessserve.cluster.responses_types import (
+    RESPONSE_ID_PATTERN,
+    EventStream,
+    ResponsesRequest,
+    now,
+    response_id,
+    response_object,
+    response_usage,
+)
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
 from lessserve.errors import LessServeError
@@ -128,13 +139,40 @@ async def _unexpected(request: Request, e: Exception):
 
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """-> (message naming the field, the field). A check across fields names its field first."""
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    return f"{loc}: {err['msg']}", loc or None
+    loc, msg = ".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, ")
+    if not loc and ": " in msg:
+        loc, msg = msg.split(": ", 1)
+    return f"{loc}: {msg}", loc or None
+
+
+def collect(events: list[dict], t0: float) -> tuple[str, dict, TokenTimer]:
+    """A whole (non-streamed) turn's events -> (text, end event, timer); an error event raises."""
+    text, end, timer = [], {}, TokenTimer(t0)
+    for ev in events:
+        if ev["type"] == "token":
+            timer.tick()
+            text.append(ev["text"])
+        elif ev["type"] == "end":
+            end = ev
+        elif ev["type"] == "error":
+            raise HttpError.from_event(ev).api_error()
+    return "".join(text), end, timer
+
+
+async def rest(gen, seen: list[dict]):
+    """A streamed turn's events after its start event: those already read, then the rest."""
+    for ev in seen[1:]:
+        yield ev
+    async for ev in gen:
+        yield ev
 
 
 WORKER_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is unreachable
 SESSION_PATH = Path(..., pattern=SESSION_ID_PATTERN, description="the conversation's id (X-Session-Id)")
+RESPONSE_PATH = Path(..., pattern=RESPONSE_ID_PATTERN, description="a response's id (resp_...)")
+RESPONSE_SESSION = "~r-"  # a response's own session: outside SESSION_ID_PATTERN, so no client can name it
 
 
 @serve.deployment(name="Router")
@@ -147,6 +185,8 @@ class Router:
         self.directory = make_directory(self.cfg.store.redis_url)
         self.state = get_state()
         install(app, sorted({self.cfg.model_name, self.cfg.engine.model}))
+        self.responses = ResponseStore(self.cfg.store.redis_url, self.cfg.responses_ttl_s,
+                                       self.cfg.responses_max_records)
         self.health = Health(self.directory, self.state, bool(self.cfg.store.redis_url),
                              worker_stale_s=3 * self.cfg.maintain_interval_s + 10)
 
@@ -243,33 +283,18 @@ class Router:
         if req.stream:
             return StreamingResponse(self._sse(gen, seen, cid, model, include_usage, t0),
                                      media_type="text/event-stream")
-        text, end, timer = [], {}, TokenTimer(t0)
-        for ev in seen[1:]:
-            if ev["type"] == "token":
-                timer.tick()
-                text.append(ev["text"])
-            elif ev["type"] == "end":
-                end = ev
-            elif ev["type"] == "error":
-                raise HttpError.from_event(ev).api_error()
+        text, end, timer = collect(seen[1:], t0)
         use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
         self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
-        return JSONResponse(completion_body(cid, model, "".join(text), end.get("finish_reason", "length"), use),
+        return JSONResponse(completion_body(cid, model, text, end.get("finish_reason", "length"), use),
                             headers={"x-session-id": sid} if sid else None)
 
     async def _sse(self, gen, seen: list[dict], cid: str, model: str, include_usage: bool, t0: float):
         send = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
         yield send(chunk_body(cid, model, {"role": "assistant", "content": ""}))
         timer, end, first = TokenTimer(t0), {}, seen[0]
-
-        async def events():
-            for ev in seen[1:]:
-                yield ev
-            async for ev in gen:
-                yield ev
-
         try:
-            async for ev in events():
+            async for ev in rest(gen, seen):
                 if ev["type"] == "token":
                     timer.tick()
                     yield send(chunk_body(cid, model, {"content": ev["text"]}))
@@ -292,6 +317,94 @@ class Router:
             yield send(body)
         yield "data: [DONE]\n\n"
         self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
+
+    # --- the Responses API ------------------------------------------------------------------
+    def _check_request(self, model: str, max_tokens: int) -> None:
+        if model not in (self.cfg.model_name, self.cfg.engine.model):
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                           "not_found_error", "model_not_found", "model")
+        if max_tokens > self.cfg.max_tokens_limit:
+            raise ApiError(400, f"max tokens {max_tokens} is over this server's limit {self.cfg.max_tokens_limit}",
+                           param="max_output_tokens")
+
+    @app.post("/v1/responses", responses=ERRORS, openapi_extra=RESPONSES_EXTRA,
+              summary="Create a response (OpenAI Responses API); previous_response_id continues or forks")
+    async def responses_create(self, request: Request):
+        t0 = time.perf_counter()
+        owner = self._owner(request)
+        raw = await self._body(request)
+        try:
+            req = ResponsesRequest.model_validate_json(raw, strict=True)
+        except ValidationError as e:
+            msg, param = _validation_message(e)
+            raise ApiError(400, msg, param=param) from None
+        max_tokens = req.max_output_tokens or self.cfg.default_max_tokens
+        self._check_request(req.model, max_tokens)
+        history, parent = [], None
+        if req.previous_response_id:
+            prev = await self.responses.get(req.previous_response_id, owner)
+            history, parent = prev["messages"], prev["session"]
+        new = req.messages()
+        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        rid = response_id()
+        sid = RESPONSE_SESSION + rid[5:]  # one session per response: its cache is the conversation at that point
+        rec = {"id": rid, "owner": owner, "session": sid, "created_at": now(), "model": self.cfg.model_name,
+               "messages": [*history, *new], "previous_response_id": req.previous_response_id,
+               "instructions": req.instructions, "metadata": req.metadata, "temperature": req.temperature,
+               "top_p": req.top_p, "max_output_tokens": req.max_output_tokens, "store": req.store}
+        args = (sid, owner, [*system, *history, *new], max_tokens, req.temperature, req.top_p, None, [], parent,
+                not req.store)
+        gen, seen = await self._start(parent or sid, args, streamed=req.stream)
+        if seen[0]["type"] == "error":
+            raise HttpError.from_event(seen[0]).api_error()
+        if req.stream:
+            return StreamingResponse(self._responses_sse(gen, seen, rec, t0), media_type="text/event-stream")
+        text, end, timer = collect(seen[1:], t0)
+        await self._finish_response(rec, seen[0], end, text, timer)
+        return JSONResponse(response_object(rec))
+
+    async def _finish_response(self, rec: dict, first: dict, end: dict, text: str, timer: TokenTimer) -> None:
+        rec.update(output_text=text, finish=end.get("finish_reason", "length"),
+                   usage=response_usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"]))
+        rec["messages"] = [*rec["messages"], {"role": "assistant", "content": text}]
+        if rec["store"]:
+            await self.responses.put(rec)
+        self.state.record_request.remote(timer.ttft, timer.itls, rec["usage"]["output_tokens"], first["prefilled"])
+
+    async def _responses_sse(self, gen, seen: list[dict], rec: dict, t0: float):
+        es, text, timer, end = EventStream(rec), [], TokenTimer(t0), {}
+        for chunk in es.opening():
+            yield chunk
+        try:
+            async for ev in rest(gen, seen):
+                if ev["type"] == "token":
+                    timer.tick()
+                    text.append(ev["text"])
+                    yield es.delta(ev["text"])
+                elif ev["type"] == "end":
+                    end = ev
+                elif ev["type"] == "error":
+                    raise HttpError.from_event(ev).api_error()
+            await self._finish_response(rec, seen[0], end, "".join(text), timer)
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
+            h = http_error(e)
+            log.warning("response stream %s ended by %s: %s", rec["id"], type(e).__name__, e)
+            yield es.error(h.code if h else "stream_interrupted", h.message if h else type(e).__name__)
+            return
+        for chunk in es.closing(rec):
+            yield chunk
+
+    @app.get("/v1/responses/{response_id}", responses={k: ERRORS[k] for k in (401, 404, 503)})
+    async def responses_get(self, request: Request, response_id: str = RESPONSE_PATH):
+        return response_object(await self.responses.get(response_id, self._owner(request)))
+
+    @app.delete("/v1/responses/{response_id}", responses={k: ERRORS[k] for k in (401, 404, 503)})
+    async def responses_delete(self, request: Request, response_id: str = RESPONSE_PATH):
+        owner = self._owner(request)
+        rec = await self.responses.delete(response_id, owner)
+        with contextlib.suppress(Exception):  # the record is gone; its cache expires with the tiers if this fails
+            await self.worker.options(session_id=rec["session"]).delete_session.remote(rec["session"], owner)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.get("/v1/models", responses={401: ERRORS[401]})
     async def models(self, request: Request):

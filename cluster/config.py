@@ -67,6 +67,10 @@ class ServeConfig(BaseModel):
     queue_depth: int = Field(64, ge=0, description="Turns that may wait per worker when every slot is busy "
                              "(more: 503 with Retry-After)")
     queue_max_wait_s: float = Field(30.0, gt=0, description="Longest a turn waits for a slot before a 503")
+    responses_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="Lifetime of a stored response record "
+                                 "(POST /v1/responses, store: true)")
+    responses_max_records: int = Field(100_000, ge=1, description="Most response records kept without Redis "
+                                       "(oldest dropped first)")
     turn_retries: int = Field(2, ge=0, le=10, description="Times the router retries a turn on another worker "
                               "when its worker died before the first token")
     maintain_interval_s: float = Field(5.0, gt=0, description="Worker tier-maintenance period")

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
@@ -56,7 +56,10 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, description="choices; only 1 is supported (more: 400)")
+    tools: list | None = Field(None, description="not supported: a non-empty list is refused with 400")
+    logprobs: bool | None = Field(None, description="not supported: true is refused with 400")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported: refused with 400")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
                                    description="the conversation's id (the X-Session-Id header wins)")
@@ -77,6 +80,17 @@ class ChatCompletionRequest(BaseModel):
         if stops is not None and (len(stops) > 4 or any(len(x) > 256 for x in stops)):
             raise ValueError("at most 4 stop strings of at most 256 characters")
         return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        """Fields a client relies on that this server cannot honour: a clear 400, never silently ignored."""
+        if self.n > 1:
+            raise ValueError("n: only n = 1 is supported (send n requests, or fork a response with /v1/responses)")
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server")
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs: log probabilities are not supported by this server")
+        return self
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])

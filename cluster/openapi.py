@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from lessserve.cluster.openai_types import SESSION_ID_PATTERN, ChatCompletionRequest, ErrorResponse
+from lessserve.cluster.responses_types import ResponsesRequest
 
 REF = "#/components/schemas/{model}"
 
@@ -40,6 +41,17 @@ CHAT_EXTRA = {
 }
 
 
+RESPONSES_EXTRA = {
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": REF.format(model="ResponsesRequest")}}}},
+    "responses": {"200": {"description": "the response object (application/json), or with stream=true server-sent "
+                                         "events response.created ... response.output_text.delta ... "
+                                         "response.completed",
+                          "content": {"application/json": {"schema": {"type": "object"}},
+                                      "text/event-stream": {"schema": {"type": "string"}}}}},
+}
+
+
 def install(app: FastAPI, model_names: list[str] | None = None) -> None:
     """Replace app.openapi with one that adds the request schemas and the security scheme;
     `model_names`: the models this deployment serves (documented as the `model` field's enum)."""
@@ -50,11 +62,12 @@ def install(app: FastAPI, model_names: list[str] | None = None) -> None:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        body = ChatCompletionRequest.model_json_schema(ref_template=REF)
-        schemas.update(body.pop("$defs", {}))
-        if model_names:
-            body["properties"]["model"]["enum"] = list(model_names)
-        schemas["ChatCompletionRequest"] = body
+        for model in (ChatCompletionRequest, ResponsesRequest):
+            body = model.model_json_schema(ref_template=REF)
+            schemas.update(body.pop("$defs", {}))
+            if model_names:
+                body["properties"]["model"]["enum"] = list(model_names)
+            schemas[model.__name__] = body
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                            "description": "an API key, when the server has keys"}}
         doc["security"] = [{"bearer": []}, {}]  # optional: a server without keys takes anonymous requests

@@ -5,6 +5,7 @@ key) used to move sessions between workers when no Redis is configured."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import ray
 
@@ -39,6 +40,7 @@ class ClusterState:
         self.directory: dict[str, dict] = {}  # session -> {"worker", "owner", "t"}
         self.workers: dict[str, dict] = {}  # worker id -> latest stats + "t"
         self.blobs: dict[str, bytes] = {}
+        self.responses: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (expiry, record JSON)
         self.ttft = Histogram()
         self.itl = Histogram()
         self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0,
@@ -70,6 +72,23 @@ class ClusterState:
                 e["worker"], n = None, n + 1
         self.workers.pop(worker, None)
         return n
+
+    # response records (no Redis): bounded by a TTL and a count, oldest first out
+    def response_put(self, rid: str, rec: str, ttl_s: float, max_records: int) -> None:
+        self.responses[rid] = (time.time() + ttl_s, rec)
+        self.responses.move_to_end(rid)
+        while len(self.responses) > max_records:
+            self.responses.popitem(last=False)
+
+    def response_get(self, rid: str) -> str | None:
+        got = self.responses.get(rid)
+        if got is None or got[0] < time.time():
+            self.responses.pop(rid, None)
+            return None
+        return got[1]
+
+    def response_delete(self, rid: str) -> bool:
+        return self.responses.pop(rid, None) is not None
 
     # shared tier (no Redis)
     def blob_put(self, key: str, value: bytes) -> None:

@@ -106,19 +106,26 @@ class LessWorker:
     # --- turns ------------------------------------------------------------------------------
     async def chat(self, session_id: str | None, owner: str, messages: list[dict], max_tokens: int,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   stop: list[str] | None = None):
+                   stop: list[str] | None = None, fork_from: str | None = None, ephemeral: bool = False):
+        """One turn. `fork_from`: the new session starts as a copy of that one's cache (a response
+        continuing another, cluster/responses.py); `ephemeral`: forget the session afterwards."""
         sid = session_id or f"oneoff-{uuid.uuid4().hex}"
         async with self.locks.hold(sid):  # turns of one session run in arrival order
             try:
                 async with self.gate.admit():  # at most max_slots turns at once; the rest wait, bounded
+                    if fork_from:
+                        async with self.locks.hold(fork_from):  # never copy a slot mid-turn
+                            await self.scheduler.run_exclusive(lambda: self.sessions.fork(fork_from, sid, owner))
                     async for ev in self._turn(sid, session_id, owner, messages, max_tokens, temperature, top_p,
                                                seed, stop):
                         yield ev
             except LessServeError as e:  # the gate's CapacityError: answered from the one table
                 yield http_error(e).to_event()
             finally:
-                if session_id is None:
+                if session_id is None or ephemeral:
                     await self.scheduler.run_exclusive(lambda: self.sessions.delete(sid))
+                if ephemeral:
+                    await self.directory.forget(sid)
 
     async def _turn(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed, stop):
         try:
