@@ -16,7 +16,8 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
-    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak):
+    for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak,
+                _register_forks):
         reg(bsub)
 
 
@@ -199,6 +200,25 @@ def cmd_soak(args) -> int:
     return _emit(run_soak(args.duration, args.users, args.turns, args.max_tokens, args.max_turns, args.port,
                           args.seed, args.faults, args.fault_every, args.sample_every, args.warmup, args.workers),
                  args)
+
+
+def _register_forks(bsub) -> None:
+    p = bsub.add_parser("forks", help="fork cost (one slot copy) vs a fresh prefill; shared-prefix TTFT vs cold")
+    p.add_argument("--histories", default="512,1024,2048", help="tokens of history forked")
+    p.add_argument("--prompt-tokens", type=int, default=1000, help="tokens of the shared system prompt")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_forks)
+
+
+def cmd_forks(args) -> int:
+    histories = parse_ints("--histories", args.histories, lo=16, hi=32768)
+    in_range("--prompt-tokens", args.prompt_tokens, 70, 32768)
+    in_range("--repeats", args.repeats, 1, 100)
+    from lessserve.bench.forks import run_forks
+
+    return _emit(run_forks(engine_config(args), histories, args.prompt_tokens, args.repeats), args)
 
 
 def _emit(result, args) -> int:

@@ -16,7 +16,7 @@ def write_json(path: str | Path | None, rows: list[dict]) -> None:
 def markdown_table(rows: list[dict], cols: list[str] | None = None) -> str:
     if not rows:
         return "(no rows)"
-    cols = cols or list(rows[0])
+    cols = cols or list(dict.fromkeys(k for r in rows for k in r))  # every row's keys, first seen first
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]

@@ -237,11 +237,12 @@ class SessionStore:
         if not render(tok, messages).startswith(text) or len(text) < 64:
             return False
         key = LOCAL + "prefix-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        stale = key not in self.device.slots  # never built here, or moved off the device: build it again
+        if stale and self.store.holds(key):
+            self.io.run(self.store.drop_local(key))
         self.store.pin(key)
         try:
-            if key not in self.device.slots:  # never built here, or moved off the device: build it again
-                if self.store.holds(key):
-                    self.io.run(self.store.drop_local(key))
+            if stale:
                 self.sessions.pop(key, None)
                 self.io.run(self.store.make_room())
                 slot = self.device.new_slot(key)
