@@ -29,6 +29,8 @@ def _register_ppl(esub) -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--tail-fraction", type=float, default=None,
                    help="use only the last fraction of the text (e.g. 0.1 for a held-out split)")
+    p.add_argument("--part", choices=["train", "dev", "test"], default=None,
+                   help="use only this part of the text under the project's split rule (lab/corpus.py)")
     p.add_argument("--json", default=None, help="write rows here")
     p.add_argument("--plot", default=None, help="PNG: perplexity vs budget per policy")
     add_engine_flags(p)
@@ -48,10 +50,16 @@ def cmd_ppl(args) -> int:
     from lessserve.lab.output import markdown_table, write_json
     from lessserve.lab.plots import line_plot
 
+    if args.part and args.tail_fraction:
+        raise CliError("--part", "give --part or --tail-fraction, not both")
     try:
         text = read_text(args.text, tail_fraction=args.tail_fraction)
     except (OSError, UnicodeError) as e:
         raise CliError("--text", str(e)) from None
+    if args.part:
+        from lessserve.lab.corpus import split_part
+
+        text = split_part(text, args.part)
     factory = EngineFactory(engine_config(args, max_context=args.context, max_slots=1))
     try:
         rows = eval_ppl(factory, text, policies, budgets, args.context, args.windows)
@@ -100,17 +108,21 @@ def cmd_passkey(args) -> int:
 
 
 def _register_report(esub) -> None:
-    p = esub.add_parser("report", help="the whole quality report (JSON, markdown, plots)")
-    p.add_argument("--brown", default="../shared/data/brown.txt", help="Brown text; its last 10%% is used")
-    p.add_argument("--shakespeare", default="../shared/data/tinyshakespeare.txt")
     from lessserve.evals.report import POLICIES
+    from lessserve.lab.corpus import DATA_DIR, TEXTS
 
+    p = esub.add_parser("report", help="the whole quality report (JSON, markdown, plots)")
+    p.add_argument("--data-dir", default=str(DATA_DIR), help="folder of the texts")
+    p.add_argument("--texts", default=",".join(TEXTS), help="texts of --data-dir whose test part is evaluated")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--budgets", default="64,128,256")
     p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--lengths", default="512,1024,2000")
+    p.add_argument("--windows", type=int, default=8, help="windows per text at most (fewer where its test part "
+                   "is shorter)")
+    p.add_argument("--lengths", default="512,1024,2000", help="passkey lengths (empty: no passkey)")
     p.add_argument("--trials", type=int, default=2, help="passkey trials per depth")
+    p.add_argument("--peers", default="docs/results/passkey_peers.json",
+                   help="merged kvpress passkey results to show beside ours (skipped when missing)")
     p.add_argument("--out", default="docs/quality", help="output folder")
     p.add_argument("--cache", default=None, help="row cache file (default: <cache dir>/eval-report/rows.jsonl)")
     p.add_argument("--fresh", action="store_true",
@@ -121,11 +133,16 @@ def _register_report(esub) -> None:
 
 
 def cmd_report(args) -> int:
-    texts = {"brown_heldout": (str(existing_file("--brown", args.brown)), 0.1),
-             "tinyshakespeare": (str(existing_file("--shakespeare", args.shakespeare)), None)}
+    from lessserve.lab.corpus import CorpusError, corpus_paths
+
+    try:
+        paths = corpus_paths(args.data_dir, [t.strip() for t in args.texts.split(",") if t.strip()])
+    except CorpusError as e:
+        raise CliError("--texts", str(e)) from None
+    texts = {n: str(existing_file("--data-dir", str(p))) for n, p in paths.items()}
     policies = parse_policies("--policies", args.policies)
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
-    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536)
+    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536) if args.lengths.strip() else []
     in_range("--context", args.context, 16, 65536)
     in_range("--windows", args.windows, 1, 1000)
     in_range("--trials", args.trials, 1, 100)
@@ -134,13 +151,16 @@ def cmd_report(args) -> int:
     from lessserve.lab.engines import EngineFactory
     from lessserve.workers.model_loader import cache_root
 
-    factory = EngineFactory(engine_config(args, max_context=max(args.context, max(lengths)) + 64, max_slots=1))
+    factory = EngineFactory(engine_config(args, max_context=max([args.context, *lengths]) + 64, max_slots=1))
     cache = RowCache(None if args.fresh else (args.cache or cache_root() / "eval-report" / "rows.jsonl"))
+    command = (f"lessserve eval report --texts {','.join(texts)} --policies {','.join(policies)} "
+               f"--budgets {','.join(map(str, budgets))} --context {args.context} --windows {args.windows} "
+               f"--lengths {','.join(map(str, lengths))} --trials {args.trials}")
     rep = run_report(factory, texts, policies, budgets, args.context, args.windows, lengths, args.trials, args.out,
-                     cache)
+                     cache, peers=args.peers, command=command)
     for g in rep["gap_closed"]:
+        plus = (f" (+ baseline: {g['plus_gap_closed']:.1%})" if g.get("plus_gap_closed") is not None else "")
         print(f"{g['text']:16s} {g['policy']:6s} budget {g['budget']:4d}: +less closes {g['gap_closed']:.1%} "
-              f"of the gap to full" + (f" (+ baseline: {g['plus_gap_closed']:.1%})" if g["plus_gap_closed"]
-                                       is not None else ""))
+              f"[{g['ci_low']:.1%}, {g['ci_high']:.1%}] of the gap to full" + plus)
     print(f"report written to {args.out}/report.md")
     return 0

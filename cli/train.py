@@ -15,8 +15,9 @@ from lessserve.cli.flags import existing_file, from_validation, help_of
 # flags whose value is a number, a choice or a switch (the rest are strings); every flag is a field
 _TYPES = {"budget": int, "rank": int, "hidden": int, "epochs": int, "seq_len": int, "num_seqs": int, "batch": int,
           "lr": float, "query_chunks": int, "chunk": int, "recent": int, "sink": int, "seed": int, "threads": int,
-          "holdout": float, "finetune_steps": int, "finetune_lr": float, "finetune_seqs": int,
-          "finetune_eval_every": int}
+          "finetune_steps": int, "finetune_lr": float, "finetune_seqs": int, "finetune_eval_every": int,
+          "finetune_warmup": int, "finetune_dropout": float, "finetune_patience": int, "dev_seqs": int}
+_SWITCHES = ("resume", "finetune_bf16")
 OLD_NAME = "train-kernels"
 
 
@@ -36,13 +37,13 @@ def register(sub) -> None:
     p = sub.add_parser("train-less", aliases=[OLD_NAME],
                        help="train LESS weights on text (frozen model: per layer, then end to end)")
     for field in C.model_fields:
-        help_ = help_of(C, field) if field != "data" else C.model_fields[field].description
+        help_ = help_of(C, field) if field != "data" else C.model_fields[field].description.replace("%", "%%")
         kw: dict = {"default": None, "help": help_}
         if field == "data":
-            kw.update(nargs="+", required=True)
-        elif field == "resume":
-            kw = {"action": "store_true", "default": False, "help": help_of(C, field)}
-        elif field in ("policy", "qkv_source"):
+            kw.update(nargs="+")
+        elif field in _SWITCHES:
+            kw = {"action": "store_true", "default": None, "help": help_of(C, field)}
+        elif field in ("policy", "qkv_source", "finetune_schedule"):
             kw["choices"] = list(C.model_fields[field].annotation.__args__)
         elif field in _TYPES:
             kw["type"] = _TYPES[field]
@@ -50,7 +51,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-LOCATION_FLAGS = ("--work-dir", "--out", "--threads", "--device")  # where/how fast, never what is learned
+LOCATION_FLAGS = ("--work-dir", "--out", "--stage1-out", "--threads", "--device")  # where/how fast, not what is learned
 
 
 def recorded_command(argv: list[str]) -> str:

@@ -35,19 +35,21 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
     cache = cache or RowCache(None)
     for i, (policy, budget) in enumerate(runs):
         engine = factory.make(policy, budget)
-        key = factory.row_key(engine, "ppl", windows=digest_ids(wins), context=context)
+        key = factory.row_key(engine, "ppl", windows=digest_ids(wins), context=context, per_window=True)
         if (row := cache.get(key)) is not None:
             rows.append(row)
             progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} ppl={row['ppl']:.3f} (cached)")
             continue
-        t0, total, count = time.time(), 0.0, 0
+        t0, per_nll, per_tok = time.time(), [], []
         for w in wins:
             nll, n = window_nll(engine, w)
-            total, count = total + nll, count + n
+            per_nll.append(nll)
+            per_tok.append(n)
         row = {"policy": policy, "budget": engine.spec.budget if policy != "full" else context,
                "nominal_budget": budget,
-               "ppl": math.exp(total / count), "tokens": count,
-               "cache_bytes_per_session": engine.slab.slot_bytes()}
+               "ppl": math.exp(sum(per_nll) / sum(per_tok)), "tokens": sum(per_tok),
+               "cache_bytes_per_session": engine.slab.slot_bytes(),
+               "window_nll": per_nll, "window_tokens": per_tok}
         if engine.less is not None:
             row["kernels_budget"] = int(engine.less.manifest.get("budget", -1))
         rows.append(row)

@@ -88,7 +88,30 @@ def eviction_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Evi
                     chunk: int) -> torch.Tensor:
     """q [N, Hq, T, D], k/v [N, Hkv, T, D] -> e [N, Hkv, T] int32: the chunk index at whose end
     each key was evicted (num_chunks = never). A query in chunk c attends sparsely to keys with
-    e >= c (causal) and through the low-rank state to keys with e < c."""
+    e >= c (causal) and through the low-rank state to keys with e < c. Lambda's eviction depends
+    on positions only and is computed in closed form (equal to the replay: tested); h2o's is replayed."""
+    if spec.mode == "lambda":
+        return lambda_eviction_chunks(k.shape[0], k.shape[1], k.shape[2], spec, chunk, k.device)
+    return replay_eviction_chunks(q, k, v, spec, chunk)
+
+
+def lambda_eviction_chunks(N: int, Hkv: int, T: int, spec: EvictionSpec, chunk: int,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Lambda keeps the first `sink` keys and the last `recent` (sink + recent = budget): after a
+    chunk ending at hi, key i >= sink is gone once i < hi - recent. -> e [N, Hkv, T] int32."""
+    n_chunks = -(-T // chunk)
+    i = torch.arange(T, device=device)
+    c = (i + spec.recent) // chunk  # first chunk whose end passes i + recent
+    hi = torch.clamp((c + 1) * chunk, max=T)
+    gone = (i >= spec.sink) & (c < n_chunks) & (hi > i + spec.recent)
+    e = torch.where(gone, c, torch.full_like(c, n_chunks)).to(torch.int32)
+    return e.expand(N, Hkv, T).contiguous()
+
+
+@torch.inference_mode()
+def replay_eviction_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: EvictionSpec,
+                           chunk: int) -> torch.Tensor:
+    """eviction_chunks by replaying the engine's chunked prefill with its reference ops (any policy)."""
     N, Hkv, T, D = k.shape
     n_chunks = -(-T // chunk)
     B = spec.budget

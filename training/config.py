@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lessserve.lab.corpus import SPLIT_RULE, corpus_paths
 from lessserve.workers.model_loader import DEFAULT_MODEL
 
 
@@ -48,10 +49,23 @@ class FinetuneConfig(BaseModel):
 
     steps: int = Field(60, ge=1, le=10**6, description="sequences trained on (one per step)")
     lr: float = Field(1e-3, gt=0, lt=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after "
+                                                               "the warm-up")
+    warmup: int = Field(0, ge=0, le=10**6, description="steps of linear learning-rate warm-up")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the first layer of phi/psi (training only)")
     clip: float = Field(1.0, gt=0)
     eval_every: int = Field(10, ge=1, le=10**6, description="steps between validation passes")
+    patience: int = Field(0, ge=0, le=10**6, description="stop after this many validation passes without a "
+                          "better dev score (0 = never)")
+    bf16: bool = Field(False, description="run the frozen model's matmuls under bf16 autocast while training "
+                       "(masks, attention and LESS stay fp32; validation is fp32)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup >= self.steps:
+            raise ValueError(f"warmup: must be below steps ({self.steps})")
+        return self
 
 
 class TrainLessConfig(BaseModel):
@@ -63,13 +77,15 @@ class TrainLessConfig(BaseModel):
     model: str = Field(DEFAULT_MODEL, description="alias, HF folder, cached hub id or .gguf")
     policy: Literal["h2o", "lambda"] = Field("h2o", description="eviction policy the weights serve")
     budget: int = TrainConfig.model_fields["budget"]
-    data: list[str] = Field(min_length=1, description="UTF-8 text files or directories")
-    holdout: float = Field(0.1, ge=0, lt=1, description="last fraction of every file never trained on")
+    data: list[str] = Field(default_factory=lambda: [str(p) for p in corpus_paths().values()], min_length=1,
+                            description="UTF-8 text files or directories; only each file's train part is trained "
+                            "on and its dev part validates (lab/corpus.py: " + SPLIT_RULE + ")")
     rank: int = TrainConfig.model_fields["rank"]
     hidden: int = TrainConfig.model_fields["hidden"]
     epochs: int = TrainConfig.model_fields["epochs"]
     seq_len: int = Field(1024, ge=16, le=65536, description="tokens per training sequence")
-    num_seqs: int = Field(24, ge=2, le=100000, description="sequences of the per-layer stage")
+    num_seqs: int = Field(24, ge=2, le=100000, description="sequences of the per-layer stage (an equal share "
+                          "from every file)")
     batch: int = TrainConfig.model_fields["batch"]
     lr: float = TrainConfig.model_fields["lr"]
     query_chunks: int = TrainConfig.model_fields["query_chunks"]
@@ -79,6 +95,8 @@ class TrainLessConfig(BaseModel):
     qkv_source: Literal["full", "compressed"] = TrainConfig.model_fields["qkv_source"]
     seed: int = 0
     out: str | None = Field(None, description="weights .safetensors (default: the shipped location)")
+    stage1_out: str | None = Field(None, description="where the per-layer stage's weights are saved too (default: "
+                                   "<work-dir>/<run>/stage1.safetensors)")
     work_dir: str | None = Field(None, description="captures and finished layers (default: the cache dir)")
     resume: bool = Field(False, description="keep finished layers of an interrupted run")
     threads: int = Field(1, ge=1, le=1024, description="CPU threads")
@@ -88,8 +106,16 @@ class TrainLessConfig(BaseModel):
     finetune_steps: int = Field(0, ge=0, le=10**6, description="then fine-tune all layers end to end (KL to the "
                                 "full model) for this many sequences")
     finetune_lr: float = FinetuneConfig.model_fields["lr"]
-    finetune_seqs: int = Field(64, ge=2, le=100000, description="sequences of --seq-len for the end-to-end stage")
+    finetune_seqs: int = Field(64, ge=2, le=100000, description="training sequences of --seq-len for the end-to-end "
+                               "stage (an equal share from every file)")
     finetune_eval_every: int = FinetuneConfig.model_fields["eval_every"]
+    finetune_schedule: Literal["cosine", "linear", "constant"] = FinetuneConfig.model_fields["schedule"]
+    finetune_warmup: int = FinetuneConfig.model_fields["warmup"]
+    finetune_dropout: float = FinetuneConfig.model_fields["dropout"]
+    finetune_patience: int = FinetuneConfig.model_fields["patience"]
+    finetune_bf16: bool = FinetuneConfig.model_fields["bf16"]
+    dev_seqs: int = Field(2, ge=1, le=1000, description="evenly spaced dev sequences of --seq-len per file that "
+                          "validate the end-to-end stage (and pick its step)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -99,6 +125,8 @@ class TrainLessConfig(BaseModel):
             raise ValueError(f"seq_len: must be a multiple of chunk ({self.chunk})")
         if self.init is not None and not self.finetune_steps:
             raise ValueError("init: only makes sense with finetune_steps > 0")
+        if self.finetune_steps and self.finetune_warmup >= self.finetune_steps:
+            raise ValueError(f"finetune_warmup: must be below finetune_steps ({self.finetune_steps})")
         return self
 
     def layerwise(self, model_id: str, data_sha256: str, command: str, extra: dict) -> TrainConfig:
@@ -108,4 +136,6 @@ class TrainLessConfig(BaseModel):
 
     def finetune(self) -> FinetuneConfig:
         return FinetuneConfig(steps=self.finetune_steps, lr=self.finetune_lr, eval_every=self.finetune_eval_every,
+                              schedule=self.finetune_schedule, warmup=self.finetune_warmup,
+                              dropout=self.finetune_dropout, patience=self.finetune_patience, bf16=self.finetune_bf16,
                               seed=self.seed)

@@ -1,7 +1,7 @@
 """The per-layer stage of `train-less`: capture Q/K/V once, then train and save each layer's LESS weights.
 
 Work directory layout (resumable per layer):
-  capture-<key>/layer{i}.pt   q, k, v of the frozen model on the training sequences (key = model,
+  capture-<key>/layer{i}-g{j}.pt  q, k, v of the frozen model on training sequences j.. j+7 (key = model,
                               data, seq_len, num_seqs, seed; shared by every policy and budget)
   <run>/layer{i}.pt           a finished layer: weights + losses (a resumed run skips these)
 """
@@ -43,23 +43,41 @@ def policy_spec(cfg: TrainConfig):
     return eviction_spec(Policy.parse(cfg.policy), cfg.budget, cfg.recent, cfg.sink, max_context=1 << 30)
 
 
+CAPTURE_GROUP = 8  # sequences per capture file: memory holds one group of all layers, not the whole set
+
+
+def _group_path(cdir: Path, layer: int, g: int) -> Path:
+    return cdir / f"layer{layer}-g{g}.pt"
+
+
 def ensure_capture(model: LlamaModel, seqs: torch.Tensor, cdir: Path, cfg: TrainConfig) -> None:
+    """Capture every layer's q/k/v in groups of CAPTURE_GROUP sequences (resumable per group)."""
     L = model.args.num_layers
-    if all((cdir / f"layer{i}.pt").is_file() for i in range(L)):
+    groups = range(0, len(seqs), CAPTURE_GROUP)
+    todo = [g for g in groups if not all(_group_path(cdir, i, g).is_file() for i in range(L))]
+    if not todo:
         return
     cdir.mkdir(parents=True, exist_ok=True)
-    with progress_bar(total=len(seqs), desc=f"capture q/k/v ({cfg.qkv_source})", unit="seq") as bar:
-        if cfg.qkv_source == "compressed":
-            layers = capture_qkv_compressed(model, seqs, policy_spec(cfg), cfg.chunk, progress=bar.update)
-        else:
-            layers = capture_qkv(model, seqs, progress=bar.update)
-    for i, t in enumerate(layers):
-        save_layer(cdir / f"layer{i}.pt", t)
+    with progress_bar(total=len(seqs), initial=len(seqs) - sum(len(seqs[g:g + CAPTURE_GROUP]) for g in todo),
+                      desc=f"capture q/k/v ({cfg.qkv_source})", unit="seq") as bar:
+        for g in todo:
+            part = seqs[g:g + CAPTURE_GROUP]
+            if cfg.qkv_source == "compressed":
+                layers = capture_qkv_compressed(model, part, policy_spec(cfg), cfg.chunk, progress=bar.update)
+            else:
+                layers = capture_qkv(model, part, progress=bar.update)
+            for i, t in enumerate(layers):
+                save_layer(_group_path(cdir, i, g), t)
+
+
+def load_captured(cdir: Path, layer: int, n: int) -> dict[str, torch.Tensor]:
+    parts = [load_layer(_group_path(cdir, layer, g)) for g in range(0, n, CAPTURE_GROUP)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def train_one(i: int, cdir: Path, model: LlamaModel, cfg: TrainConfig, split, device, bar_pos: int) -> dict:
     spec = policy_spec(cfg)
-    t = {k: v.to(device) for k, v in load_layer(cdir / f"layer{i}.pt").items()}
+    t = {k: v.to(device) for k, v in load_captured(cdir, i, len(split[0]) + len(split[1])).items()}
     e = eviction_chunks(t["q"], t["k"], t["v"], spec, cfg.chunk)
     tr_idx, va_idx = split
     start = (cfg.budget // cfg.chunk) * cfg.chunk  # whole chunks of queries (less_output groups by chunk)

@@ -1,5 +1,7 @@
-"""One LESS-weights training run (`lessserve train-less`): read the data, load the frozen model,
-run the per-layer stage (or start from `init`), then the end-to-end stage, and save the weights."""
+"""One LESS-weights training run (`lessserve train-less`): read the train part of every file, load
+the frozen model, run the per-layer stage (or start from `init`), then the end-to-end stage
+validated on the dev parts, and save the weights. A stage never overwrites its input: the
+per-layer weights are saved apart (`stage1_out`), and `out` may not be `init`."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from pathlib import Path
 import torch
 
 from lessserve.errors import ConfigError
+from lessserve.lab.corpus import SPLIT_RULE
 from lessserve.training.config import TrainLessConfig
-from lessserve.training.data import TrainingDataError, read_training_text, token_blocks
+from lessserve.training.data import TrainingDataError, dev_blocks, mixture_blocks, read_corpus
 from lessserve.training.e2e import run_finetune
 from lessserve.training.layerwise import policy_spec, run_training
+from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.engine import pick_device
 from lessserve.workers.less_weights import SHIPPED_DIR, LessWeights
 from lessserve.workers.model import LlamaModel
@@ -21,24 +25,33 @@ from lessserve.workers.model_loader import cache_root, load_checkpoint, load_tok
 
 
 class InitWeightsError(ConfigError):
-    """The weights to start from (`init`) are for another model or policy."""
+    """The weights to start from (`init`) are for another model or policy, or would be overwritten."""
+
+
+def plus_spec(cfg: TrainLessConfig, rank: int, head_dim: int):
+    """The equal-memory `+` baseline of the same policy and budget (fp32 cache, as on CPU)."""
+    return eviction_spec(Policy.parse(cfg.policy + "+"), cfg.budget, cfg.recent, cfg.sink, max_context=1 << 30,
+                         extra_tokens=less_state_tokens(rank, head_dim, 4))
 
 
 def train_less(cfg: TrainLessConfig, command: str) -> Path:
     """Train, save and return the path of the weights file. `command` is recorded in the manifest."""
     torch.set_num_threads(cfg.threads)
-    text, sha = read_training_text(cfg.data, cfg.holdout)
     ckpt = load_checkpoint(cfg.model)
+    out = Path(cfg.out) if cfg.out else SHIPPED_DIR / f"{ckpt.model_id}-{cfg.policy}-b{cfg.budget}.safetensors"
+    if cfg.init and Path(cfg.init).resolve() == out.resolve():
+        raise InitWeightsError(f"--out {out} is the --init file: a stage never overwrites its input")
     tok = load_tokenizer(ckpt.folder)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    seqs = token_blocks(ids, cfg.seq_len, cfg.num_seqs, cfg.seed)
+    train = read_corpus(cfg.data, "train", tok)
+    seqs, share = mixture_blocks(train, cfg.seq_len, cfg.num_seqs, cfg.seed)
     if len(seqs) < 2:
         raise TrainingDataError(f"need at least 2 sequences of --seq-len {cfg.seq_len} tokens, got {len(seqs)}")
     model = LlamaModel(ckpt.args)
     model.load_hf_state_dict(ckpt.state_dict)
     model.float().eval()
-    layer_cfg = cfg.layerwise(ckpt.model_id, sha, command,
-                              {"data": [os.path.relpath(d) for d in cfg.data], "holdout": cfg.holdout})
+    sources = {"data": train.paths, "texts": train.names, "sha256": train.sha256, "split_rule": SPLIT_RULE,
+               "train_tokens_available": train.tokens()}
+    layer_cfg = cfg.layerwise(ckpt.model_id, train.digest(), command, {"data_sources": sources})
     work = Path(cfg.work_dir) if cfg.work_dir else cache_root() / "train-less"
     device = pick_device(cfg.device)
     if cfg.init:
@@ -46,16 +59,41 @@ def train_less(cfg: TrainLessConfig, command: str) -> Path:
         got = (weights.manifest.get("model"), weights.manifest.get("policy"))
         if got != (ckpt.model_id, cfg.policy):
             raise InitWeightsError(f"weights are for {got[0]}/{got[1]}, not {ckpt.model_id}/{cfg.policy}")
+        stage1 = {"stage": "init", "file": os.path.relpath(cfg.init), "digest": weights.digest(),
+                  "command": weights.manifest.get("command"), "budget": weights.manifest.get("budget"),
+                  "tokens": weights.manifest.get("tokens")}
     else:
         weights = run_training(model, seqs, layer_cfg, work, resume=cfg.resume, device=device)
+        s1 = Path(cfg.stage1_out) if cfg.stage1_out else work / layer_cfg.run_name() / "stage1.safetensors"
+        s1.parent.mkdir(parents=True, exist_ok=True)
+        weights.manifest["tokens"] = {"per_layer": int(seqs.numel())}
+        weights.manifest["seqs_per_text"] = share
+        weights.save(s1)
+        weights = LessWeights.load(s1)  # what was saved (fp16), so the e2e stage starts from a file on disk
+        stage1 = {"stage": "per-layer", "file": s1.name, "digest": weights.digest(), "command": command,
+                  "seqs_per_text": share, "tokens": int(seqs.numel())}
+        print(f"per-layer weights: {s1}", file=sys.stderr)
+    weights.manifest["stages"] = [stage1]
+    tokens = {"init": stage1["tokens"]} if cfg.init else {"per_layer": stage1["tokens"]}
     if cfg.finetune_steps:
-        ft_seqs = token_blocks(ids, cfg.seq_len, cfg.finetune_seqs, cfg.seed + 1)
-        weights = run_finetune(model, weights, ft_seqs, policy_spec(layer_cfg), cfg.chunk, cfg.finetune(), work,
-                               command, resume=cfg.resume, device=device)
-    out = Path(cfg.out) if cfg.out else SHIPPED_DIR / f"{ckpt.model_id}-{cfg.policy}-b{cfg.budget}.safetensors"
+        ft_seqs, ft_share = mixture_blocks(train, cfg.seq_len, cfg.finetune_seqs, cfg.seed + 1)
+        dev = read_corpus(cfg.data, "dev", tok)
+        val, val_names = dev_blocks(dev, cfg.seq_len, cfg.dev_seqs)
+        weights = run_finetune(model, weights, ft_seqs, val, val_names, policy_spec(layer_cfg), cfg.chunk,
+                               cfg.finetune(), work, command, resume=cfg.resume, device=device,
+                               plus_spec=plus_spec(cfg, weights.rank, ckpt.args.head_dim))
+        ft = weights.manifest["finetune"]
+        ft["seqs_per_text"] = ft_share
+        tokens["end_to_end"] = ft["tokens"]
+        weights.manifest["stages"] = [stage1, {"stage": "end-to-end", "command": command, "init_digest":
+                                               stage1["digest"], "tokens": ft["tokens"], "best_step": ft["best_step"]}]
+        weights.manifest["dev"] = {k: v for k, v in ft["val_best"].items() if k not in ("train_kl", "lr")}
+        weights.manifest["dev_tokens_per_text"] = dev.tokens()
+    weights.manifest.update({"budget": cfg.budget, "command": command, "data_sources": sources,
+                             "split_rule": SPLIT_RULE, "tokens": tokens})
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.save(out)
-    for s in weights.manifest["layers"]:
+    for s in weights.manifest.get("layers", []):
         print(f"layer {s['layer']:2d}: val {s['val_loss']:.4g}  sparse-only {s['sparse_val_loss']:.4g}  "
               f"(best epoch {s['best_epoch']})", file=sys.stderr)
     return out

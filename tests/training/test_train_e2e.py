@@ -43,7 +43,7 @@ def test_finetune_lowers_validation_kl_and_resumes(tiny_ckpt, tmp_path):
     data = torch.tensor([ids(64, seed=10 + i) for i in range(4)])
     cfg = FinetuneConfig(steps=6, lr=3e-2, eval_every=3, seed=0)
     out, summary = finetune(e.model, kern, data[:3], data[3:], e.spec, 8, cfg, log=lambda m: None)
-    assert summary["val_best"]["kl"] < summary["val_before"]["kl"]
+    assert summary["val_best"]["score"] > summary["val_before"]["score"]
     assert summary["val_best"]["step"] > 0
     # Interrupted after the first eval (3 steps), then resumed: same result as one run.
     state = tmp_path / "ft.pt"
@@ -90,10 +90,12 @@ def test_run_finetune_records_the_run_in_the_manifest(tiny_ckpt, tmp_path):
     e = make(tiny_ckpt, "h2o+less", budget=16, chunk=8)
     data = torch.tensor([ids(64, seed=20 + i) for i in range(10)])
     cfg = FinetuneConfig(steps=2, lr=1e-2, eval_every=1)
-    out = run_finetune(e.model, tiny_less(tiny_ckpt.args), data, e.spec, 8, cfg, tmp_path, "lessserve train-kernels x")
+    out = run_finetune(e.model, tiny_less(tiny_ckpt.args), data[:8], data[8:], ["a", "b"], e.spec, 8, cfg, tmp_path,
+                       "lessserve train-kernels x")
     ft = out.manifest["finetune"]
-    assert ft["command"] == "lessserve train-kernels x" and ft["train_seqs"] == 9 and ft["val_seqs"] == 1
-    assert [h["step"] for h in ft["history"]] == [0, 1, 2]
+    assert ft["command"] == "lessserve train-kernels x" and ft["train_seqs"] == 8 and ft["val_seqs"] == 2
+    assert [h["step"] for h in ft["history"]] == [0, 1, 2] and ft["tokens"] == 2 * 64
+    assert set(ft["history"][0]["texts"]) == {"a", "b"} and ft["val_texts"] == ["a", "b"]
     assert len(list(tmp_path.glob("finetune-*.pt"))) == 1  # resumable state
     assert out.digest() != tiny_less(tiny_ckpt.args).digest()
 
