@@ -184,8 +184,9 @@ class BatchScheduler:
         if self.on_step:
             self.on_step("prefill", size, time.perf_counter() - t0)
         if r.offset == len(r.ids):
+            more = self._emit_next(r, logits[0])  # if this raises, r is still listed: it gets the error
             self._prefilling.popleft()
-            if self._emit_next(r, logits[0]):
+            if more:
                 self._decoding.append(r)
 
     def _decode_step(self, batch: list[_Request]) -> None:

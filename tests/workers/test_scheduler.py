@@ -31,3 +31,26 @@ def test_concurrent_sessions_match_sequential_generation(tiny_ckpt):
     sched.close()
     assert got == expected
     assert any(kind == "decode" and n > 1 for kind, n in steps)  # sessions really decoded together
+
+
+def test_a_failure_after_the_last_prefill_chunk_reaches_its_caller(tiny_ckpt, monkeypatch):
+    """The first token is sampled right after the last prefill chunk: an error there is the turn's
+    error (it hung the turn forever, found by the OpenAPI fuzzer)."""
+    import pytest
+
+    from lessserve.workers import scheduler as mod
+
+    eng = Engine(EngineConfig(model="tiny", policy="h2o", budget=16, prefill_chunk=8, max_slots=2),
+                 checkpoint=tiny_ckpt)
+    sched = BatchScheduler(eng)
+    monkeypatch.setattr(mod, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("sampling broke")))
+
+    async def one():
+        return [t async for t in sched.generate(eng.alloc(), [3, 4, 5], SamplingParams(max_new_tokens=4))]
+
+    async def main():
+        return await asyncio.wait_for(one(), timeout=60)
+
+    with pytest.raises(RuntimeError, match="sampling broke"):
+        asyncio.run(main())
+    sched.close()
