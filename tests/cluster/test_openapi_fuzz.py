@@ -18,6 +18,10 @@ from safetensors.torch import save_file
 from tests.cluster.conftest import KEY_A, deploy
 
 EXAMPLES = 90  # per operation; the chat endpoint alone gives most of the >= 500 cases of a run
+# schemathesis' coverage phase dies inside CPython 3.11.7's ast.parse ("AST constructor recursion depth
+# mismatch", while describing a hypothesis filter over the Responses schema): a bug of that interpreter,
+# not a server answer. The other phases generate the cases.
+PHASES = "examples,fuzzing,stateful"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def tiny_model_dir(tmp_path_factory, default_ckpt) -> Path:
 
 def fuzz(url: str, auth: bool, tmp_path: Path) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "-c", "not_a_server_error",
-           "-n", str(EXAMPLES), "--seed", "1", "--request-timeout", "120", "--report", "ndjson",
+           "-n", str(EXAMPLES), "--seed", "1", "--phases", PHASES, "--request-timeout", "120", "--report", "ndjson",
            "--report-ndjson-path", str(tmp_path / "events.ndjson"), "-w", "2"]
     if auth:
         cmd += ["-H", f"Authorization: Bearer {KEY_A}"]
