@@ -1,12 +1,18 @@
-"""Public ops with `impl` dispatch. Kernels know nothing of sessions: only tensors and specs."""
+"""Public ops with `impl` dispatch. Kernels know nothing of sessions: only tensors and specs.
+
+impl "torch" is the fast torch path (kernels/fast_attention.py, fast_evict.py), checked against the
+reference (kernels/reference/, the specification) by tests/kernels/test_fast.py; "triton" the fused
+Triton kernels. `max_len` (torch only) bounds the cache rows read: an upper bound on every slot's
+length the caller knows without a device sync (None: the whole capacity)."""
 
 from __future__ import annotations
 
 import torch
 
 from lessserve.kernels.dispatch import resolve
-from lessserve.kernels.reference.attention import chunk_attention_ref, decode_attention_ref
-from lessserve.kernels.reference.evict import EvictionSpec, evict_absorb_ref
+from lessserve.kernels.fast_attention import chunk_attention_fast, decode_attention_fast
+from lessserve.kernels.fast_evict import attend_evict_fast, evict_absorb_fast
+from lessserve.kernels.reference.evict import EvictionSpec
 from lessserve.kernels.reference.lowrank import LessLayerWeights, phi_ref, psi_ref
 from lessserve.kernels.reference.pack import (
     QUANT_MODES,
@@ -22,6 +28,7 @@ __all__ = [
     "EvictionSpec",
     "LessLayerWeights",
     "PackLayout",
+    "attend_evict",
     "chunk_attention",
     "decode_attention",
     "dequantize_int8",
@@ -40,22 +47,50 @@ def _triton():
     return tk
 
 
-def chunk_attention(*args, impl: str | None = "auto", **kw):
+def chunk_attention(*args, impl: str | None = "auto", max_len: int | None = None, **kw):
     if resolve(impl, args[0].device) == "triton":
         return _triton().chunk_attention(*args, **kw)
-    return chunk_attention_ref(*args, **kw)
+    return chunk_attention_fast(*args, max_len=max_len, **kw)
 
 
-def decode_attention(*args, impl: str | None = "auto", **kw):
+def decode_attention(*args, impl: str | None = "auto", max_len: int | None = None, **kw):
     if resolve(impl, args[0].device) == "triton":
         return _triton().decode_attention(*args, **kw)
-    return decode_attention_ref(*args, **kw)
+    return decode_attention_fast(*args, max_len=max_len, **kw)
 
 
-def evict_absorb(*args, impl: str | None = "auto", **kw) -> torch.Tensor:
+def evict_absorb(*args, impl: str | None = "auto", max_len: int | None = None, **kw) -> torch.Tensor:
     if resolve(impl, args[0].device) == "triton":
         return _triton().evict_absorb(*args, **kw)
-    return evict_absorb_ref(*args, **kw)
+    return evict_absorb_fast(*args, max_len=max_len, **kw)
+
+
+def attend_evict(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, pos_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,
+                 slot_ids: torch.Tensor, pos_new: torch.Tensor, scale: float, spec: EvictionSpec,
+                 H: torch.Tensor | None = None, z: torch.Tensor | None = None, phi_q: torch.Tensor | None = None,
+                 psi: LessLayerWeights | None = None, impl: str | None = "auto", max_len: int | None = None,
+                 host: tuple[list[int], list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of the compressed step: q [n, Hq, C, D], the chunk's k / v [n, Hkv, C, D] ->
+    (out [n, Hq, C, D], new lengths [n] int32); the slab's layer views are updated in place.
+    Triton: decode_attention (C = 1) or chunk_attention, then evict_absorb. torch: the fused fast
+    step (kernels/fast_evict.py; `host` = (slots, lengths) on the host lets the full policy attend
+    over views of each slot's rows)."""
+    if resolve(impl, q.device) == "triton":
+        tk = _triton()
+        if q.shape[2] == 1:
+            o1, m_cache, m1 = tk.decode_attention(q[:, :, 0], k_new[:, :, 0], v_new[:, :, 0], k_cache, v_cache, length,
+                                                  slot_ids, scale, H=H, z=z,
+                                                  phi_q=None if phi_q is None else phi_q[:, :, 0])
+            out, m_new = o1[:, :, None], m1[..., None]
+        else:
+            out, m_cache, m_new = tk.chunk_attention(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale,
+                                                     H=H, z=z, phi_q=phi_q)
+        new_len = tk.evict_absorb(k_cache, v_cache, pos_cache, score_cache, length, slot_ids, k_new, v_new, pos_new,
+                                  m_cache, m_new, spec, H=H, z=z, psi=psi)
+        return out, new_len
+    return attend_evict_fast(q, k_new, v_new, k_cache, v_cache, pos_cache, score_cache, length, slot_ids, pos_new,
+                             scale, spec, H=H, z=z, phi_q=phi_q, psi=psi, max_len=max_len, host=host)
 
 
 def phi(q: torch.Tensor, w: LessLayerWeights) -> torch.Tensor:

@@ -105,11 +105,12 @@ class Engine:
 
     # --- the step ---------------------------------------------------------------------------
     def _check_step(self, slots: Sequence[int], C: int) -> None:
+        """Host-side checks only (the full policy's length is `seen`: nothing is evicted)."""
         for s in slots:
             self.slab.check(s)
-            if self.spec.mode == "full" and int(self.slab.length[s]) + C > self.spec.budget:
+            if self.spec.mode == "full" and self.slab.seen[s] + C > self.spec.budget:
                 raise ContextOverflowError(
-                    f"session would hold {int(self.slab.length[s]) + C} tokens; the full policy's limit "
+                    f"session would hold {self.slab.seen[s] + C} tokens; the full policy's limit "
                     f"is max_context={self.spec.budget}")
 
     @torch.inference_mode()
@@ -117,40 +118,37 @@ class Engine:
         """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V])."""
         n, C = tokens.shape
         self._check_step(slots, C)
-        slot_ids = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        seen = torch.tensor([self.slab.seen[s] for s in slots], dtype=torch.long, device=self.device)
-        positions = seen[:, None] + torch.arange(C, device=self.device)[None, :]  # [n, C]
-        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only)
+        slots = list(slots)
+        seen = [self.slab.seen[s] for s in slots]
+        slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device)
+        positions = torch.tensor(seen, dtype=torch.long, device=self.device)[:, None] \
+            + torch.arange(C, device=self.device)[None, :]  # [n, C]
+        # a slot holds at most `seen` entries: the host knows a bound on every length without a device sync
+        max_len = min(max(seen), self.slab.capacity)
+        host = (slots, seen) if self.spec.mode == "full" else None  # full policy: length == seen
+        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host)
         for s in slots:
             self.slab.seen[s] += C
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
-              last_only: bool) -> torch.Tensor:
+              last_only: bool, max_len: int | None = None,
+              host: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
-        tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated."""
-        C = tokens.shape[1]
+        tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
+        `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
+        graph, whose shapes must not depend on them."""
         slab, less, impl, spec = self.slab, self.less, self.impl, self.spec
         new_length = slab.length
 
         def attend(layer: int, q, k, v):
             nonlocal new_length
             lw = less.layers[layer] if less else None
-            phi_q = ops.phi(q, lw) if lw is not None else None  # [n, Hq, C, R]
-            H = slab.H[layer] if lw is not None else None
-            z = slab.z[layer] if lw is not None else None
-            if C == 1:  # decode: the fused one-pass kernel
-                o1, m_cache, m1 = ops.decode_attention(
-                    q[:, :, 0], k[:, :, 0], v[:, :, 0], slab.k[layer], slab.v[layer], slab.length, slot_ids,
-                    self.scale, H=H, z=z, phi_q=None if phi_q is None else phi_q[:, :, 0], impl=impl)
-                out, m_new = o1[:, :, None], m1[..., None]
-            else:
-                out, m_cache, m_new = ops.chunk_attention(
-                    q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
-                    H=H, z=z, phi_q=phi_q, impl=impl)
-            new_length = ops.evict_absorb(
-                slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
-                k, v, positions, m_cache, m_new, spec, H=H, z=z, psi=lw, impl=impl)
+            out, new_length = ops.attend_evict(
+                q, k, v, slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
+                positions, self.scale, spec, H=slab.H[layer] if lw is not None else None,
+                z=slab.z[layer] if lw is not None else None, phi_q=ops.phi(q, lw) if lw is not None else None,
+                psi=lw, impl=impl, max_len=max_len, host=host)
             return out
 
         logits = self.model(tokens, positions, attend, last_only=last_only)

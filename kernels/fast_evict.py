@@ -1,0 +1,164 @@
+"""Fast torch evict-and-absorb and the whole compressed step (the `torch` implementation;
+kernels/reference/evict.py is the spec).
+
+The merged sequence is never gathered into position order: entries are ranked where they lie,
+in the [cache rows [0, Lb) | chunk] layout the attention already built, by their merged index
+(a cache row j < length keeps j, chunk entry t becomes length + t, rows in [length, Lb) are
+invalid). One sort per (slot, KV head) gives the kept entries (the `budget` highest priorities,
+then put back in merged order) and the victims (the rest that are valid): psi runs on the victims
+only, at most C rows per (slot, head). No host synchronisation anywhere (CUDA-graph safe).
+`append` is the no-eviction case (the caller knows every slot has room).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lessserve.kernels.fast_attention import attend_cat, full_attention_views, gather_cat, valid_rows
+from lessserve.kernels.reference.evict import EvictionSpec
+from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
+
+
+def evict_cat(
+    k_cache: torch.Tensor,  # [S, Hkv, B, D]  written in place
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,  # [S, Hkv, B] int32
+    score_cache: torch.Tensor,  # [S, Hkv, B] fp32
+    slot_ids: torch.Tensor,  # [n]
+    ln: torch.Tensor,  # [n] long: lengths before the chunk
+    kcat: torch.Tensor,  # [n, Hkv, Lb + C, D]
+    vcat: torch.Tensor,
+    pos_new: torch.Tensor,  # [n, C]
+    mass: torch.Tensor,  # [n, Hkv, Lb + C] this step's attention mass in the same layout
+    spec: EvictionSpec,
+    H: torch.Tensor | None = None,  # [S, Hkv, R, D] written in place
+    z: torch.Tensor | None = None,
+    psi: LessLayerWeights | None = None,
+) -> torch.Tensor:
+    """Merge, keep `budget` per (slot, head), absorb the victims, compact. Returns new lengths [n] int32."""
+    n, Hkv, Lk, D = kcat.shape
+    C, B = pos_new.shape[1], k_cache.shape[2]
+    Lb, W = Lk - C, min(Lk, B)
+    dev = kcat.device
+    j = torch.arange(Lk, device=dev)[None, :]  # [1, Lk]
+    lnc = ln[:, None]
+    valid = (j < lnc) | (j >= Lb)  # [n, Lk]
+    mi = torch.where(j < Lb, j, lnc + j - Lb)  # merged index (position order)
+    total = (ln + C)[:, None]
+    protected = mi >= total - spec.recent
+    scat = torch.cat([score_cache[slot_ids, :, :Lb], torch.zeros(n, Hkv, C, device=dev)], dim=2) + mass
+    if spec.mode == "h2o":
+        prio = scat.clone()
+    else:
+        prio = mi.to(torch.float32)[:, None, :].expand(n, Hkv, Lk).clone()
+        if spec.mode == "lambda":
+            protected = protected | (mi < spec.sink)
+    prio.masked_fill_(protected[:, None, :], float("inf"))
+    prio.masked_fill_(~valid[:, None, :], float("-inf"))
+    order = prio.sort(dim=-1, descending=True, stable=True).indices  # [n, Hkv, Lk]
+    keep = order[..., :W]
+    # back to merged order, the invalid picks (slots not yet full) last
+    vk = valid[:, None, :].expand(n, Hkv, Lk).gather(2, keep)
+    keep = torch.where(vk, keep, keep + Lk).sort(dim=-1).values
+    keep = torch.where(keep >= Lk, keep - Lk, keep)
+    new_len = (ln + C).clamp(max=B)
+    filled = torch.arange(W, device=dev)[None, None, :] < new_len[:, None, None]
+    if psi is not None and H is not None and z is not None and Lk > W:
+        vic = order[..., W:]  # [n, Hkv, Lk - W]: the victims where valid
+        used = valid[:, None, :].expand(n, Hkv, Lk).gather(2, vic)
+        f = psi_ref(kcat.gather(2, vic[..., None].expand(-1, -1, -1, D)), psi) * used[..., None]
+        vv = vcat.gather(2, vic[..., None].expand(-1, -1, -1, D)).float()
+        H[slot_ids] = H[slot_ids] + torch.matmul(f.transpose(-1, -2), vv)
+        z[slot_ids] = z[slot_ids] + f.sum(dim=2)
+    idx = keep[..., None].expand(-1, -1, -1, D)
+    pcat = torch.cat([pos_cache[slot_ids, :, :Lb], pos_new.to(pos_cache.dtype)[:, None, :].expand(n, Hkv, C)], dim=2)
+    k_cache[slot_ids, :, :W] = kcat.gather(2, idx)
+    v_cache[slot_ids, :, :W] = vcat.gather(2, idx)
+    pos_cache[slot_ids, :, :W] = pcat.gather(2, keep).masked_fill(~filled, -1)
+    score_cache[slot_ids, :, :W] = scat.gather(2, keep).masked_fill(~filled, 0.0)
+    return new_len.to(torch.int32)
+
+
+def append(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pos_cache: torch.Tensor, score_cache: torch.Tensor,
+    slot_ids: torch.Tensor, ln: torch.Tensor,  # [n] long
+    k_new: torch.Tensor, v_new: torch.Tensor,  # [n, Hkv, C, D]
+    pos_new: torch.Tensor,  # [n, C]
+    mass: torch.Tensor | None,  # [n, Hkv, Lb + C] or None (scores not accumulated: the full policy)
+) -> torch.Tensor:
+    """Every slot has room: add this step's mass to the cached scores, write the chunk at [len, len + C)."""
+    n, Hkv, C, _ = k_new.shape
+    rows = slot_ids[:, None].expand(n, C)
+    cols = ln[:, None] + torch.arange(C, device=k_new.device)[None, :]  # [n, C]
+    k_cache[rows, :, cols] = k_new.to(k_cache.dtype).permute(0, 2, 1, 3)  # [n, C, Hkv, D]
+    v_cache[rows, :, cols] = v_new.to(v_cache.dtype).permute(0, 2, 1, 3)
+    pos_cache[rows, :, cols] = pos_new.to(pos_cache.dtype)[..., None].expand(n, C, Hkv)
+    if mass is not None:
+        Lb = mass.shape[2] - C
+        if Lb:
+            score_cache[slot_ids, :, :Lb] = score_cache[slot_ids, :, :Lb] + mass[..., :Lb]
+        score_cache[rows, :, cols] = mass[..., Lb:].permute(0, 2, 1)
+    return (ln + C).to(torch.int32)
+
+
+def attend_evict_fast(
+    q: torch.Tensor,  # [n, Hq, C, D] post-RoPE
+    k_new: torch.Tensor,  # [n, Hkv, C, D]
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,  # [S, Hkv, B, D]  one layer of the slab
+    v_cache: torch.Tensor,
+    pos_cache: torch.Tensor,
+    score_cache: torch.Tensor,
+    length: torch.Tensor,  # [S], read only
+    slot_ids: torch.Tensor,  # [n] long
+    pos_new: torch.Tensor,  # [n, C]
+    scale: float,
+    spec: EvictionSpec,
+    H: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    phi_q: torch.Tensor | None = None,  # [n, Hq, C, R]
+    psi: LessLayerWeights | None = None,
+    max_len: int | None = None,
+    host: tuple[list[int], list[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer of the compressed step: attention (cache + causal chunk + LESS), then evict-and-absorb.
+    Returns out [n, Hq, C, D] and the new lengths [n] int32.
+
+    `max_len`: an upper bound on the slots' lengths (None: the capacity). `host`: the slots and their
+    exact lengths, known on the host; with the full policy the step then attends with SDPA over
+    views of each slot's rows (no gather, no scores: the full policy never reads them)."""
+    C, B = q.shape[2], k_cache.shape[2]
+    if spec.mode == "full" and host is not None:
+        ln = length[slot_ids].long()
+        new_len = append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, None)
+        return full_attention_views(q, k_cache, v_cache, *host), new_len
+    kcat, vcat = gather_cat(k_cache, slot_ids, k_new, max_len), gather_cat(v_cache, slot_ids, v_new, max_len)
+    Lb = kcat.shape[2] - C
+    ln, valid = valid_rows(length, slot_ids, Lb)
+    use_less = phi_q is not None and H is not None and z is not None
+    out, mass = attend_cat(q, kcat, vcat, valid, scale, H[slot_ids] if use_less else None,
+                           z[slot_ids] if use_less else None, phi_q if use_less else None)
+    if spec.mode == "full" or Lb + C <= B:  # room for the chunk in every slot
+        return out, append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, mass)
+    return out, evict_cat(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, kcat, vcat, pos_new, mass, spec,
+                          H, z, psi)
+
+
+def evict_absorb_fast(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, pos_cache: torch.Tensor, score_cache: torch.Tensor,
+    length: torch.Tensor, slot_ids: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos_new: torch.Tensor,
+    mass_cache: torch.Tensor,  # [n, Hkv, B]
+    mass_new: torch.Tensor,  # [n, Hkv, C]
+    spec: EvictionSpec, H: torch.Tensor | None = None, z: torch.Tensor | None = None,
+    psi: LessLayerWeights | None = None, max_len: int | None = None,
+) -> torch.Tensor:
+    """`evict_absorb_ref`'s contract (returns the new lengths [n] int32); `max_len` as in attend_evict_fast."""
+    C, B = k_new.shape[2], k_cache.shape[2]
+    kcat, vcat = gather_cat(k_cache, slot_ids, k_new, max_len), gather_cat(v_cache, slot_ids, v_new, max_len)
+    Lb = kcat.shape[2] - C
+    ln, valid = valid_rows(length, slot_ids, Lb)
+    # the reference never reads mass past a slot's length: rows there must stay empty (score 0)
+    mass = torch.cat([mass_cache[..., :Lb].float() * valid[:, None, :], mass_new.float()], dim=2)
+    if spec.mode == "full" or Lb + C <= B:
+        return append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, mass)
+    return evict_cat(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, kcat, vcat, pos_new, mass, spec, H, z, psi)
