@@ -79,7 +79,7 @@ def attend_cat(
 def gather_cat(cache: torch.Tensor, slot_ids: torch.Tensor, new: torch.Tensor, max_len: int | None) -> torch.Tensor:
     """[cache rows [0, Lb) of each slot | the chunk's rows]: cache [S, Hkv, B, ...], new [n, Hkv, C, ...]."""
     Lb = cache.shape[2] if max_len is None else max(0, min(max_len, cache.shape[2]))
-    return torch.cat([cache[slot_ids, :, :Lb], new.to(cache.dtype)], dim=2)
+    return torch.cat([cache[:, :, :Lb].index_select(0, slot_ids), new.to(cache.dtype)], dim=2)
 
 
 def valid_rows(length: torch.Tensor, slot_ids: torch.Tensor, Lb: int) -> tuple[torch.Tensor, torch.Tensor]:
