@@ -1,11 +1,12 @@
 """Batched decode of N sessions at a given context: this engine (compressed slots) against
-transformers' own model with its full DynamicCache, side by side in one run."""
+transformers' own model with its full DynamicCache, side by side in one run, in the engine's dtype
+with transformers' SDPA attention and the same torch threads."""
 
 from __future__ import annotations
 
 import torch
 
-from lessserve.bench.result import BenchResult
+from lessserve.bench.result import BenchResult, Plot
 from lessserve.bench.timer import Timer
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
@@ -30,14 +31,21 @@ def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, c
     toks = [1] * batch
     dt = _time_steps(lambda: engine.decode(slots, toks), steps, engine.device)
     return {"system": f"lessserve {policy}", "budget": engine.spec.budget, "batch": batch, "context": context,
-            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": engine.slab.slot_bytes()}
+            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": engine.slab.slot_bytes(),
+            "dtype": str(engine.dtype).removeprefix("torch.")}
+
+
+def load_transformers(folder, dtype: torch.dtype, device):
+    """transformers' own model of the checkpoint, in `dtype`, with SDPA attention (its fast path)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
 
 @torch.inference_mode()
-def bench_transformers(folder, batch: int, context: int, steps: int, prompt: list[int], device) -> dict:
-    from transformers import AutoModelForCausalLM, DynamicCache
+def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[int], device) -> dict:
+    from transformers import DynamicCache
 
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     ids = torch.tensor([prompt], device=device)
     cache = DynamicCache()
     hf(ids, past_key_values=cache, use_cache=True)
@@ -49,9 +57,11 @@ def bench_transformers(folder, batch: int, context: int, steps: int, prompt: lis
 
     dt = _time_steps(step, steps, device)
     a = hf.config
-    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * context * (a.hidden_size // a.num_attention_heads) * 4
-    return {"system": "transformers full", "budget": context, "batch": batch, "context": context,
-            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": kv}
+    isz = next(hf.parameters()).element_size()
+    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * context * (a.hidden_size // a.num_attention_heads) * isz
+    return {"system": "transformers full (sdpa)", "budget": context, "batch": batch, "context": context,
+            "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": kv,
+            "dtype": str(next(hf.parameters()).dtype).removeprefix("torch.")}
 
 
 def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list[int], context: int,
@@ -59,22 +69,29 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
     tok = factory.tokenizer
     text = " ".join(["The history of the river valley is long and full of small stories."] * (context // 4))
     prompt = token_windows(tok, text, context, 1)[0]
+    hf = None
     rows = []
     for b in batches:
         progress(f"batch {b}: lessserve {policy} ...")
         ours = bench_engine(factory, policy, budget, b, context, steps, prompt)
+        if hf is None:
+            hf = load_transformers(factory.ckpt.folder, getattr(torch, ours["dtype"]), factory.device)
         progress(f"batch {b}: transformers full cache ...")
-        ref = bench_transformers(factory.ckpt.folder, b, context, steps, prompt, factory.device)
+        ref = bench_transformers(hf, b, context, steps, prompt, factory.device)
         ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
         rows += [ours, ref]
     return rows
 
 
-def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: int) -> BenchResult:
+def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: int, threads: int = 0) -> BenchResult:
     """`lessserve bench decode`: the engine's policy against transformers' full cache, per batch."""
+    if threads:
+        torch.set_num_threads(threads)
     factory = EngineFactory(engine.model_copy(update={"max_context": context + steps + 8, "prefill_chunk": 256}))
     rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps)
     dev = factory.device
     note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""
-    return BenchResult("decode", rows, {"device": f"{dev}{note}"})
+    meta = {"device": f"{dev}{note}", "torch threads": torch.get_num_threads(), "prefill_chunk": factory.base.prefill_chunk}
+    return BenchResult("decode", rows, meta,
+                       plot=Plot("batch", "tokens_per_s", "system", f"decode tokens/s, context {context}"))

@@ -3,6 +3,7 @@ they were measured on, written as a markdown table, a JSON list of rows and, opt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class BenchResult:
     meta: dict = field(default_factory=dict)  # device, dtype, threads, ...: printed above the table
     columns: list[str] | None = None  # table columns (default: the first row's keys)
     plot: Plot | None = None
+    figure: Callable[[list[dict], str | Path], None] | None = None  # a PNG drawn otherwise (plot is None)
     summary: list[dict] = field(default_factory=list)  # derived figures: a second table, not in the JSON
     notes: list[str] = field(default_factory=list)  # lines printed after the tables
 
@@ -39,6 +41,8 @@ class BenchResult:
     def write(self, json_path: str | Path | None = None, png_path: str | Path | None = None) -> None:
         """JSON: the list of rows; PNG: the plot (when the result has one)."""
         write_json(json_path, self.rows)
+        if png_path and self.figure and not self.plot:
+            self.figure(self.rows, png_path)
         if png_path and self.plot:
             from lessserve.lab.plots import line_plot
 

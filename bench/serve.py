@@ -1,45 +1,239 @@
-"""`lessserve bench serve`: the same multi-turn chat load against (a) the cluster with session
-caches (LESS and tiers) and (b) the cluster with the full policy and no session cache; one run,
-same machine, each configuration bounded in time."""
+"""`lessserve bench serve`: one multi-turn chat load against three serving configurations, side by
+side in one run, same model, threads and dtype, every loop bounded in count and time:
+
+- `sessions`: the product: compressed session slots (the policy, e.g. h2o+less at budget 128),
+  fewer device slots than live sessions (the host tier holds the rest: offload and restore run),
+  prefill in large chunks through the fast path, only each turn's new tokens prefilled;
+- `recompute`: no session cache: every turn prefills its whole history in one full-attention SDPA
+  forward (full policy, prefill_chunk = max_context: no chunk interleaving), then decodes;
+- `full_sessions`: full-KV session caches (vLLM / SGLang prefix caching): the full policy with
+  session ids, the same device slots as `recompute`, LRU, evicted caches recomputed from the
+  transcript. Its KV memory is at least the `sessions` config's: its device slots alone hold
+  `full_kv_bytes`, against `kv_bytes` (device + host) for `sessions` (both in the JSON).
+
+The configurations run the worker's own serving path in process (SessionStore + BatchScheduler,
+the calls cluster/worker.py makes per turn, a slot gate like its TurnGate) without Ray or HTTP,
+whose cost is the same for all three.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
 
 from lessserve.bench.result import BenchResult
-from lessserve.bench.serve_load import run_load
+from lessserve.bench.serve_load import _percentile
 from lessserve.lab.output import progress
 
-COLUMNS = ["config", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "sessions",
-           "errors"]
+COLUMNS = ["config", "policy", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
+           "sessions_held", "device_slots", "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores",
+           "recomputes", "mean_history_tokens", "abandoned_turns"]
+
+WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
+         "morning engine silver island paper orchard lantern").split()
 
 
-def run_serve(policy: str, budget: int, users: int, turns: int, rate: float, max_tokens: int, time_limit_s: float,
-              port: int, seed: int) -> BenchResult:
-    from lessserve.cluster import launch
-    from lessserve.cluster.config import load_config
+@dataclass
+class Workload:
+    users: int = 8
+    turns: int = 8
+    rate: float = 1.0  # user arrivals per second (Poisson)
+    first_words: int = 900  # the first message: a pasted document (~1.2k tokens)
+    words_median: float = 60.0  # later messages: log-normal words, long tail, capped at 6x the median
+    short_tokens: int = 16
+    long_tokens: int = 64
+    long_share: float = 0.3  # share of turns with a long reply
+    seed: int = 0
 
-    configs = [
-        ("sessions " + policy, {"engine.policy": policy, "engine.budget": budget}, True),
-        ("no session cache (full)", {"engine.policy": "full", "engine.max_context": 4096}, False),
-    ]
+    def scripts(self) -> tuple[list[list[tuple[str, int]]], list[float]]:
+        """Per user: (message, reply tokens) per turn; and the users' arrival times."""
+        rng = random.Random(self.seed)
+        out = []
+        for _ in range(self.users):
+            turns = []
+            for t in range(self.turns):
+                n = self.first_words if t == 0 else \
+                    max(3, min(int(6 * self.words_median), int(rng.lognormvariate(0, 0.8) * self.words_median)))
+                words = " ".join(rng.choice(WORDS) for _ in range(n))
+                reply = self.long_tokens if rng.random() < self.long_share else self.short_tokens
+                turns.append((("Read this and keep it in mind: " if t == 0 else "Tell me about ") + words + ".",
+                              reply))
+            out.append(turns)
+        starts, t = [], 0.0
+        for _ in range(self.users):
+            t += rng.expovariate(self.rate)
+            starts.append(t)
+        return out, starts
+
+
+async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_limit_s: float, tag: str) -> dict:
+    """Every user's turns through the worker's per-turn calls; at most `slots` turns at once (the
+    rest wait, as behind the worker's TurnGate). A turn still running at the time limit is
+    abandoned and not counted."""
+    from lessserve.workers.scheduler import SamplingParams
+
+    tok = ss.engine.tokenizer
+    scripts, starts = load.scripts()
+    gate = asyncio.Semaphore(slots)
+    ttfts, itls, hist = [], [], []
+    done = 0
+    deadline = time.perf_counter() + time_limit_s
+
+    async def user(i: int):
+        nonlocal done
+        await asyncio.sleep(starts[i])
+        msgs: list[dict] = []
+        for k, (q, reply_tokens) in enumerate(scripts[i]):
+            if time.perf_counter() > deadline:
+                return
+            msgs.append({"role": "user", "content": q})
+            sid = f"{tag}-{i}" if use_sessions else f"{tag}-{i}-turn{k}"
+            t0, first, last, tokens = time.perf_counter(), None, None, []
+            async with gate:
+                try:
+                    session, new_ids = await sched.run_exclusive(lambda: ss.open_turn(sid, msgs, reply_tokens))
+                    hist.append(len(session.transcript.ids))
+                    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=())
+                    async for _ in sched.generate(session.slot, new_ids, params, tokens):
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now - t0
+                        else:
+                            itls.append(now - last)
+                        last = now
+                finally:
+                    await sched.run_exclusive(lambda: ss.close_turn(sid, msgs, tokens))
+                    if not use_sessions:
+                        await sched.run_exclusive(lambda: ss.delete(sid))
+            msgs.append({"role": "assistant", "content": tok.decode(tokens, skip_special_tokens=True)})
+            ttfts.append(first)
+            done += 1
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(user(i)) for i in range(load.users)]
+    _, pending = await asyncio.wait(tasks, timeout=time_limit_s)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    wall = time.perf_counter() - t0
+    sched.wait_idle(60)
+    return {"turns": done, "wall_s": wall, "turns_per_s": done / wall, "abandoned_turns": len(pending),
+            "ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
+            "itl_p50_s": _percentile(itls, 0.5), "itl_p99_s": _percentile(itls, 0.99),
+            "mean_history_tokens": statistics.fmean(hist) if hist else 0.0}
+
+
+def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: bool, time_limit_s: float,
+               checkpoint, tokenizer, model) -> tuple[dict, object]:
+    from lessserve.workers.engine import Engine
+    from lessserve.workers.scheduler import BatchScheduler
+    from lessserve.workers.session_store import SessionStore
+
+    engine = Engine(engine_cfg, checkpoint=checkpoint, tokenizer=tokenizer, model=model)
+    ss = SessionStore(engine, store_cfg)
+    sched = BatchScheduler(engine)
+    try:
+        res = asyncio.run(drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name))
+        st = ss.stats()
+        held = sum(1 for sid in list(ss.sessions) if sid.startswith(name) and _cached(ss, sid))
+    finally:
+        sched.close()
+        ss.close()
+    row = {"config": name, "policy": engine.policy.name, **res, "sessions_held": held,
+           "device_slots": engine_cfg.max_slots, "kv_bytes_per_session": engine.slab.slot_bytes(),
+           "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
+           "recomputes": st["total"]["recomputes"]}
+    return row, engine
+
+
+def _cached(ss, sid: str) -> bool:
+    """The session's cache is held in a tier (device or host), not only its transcript."""
+    from lessserve.cache_store.errors import CacheMissError
+
+    try:
+        ss.io.run(ss.store.where(sid))
+        return True
+    except CacheMissError:
+        return False
+
+
+def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
+              max_context: int, threads: int = 0, model: str | None = None) -> BenchResult:
+    from lessserve.cache_store.config import StoreConfig
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+    from lessserve.workers.model_loader import load_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = EngineConfig(**({"model": model} if model else {}))
+    ckpt = load_checkpoint(base.model)
+    first = Engine(base.model_copy(update={"max_slots": 1, "policy": "full", "max_context": 64}), checkpoint=ckpt)
+    shared = dict(checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)  # one model for every config
     rows = []
-    for name, over, sessions in configs:
-        cfg = load_config(overrides={**over, "port": port, "engine.max_slots": users + 2,
-                                     "worker_num_cpus": 1, "router_num_cpus": 0.1})
-        progress(f"== {name}: starting the cluster ...")
-        launch.start(cfg)
-        try:
-            res = asyncio.run(run_load(f"http://127.0.0.1:{port}", cfg.model_name, users, turns, rate, max_tokens,
-                                       sessions, seed, time_limit_s, tag=name.split()[0]))
-        finally:
-            launch.stop()
-        rows.append({"config": name, "sessions": users if sessions else 0, **res})
-        progress(f"== {name}: {res['turns']} turns, {res['turns_per_s']:.3f} turns/s, "
-                 f"ttft p50 {res['ttft_p50_s']:.2f}s p99 {res['ttft_p99_s']:.2f}s")
-    a, b = rows
-    a["turns_per_s_ratio_vs_recompute"] = a["turns_per_s"] / b["turns_per_s"] if b["turns_per_s"] else float("nan")
-    a["ttft_p99_ratio_vs_recompute"] = b["ttft_p99_s"] / a["ttft_p99_s"] if a["ttft_p99_s"] else float("nan")
-    note = (f"turns/s ratio (a)/(b): {a['turns_per_s_ratio_vs_recompute']:.2f}; "
-            f"p99 TTFT ratio (b)/(a): {a['ttft_p99_ratio_vs_recompute']:.2f}")
-    return BenchResult("serve", rows, columns=COLUMNS, notes=[note])
+    # sessions: every session fits in device + host memory; nothing idles out during the run
+    sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": slots,
+                                       "prefill_chunk": chunk})
+    probe = Engine(sess_cfg.model_copy(update={"max_slots": 1}), **shared)
+    slot_c = probe.slab.slot_bytes()
+    del probe
+    host_c = load.users * slot_c
+    configs = [
+        ("sessions", sess_cfg, StoreConfig(host_bytes=host_c, device_idle_s=None, host_idle_s=None), True),
+        ("recompute", base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
+                                              "prefill_chunk": min(max_context, 8192)}),
+         StoreConfig(host_bytes=0, device_idle_s=None, host_idle_s=None), False),
+        ("full_sessions", base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
+                                                  "prefill_chunk": min(max_context, 8192)}),
+         StoreConfig(host_bytes=host_c + slots * slot_c, device_idle_s=None, host_idle_s=None), True),
+    ]
+    for name, ecfg, scfg, use_sessions in configs:
+        progress(f"== {name}: {ecfg.policy}, {ecfg.max_slots} device slots, chunk {ecfg.prefill_chunk} ...")
+        row, engine = run_config(name, ecfg, scfg, load, use_sessions, time_limit_s, **shared)
+        kv = slots * row["kv_bytes_per_session"] + (scfg.host_bytes if use_sessions else 0)
+        row["kv_bytes"] = kv
+        held = row["sessions_held"]
+        row["sessions_per_GB"] = held / (kv / 1e9) if held else 0.0
+        rows.append(row)
+        progress(f"== {name}: {row['turns']} turns, {row['turns_per_s']:.3f} turns/s, ttft p50 "
+                 f"{row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s")
+        del engine
+    by = {r["config"]: r for r in rows}
+    s = by["sessions"]
+    notes = []
+    for other in ("recompute", "full_sessions"):
+        o = by[other]
+        tr = s["turns_per_s"] / o["turns_per_s"] if o["turns_per_s"] else float("nan")
+        p99 = o["ttft_p99_s"] / s["ttft_p99_s"] if s["ttft_p99_s"] else float("nan")
+        s[f"turns_per_s_ratio_vs_{other}"] = tr
+        s[f"ttft_p99_ratio_vs_{other}"] = p99
+        notes.append(f"sessions vs {other}: turns/s {tr:.2f}x, p99 TTFT {p99:.2f}x lower")
+    meta = {"device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."), "model": first.model_id,
+            "torch threads": torch.get_num_threads(), "users": load.users, "turns": load.turns, "rate": load.rate,
+            "replies": f"{load.short_tokens}/{load.long_tokens} tokens ({load.long_share:.0%} long)",
+            "time limit per config s": time_limit_s}
+    return BenchResult("serve", rows, meta, columns=COLUMNS, notes=notes, figure=draw)
+
+
+def draw(rows: list[dict], path) -> None:
+    """Completed turns/s and p99 TTFT per configuration, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["config"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
+    for ax, key, label in ((axes[0], "turns_per_s", "completed turns/s (higher is better)"),
+                           (axes[1], "ttft_p99_s", "p99 TTFT s (lower is better)")):
+        ax.bar(names, [r[key] for r in rows], color=["tab:green", "tab:red", "tab:orange"][: len(rows)])
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -17,16 +17,18 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
     for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak,
-                _register_forks):
+                _register_forks, _register_chunking, _register_capacity):
         reg(bsub)
 
 
 def _register_decode(bsub) -> None:
     p = bsub.add_parser("decode", help="batched decode vs transformers full cache")
-    p.add_argument("--batches", default="1,4", help="numbers of sessions decoded together")
+    p.add_argument("--batches", default="1,4,8", help="numbers of sessions decoded together")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16, help="timed decode steps")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: tokens/s by batch")
     add_engine_flags(p)
     p.set_defaults(func=cmd_decode)
 
@@ -35,20 +37,22 @@ def cmd_decode(args) -> int:
     batches = parse_ints("--batches", args.batches, lo=1, hi=1024)
     in_range("--context", args.context, 64, 32768)
     in_range("--steps", args.steps, 1, 10000)
+    in_range("--threads", args.threads, 0, 1024)
     from lessserve.bench.decode import run_decode
 
-    return _emit(run_decode(engine_config(args), batches, args.context, args.steps), args)
+    return _emit(run_decode(engine_config(args), batches, args.context, args.steps, args.threads), args)
 
 
 def _register_offload(bsub) -> None:
-    p = bsub.add_parser("offload", help="session restore (host, Redis) vs recomputation")
-    p.add_argument("--histories", default="512,1024,2048", help="tokens of conversation history")
+    p = bsub.add_parser("offload", help="session restore (host, Redis) vs a fair one-forward recompute")
+    p.add_argument("--histories", default="512,1024,2048,4096,8192", help="tokens of conversation history")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per path (recompute: 1)")
     p.add_argument("--redis-url", default=None, help="Redis to use (default: start a private one)")
     p.add_argument("--quantize", action="store_true", help="offload k/v as int8")
     p.add_argument("--text", default=None, help="text file the history is cut from (default: synthetic)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: next-turn TTFT by path and history")
     add_engine_flags(p)
     p.set_defaults(func=cmd_offload)
 
@@ -65,38 +69,53 @@ def cmd_offload(args) -> int:
 
 
 def _register_serve(bsub) -> None:
-    p = bsub.add_parser("serve", help="multi-turn chat load: session caches vs recompute")
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--rate", type=float, default=0.5, help="user arrivals per second (Poisson)")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--policy", default="h2o+less", help="policy of configuration (a)")
+    p = bsub.add_parser("serve", help="multi-turn chat load: sessions vs recompute-per-turn vs full-KV sessions")
+    p.add_argument("--users", type=int, default=8, help="conversations (more than --slots: the host tier holds the rest)")
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--rate", type=float, default=1.0, help="user arrivals per second (Poisson)")
+    p.add_argument("--slots", type=int, default=4, help="device slots of every configuration")
+    p.add_argument("--first-words", type=int, default=1500, help="words of each conversation's first message")
+    p.add_argument("--words", type=float, default=60, help="median words of later messages (log-normal)")
+    p.add_argument("--short-tokens", type=int, default=16, help="tokens of a short reply")
+    p.add_argument("--long-tokens", type=int, default=64, help="tokens of a long reply (30%% of turns)")
+    p.add_argument("--policy", default="h2o+less", help="policy of the sessions configuration")
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--time-limit", type=float, default=600, help="seconds per configuration, at most")
-    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--chunk", type=int, default=256, help="prefill chunk of the sessions configuration")
+    p.add_argument("--max-context", type=int, default=4096, help="full policy's slot length (recompute, full_sessions)")
+    p.add_argument("--time-limit", type=float, default=150, help="seconds per configuration, at most")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: turns/s and p99 TTFT per configuration")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     for flag, v, lo, hi in (("--users", args.users, 1, 256), ("--turns", args.turns, 1, 64),
-                            ("--max-tokens", args.max_tokens, 1, 1024), ("--port", args.port, 1024, 65535),
-                            ("--time-limit", args.time_limit, 1, 3600)):
+                            ("--slots", args.slots, 1, 256), ("--first-words", args.first_words, 1, 20000),
+                            ("--short-tokens", args.short_tokens, 1, 1024), ("--long-tokens", args.long_tokens, 1, 1024),
+                            ("--chunk", args.chunk, 1, 8192), ("--max-context", args.max_context, 64, 32768),
+                            ("--time-limit", args.time_limit, 1, 3600), ("--threads", args.threads, 0, 1024)):
         in_range(flag, v, lo, hi)
     if not 0 < args.rate <= 100:
         raise CliError("--rate", "must be in (0, 100]")
-    from lessserve.bench.serve import run_serve
+    if not 1 <= args.words <= 2000:
+        raise CliError("--words", "must be in [1, 2000]")
+    from lessserve.bench.serve import Workload, run_serve
 
-    return _emit(run_serve(args.policy, args.budget, args.users, args.turns, args.rate, args.max_tokens,
-                           args.time_limit, args.port, args.seed), args)
+    load = Workload(args.users, args.turns, args.rate, args.first_words, args.words, args.short_tokens,
+                    args.long_tokens, seed=args.seed)
+    return _emit(run_serve(args.policy, args.budget, load, args.slots, args.time_limit, args.chunk,
+                           args.max_context, args.threads, args.model), args)
 
 
 def _register_kernels(bsub) -> None:
     from lessserve.bench.kernels import KERNELS, MODELS
 
     p = bsub.add_parser("kernels", help="Triton kernels vs torch reference vs full-cache SDPA")
-    p.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {','.join(KERNELS)}")
+    p.add_argument("--kernels", default=None, help=f"subset of {','.join(KERNELS)} (default: all; --plan: those "
+                   "the roofline models)")
     p.add_argument("--models", default=None, help=f"subset of {','.join(MODELS)} (default: all on GPU)")
     p.add_argument("--batches", default=None, help="slots per call (default 1,8,32,128 on GPU; 1,4 on CPU)")
     p.add_argument("--budgets", default=None, help="cached tokens per head (default 128,512,2048; 128 on CPU)")
@@ -120,7 +139,7 @@ def cmd_kernels(args) -> int:
     if args.plan:
         return _plan(args)
     gpu = torch.cuda.is_available()
-    kernels = parse_names("--kernels", args.kernels, KERNELS)
+    kernels = parse_names("--kernels", args.kernels or ",".join(KERNELS), KERNELS)
     models = parse_names("--models", args.models or (",".join(MODELS) if gpu else "smollm2-135m"), MODELS)
     batches = parse_ints("--batches", args.batches or ("1,8,32,128" if gpu else "1,4"), lo=1, hi=4096)
     budgets = parse_ints("--budgets", args.budgets or ("128,512,2048" if gpu else "128"), lo=16, hi=65536)
@@ -135,7 +154,7 @@ def _plan(args) -> int:
     """`bench kernels --plan`: 7B / 8B / default shapes, batch 1-128, budgets 128-2048 unless narrowed."""
     from lessserve.bench.roofline import GPUS, KERNELS, SHAPES, run_plan
 
-    kernels = parse_names("--kernels", args.kernels, KERNELS)
+    kernels = parse_names("--kernels", args.kernels or ",".join(KERNELS), KERNELS)
     models = parse_names("--models", args.models or ",".join(SHAPES), SHAPES)
     batches = parse_ints("--batches", args.batches or "1,8,32,128", lo=1, hi=4096)
     budgets = parse_ints("--budgets", args.budgets or "128,512,2048", lo=16, hi=65536)
@@ -219,6 +238,69 @@ def cmd_forks(args) -> int:
     from lessserve.bench.forks import run_forks
 
     return _emit(run_forks(engine_config(args), histories, args.prompt_tokens, args.repeats), args)
+
+
+def _register_chunking(bsub) -> None:
+    p = bsub.add_parser("chunking", help="perplexity and prefill time by prefill chunk (large chunks vs 32)")
+    p.add_argument("--policies", default="h2o,lambda,h2o+less", help="policies compared")
+    p.add_argument("--chunks", default="32,256,512", help="prefill chunks; the smallest is the reference")
+    p.add_argument("--text", default="../shared/data/tinyshakespeare.txt", help="text file the windows are cut from")
+    p.add_argument("--context", type=int, default=2048, help="tokens per window")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_chunking)
+
+
+def cmd_chunking(args) -> int:
+    chunks = parse_ints("--chunks", args.chunks, lo=1, hi=8192)
+    in_range("--context", args.context, 64, 32768)
+    in_range("--windows", args.windows, 1, 100)
+    in_range("--threads", args.threads, 0, 1024)
+    path = existing_file("--text", args.text)
+    from lessserve.bench.chunking import run_chunking
+
+    cfg = engine_config(args)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    return _emit(run_chunking(cfg, policies, cfg.budget, chunks, path, args.context, args.windows, args.threads), args)
+
+
+def _register_capacity(bsub) -> None:
+    p = bsub.add_parser("capacity", help="capacity on paper: sessions per GPU, Redis memory and egress, vs full KV")
+    p.add_argument("--models", default="llama3-8b,llama2-7b")
+    p.add_argument("--budgets", default="64,128,256")
+    p.add_argument("--rank", type=int, default=8, help="LESS rank")
+    p.add_argument("--contexts", default="2048,8192", help="mean context of the full-KV rows")
+    p.add_argument("--conversations", type=int, default=1_000_000)
+    p.add_argument("--resident-share", type=float, default=0.05, help="share of conversations kept on GPUs")
+    p.add_argument("--turn-interval", type=float, default=60.0, help="seconds between a conversation's turns")
+    p.add_argument("--workspace-share", type=float, default=0.1, help="HBM share kept for activations")
+    p.add_argument("--redis-node-gb", type=float, default=200, help="usable memory of one Redis node")
+    p.add_argument("--redis-node-gbps", type=float, default=2.5, help="GB/s one Redis node serves (25 GbE)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_capacity)
+
+
+def cmd_capacity(args) -> int:
+    from lessserve.bench.capacity import SHAPES, run_capacity
+
+    models = parse_names("--models", args.models, SHAPES)
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    contexts = parse_ints("--contexts", args.contexts, lo=1, hi=1 << 20)
+    in_range("--rank", args.rank, 0, 256)
+    in_range("--conversations", args.conversations, 1, 10**10)
+    for flag, v in (("--resident-share", args.resident_share), ("--workspace-share", args.workspace_share)):
+        if not 0 <= v < 1:
+            raise CliError(flag, "must be in [0, 1)")
+    for flag, v in (("--turn-interval", args.turn_interval), ("--redis-node-gb", args.redis_node_gb),
+                    ("--redis-node-gbps", args.redis_node_gbps)):
+        if not v > 0:
+            raise CliError(flag, "must be > 0")
+    return _emit(run_capacity(models, budgets, args.rank, contexts, args.conversations, args.resident_share,
+                              args.turn_interval, args.workspace_share, args.redis_node_gb * 1e9,
+                              args.redis_node_gbps * 1e9), args)
 
 
 def _emit(result, args) -> int:

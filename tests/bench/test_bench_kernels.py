@@ -16,7 +16,7 @@ def test_bench_kernels_cli(tmp_path, capsys):
                "--iters", "2", "--warmup", "1", "--json", str(out)])
     assert rc in (0, None)
     rows = json.loads(out.read_text())
-    assert {r["kernel"] for r in rows} == {"decode", "chunk", "evict", "pack"}
+    assert {r["kernel"] for r in rows} == {"decode", "chunk", "evict", "step", "pack"}
     text = capsys.readouterr().out
     assert "| kernel |" in text
     if not torch.cuda.is_available():
