@@ -21,6 +21,7 @@ from lessserve.lab.output import progress
 from lessserve.lab.text import read_text, token_windows
 from lessserve.workers.config import EngineConfig
 
+
 @torch.inference_mode()
 def window_nll(engine, ids: list[int]) -> tuple[float, int, float]:
     """(sum of next-token NLL, tokens predicted, prefill seconds) of one window from an empty slot."""
@@ -61,7 +62,7 @@ def run_chunking(base: EngineConfig, policies: list[str], budget: int, chunks: l
     ref = {r["policy"]: r for r in rows if r["chunk"] == ref_chunk}
     for r in rows:
         base_row = ref[r["policy"]]
-        r["ppl_vs_chunk%d_pct" % ref_chunk] = 100 * (r["ppl"] / base_row["ppl"] - 1)
+        r[f"ppl_vs_chunk{ref_chunk}_pct"] = 100 * (r["ppl"] / base_row["ppl"] - 1)
         r["prefill_speedup"] = base_row["prefill_s_per_window"] / r["prefill_s_per_window"]
     meta = {"device": str(factory.device), "text": Path(text_path).name, "context": context, "windows": windows,
             "torch threads": torch.get_num_threads()}

@@ -92,6 +92,7 @@ def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: in
     rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps)
     dev = factory.device
     note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""
-    meta = {"device": f"{dev}{note}", "torch threads": torch.get_num_threads(), "prefill_chunk": factory.base.prefill_chunk}
+    meta = {"device": f"{dev}{note}", "torch threads": torch.get_num_threads(),
+            "prefill_chunk": factory.base.prefill_chunk}
     return BenchResult("decode", rows, meta,
                        plot=Plot("batch", "tokens_per_s", "system", f"decode tokens/s, context {context}"))

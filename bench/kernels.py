@@ -85,9 +85,9 @@ def _inputs(kernel: str, Hq: int, Hkv: int, D: int, n: int, B: int, dtype, dev):
         pos = torch.arange(B, dtype=torch.int32, device=dev).expand(n, Hkv, B).contiguous()
     if kernel == "step":  # one layer of a decode step over full slots: attention, then eviction
         q = torch.randn(n, Hq, 1, D, device=dev, dtype=dtype)
-        args = (q, torch.randn(n, Hkv, 1, D, device=dev, dtype=dtype), torch.randn(n, Hkv, 1, D, device=dev, dtype=dtype),
-                kc, vc, pos, torch.rand(n, Hkv, B, device=dev), length, slot_ids, torch.full((n, 1), B, device=dev),
-                D**-0.5, EvictionSpec("h2o", B, B // 2))
+        kn, vn = (torch.randn(n, Hkv, 1, D, device=dev, dtype=dtype) for _ in range(2))
+        args = (q, kn, vn, kc, vc, pos, torch.rand(n, Hkv, B, device=dev), length, slot_ids,
+                torch.full((n, 1), B, device=dev), D**-0.5, EvictionSpec("h2o", B, B // 2))
         return (args, {"H": H, "z": z, "phi_q": torch.rand(n, Hq, 1, RANK, device=dev), "psi": w}), \
             2 * kv_bytes + n * Hkv * B * 16
     if kernel == "evict":

@@ -96,7 +96,7 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
             t0, first, last, tokens = time.perf_counter(), None, None, []
             async with gate:
                 try:
-                    session, new_ids = await sched.run_exclusive(lambda: ss.open_turn(sid, msgs, reply_tokens))
+                    session, new_ids = await sched.run_exclusive(lambda s=sid, r=reply_tokens: ss.open_turn(s, msgs, r))
                     hist.append(len(session.transcript.ids))
                     params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=())
                     async for _ in sched.generate(session.slot, new_ids, params, tokens):
@@ -107,9 +107,9 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
                             itls.append(now - last)
                         last = now
                 finally:
-                    await sched.run_exclusive(lambda: ss.close_turn(sid, msgs, tokens))
+                    await sched.run_exclusive(lambda s=sid, t=tokens: ss.close_turn(s, msgs, t))
                     if not use_sessions:
-                        await sched.run_exclusive(lambda: ss.delete(sid))
+                        await sched.run_exclusive(lambda s=sid: ss.delete(s))
             msgs.append({"role": "assistant", "content": tok.decode(tokens, skip_special_tokens=True)})
             ttfts.append(first)
             done += 1

@@ -70,7 +70,8 @@ def cmd_offload(args) -> int:
 
 def _register_serve(bsub) -> None:
     p = bsub.add_parser("serve", help="multi-turn chat load: sessions vs recompute-per-turn vs full-KV sessions")
-    p.add_argument("--users", type=int, default=8, help="conversations (more than --slots: the host tier holds the rest)")
+    p.add_argument("--users", type=int, default=8,
+                   help="conversations (more than --slots: the host tier holds the rest)")
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--rate", type=float, default=1.0, help="user arrivals per second (Poisson)")
     p.add_argument("--slots", type=int, default=4, help="device slots of every configuration")
@@ -94,7 +95,8 @@ def _register_serve(bsub) -> None:
 def cmd_serve(args) -> int:
     for flag, v, lo, hi in (("--users", args.users, 1, 256), ("--turns", args.turns, 1, 64),
                             ("--slots", args.slots, 1, 256), ("--first-words", args.first_words, 1, 20000),
-                            ("--short-tokens", args.short_tokens, 1, 1024), ("--long-tokens", args.long_tokens, 1, 1024),
+                            ("--short-tokens", args.short_tokens, 1, 1024),
+                            ("--long-tokens", args.long_tokens, 1, 1024),
                             ("--chunk", args.chunk, 1, 8192), ("--max-context", args.max_context, 64, 32768),
                             ("--time-limit", args.time_limit, 1, 3600), ("--threads", args.threads, 0, 1024)):
         in_range(flag, v, lo, hi)

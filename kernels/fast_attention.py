@@ -60,13 +60,13 @@ def attend_cat(
             s[..., Lb:].masked_fill_(later, float("-inf"))  # [Q, c1]: the chunk's keys after each query
         m = s.amax(dim=-1, keepdim=True)  # finite: every query sees itself
         p = s.sub_(m).exp_()
-        l = p.sum(dim=-1, keepdim=True)
-        p = p.div_(l)
+        den = p.sum(dim=-1, keepdim=True)
+        p = p.div_(den)
         mass[..., :Lkb] += p.sum(dim=(2, 3))
         o = torch.matmul(p.view(n, Hkv, G * Q, Lkb), V[:, :, :Lkb]).view(n, Hkv, G, Q, D)
         if use_less:
             m2 = m.clamp_min(0.0)
-            a, b = l * torch.exp(m - m2), torch.exp(-m2)  # [n, Hkv, G, Q, 1]
+            a, b = den * torch.exp(m - m2), torch.exp(-m2)  # [n, Hkv, G, Q, 1]
             ph = phig[:, :, :, c0:c1]
             num = a * o + b * torch.matmul(ph, H[:, :, None])
             den = a + b * torch.matmul(ph, z[:, :, None, :, None])
