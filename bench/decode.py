@@ -4,6 +4,8 @@ with transformers' SDPA attention and the same torch threads."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from lessserve.bench.result import BenchResult, Plot
@@ -21,13 +23,14 @@ def _time_steps(step, steps: int, device: torch.device, warmup: int = 2) -> floa
 
 @torch.inference_mode()
 def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
-                 prompt: list[int]) -> dict:
+                 prompt: list[int], prefilled: dict) -> dict:
     engine = factory.make(policy, budget, max_slots=batch)
     slots = [engine.alloc() for _ in range(batch)]
-    engine.prefill(slots[0], prompt)  # one real prefill, copied into the other slots
-    state = engine.slab.export(slots[0])
-    for s in slots[1:]:
-        engine.slab.load(s, state)
+    if "state" not in prefilled:  # one real prefill for the whole run, copied into every slot
+        engine.prefill(slots[0], prompt)
+        prefilled["state"] = engine.slab.export(slots[0])
+    for s in slots:
+        engine.slab.load(s, prefilled["state"])
     toks = [1] * batch
     dt = _time_steps(lambda: engine.decode(slots, toks), steps, engine.device)
     return {"system": f"lessserve {policy}", "budget": engine.spec.budget, "batch": batch, "context": context,
@@ -43,12 +46,13 @@ def load_transformers(folder, dtype: torch.dtype, device):
 
 
 @torch.inference_mode()
-def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[int], device) -> dict:
+def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[int], device, prefilled: dict) -> dict:
     from transformers import DynamicCache
 
-    ids = torch.tensor([prompt], device=device)
-    cache = DynamicCache()
-    hf(ids, past_key_values=cache, use_cache=True)
+    if "cache" not in prefilled:  # one real prefill for the whole run, copied per batch
+        prefilled["cache"] = DynamicCache()
+        hf(torch.tensor([prompt], device=device), past_key_values=prefilled["cache"], use_cache=True)
+    cache = copy.deepcopy(prefilled["cache"])
     cache.batch_repeat_interleave(batch)
     nxt = torch.ones(batch, 1, dtype=torch.long, device=device)
 
@@ -69,15 +73,15 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
     tok = factory.tokenizer
     text = " ".join(["The history of the river valley is long and full of small stories."] * (context // 4))
     prompt = token_windows(tok, text, context, 1)[0]
-    hf = None
+    hf, ours_state, hf_state = None, {}, {}
     rows = []
     for b in batches:
         progress(f"batch {b}: lessserve {policy} ...")
-        ours = bench_engine(factory, policy, budget, b, context, steps, prompt)
+        ours = bench_engine(factory, policy, budget, b, context, steps, prompt, ours_state)
         if hf is None:
             hf = load_transformers(factory.ckpt.folder, getattr(torch, ours["dtype"]), factory.device)
         progress(f"batch {b}: transformers full cache ...")
-        ref = bench_transformers(hf, b, context, steps, prompt, factory.device)
+        ref = bench_transformers(hf, b, context, steps, prompt, factory.device, hf_state)
         ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
         rows += [ours, ref]
