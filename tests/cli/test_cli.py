@@ -41,7 +41,7 @@ def test_console_script_unknown_policy_no_traceback():
 
 
 def independent_ppl(ckpt, ids: list[int]) -> tuple[float, float]:
-    """(full-cache ppl from transformers' own model, h2o@32 ppl from the float64 oracle) of a window,
+    """(full-cache ppl from transformers' own model, h2o@16 ppl from the float64 oracle) of a window,
     through the CLI's default prefill chunk of 32 tokens."""
     from transformers import AutoModelForCausalLM
 
@@ -54,29 +54,29 @@ def independent_ppl(ckpt, ids: list[int]) -> tuple[float, float]:
     with torch.no_grad():
         full = math.exp(float(F.cross_entropy(hf(torch.tensor([ids])).logits[0, :-1], target)))
     oracle = OracleSession(NaiveLlama(ckpt.state_dict, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps,
-                                      a.rope_theta), documented_spec("h2o", 32, 0, a.head_dim, 4))
+                                      a.rope_theta), documented_spec("h2o", 16, 0, a.head_dim, 4))
     logits = torch.cat([oracle.step(ids[o : o + c]) for o, c in cuts(0, len(ids), 32)])
     return full, math.exp(float(F.cross_entropy(logits[:-1], target)))
 
 
 def test_eval_ppl_and_passkey_write_json(tmp_path, default_ckpt):
     out = tmp_path / "ppl.json"
-    assert main(["eval", "ppl", "--text", SHARED, "--policies", "full,h2o", "--budgets", "32",
-                 "--context", "96", "--windows", "1", "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    assert main(["eval", "ppl", "--text", SHARED, "--policies", "full,h2o", "--budgets", "16",
+                 "--context", "48", "--windows", "1", "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["full", "h2o"]
-    assert all(r["tokens"] == 95 for r in rows)
+    assert all(r["tokens"] == 47 for r in rows)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(default_ckpt.folder))
-    ids = tok(Path(SHARED).read_text()[:100_000], add_special_tokens=False)["input_ids"][:96]  # window 1 of 1
+    ids = tok(Path(SHARED).read_text()[:100_000], add_special_tokens=False)["input_ids"][:48]  # window 1 of 1
     full, h2o = independent_ppl(default_ckpt, ids)
     assert rows[0]["ppl"] == pytest.approx(full, rel=1e-4) and rows[1]["ppl"] == pytest.approx(h2o, rel=1e-4)
     assert abs(h2o / full - 1) > 1e-3  # eviction changed the predictions (the h2o row is no full-cache copy)
     assert rows[1]["cache_bytes_per_session"] < rows[0]["cache_bytes_per_session"]
     assert (tmp_path / "p.png").stat().st_size > 1000
     pk = tmp_path / "pk.json"
-    assert main(["eval", "passkey", "--policies", "full", "--budgets", "32", "--lengths", "128",
+    assert main(["eval", "passkey", "--policies", "full", "--budgets", "32", "--lengths", "64",
                  "--trials", "1", "--json", str(pk)]) == 0
     rows = json.loads(pk.read_text())
     assert rows[0]["trials"] == 3 and 0 <= rows[0]["accuracy"] <= 1
