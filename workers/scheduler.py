@@ -191,7 +191,8 @@ class BatchScheduler:
 
     def _decode_step(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
-        logits = self.engine.decode([r.slot for r in batch], [r.pending for r in batch])
+        # one transfer of the batch's logits per step (one device sync), not one per request
+        logits = self.engine.decode([r.slot for r in batch], [r.pending for r in batch]).cpu()
         if self.on_step:
             self.on_step("decode", len(batch), time.perf_counter() - t0)
         done = {id(r) for r, lg in zip(batch, logits, strict=True) if not self._emit_next(r, lg)}
