@@ -154,7 +154,7 @@ def test_the_less_term_changes_the_oracle(ckpt):
     assert math.isfinite(float(a.abs().max()))
 
 
-@pytest.mark.slow
+@pytest.mark.long  # the short schedule runs by default (test_triton_kernels_match_the_oracle)
 @pytest.mark.parametrize("policy", ["h2o+less", "lambda+less"], ids=lambda p: f"{p}-seed{SEED}")
 def test_triton_kernels_match_the_oracle_long(ckpt, policy):
     """The full schedule (230 + 130 tokens) under the interpreter (~25 s each on 2 shared cores)."""

@@ -11,8 +11,6 @@ import uuid
 import httpx
 import pytest
 
-from tests.cluster.multinode.conftest import deploy_and_wait
-
 pytestmark = pytest.mark.multinode
 MODEL = "smollm2-135m-instruct"
 QS = ["Name a colour.", "Name a fruit of that colour.", "Is it sweet?", "Thanks!"]
@@ -124,7 +122,4 @@ def test_worker_node_removed_mid_conversation(nodes):
     print(f"\nCLUSTER-TABLE | node removed mid-turn: {len(by_node[lost_id])} sessions moved, 0 lost, 0 turns failed; "
           f"next turn {sum(moved) / max(len(moved), 1):.2f} s moved (rebuilt: the node's device copies died with it) "
           f"vs {sum(stayed) / max(len(stayed), 1):.2f} s stayed |")
-    nodes["workers"].remove(lost)
-    nodes["workers"].append(nodes["cluster"].add_node(num_cpus=1, object_store_memory=150 * 2**20,
-                                                      resources={"worker_node": 1}))
-    deploy_and_wait(nodes["cfg"])  # the replacement replica comes up on the new node
+    nodes["workers"].remove(lost)  # the module's last test: the fixture ends the cluster
