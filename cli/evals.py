@@ -155,7 +155,7 @@ def cmd_report(args) -> int:
     cache = RowCache(None if args.fresh else (args.cache or cache_root() / "eval-report" / "rows.jsonl"))
     command = (f"lessserve eval report --texts {','.join(texts)} --policies {','.join(policies)} "
                f"--budgets {','.join(map(str, budgets))} --context {args.context} --windows {args.windows} "
-               f"--lengths {','.join(map(str, lengths))} --trials {args.trials}")
+               f"--lengths {','.join(map(str, lengths)) or repr('')} --trials {args.trials} --out {args.out}")
     rep = run_report(factory, texts, policies, budgets, args.context, args.windows, lengths, args.trials, args.out,
                      cache, peers=args.peers, command=command)
     for g in rep["gap_closed"]:

@@ -36,7 +36,8 @@ def test_report_small(tmp_path, capsys):
     assert len(rep["passkey"]) == 4
     for png in ("ppl_brown.png", "ppl_tinyshakespeare.png", "ppl_python_docs.png", "passkey.png"):
         assert (out / png).stat().st_size > 1000
-    assert "Gap closed" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Gap closed" in md and f"--trials 1 --out {out}`" in md  # the command that regenerates it
 
 
 def test_report_windows_come_from_the_test_part_only(tmp_path):
