@@ -138,6 +138,7 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     ss = SessionStore(engine, store_cfg)
     sched = BatchScheduler(engine)
     try:
+        asyncio.run(warm_up(ss, sched))
         res = asyncio.run(drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name))
         st = ss.stats()
         held = sum(1 for sid in list(ss.sessions) if sid.startswith(name) and _cached(ss, sid))
@@ -149,6 +150,22 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
            "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
            "recomputes": st["total"]["recomputes"]}
     return row, engine
+
+
+async def warm_up(ss, sched) -> None:
+    """One short untimed turn (prefill chunk and decode), so one-time initialisation is not
+    charged to the configuration's first turns; its session is deleted."""
+    from lessserve.workers.scheduler import SamplingParams
+
+    msgs = [{"role": "user", "content": "Hello there, a short warm-up."}]
+    session, new_ids = await sched.run_exclusive(lambda: ss.open_turn("warmup", msgs, 2))
+    tokens: list[int] = []
+    try:
+        async for _ in sched.generate(session.slot, new_ids, SamplingParams(max_new_tokens=2, stop_ids=()), tokens):
+            pass
+    finally:
+        await sched.run_exclusive(lambda: ss.close_turn("warmup", msgs, tokens))
+        await sched.run_exclusive(lambda: ss.delete("warmup"))
 
 
 def _cached(ss, sid: str) -> bool:
