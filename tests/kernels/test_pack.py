@@ -108,3 +108,46 @@ def test_int8_pack_is_smaller_and_state_stays_fp32():
     assert int8.offsets()["H"][2] == torch.float32 and int8.offsets()["z"][2] == torch.float32
     with pytest.raises(PackError):
         PackLayout(1, 1, 1, 64, 1, torch.float32, "fp4")
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_layout_is_the_documented_one_byte_for_byte(quant):
+    """Sections in the module docstring's order, each at the first 16-byte boundary after the
+    previous one (sizes that are multiples of 16 leave no gap), `length` one int32; computed here
+    independently of PackLayout.offsets."""
+    L, Hkv, B, D, R = 2, 3, 16, 8, 4  # k: 2*3*16*8*2 = 1536 bytes (a multiple of 16); z: 96; length: 4
+    lay = PackLayout(L, Hkv, B, D, R, torch.float16, quant)
+    want = [("k", 1 if quant == "int8" else 2, (L, Hkv, B, D))]
+    if quant == "int8":
+        want.append(("k_scale", 4, (L, Hkv, B)))
+    want.append(("v", 1 if quant == "int8" else 2, (L, Hkv, B, D)))
+    if quant == "int8":
+        want.append(("v_scale", 4, (L, Hkv, B)))
+    want += [("pos", 4, (L, Hkv, B)), ("score", 4, (L, Hkv, B)), ("H", 4, (L, Hkv, R, D)), ("z", 4, (L, Hkv, R)),
+             ("length", 4, (1,))]
+    off, got = 0, lay.offsets()
+    assert list(got) == [n for n, _, _ in want]
+    for name, item, shape in want:
+        size = item * int(torch.tensor(shape).prod())
+        assert got[name][:2] == (off, size) and got[name][3] == shape, name
+        off += (size + 15) // 16 * 16
+    assert lay.record_bytes == off
+    with pytest.raises(AttributeError):  # a layout is a value: frozen
+        lay.B = 32
+
+
+def test_malformed_slabs_and_buffers_are_refused():
+    lay = PackLayout(1, 1, 4, 8, 2, torch.float32, "none")
+    k5, H5 = torch.zeros(1, 2, 1, 4, 8), torch.zeros(1, 2, 1, 2, 8)
+    assert PackLayout.of(k5, H5, "none") == lay
+    with pytest.raises(PackError):
+        PackLayout.of(k5[0], H5, "none")  # k not layer-major, H fine
+    with pytest.raises(PackError):
+        PackLayout.of(k5, H5[0], "none")
+    from lessserve.kernels.reference.pack import section_view
+
+    with pytest.raises(PackError):  # uint8, 2-d, but not one record wide
+        section_view(torch.zeros(2, lay.record_bytes + 16, dtype=torch.uint8), lay, "k")
+    with pytest.raises(PackError):
+        section_view(torch.zeros(2, lay.record_bytes, dtype=torch.int8), lay, "k")
+    assert section_view(torch.zeros(2, lay.record_bytes, dtype=torch.uint8), lay, "k").shape == (2, 1, 1, 4, 8)
