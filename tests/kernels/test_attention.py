@@ -104,3 +104,41 @@ def test_attention_rejects_bad_inputs(device):
         chunk_attention(q.half(), kn, vn, kc, vc, length, slot_ids, scale)
     with pytest.raises(KernelInputError, match="phi_q"):
         chunk_attention(q, kn, vn, kc, vc, length, slot_ids, scale, H, z, phi[..., :4])
+
+
+def _one_slot(C: int, D: int = 16, R: int = 4, B: int = 8):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, C, D, generator=g)
+    k_new, v_new = torch.randn(1, 1, C, D, generator=g), torch.randn(1, 1, C, D, generator=g)
+    k_cache, v_cache = torch.randn(1, 1, B, D, generator=g), torch.randn(1, 1, B, D, generator=g)
+    H, z = torch.randn(1, 1, R, D, generator=g), torch.rand(1, 1, R, generator=g) + 0.5
+    phi = torch.rand(1, 2, C, R, generator=g) + 0.1
+    length, slot_ids = torch.tensor([B // 2]), torch.tensor([0])
+    return q, k_new, v_new, k_cache, v_cache, length, slot_ids, H, z, phi
+
+
+def test_reference_attention_stays_finite_when_every_score_is_very_negative():
+    """The shift m' = max(0, m) keeps e^{-m'} <= 1: with every score near -100 the LESS term
+    dominates and the output is phi^T H / phi^T z, finite (an unclamped shift overflows to inf / inf)."""
+    q, k_new, v_new, k_cache, v_cache, length, slot_ids, H, z, phi = _one_slot(C=1)
+    q = torch.ones_like(q)
+    k_cache, k_new = -torch.ones_like(k_cache) * 25, -torch.ones_like(k_new) * 25  # q.k * 0.25 = -100
+    out, _, _ = chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, length, slot_ids, 0.25, H=H, z=z, phi_q=phi)
+    assert torch.isfinite(out).all()
+    want = torch.einsum("hcr,rd->hcd", phi[0], H[0, 0]) / torch.einsum("hcr,r->hc", phi[0], z[0, 0])[..., None]
+    assert torch.allclose(out[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("given", ["H,z", "phi,H", "phi,z"])
+def test_reference_attention_uses_less_only_with_all_three_inputs(given):
+    """The LESS term needs phi(q), H and z together; with any one missing the result is the sparse
+    attention's (and nothing raises)."""
+    q, k_new, v_new, k_cache, v_cache, length, slot_ids, H, z, phi = _one_slot(C=3)
+    sparse = chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, length, slot_ids, 0.25)
+    kw = {"H": H if "H" in given else None, "z": z if "z" in given else None,
+          "phi_q": phi if "phi" in given else None}
+    got = chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, length, slot_ids, 0.25, **kw)
+    for a, b in zip(got, sparse, strict=True):
+        assert torch.equal(a, b)
+    full = chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, length, slot_ids, 0.25, H=H, z=z, phi_q=phi)
+    assert not torch.allclose(full[0], sparse[0])  # the term matters when all three are there
