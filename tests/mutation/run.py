@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[str, list[str] | None, list[str]]] = {
                "tests/kernels/test_evict_properties.py::test_reference_eviction_invariants", ORACLE_REF,
                "tests/kernels/test_evict.py"]),
     "lowrank": ("kernels/reference/lowrank.py", None,
-                ["tests/workers/test_eviction_reference.py", ORACLE_REF,
+                ["tests/kernels/test_lowrank.py", "tests/workers/test_eviction_reference.py", ORACLE_REF,
                  "tests/kernels/test_evict_properties.py::test_reference_eviction_invariants"]),
     "pack": ("kernels/reference/pack.py", None,
              ["tests/kernels/test_pack.py", "tests/cache_store/test_codec.py"]),

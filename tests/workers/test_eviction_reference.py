@@ -84,3 +84,31 @@ def test_attention_matches_less_formula():
         assert torch.allclose(out[0, h, 0], ref, atol=1e-5)
     assert torch.allclose(mc[0, 0, :3].sum() + mn.sum(), torch.tensor(float(Hq)), atol=1e-5)
     assert float(mc[0, 0, 3:].abs().sum()) == 0.0  # slots past length get no mass
+
+
+def test_spec_defaults_and_immutability():
+    import dataclasses
+
+    import pytest
+
+    spec = EvictionSpec("h2o", budget=4, recent=2)
+    assert spec.sink == 0  # h2o keeps no sinks unless asked: position 0 is evictable
+    pos, *_ = fill(spec, torch.tensor([[0.0, 9.0, 8.0, 0.0, 0.0, 0.0]]))
+    assert pos[0].tolist() == [1, 2, 4, 5]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.budget = 8
+
+
+def test_absorption_needs_psi_h_and_z_together():
+    """Without all three LESS inputs eviction absorbs nothing (and does not fail)."""
+    w = tiny_less(TINY).layers[0]
+    Hkv, D, R = TINY.num_kv_heads, TINY.head_dim, w.rank
+    spec = EvictionSpec("lambda", budget=4, recent=3, sink=1)
+    for kw in ({"psi": w}, {"psi": w, "H_state": torch.zeros(1, Hkv, R, D)},
+               {"psi": w, "z_state": torch.zeros(1, Hkv, R)},
+               {"H_state": torch.zeros(1, Hkv, R, D), "z_state": torch.zeros(1, Hkv, R)}):
+        pos, *_ = fill(spec, torch.zeros(Hkv, 7), D=D, **kw)
+        assert pos[0].tolist() == [0, 4, 5, 6]
+        for state in ("H_state", "z_state"):
+            if state in kw:
+                assert not kw[state].any(), (list(kw), state)
