@@ -19,6 +19,8 @@ gather copy, no mass), the same work a static full-cache server does.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +90,29 @@ def valid_rows(length: torch.Tensor, slot_ids: torch.Tensor, Lb: int) -> tuple[t
     return ln, torch.arange(Lb, device=ln.device)[None, :] < ln[:, None]
 
 
+class Cat(NamedTuple):
+    """[cache | chunk] of the batch's slots: k / v [n, Hkv, Lb + C, D], lengths [n], valid [n, Lb]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    ln: torch.Tensor
+    valid: torch.Tensor
+    Lb: int
+
+
+def attend_slots(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale, H, z, phi_q,
+                 max_len) -> tuple[torch.Tensor, torch.Tensor, Cat]:
+    """Gather each slot's cache rows beside the chunk and attend (the LESS term only with phi(q),
+    H and z all given): (out [n, Hq, C, D], mass [n, Hkv, Lb + C], the gathered Cat)."""
+    kcat, vcat = gather_cat(k_cache, slot_ids, k_new, max_len), gather_cat(v_cache, slot_ids, v_new, max_len)
+    Lb = kcat.shape[2] - q.shape[2]
+    ln, valid = valid_rows(length, slot_ids, Lb)
+    use_less = phi_q is not None and H is not None and z is not None
+    out, mass = attend_cat(q, kcat, vcat, valid, scale, H[slot_ids] if use_less else None,
+                           z[slot_ids] if use_less else None, phi_q if use_less else None)
+    return out, mass, Cat(kcat, vcat, ln, valid, Lb)
+
+
 def chunk_attention_fast(
     q: torch.Tensor,  # [n, Hq, C, D]
     k_new: torch.Tensor,  # [n, Hkv, C, D]
@@ -103,13 +128,9 @@ def chunk_attention_fast(
     max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`chunk_attention_ref`'s contract: out [n, Hq, C, D], mass_cache [n, Hkv, B] fp32, mass_new [n, Hkv, C]."""
-    C, B = q.shape[2], k_cache.shape[2]
-    kcat, vcat = gather_cat(k_cache, slot_ids, k_new, max_len), gather_cat(v_cache, slot_ids, v_new, max_len)
-    Lb = kcat.shape[2] - C
-    _, valid = valid_rows(length, slot_ids, Lb)
-    use_less = phi_q is not None and H is not None and z is not None
-    out, mass = attend_cat(q, kcat, vcat, valid, scale, H[slot_ids] if use_less else None,
-                           z[slot_ids] if use_less else None, phi_q if use_less else None)
+    B = k_cache.shape[2]
+    out, mass, cat = attend_slots(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale, H, z, phi_q, max_len)
+    Lb = cat.Lb
     mass_cache = torch.zeros(q.shape[0], k_cache.shape[1], B, dtype=torch.float32, device=q.device)
     mass_cache[..., :Lb] = mass[..., :Lb]
     return out, mass_cache, mass[..., Lb:].contiguous()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lessserve.kernels.fast_attention import attend_cat, full_attention_views, gather_cat, valid_rows
+from lessserve.kernels.fast_attention import attend_slots, full_attention_views, gather_cat, valid_rows
 from lessserve.kernels.reference.evict import EvictionSpec
 from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
 
@@ -142,16 +142,11 @@ def attend_evict_fast(
         ln = length[slot_ids].long()
         new_len = append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, None)
         return full_attention_views(q, k_cache, v_cache, *host), new_len
-    kcat, vcat = gather_cat(k_cache, slot_ids, k_new, max_len), gather_cat(v_cache, slot_ids, v_new, max_len)
-    Lb = kcat.shape[2] - C
-    ln, valid = valid_rows(length, slot_ids, Lb)
-    use_less = phi_q is not None and H is not None and z is not None
-    out, mass = attend_cat(q, kcat, vcat, valid, scale, H[slot_ids] if use_less else None,
-                           z[slot_ids] if use_less else None, phi_q if use_less else None)
-    if spec.mode == "full" or Lb + C <= B:  # room for the chunk in every slot
-        return out, append(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, k_new, v_new, pos_new, mass)
-    return out, evict_cat(k_cache, v_cache, pos_cache, score_cache, slot_ids, ln, kcat, vcat, pos_new, mass, spec,
-                          H, z, psi)
+    out, mass, cat = attend_slots(q, k_new, v_new, k_cache, v_cache, length, slot_ids, scale, H, z, phi_q, max_len)
+    if spec.mode == "full" or cat.Lb + C <= B:  # room for the chunk in every slot
+        return out, append(k_cache, v_cache, pos_cache, score_cache, slot_ids, cat.ln, k_new, v_new, pos_new, mass)
+    return out, evict_cat(k_cache, v_cache, pos_cache, score_cache, slot_ids, cat.ln, cat.k, cat.v, pos_new, mass,
+                          spec, H, z, psi)
 
 
 def evict_absorb_fast(
