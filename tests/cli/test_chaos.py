@@ -4,8 +4,8 @@ empty, Redis crashed and back from its AOF, a worker process SIGKILLed mid-turn,
 SIGTERMed and replaced. Every response is 200 or a documented 503 (with Retry-After); every
 conversation completes; every session's recorded turns equal its conversation's.
 
-`-m long` runs the short schedule (one fault per round) and one twice as long with more
-conversations."""
+The default run has the short schedule (one fault per round); `-m long` runs it twice as long
+with more conversations."""
 
 from __future__ import annotations
 
@@ -140,8 +140,6 @@ def check(res: dict) -> None:
           f"{len(res['clients'])} of {len(res['clients'])} |")
 
 
-@pytest.mark.long  # each fault has its own test in the default run (tests/cluster/test_faults.py,
-# tests/cli/test_serve_signals.py); the schedule of all of them takes ~2 min of CI's 30
 def test_chaos_short(tmp_path):
     check(run_chaos(tmp_path, conversations=3, cycles=1))
 
