@@ -16,7 +16,7 @@ import uuid
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
@@ -250,25 +250,34 @@ class Router:
                 await asyncio.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
+    async def _parse(self, request: Request, model: type[BaseModel]) -> BaseModel:
+        """The request body as `model`; strict: a wrong JSON type is a 400 naming the field, never
+        coerced ("0.5" is not a temperature)."""
+        raw = await self._body(request)
+        try:
+            return model.model_validate_json(raw, strict=True)
+        except ValidationError as e:
+            msg, param = _validation_message(e)
+            raise ApiError(400, msg, param=param) from None
+
+    def _check_request(self, model: str, max_tokens: int, param: str) -> None:
+        """The served model, and the token limit (`param`: the field that set it)."""
+        if model not in (self.cfg.model_name, self.cfg.engine.model):
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
+                           "not_found_error", "model_not_found", "model")
+        if max_tokens > self.cfg.max_tokens_limit:
+            raise ApiError(400, f"{param} {max_tokens} is over this server's limit {self.cfg.max_tokens_limit}",
+                           param=param)
+
     # --- endpoints --------------------------------------------------------------------------
     @app.post("/v1/chat/completions", responses=ERRORS, openapi_extra=CHAT_EXTRA,
               summary="Chat completion (OpenAI-compatible); X-Session-Id keeps the conversation's cache")
     async def chat_completions(self, request: Request):
         t0 = time.perf_counter()
         owner = self._owner(request)
-        raw = await self._body(request)
-        try:  # strict: a wrong JSON type is a 400, never coerced ("0.5" is not a temperature)
-            req = ChatCompletionRequest.model_validate_json(raw, strict=True)
-        except ValidationError as e:
-            msg, param = _validation_message(e)
-            raise ApiError(400, msg, param=param) from None
-        if req.model not in (self.cfg.model_name, self.cfg.engine.model):
-            raise ApiError(404, f"model {req.model!r} does not exist; this server serves {self.cfg.model_name!r}",
-                           "not_found_error", "model_not_found", "model")
+        req = await self._parse(request, ChatCompletionRequest)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.cfg.default_max_tokens
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit {self.cfg.max_tokens_limit}",
-                           param="max_tokens")
+        self._check_request(req.model, max_tokens, "max_tokens")
         sid = request.headers.get("x-session-id") or req.session_id
         if sid:
             await self._check_session(sid, owner)
@@ -319,27 +328,15 @@ class Router:
         self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
 
     # --- the Responses API ------------------------------------------------------------------
-    def _check_request(self, model: str, max_tokens: int) -> None:
-        if model not in (self.cfg.model_name, self.cfg.engine.model):
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
-                           "not_found_error", "model_not_found", "model")
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise ApiError(400, f"max tokens {max_tokens} is over this server's limit {self.cfg.max_tokens_limit}",
-                           param="max_output_tokens")
 
     @app.post("/v1/responses", responses=ERRORS, openapi_extra=RESPONSES_EXTRA,
               summary="Create a response (OpenAI Responses API); previous_response_id continues or forks")
     async def responses_create(self, request: Request):
         t0 = time.perf_counter()
         owner = self._owner(request)
-        raw = await self._body(request)
-        try:
-            req = ResponsesRequest.model_validate_json(raw, strict=True)
-        except ValidationError as e:
-            msg, param = _validation_message(e)
-            raise ApiError(400, msg, param=param) from None
+        req = await self._parse(request, ResponsesRequest)
         max_tokens = req.max_output_tokens or self.cfg.default_max_tokens
-        self._check_request(req.model, max_tokens)
+        self._check_request(req.model, max_tokens, "max_output_tokens")
         history, parent = [], None
         if req.previous_response_id:
             prev = await self.responses.get(req.previous_response_id, owner)
