@@ -28,6 +28,7 @@ import torch
 
 from lessserve.bench.result import BenchResult
 from lessserve.bench.serve_load import _percentile
+from lessserve.cluster.metrics import TokenTimer
 from lessserve.lab.output import progress
 
 COLUMNS = ["config", "policy", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
@@ -93,25 +94,21 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
                 return
             msgs.append({"role": "user", "content": q})
             sid = f"{tag}-{i}" if use_sessions else f"{tag}-{i}-turn{k}"
-            t0, first, last, tokens = time.perf_counter(), None, None, []
+            timer, tokens = TokenTimer(time.perf_counter()), []
             async with gate:
                 try:
                     session, new_ids = await sched.run_exclusive(lambda s=sid, r=reply_tokens: ss.open_turn(s, msgs, r))
                     hist.append(len(session.transcript.ids))
                     params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=())
                     async for _ in sched.generate(session.slot, new_ids, params, tokens):
-                        now = time.perf_counter()
-                        if first is None:
-                            first = now - t0
-                        else:
-                            itls.append(now - last)
-                        last = now
+                        timer.tick()
                 finally:
+                    itls.extend(timer.itls)  # also a turn the time limit cut
                     await sched.run_exclusive(lambda s=sid, t=tokens: ss.close_turn(s, msgs, t))
                     if not use_sessions:
                         await sched.run_exclusive(lambda s=sid: ss.delete(s))
             msgs.append({"role": "assistant", "content": tok.decode(tokens, skip_special_tokens=True)})
-            ttfts.append(first)
+            ttfts.append(timer.ttft)
             done += 1
 
     t0 = time.perf_counter()

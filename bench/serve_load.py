@@ -16,6 +16,7 @@ import time
 
 import httpx
 
+from lessserve.cluster.metrics import TokenTimer
 from lessserve.errors import LessServeError
 
 
@@ -56,7 +57,7 @@ async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[
     hdr = dict(headers)
     if session:
         hdr["X-Session-Id"] = session
-    t0, ttft, last, itl, text = time.perf_counter(), None, None, [], []
+    timer, text = TokenTimer(time.perf_counter()), []
     async with client.stream("POST", url, json=body, headers=hdr) as r:
         if r.status_code != 200:
             await r.aread()
@@ -67,14 +68,9 @@ async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[
             ch = json.loads(line[6:])
             piece = ch["choices"][0]["delta"].get("content") if ch.get("choices") else None
             if piece:
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft = now - t0
-                else:
-                    itl.append(now - last)
-                last = now
+                timer.tick()
                 text.append(piece)
-    return "".join(text), ttft, itl
+    return "".join(text), timer.ttft, timer.itls
 
 
 async def run_load(base_url: str, model: str, users: int, turns: int, rate: float, max_tokens: int,

@@ -27,6 +27,7 @@ from lessserve.cluster.config import ServeConfig, load_config
 from lessserve.cluster.directory import DirectoryUnavailableError, make_directory
 from lessserve.cluster.health import Health
 from lessserve.cluster.http_errors import RETRY_AFTER_S, ApiError, HttpError, http_error
+from lessserve.cluster.metrics import TokenTimer
 from lessserve.cluster.openai_types import (
     SESSION_ID_PATTERN,
     ChatCompletionRequest,
@@ -56,21 +57,6 @@ app = FastAPI(title="lessserve", version="0.1.0",
 install(app)
 _SID = re.compile(SESSION_ID_PATTERN)
 log = logging.getLogger("ray.serve")
-
-
-class TokenTimer:
-    """TTFT and inter-token gaps of one streamed turn, reported to the cluster's histograms."""
-
-    def __init__(self, t0: float):
-        self.t0, self.ttft, self.last, self.itls = t0, None, None, []
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        if self.ttft is None:
-            self.ttft = now - self.t0
-        else:
-            self.itls.append(now - self.last)
-        self.last = now
 
 
 def _err(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,

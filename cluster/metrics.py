@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,3 +40,18 @@ def render_metric(name: str, kind: str, help_: str, samples: list[tuple[dict, fl
         lab = ",".join(f'{k}="{val}"' for k, val in sorted(labels.items()))
         out.append(f"{name}{{{lab}}} {v}" if lab else f"{name} {v}")
     return out
+
+
+class TokenTimer:
+    """TTFT and inter-token gaps of one streamed turn (the cluster's histograms, the benches)."""
+
+    def __init__(self, t0: float):
+        self.t0, self.ttft, self.last, self.itls = t0, None, None, []
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.ttft is None:
+            self.ttft = now - self.t0
+        else:
+            self.itls.append(now - self.last)
+        self.last = now
