@@ -35,3 +35,15 @@ def less_weights(Hq: int, Hkv: int, D: int, R: int, device, hidden: int = 16) ->
         w1q=r(Hq, D, hidden, fan=D), w2q=r(Hq, hidden, R, fan=hidden),
         w1k=r(Hkv, D, hidden, fan=D), w2k=r(Hkv, hidden, R, fan=hidden), wint=r(Hkv, R, R, fan=R),
         s1=torch.ones(Hkv, R, device=device), s2=torch.ones(Hkv, R, device=device))
+
+
+# Evict cases shared by the Triton and fast-path tests: (Hkv, C, D, B, R, dtype, lens, mode, recent, sink)
+EVICT = [
+    (2, 1, 64, 17, 8, torch.float32, [17], "h2o", 8, 0),
+    (3, 1, 128, 97, 4, torch.float16, [97, 1, 96, 97, 50], "h2o", 40, 0),
+    (1, 16, 64, 97, 8, torch.bfloat16, [97, 17, 90, 0, 85], "lambda", 93, 4),
+    (4, 37, 128, 613, 0, torch.float32, [613], "h2o", 300, 0),
+    (2, 7, 64, 64, 0, torch.float16, [1, 17, 50, 57, 30], "full", 64, 0),
+    (8, 16, 64, 32, 8, torch.float32, [32], "lambda", 28, 4),
+    (1, 97, 128, 17, 8, torch.float32, [17, 3], "h2o", 8, 0),
+]

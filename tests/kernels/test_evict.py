@@ -7,21 +7,11 @@ import torch
 
 from lessserve.kernels.reference.evict import EvictionSpec, evict_absorb_ref
 
-from .cases import less_state, less_weights, slab_layer, slots
+from .cases import EVICT, less_state, less_weights, slab_layer, slots
 from .conftest import STATE_TOL, close
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-# (Hkv, C, D, B, R, dtype, lens, mode, recent, sink)
-EVICT = [
-    (2, 1, 64, 17, 8, F32, [17], "h2o", 8, 0),
-    (3, 1, 128, 97, 4, F16, [97, 1, 96, 97, 50], "h2o", 40, 0),
-    (1, 16, 64, 97, 8, BF16, [97, 17, 90, 0, 85], "lambda", 93, 4),
-    (4, 37, 128, 613, 0, F32, [613], "h2o", 300, 0),
-    (2, 7, 64, 64, 0, F16, [1, 17, 50, 57, 30], "full", 64, 0),
-    (8, 16, 64, 32, 8, F32, [32], "lambda", 28, 4),
-    (1, 97, 128, 17, 8, F32, [17, 3], "h2o", 8, 0),
-]
 
 
 def _inputs(Hkv, C, D, B, R, dtype, lens, device):

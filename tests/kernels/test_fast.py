@@ -15,6 +15,7 @@ from lessserve.kernels.reference.attention import chunk_attention_ref, decode_at
 from lessserve.kernels.reference.evict import EvictionSpec, evict_absorb_ref
 from lessserve.kernels.reference.lowrank import phi_ref
 
+from .cases import EVICT as EVICT_CASES
 from .cases import less_state, less_weights, slab_layer, slots
 from .conftest import MASS_TOL, OUT_TOL, STATE_TOL, close
 
@@ -83,18 +84,9 @@ def test_decode_attention_fast_matches_reference(Hq, Hkv, C, D, B, R, dtype, len
         close(g, w, tol, what)
 
 
-# (Hkv, C, D, B, R, dtype, lens, mode, recent, sink)
-EVICT = [
-    (2, 1, 64, 17, 8, F32, [17], "h2o", 8, 0),
-    (3, 1, 128, 97, 4, F16, [97, 1, 96, 97, 50], "h2o", 40, 0),
-    (1, 16, 64, 97, 8, BF16, [97, 17, 90, 0, 85], "lambda", 93, 4),
-    (4, 37, 128, 613, 0, F32, [613], "h2o", 300, 0),
-    (2, 7, 64, 64, 0, F16, [1, 17, 50, 57, 30], "full", 64, 0),
-    (8, 16, 64, 32, 8, F32, [32], "lambda", 28, 4),
-    (1, 97, 128, 17, 8, F32, [17, 3], "h2o", 8, 0),
-    (3, 256, 64, 128, 8, F32, [0, 128, 77], "h2o", 64, 0),
-    (3, 256, 64, 128, 8, F32, [0, 128, 77], "lambda", 124, 4),
-]
+EVICT = [*EVICT_CASES,  # and prefill chunks of 256 (the fast path's serving size)
+         (3, 256, 64, 128, 8, F32, [0, 128, 77], "h2o", 64, 0),
+         (3, 256, 64, 128, 8, F32, [0, 128, 77], "lambda", 124, 4)]
 
 
 def _evict_state(Hkv, C, D, B, R, dtype, lens, device):
