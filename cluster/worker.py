@@ -34,6 +34,7 @@ from lessserve.workers.chat_session import Detokenizer, StopStrings
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 from lessserve.workers.session_store import SessionStore
+from lessserve.workers.threads import reserve_compute_threads
 
 log = logging.getLogger("ray.serve")
 
@@ -81,9 +82,10 @@ def _replica_id() -> str:
 class LessWorker:
     def __init__(self, config: dict):
         self.cfg = ServeConfig.model_validate(config)
+        threads = reserve_compute_threads()  # before the model loads: only the scheduler thread has a team
         self.engine = Engine(self.cfg.engine)
         self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier())
-        self.scheduler = BatchScheduler(self.engine)
+        self.scheduler = BatchScheduler(self.engine, threads=threads)
         self.worker_id = _replica_id()
         self.node_id = _node_id()
         self.directory = WriteBehind(make_directory(self.cfg.store.redis_url))

@@ -49,8 +49,12 @@ class _Request:
 
 
 class BatchScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 32, on_step: Callable[[str, int, float], None] | None = None):
+    def __init__(self, engine: Engine, max_batch: int = 32, on_step: Callable[[str, int, float], None] | None = None,
+                 threads: int | None = None):
+        """`threads`: torch CPU threads of the scheduler thread, the process's one compute thread
+        (workers/threads.py); None keeps torch's default for a new thread."""
         self.engine = engine
+        self.threads = threads
         self.max_batch = max_batch
         self.on_step = on_step  # metrics hook: (kind, tokens, seconds)
         self._incoming: deque[_Request] = deque()
@@ -136,6 +140,8 @@ class BatchScheduler:
 
     # --- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._stop and not (self._incoming or self._prefilling or self._decoding or self._calls):
