@@ -112,3 +112,19 @@ def test_absorption_needs_psi_h_and_z_together():
         for state in ("H_state", "z_state"):
             if state in kw:
                 assert not kw[state].any(), (list(kw), state)
+
+
+def test_append_clears_stale_rows_past_the_new_length():
+    """The append path (room for the chunk) leaves every row past the new length empty, also rows a
+    caller left stale (capacity 8, head dim 4: the tail is measured along the cache, not along D)."""
+    spec = EvictionSpec("h2o", budget=8, recent=4)
+    k, v, pos, score, length = slab(B=8, D=4)
+    length[0] = 2
+    pos[0, 0] = torch.tensor([0, 1, 7, 7, 7, 7, 7, 7], dtype=torch.int32)  # rows 2.. are stale
+    score[0, 0] = torch.tensor([1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0])
+    new_len = evict_absorb_ref(k, v, pos, score, length, torch.tensor([0]), torch.randn(1, 1, 3, 4),
+                               torch.randn(1, 1, 3, 4), torch.tensor([[2, 3, 4]]), torch.zeros(1, 1, 8),
+                               torch.full((1, 1, 3), 0.5), spec)
+    assert int(new_len[0]) == 5
+    assert pos[0, 0].tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
+    assert score[0, 0].tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0]
