@@ -11,15 +11,12 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from lessserve.workers.threads import single_threaded
-
 T = TypeVar("T")
 
 
 class IoLoop:
     def __init__(self, name: str = "lessserve-io"):
         self.loop = asyncio.new_event_loop()
-        self.loop.call_soon(single_threaded)  # its codec work must not start a second torch team
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 

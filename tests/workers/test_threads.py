@@ -1,4 +1,4 @@
-"""One compute thread: the scheduler thread runs torch at the reserved thread count, the others at one."""
+"""One compute thread: the engine is built at one torch thread, the scheduler thread sets the reserved count."""
 
 import asyncio
 import threading
@@ -7,12 +7,11 @@ import torch
 
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
-from lessserve.workers.io_loop import IoLoop
 from lessserve.workers.scheduler import BatchScheduler
 from lessserve.workers.threads import reserve_compute_threads
 
 
-def test_reserve_hands_the_threads_to_the_scheduler_thread_only(tiny_ckpt):
+def test_reserve_drops_the_builder_to_one_and_the_scheduler_thread_sets_the_count(tiny_ckpt):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
@@ -26,20 +25,8 @@ def test_reserve_hands_the_threads_to_the_scheduler_thread_only(tiny_ckpt):
         finally:
             sched.close()
         assert inside == ("lessserve-scheduler", 3)
-        assert torch.get_num_threads() == 1  # setting the scheduler's count left the caller's alone
     finally:
         torch.set_num_threads(before)
-
-
-def test_the_io_loop_runs_torch_single_threaded():
-    io = IoLoop()
-    try:
-        async def threads():
-            return torch.get_num_threads()
-
-        assert io.run(threads()) == 1
-    finally:
-        io.stop()
 
 
 def test_glibc_thresholds_are_fixed_where_glibc_runs():
