@@ -12,11 +12,27 @@ Layer-major so one layer of every slot is a plain view for batched kernels:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lessserve.workers.errors import SlotsExhaustedError, SlotStateError
 
 STATE_FIELDS = ("k", "v", "pos", "score", "H", "z")
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # numpy has no bfloat16: move the bits
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (16-bit floats as their int16 bits). Copies through it run on
+    the calling thread alone: the I/O loop's offloads and restores never start a torch thread team
+    beside the scheduler's (workers/threads.py)."""
+    return t.view(_BITS.get(t.dtype, t.dtype)).numpy()
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host copy of `t` (a strided slot view)."""
+    if t.device.type != "cpu":
+        return t.to("cpu", copy=True)
+    return torch.from_numpy(np.array(host_array(t))).view(t.dtype)
 
 
 class SlotSlab:
@@ -61,9 +77,14 @@ class SlotSlab:
         return len(self._free)
 
     def reset(self, slot: int) -> None:
-        for f in ("k", "v", "score", "H", "z"):
-            getattr(self, f)[:, slot].zero_()
-        self.pos[:, slot].fill_(-1)
+        if self.pos.device.type == "cpu":
+            for f in ("k", "v", "score", "H", "z"):
+                host_array(getattr(self, f)[:, slot])[...] = 0
+            host_array(self.pos[:, slot])[...] = -1
+        else:
+            for f in ("k", "v", "score", "H", "z"):
+                getattr(self, f)[:, slot].zero_()
+            self.pos[:, slot].fill_(-1)
         self.length[slot] = 0
         self.seen[slot] = 0
 
@@ -84,7 +105,7 @@ class SlotSlab:
     def export(self, slot: int) -> dict[str, torch.Tensor]:
         """A host copy of one slot's state: {field: [L, Hkv, ...]} plus length and seen."""
         self.check(slot)
-        out = {f: getattr(self, f)[:, slot].to("cpu", copy=True) for f in STATE_FIELDS}
+        out = {f: host_copy(getattr(self, f)[:, slot]) for f in STATE_FIELDS}
         out["length"] = self.length[slot : slot + 1].to("cpu", copy=True)
         out["seen"] = torch.tensor([self.seen[slot]], dtype=torch.int64)
         return out
@@ -108,6 +129,9 @@ class SlotSlab:
             if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
                 raise SlotStateError(f"state field {f}: got {tuple(src.shape)} {src.dtype}, "
                                      f"slot holds {tuple(dst.shape)} {dst.dtype}")
-            dst.copy_(src, non_blocking=True)
+            if dst.device.type == "cpu":
+                host_array(dst)[...] = host_array(src)
+            else:
+                dst.copy_(src, non_blocking=True)
         self.length[slot] = int(state["length"][0])
         self.seen[slot] = int(state["seen"][0])
