@@ -4,7 +4,9 @@ with transformers' SDPA attention and the same torch threads."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
 
 import torch
 
@@ -68,8 +70,38 @@ def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[in
             "dtype": str(next(hf.parameters()).dtype).removeprefix("torch.")}
 
 
+@contextlib.contextmanager
+def compiled_step(mode: str | None = None):
+    """The engine's per-layer compressed step (attention + evict-and-absorb, the fast torch path)
+    through torch.compile (inductor) for as long as the block runs; the model's matmuls stay eager."""
+    from lessserve.kernels import ops
+
+    eager = ops.attend_evict_fast
+    ops.attend_evict_fast = torch.compile(eager, mode=mode, dynamic=False)
+    try:
+        yield
+    finally:
+        ops.attend_evict_fast = eager
+
+
+def bench_compiled(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
+                   prompt: list[int], prefilled: dict) -> dict:
+    """`bench_engine` with the step compiled; the first (compiling) step is timed apart."""
+    with compiled_step():
+        engine = factory.make(policy, budget, max_slots=batch)
+        slots = [engine.alloc() for _ in range(batch)]
+        for s in slots:
+            engine.slab.load(s, prefilled["state"])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            engine.decode(slots, [1] * batch)
+            compile_s = time.perf_counter() - t0
+            row = bench_engine(factory, policy, budget, batch, context, steps, prompt, prefilled)
+    return {**row, "system": f"lessserve {policy} + torch.compile", "compile_s": compile_s}
+
+
 def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list[int], context: int,
-                 steps: int) -> list[dict]:
+                 steps: int, compile: bool = False) -> list[dict]:
     tok = factory.tokenizer
     text = " ".join(["The history of the river valley is long and full of small stories."] * (context // 4))
     prompt = token_windows(tok, text, context, 1)[0]
@@ -85,15 +117,22 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
         ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
         rows += [ours, ref]
+        if compile:
+            progress(f"batch {b}: lessserve {policy} + torch.compile (compiling) ...")
+            comp = bench_compiled(factory, policy, budget, b, context, steps, prompt, ours_state)
+            comp["speedup_vs_transformers"] = comp["tokens_per_s"] / ref["tokens_per_s"]
+            comp["speedup_vs_eager"] = comp["tokens_per_s"] / ours["tokens_per_s"]
+            rows.append(comp)
     return rows
 
 
-def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: int, threads: int = 0) -> BenchResult:
+def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: int, threads: int = 0,
+               compile: bool = False) -> BenchResult:
     """`lessserve bench decode`: the engine's policy against transformers' full cache, per batch."""
     if threads:
         torch.set_num_threads(threads)
     factory = EngineFactory(engine.model_copy(update={"max_context": context + steps + 8, "prefill_chunk": 256}))
-    rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps)
+    rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps, compile)
     dev = factory.device
     note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""
     meta = {"device": f"{dev}{note}", "torch threads": torch.get_num_threads(),

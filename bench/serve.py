@@ -3,7 +3,10 @@ side in one run, same model, threads and dtype, every loop bounded in count and 
 
 - `sessions`: the product: compressed session slots (the policy, e.g. h2o+less at budget 128),
   fewer device slots than live sessions (the host tier holds the rest: offload and restore run),
-  prefill in large chunks through the fast path, only each turn's new tokens prefilled;
+  prefill in large chunks through the fast path, only each turn's new tokens prefilled. Its device
+  slots (`session_slots`) are as many as fit the KV memory of the baselines' slots and more:
+  a compressed slot is ~30x smaller than a full one, which is the point of the design; its KV
+  bytes (device + host) are in the JSON beside theirs and never exceed them;
 - `recompute`: no session cache: every turn prefills its whole history in one full-attention SDPA
   forward (full policy, prefill_chunk = max_context: no chunk interleaving), then decodes;
 - `full_sessions`: full-KV session caches (vLLM / SGLang prefix caching): the full policy with
@@ -24,17 +27,18 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import torch
-
 from lessserve.bench.result import BenchResult
 from lessserve.bench.serve_load import _percentile
 from lessserve.cluster.metrics import TokenTimer
+from lessserve.errors import ConfigError
 from lessserve.lab.output import progress
 
 COLUMNS = ["config", "policy", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
            "sessions_held", "device_slots", "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores",
-           "recomputes", "mean_history_tokens", "abandoned_turns"]
+           "recomputes", "mean_history_tokens", "abandoned_turns", "prefill_tokens", "prefill_tokens_per_s",
+           "decode_batch_mean", "decode_step_ms"]
 
+CONFIGS = ("sessions", "recompute", "full_sessions")
 WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
          "morning engine silver island paper orchard lantern").split()
 
@@ -79,6 +83,7 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
     from lessserve.workers.scheduler import SamplingParams
 
     tok = ss.engine.tokenizer
+    special = tuple(tok.all_special_ids)
     scripts, starts = load.scripts()
     gate = asyncio.Semaphore(slots)
     ttfts, itls, hist = [], [], []
@@ -99,7 +104,10 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
                 try:
                     session, new_ids = await sched.run_exclusive(lambda s=sid, r=reply_tokens: ss.open_turn(s, msgs, r))
                     hist.append(len(session.transcript.ids))
-                    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=())
+                    # exactly reply_tokens of text in every configuration (the special ids are masked, as
+                    # vLLM's min_tokens does), so the history the client sends back is what the cache holds
+                    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=special,
+                                            min_tokens=reply_tokens)
                     async for _ in sched.generate(session.slot, new_ids, params, tokens):
                         timer.tick()
                 finally:
@@ -126,16 +134,18 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
 
 
 def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: bool, time_limit_s: float,
-               checkpoint, tokenizer, model) -> tuple[dict, object]:
+               checkpoint, tokenizer, model, threads: int) -> tuple[dict, object]:
     from lessserve.workers.engine import Engine
     from lessserve.workers.scheduler import BatchScheduler
     from lessserve.workers.session_store import SessionStore
 
     engine = Engine(engine_cfg, checkpoint=checkpoint, tokenizer=tokenizer, model=model)
     ss = SessionStore(engine, store_cfg)
-    sched = BatchScheduler(engine)
+    steps = StepStats()
+    sched = BatchScheduler(engine, threads=threads)
     try:
         asyncio.run(warm_up(ss, sched))
+        sched.on_step = steps.add  # the timed part only
         res = asyncio.run(drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name))
         st = ss.stats()
         held = sum(1 for sid in list(ss.sessions) if sid.startswith(name) and _cached(ss, sid))
@@ -145,8 +155,34 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     row = {"config": name, "policy": engine.policy.name, **res, "sessions_held": held,
            "device_slots": engine_cfg.max_slots, "kv_bytes_per_session": engine.slab.slot_bytes(),
            "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
-           "recomputes": st["total"]["recomputes"]}
+           "recomputes": st["total"]["recomputes"], **steps.row()}
     return row, engine
+
+
+@dataclass
+class StepStats:
+    """Where the scheduler thread's time went (its on_step hook): prefill and decode steps."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def add(self, kind: str, tokens: int, seconds: float) -> None:
+        if kind == "prefill":
+            self.prefill_tokens += tokens
+            self.prefill_s += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_tokens += tokens
+            self.decode_s += seconds
+
+    def row(self) -> dict:
+        return {"prefill_tokens": self.prefill_tokens, "prefill_s": self.prefill_s,
+                "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+                "decode_s": self.decode_s, "decode_batch_mean": self.decode_tokens / max(1, self.decode_steps),
+                "decode_step_ms": 1e3 * self.decode_s / max(1, self.decode_steps)}
 
 
 async def warm_up(ss, sched) -> None:
@@ -177,39 +213,53 @@ def _cached(ss, sid: str) -> bool:
 
 
 def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
-              max_context: int, threads: int = 0, model: str | None = None) -> BenchResult:
+              max_context: int, threads: int = 0, model: str | None = None,
+              session_slots: int | None = None, configs: tuple[str, ...] = CONFIGS) -> BenchResult:
+    """`slots`: device slots (concurrent turns) of the full-policy configurations; `session_slots`
+    (default `slots`): the sessions configuration's, which must fit in no more KV memory than theirs.
+    `configs`: which of CONFIGS run (sessions always: the ratios are its)."""
+    if "sessions" not in configs or not set(configs) <= set(CONFIGS):
+        raise ConfigError(f"--configs must name sessions and only {', '.join(CONFIGS)}; got {', '.join(configs)}")
     from lessserve.cache_store.config import StoreConfig
     from lessserve.workers.config import EngineConfig
     from lessserve.workers.engine import Engine
     from lessserve.workers.model_loader import load_checkpoint
+    from lessserve.workers.threads import reserve_compute_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    threads = reserve_compute_threads(threads)  # every step runs on the scheduler thread
     base = EngineConfig(**({"model": model} if model else {}))
     ckpt = load_checkpoint(base.model)
     first = Engine(base.model_copy(update={"max_slots": 1, "policy": "full", "max_context": 64}), checkpoint=ckpt)
     shared = dict(checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)  # one model for every config
     rows = []
     # sessions: every session fits in device + host memory; nothing idles out during the run
-    sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": slots,
+    session_slots = session_slots or slots
+    sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": session_slots,
                                        "prefill_chunk": chunk})
     probe = Engine(sess_cfg.model_copy(update={"max_slots": 1}), **shared)
     slot_c = probe.slab.slot_bytes()
     del probe
     host_c = load.users * slot_c
-    configs = [
+    full_cfg = base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
+                                       "prefill_chunk": min(max_context, 8192)})
+    probe = Engine(full_cfg.model_copy(update={"max_slots": 1}), **shared)
+    full_c = probe.slab.slot_bytes()
+    del probe
+    if session_slots * slot_c + host_c > slots * full_c:
+        raise ConfigError(f"the sessions configuration's KV memory ({session_slots} slots + host "
+                          f"{host_c} bytes) would exceed the baselines' ({slots} full slots of {max_context} "
+                          "tokens): give it fewer --session-slots, or the baselines more --slots / --max-context")
+    plans = [
         ("sessions", sess_cfg, StoreConfig(host_bytes=host_c, device_idle_s=None, host_idle_s=None), True),
-        ("recompute", base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
-                                              "prefill_chunk": min(max_context, 8192)}),
-         StoreConfig(host_bytes=0, device_idle_s=None, host_idle_s=None), False),
-        ("full_sessions", base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
-                                                  "prefill_chunk": min(max_context, 8192)}),
-         StoreConfig(host_bytes=host_c + slots * slot_c, device_idle_s=None, host_idle_s=None), True),
+        ("recompute", full_cfg, StoreConfig(host_bytes=0, device_idle_s=None, host_idle_s=None), False),
+        # full KV with LRU: its device slots, plus a host tier of the sessions configuration's whole KV bytes
+        ("full_sessions", full_cfg, StoreConfig(host_bytes=host_c + session_slots * slot_c, device_idle_s=None,
+                                                host_idle_s=None), True),
     ]
-    for name, ecfg, scfg, use_sessions in configs:
+    for name, ecfg, scfg, use_sessions in (p for p in plans if p[0] in configs):
         progress(f"== {name}: {ecfg.policy}, {ecfg.max_slots} device slots, chunk {ecfg.prefill_chunk} ...")
-        row, engine = run_config(name, ecfg, scfg, load, use_sessions, time_limit_s, **shared)
-        kv = slots * row["kv_bytes_per_session"] + (scfg.host_bytes if use_sessions else 0)
+        row, engine = run_config(name, ecfg, scfg, load, use_sessions, time_limit_s, threads=threads, **shared)
+        kv = ecfg.max_slots * row["kv_bytes_per_session"] + (scfg.host_bytes if use_sessions else 0)
         row["kv_bytes"] = kv
         held = row["sessions_held"]
         row["sessions_per_GB"] = held / (kv / 1e9) if held else 0.0
@@ -220,7 +270,7 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     by = {r["config"]: r for r in rows}
     s = by["sessions"]
     notes = []
-    for other in ("recompute", "full_sessions"):
+    for other in (c for c in ("recompute", "full_sessions") if c in by):
         o = by[other]
         tr = s["turns_per_s"] / o["turns_per_s"] if o["turns_per_s"] else float("nan")
         p99 = o["ttft_p99_s"] / s["ttft_p99_s"] if s["ttft_p99_s"] else float("nan")
@@ -228,7 +278,8 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
         s[f"ttft_p99_ratio_vs_{other}"] = p99
         notes.append(f"sessions vs {other}: turns/s {tr:.2f}x, p99 TTFT {p99:.2f}x lower")
     meta = {"device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."), "model": first.model_id,
-            "torch threads": torch.get_num_threads(), "users": load.users, "turns": load.turns, "rate": load.rate,
+            "torch threads": threads, "users": load.users, "turns": load.turns, "rate": load.rate,
+            "device slots (sessions / full policy)": f"{session_slots} / {slots}",
             "replies": f"{load.short_tokens}/{load.long_tokens} tokens ({load.long_share:.0%} long)",
             "time limit per config s": time_limit_s}
     return BenchResult("serve", rows, meta, columns=COLUMNS, notes=notes, figure=draw)

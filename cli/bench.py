@@ -29,6 +29,8 @@ def _register_decode(bsub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: tokens/s by batch")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the per-layer compressed step through torch.compile (one more row per batch)")
     add_engine_flags(p)
     p.set_defaults(func=cmd_decode)
 
@@ -40,7 +42,7 @@ def cmd_decode(args) -> int:
     in_range("--threads", args.threads, 0, 1024)
     from lessserve.bench.decode import run_decode
 
-    return _emit(run_decode(engine_config(args), batches, args.context, args.steps, args.threads), args)
+    return _emit(run_decode(engine_config(args), batches, args.context, args.steps, args.threads, args.compile), args)
 
 
 def _register_offload(bsub) -> None:
@@ -70,20 +72,26 @@ def cmd_offload(args) -> int:
 
 def _register_serve(bsub) -> None:
     p = bsub.add_parser("serve", help="multi-turn chat load: sessions vs recompute-per-turn vs full-KV sessions")
-    p.add_argument("--users", type=int, default=8,
-                   help="conversations (more than --slots: the host tier holds the rest)")
-    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--users", type=int, default=6,
+                   help="conversations (more than --session-slots: the host tier holds the rest)")
+    p.add_argument("--turns", type=int, default=10)
     p.add_argument("--rate", type=float, default=1.0, help="user arrivals per second (Poisson)")
-    p.add_argument("--slots", type=int, default=4, help="device slots of every configuration")
-    p.add_argument("--first-words", type=int, default=1500, help="words of each conversation's first message")
-    p.add_argument("--words", type=float, default=60, help="median words of later messages (log-normal)")
+    p.add_argument("--slots", type=int, default=2,
+                   help="device slots (concurrent turns) of the full-policy configurations, each --max-context long")
+    p.add_argument("--session-slots", type=int, default=4,
+                   help="device slots of the sessions configuration (its KV memory, device + host, must not "
+                   "exceed the full-policy slots')")
+    p.add_argument("--first-words", type=int, default=1000, help="words of each conversation's first message")
+    p.add_argument("--words", type=float, default=250, help="median words of later messages (log-normal)")
     p.add_argument("--short-tokens", type=int, default=16, help="tokens of a short reply")
     p.add_argument("--long-tokens", type=int, default=64, help="tokens of a long reply (30%% of turns)")
     p.add_argument("--policy", default="h2o+less", help="policy of the sessions configuration")
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk of the sessions configuration")
-    p.add_argument("--max-context", type=int, default=4096, help="full policy's slot length (recompute, full_sessions)")
-    p.add_argument("--time-limit", type=float, default=150, help="seconds per configuration, at most")
+    p.add_argument("--max-context", type=int, default=8192, help="full policy's slot length (recompute, full_sessions)")
+    p.add_argument("--time-limit", type=float, default=200, help="seconds per configuration, at most")
+    p.add_argument("--configs", default="sessions,recompute,full_sessions",
+                   help="configurations to run (sessions always; e.g. sessions,recompute for a long run)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +102,8 @@ def _register_serve(bsub) -> None:
 
 def cmd_serve(args) -> int:
     for flag, v, lo, hi in (("--users", args.users, 1, 256), ("--turns", args.turns, 1, 64),
-                            ("--slots", args.slots, 1, 256), ("--first-words", args.first_words, 1, 20000),
+                            ("--slots", args.slots, 1, 256), ("--session-slots", args.session_slots, 1, 4096),
+                            ("--first-words", args.first_words, 1, 20000),
                             ("--short-tokens", args.short_tokens, 1, 1024),
                             ("--long-tokens", args.long_tokens, 1, 1024),
                             ("--chunk", args.chunk, 1, 8192), ("--max-context", args.max_context, 64, 32768),
@@ -109,7 +118,8 @@ def cmd_serve(args) -> int:
     load = Workload(args.users, args.turns, args.rate, args.first_words, args.words, args.short_tokens,
                     args.long_tokens, seed=args.seed)
     return _emit(run_serve(args.policy, args.budget, load, args.slots, args.time_limit, args.chunk,
-                           args.max_context, args.threads, args.model), args)
+                           args.max_context, args.threads, args.model, args.session_slots,
+                           tuple(c.strip() for c in args.configs.split(",") if c.strip())), args)
 
 
 def _register_kernels(bsub) -> None:

@@ -31,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    min_tokens: int = 0  # no stop id is sampled before this many tokens (vLLM's min_tokens)
 
 
 @dataclass
@@ -207,7 +208,11 @@ class BatchScheduler:
     def _emit_next(self, r: _Request, logits: torch.Tensor) -> bool:
         """Sample, stream the token; True while the request continues decoding."""
         p = r.params
-        tok = int(sample(logits[None].cpu(), p.temperature, p.top_p, r.gen)[0])
+        logits = logits[None].cpu()
+        if r.generated < p.min_tokens and p.stop_ids:
+            logits = logits.clone()
+            logits[:, list(p.stop_ids)] = float("-inf")
+        tok = int(sample(logits, p.temperature, p.top_p, r.gen)[0])
         r.generated += 1
         r.tokens.append(tok)
         r.emit(tok)

@@ -18,3 +18,39 @@ def test_workload_is_bounded_seeded_and_mixes_reply_lengths():
 def test_serve_rows_carry_the_contract_columns():
     assert {"config", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
             "sessions_held"} <= set(COLUMNS)
+
+
+def test_three_configurations_run_one_load_with_the_sessions_memory_bounded(one_torch_thread):
+    """A tiny run of the real program (default model): every configuration finishes the same turns,
+    the rows carry the contract, and the sessions configuration holds no more KV memory than the
+    full-policy slots it is compared with."""
+    import torch
+
+    from lessserve.bench.serve import run_serve
+
+    load = Workload(users=2, turns=2, first_words=40, words_median=8, short_tokens=2, long_tokens=4, rate=20.0)
+    before = torch.get_num_threads()
+    try:
+        res = run_serve("h2o", 32, load, slots=1, time_limit_s=120, chunk=64, max_context=512, threads=1,
+                        session_slots=1)
+    finally:
+        torch.set_num_threads(before)
+    by = {r["config"]: r for r in res.rows}
+    assert set(by) == {"sessions", "recompute", "full_sessions"}
+    assert all(r["turns"] == 4 and r["abandoned_turns"] == 0 for r in by.values())
+    s, rc, fs = by["sessions"], by["recompute"], by["full_sessions"]
+    assert s["kv_bytes"] <= rc["kv_bytes"] <= fs["kv_bytes"]
+    assert s["restores"] >= 1 and s["sessions_held"] == 2  # 2 users, 1 slot: the host tier held one
+    assert rc["sessions_held"] == 0 and rc["prefill_tokens"] > s["prefill_tokens"]  # histories re-prefilled
+    assert s["turns_per_s_ratio_vs_recompute"] == s["turns_per_s"] / rc["turns_per_s"]
+
+
+def test_a_sessions_configuration_larger_than_the_baselines_memory_is_refused():
+    import pytest
+
+    from lessserve.bench.serve import run_serve
+    from lessserve.errors import ConfigError
+
+    load = Workload(users=64, turns=1, first_words=5)
+    with pytest.raises(ConfigError, match="--session-slots"):
+        run_serve("h2o", 128, load, slots=1, time_limit_s=1, chunk=64, max_context=64, threads=1, session_slots=32)

@@ -54,3 +54,25 @@ def test_a_failure_after_the_last_prefill_chunk_reaches_its_caller(tiny_ckpt, mo
     with pytest.raises(RuntimeError, match="sampling broke"):
         asyncio.run(main())
     sched.close()
+
+
+def test_min_tokens_keeps_stop_ids_out_until_reached(tiny_ckpt):
+    """A stop id the model would pick first is never sampled before min_tokens (vLLM's semantics),
+    and ends the turn once allowed."""
+    cfg = EngineConfig(model="tiny", policy="h2o", budget=16, prefill_chunk=8, max_slots=2)
+    alone = Engine(cfg, checkpoint=tiny_ckpt)
+    greedy = list(alone.generate(alone.alloc(), [3, 4, 5, 6], 12))
+    stop = greedy[0]  # the greedy first token, made a stop id
+    eng = Engine(cfg, checkpoint=tiny_ckpt)
+    sched = BatchScheduler(eng)
+
+    async def one(params):
+        return [t async for t in sched.generate(eng.alloc(), [3, 4, 5, 6], params)]
+
+    try:
+        plain = asyncio.run(one(SamplingParams(max_new_tokens=12, stop_ids=(stop,))))
+        held = asyncio.run(one(SamplingParams(max_new_tokens=12, stop_ids=(stop,), min_tokens=12)))
+    finally:
+        sched.close()
+    assert plain == [stop]  # without min_tokens the stop id ends the turn at once
+    assert len(held) == 12 and stop not in held
