@@ -34,6 +34,9 @@ def merged_entry(old: dict | None, worker: str | None, owner: str | None, turns:
     return e
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
+
+
 @ray.remote(num_cpus=0)
 class ClusterState:
     def __init__(self):
@@ -49,6 +52,9 @@ class ClusterState:
 
     def started_at(self) -> float:
         return self.t0
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     # directory
     def lookup(self, sid: str) -> dict | None:
@@ -178,6 +184,8 @@ class ClusterState:
 
 
 def get_state():
-    """The cluster's state actor, created on first use (detached so routers can restart)."""
+    """The cluster's state actor, created on first use (detached so routers can restart), on the
+    head node: a worker node that goes away must not take the directory and the metrics with it
+    (placed by Ray's choice, it once sat on the node a test removed, and /metrics failed after)."""
     return ClusterState.options(name=STATE_ACTOR, namespace=NAMESPACE, get_if_exists=True,
-                                lifetime="detached").remote()
+                                lifetime="detached", resources={HEAD_RESOURCE: 0.001}).remote()

@@ -88,6 +88,12 @@ def test_router_restart_keeps_affinity(nodes):
 def test_worker_node_removed_mid_conversation(nodes):
     """The node holding a session dies while that session's long turn prefills: the turn is
     retried on the other node; every session of the lost node continues (0 lost, 0 failed)."""
+    import ray
+
+    from lessserve.cluster.state import get_state
+
+    # the directory and the metrics live on the head node: losing a worker node keeps them
+    assert ray.get(get_state().node_id.remote()) == nodes["cluster"].head_node.node_id
     chats = [Chat(nodes["url"], nodes["key"]) for _ in range(6)]
     for c in chats:
         c.turn(QS[0])
