@@ -35,6 +35,22 @@ def host_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(host_array(t))).view(t.dtype)
 
 
+def fill(t: torch.Tensor, value: int) -> None:
+    """t[...] = value in place (through numpy on CPU, as host_copy)."""
+    if t.device.type == "cpu":
+        host_array(t)[...] = value
+    else:
+        t.fill_(value)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src in place, src on the host with dst's shape and dtype (through numpy on CPU)."""
+    if dst.device.type == "cpu":
+        host_array(dst)[...] = host_array(src)
+    else:
+        dst.copy_(src, non_blocking=True)
+
+
 class SlotSlab:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, capacity: int,
                  rank: int, device: torch.device, dtype: torch.dtype):
@@ -77,14 +93,9 @@ class SlotSlab:
         return len(self._free)
 
     def reset(self, slot: int) -> None:
-        if self.pos.device.type == "cpu":
-            for f in ("k", "v", "score", "H", "z"):
-                host_array(getattr(self, f)[:, slot])[...] = 0
-            host_array(self.pos[:, slot])[...] = -1
-        else:
-            for f in ("k", "v", "score", "H", "z"):
-                getattr(self, f)[:, slot].zero_()
-            self.pos[:, slot].fill_(-1)
+        for f in ("k", "v", "score", "H", "z"):
+            fill(getattr(self, f)[:, slot], 0)
+        fill(self.pos[:, slot], -1)
         self.length[slot] = 0
         self.seen[slot] = 0
 
@@ -129,9 +140,6 @@ class SlotSlab:
             if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
                 raise SlotStateError(f"state field {f}: got {tuple(src.shape)} {src.dtype}, "
                                      f"slot holds {tuple(dst.shape)} {dst.dtype}")
-            if dst.device.type == "cpu":
-                host_array(dst)[...] = host_array(src)
-            else:
-                dst.copy_(src, non_blocking=True)
+            copy_into(dst, src)
         self.length[slot] = int(state["length"][0])
         self.seen[slot] = int(state["seen"][0])
