@@ -25,7 +25,8 @@ def _time_steps(step, steps: int, device: torch.device, warmup: int = 2) -> floa
 
 @torch.inference_mode()
 def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
-                 prompt: list[int], prefilled: dict) -> dict:
+                 prompt: list[int], prefilled: dict, time_first: bool = False) -> dict:
+    """`time_first`: also time the first step on its own (`first_step_s`: a compile, when compiled)."""
     engine = factory.make(policy, budget, max_slots=batch)
     slots = [engine.alloc() for _ in range(batch)]
     if "state" not in prefilled:  # one real prefill for the whole run, copied into every slot
@@ -34,10 +35,15 @@ def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, c
     for s in slots:
         engine.slab.load(s, prefilled["state"])
     toks = [1] * batch
+    first = {}
+    if time_first:
+        t0 = time.perf_counter()
+        engine.decode(slots, toks)
+        first["first_step_s"] = time.perf_counter() - t0
     dt = _time_steps(lambda: engine.decode(slots, toks), steps, engine.device)
     return {"system": f"lessserve {policy}", "budget": engine.spec.budget, "batch": batch, "context": context,
             "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": engine.slab.slot_bytes(),
-            "dtype": str(engine.dtype).removeprefix("torch.")}
+            "dtype": str(engine.dtype).removeprefix("torch."), **first}
 
 
 def load_transformers(folder, dtype: torch.dtype, device):
@@ -71,13 +77,13 @@ def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[in
 
 
 @contextlib.contextmanager
-def compiled_step(mode: str | None = None):
+def compiled_step():
     """The engine's per-layer compressed step (attention + evict-and-absorb, the fast torch path)
     through torch.compile (inductor) for as long as the block runs; the model's matmuls stay eager."""
     from lessserve.kernels import ops
 
     eager = ops.attend_evict_fast
-    ops.attend_evict_fast = torch.compile(eager, mode=mode, dynamic=False)
+    ops.attend_evict_fast = torch.compile(eager, dynamic=False)
     try:
         yield
     finally:
@@ -86,17 +92,10 @@ def compiled_step(mode: str | None = None):
 
 def bench_compiled(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
                    prompt: list[int], prefilled: dict) -> dict:
-    """`bench_engine` with the step compiled; the first (compiling) step is timed apart."""
+    """`bench_engine` with the step compiled; its first (compiling) step is timed apart."""
     with compiled_step():
-        engine = factory.make(policy, budget, max_slots=batch)
-        slots = [engine.alloc() for _ in range(batch)]
-        for s in slots:
-            engine.slab.load(s, prefilled["state"])
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            engine.decode(slots, [1] * batch)
-            compile_s = time.perf_counter() - t0
-            row = bench_engine(factory, policy, budget, batch, context, steps, prompt, prefilled)
+        row = bench_engine(factory, policy, budget, batch, context, steps, prompt, prefilled, time_first=True)
+    compile_s = row.pop("first_step_s")
     return {**row, "system": f"lessserve {policy} + torch.compile", "compile_s": compile_s}
 
 

@@ -212,6 +212,13 @@ def _cached(ss, sid: str) -> bool:
         return False
 
 
+def slot_bytes(cfg, shared: dict) -> int:
+    """Bytes of one device slot of configuration `cfg` (a one-slot engine, then let go)."""
+    from lessserve.workers.engine import Engine
+
+    return Engine(cfg.model_copy(update={"max_slots": 1}), **shared).slab.slot_bytes()
+
+
 def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
               max_context: int, threads: int = 0, model: str | None = None,
               session_slots: int | None = None, configs: tuple[str, ...] = CONFIGS) -> BenchResult:
@@ -236,15 +243,11 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     session_slots = session_slots or slots
     sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": session_slots,
                                        "prefill_chunk": chunk})
-    probe = Engine(sess_cfg.model_copy(update={"max_slots": 1}), **shared)
-    slot_c = probe.slab.slot_bytes()
-    del probe
+    slot_c = slot_bytes(sess_cfg, shared)
     host_c = load.users * slot_c
     full_cfg = base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
                                        "prefill_chunk": min(max_context, 8192)})
-    probe = Engine(full_cfg.model_copy(update={"max_slots": 1}), **shared)
-    full_c = probe.slab.slot_bytes()
-    del probe
+    full_c = slot_bytes(full_cfg, shared)
     if session_slots * slot_c + host_c > slots * full_c:
         raise ConfigError(f"the sessions configuration's KV memory ({session_slots} slots + host "
                           f"{host_c} bytes) would exceed the baselines' ({slots} full slots of {max_context} "
