@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lessserve.bench.result import BenchResult, Plot
+from lessserve.lab.corpus import read_part
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
 from lessserve.lab.text import read_text, token_windows
@@ -37,10 +38,11 @@ def window_nll(engine, ids: list[int]) -> tuple[float, int, float]:
 
 
 def run_chunking(base: EngineConfig, policies: list[str], budget: int, chunks: list[int], text_path: str | Path,
-                 context: int, windows: int, threads: int = 0) -> BenchResult:
+                 context: int, windows: int, threads: int = 0, part: str = "test") -> BenchResult:
+    """`part`: train | dev | test of the text under the project's split rule, or all of it."""
     if threads:
         torch.set_num_threads(threads)
-    text = read_text(text_path)
+    text = read_text(text_path) if part == "all" else read_part(text_path, part)
     rows = []
     factory = EngineFactory(base)  # one model; each engine gets its chunk through factory.base
     wins = token_windows(factory.tokenizer, text, context, windows)
@@ -64,7 +66,7 @@ def run_chunking(base: EngineConfig, policies: list[str], budget: int, chunks: l
         base_row = ref[r["policy"]]
         r[f"ppl_vs_chunk{ref_chunk}_pct"] = 100 * (r["ppl"] / base_row["ppl"] - 1)
         r["prefill_speedup"] = base_row["prefill_s_per_window"] / r["prefill_s_per_window"]
-    meta = {"device": str(factory.device), "text": Path(text_path).name, "context": context, "windows": windows,
-            "torch threads": torch.get_num_threads()}
+    meta = {"device": str(factory.device), "text": Path(text_path).name, "part": part, "context": context,
+            "windows": windows, "torch threads": torch.get_num_threads()}
     return BenchResult("chunking", rows, meta, plot=Plot("chunk", "ppl", "policy", f"perplexity by prefill chunk, "
                                                          f"budget {budget}", logx=True))

@@ -4,9 +4,10 @@ with transformers' SDPA attention and the same torch threads."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +17,9 @@ from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
 from lessserve.lab.text import token_windows
 from lessserve.workers.config import EngineConfig
+from lessserve.workers.engine import Engine
+
+ROUNDS = 3  # with --compile: eager and compiled timed in turn, this many times (the pair's ratio per round)
 
 
 def _time_steps(step, steps: int, device: torch.device, warmup: int = 2) -> float:
@@ -24,26 +28,31 @@ def _time_steps(step, steps: int, device: torch.device, warmup: int = 2) -> floa
 
 
 @torch.inference_mode()
-def bench_engine(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
-                 prompt: list[int], prefilled: dict, time_first: bool = False) -> dict:
-    """`time_first`: also time the first step on its own (`first_step_s`: a compile, when compiled)."""
-    engine = factory.make(policy, budget, max_slots=batch)
+def decode_engine(factory: EngineFactory, policy: str, budget: int, batch: int, prompt: list[int],
+                  prefilled: dict, compile: bool = False) -> tuple[Engine, Callable[[], object], dict]:
+    """An engine with `batch` sessions at the prompt's state, its decode step, and (`compile`: the
+    engine's compile switch on) the time of its warm-up, a compile per batch bucket."""
+    engine = factory.make(policy, budget, max_slots=batch, compile=compile)
     slots = [engine.alloc() for _ in range(batch)]
     if "state" not in prefilled:  # one real prefill for the whole run, copied into every slot
         engine.prefill(slots[0], prompt)
         prefilled["state"] = engine.slab.export(slots[0])
     for s in slots:
         engine.slab.load(s, prefilled["state"])
-    toks = [1] * batch
-    first = {}
-    if time_first:
+    extra = {}
+    if compile:
         t0 = time.perf_counter()
-        engine.decode(slots, toks)
-        first["first_step_s"] = time.perf_counter() - t0
-    dt = _time_steps(lambda: engine.decode(slots, toks), steps, engine.device)
-    return {"system": f"lessserve {policy}", "budget": engine.spec.budget, "batch": batch, "context": context,
+        eager = engine.warm_up()
+        extra = {"compile_s": time.perf_counter() - t0, "eager_buckets": sorted(eager)}
+    toks = [1] * batch
+    return engine, lambda: engine.decode(slots, toks), extra
+
+
+def engine_row(engine: Engine, batch: int, context: int, steps: int, dt: float, extra: dict) -> dict:
+    name = f"lessserve {engine.cfg.policy}" + (" + torch.compile" if engine.compiled is not None else "")
+    return {"system": name, "budget": engine.spec.budget, "batch": batch, "context": context,
             "tokens_per_s": batch * steps / dt, "cache_bytes_per_session": engine.slab.slot_bytes(),
-            "dtype": str(engine.dtype).removeprefix("torch."), **first}
+            "dtype": str(engine.dtype).removeprefix("torch."), **extra}
 
 
 def load_transformers(folder, dtype: torch.dtype, device):
@@ -76,29 +85,6 @@ def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[in
             "dtype": str(next(hf.parameters()).dtype).removeprefix("torch.")}
 
 
-@contextlib.contextmanager
-def compiled_step():
-    """The engine's per-layer compressed step (attention + evict-and-absorb, the fast torch path)
-    through torch.compile (inductor) for as long as the block runs; the model's matmuls stay eager."""
-    from lessserve.kernels import ops
-
-    eager = ops.attend_evict_fast
-    ops.attend_evict_fast = torch.compile(eager, dynamic=False)
-    try:
-        yield
-    finally:
-        ops.attend_evict_fast = eager
-
-
-def bench_compiled(factory: EngineFactory, policy: str, budget: int, batch: int, context: int, steps: int,
-                   prompt: list[int], prefilled: dict) -> dict:
-    """`bench_engine` with the step compiled; its first (compiling) step is timed apart."""
-    with compiled_step():
-        row = bench_engine(factory, policy, budget, batch, context, steps, prompt, prefilled, time_first=True)
-    compile_s = row.pop("first_step_s")
-    return {**row, "system": f"lessserve {policy} + torch.compile", "compile_s": compile_s}
-
-
 def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list[int], context: int,
                  steps: int, compile: bool = False) -> list[dict]:
     tok = factory.tokenizer
@@ -107,8 +93,15 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
     hf, ours_state, hf_state = None, {}, {}
     rows = []
     for b in batches:
-        progress(f"batch {b}: lessserve {policy} ...")
-        ours = bench_engine(factory, policy, budget, b, context, steps, prompt, ours_state)
+        progress(f"batch {b}: lessserve {policy}" + (" eager and + torch.compile (compiling)" if compile else ""))
+        engine, step, _ = decode_engine(factory, policy, budget, b, prompt, ours_state)
+        comp = decode_engine(factory, policy, budget, b, prompt, ours_state, compile=True) if compile else None
+        t_eager, t_comp = [], []
+        for _ in range(ROUNDS if compile else 1):  # in turn, so drift on a shared machine hits both alike
+            t_eager.append(_time_steps(step, steps, factory.device))
+            if comp:
+                t_comp.append(_time_steps(comp[1], steps, factory.device))
+        ours = engine_row(engine, b, context, steps, statistics.median(t_eager), {})
         if hf is None:
             hf = load_transformers(factory.ckpt.folder, getattr(torch, ours["dtype"]), factory.device)
         progress(f"batch {b}: transformers full cache ...")
@@ -116,12 +109,13 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
         ours["speedup_vs_transformers"] = ours["tokens_per_s"] / ref["tokens_per_s"]
         ours["cache_ratio_vs_transformers"] = ref["cache_bytes_per_session"] / ours["cache_bytes_per_session"]
         rows += [ours, ref]
-        if compile:
-            progress(f"batch {b}: lessserve {policy} + torch.compile (compiling) ...")
-            comp = bench_compiled(factory, policy, budget, b, context, steps, prompt, ours_state)
-            comp["speedup_vs_transformers"] = comp["tokens_per_s"] / ref["tokens_per_s"]
-            comp["speedup_vs_eager"] = comp["tokens_per_s"] / ours["tokens_per_s"]
-            rows.append(comp)
+        if comp:
+            row = engine_row(comp[0], b, context, steps, statistics.median(t_comp), comp[2])
+            ratios = [e / c for e, c in zip(t_eager, t_comp, strict=True)]
+            row["speedup_vs_transformers"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            row["speedup_vs_eager"] = statistics.median(ratios)
+            row["speedup_vs_eager_range"] = [min(ratios), max(ratios)]
+            rows.append(row)
     return rows
 
 
@@ -130,7 +124,8 @@ def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: in
     """`lessserve bench decode`: the engine's policy against transformers' full cache, per batch."""
     if threads:
         torch.set_num_threads(threads)
-    factory = EngineFactory(engine.model_copy(update={"max_context": context + steps + 8, "prefill_chunk": 256}))
+    longest = context + ROUNDS * (steps + 2) + 8  # the full policy's sessions grow by every timed step
+    factory = EngineFactory(engine.model_copy(update={"max_context": longest, "prefill_chunk": 256}))
     rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps, compile)
     dev = factory.device
     note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""

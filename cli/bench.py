@@ -257,6 +257,8 @@ def _register_chunking(bsub) -> None:
     p.add_argument("--policies", default="h2o,lambda,h2o+less", help="policies compared")
     p.add_argument("--chunks", default="32,256,512", help="prefill chunks; the smallest is the reference")
     p.add_argument("--text", default="../shared/data/tinyshakespeare.txt", help="text file the windows are cut from")
+    p.add_argument("--part", choices=["train", "dev", "test", "all"], default="test",
+                   help="the part of the text under the project's split rule (lab/corpus.py) the windows are cut from")
     p.add_argument("--context", type=int, default=2048, help="tokens per window")
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -276,7 +278,8 @@ def cmd_chunking(args) -> int:
 
     cfg = engine_config(args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    return _emit(run_chunking(cfg, policies, cfg.budget, chunks, path, args.context, args.windows, args.threads), args)
+    return _emit(run_chunking(cfg, policies, cfg.budget, chunks, path, args.context, args.windows, args.threads,
+                              part=args.part), args)
 
 
 def _register_capacity(bsub) -> None:

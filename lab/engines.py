@@ -28,8 +28,8 @@ class EngineFactory:
         self.device = pick_device(self.base.device)
         self._first: Engine | None = None
 
-    def make(self, policy: str, budget: int, max_slots: int = 1) -> Engine:
-        cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots})
+    def make(self, policy: str, budget: int, max_slots: int = 1, **cfg) -> Engine:
+        cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots, **cfg})
         if self._first is None:
             self._first = Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer)
             return self._first

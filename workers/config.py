@@ -31,6 +31,9 @@ class EngineConfig(BaseModel):
                                                         "(auto: Triton on CUDA, torch elsewhere)")
     cuda_graphs: bool = Field(False, description="Decode steps through CUDA graphs captured per batch-size bucket "
                               "(CUDA only; one extra pad slot; a bucket that cannot be captured runs eagerly)")
+    compile: bool = Field(False, description="Decode steps' per-layer compressed step through torch.compile, one "
+                          "compile per batch-size bucket at start-up (torch kernels, compressed policies; one "
+                          "extra pad slot; pays with a LESS state on CPU, docs/bench_decode.md)")
 
     @field_validator("policy")
     @classmethod

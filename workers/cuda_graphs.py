@@ -9,7 +9,8 @@ Capture needs a CUDA device and a step with no host synchronisation (the Triton 
 the torch reference evict does not). Where capture is impossible the bucket runs eagerly, and the
 reason is kept in `DecodeGraphs.fallback` (no silent difference in results: the same step runs).
 The capture mechanism is a small backend object, so the bucketing / padding / buffer plumbing is
-testable on CPU with `EagerReplay` (tests/workers/test_cuda_graphs.py).
+testable on CPU with `EagerReplay` (tests/workers/test_cuda_graphs.py), which is also how the
+torch.compile'd step (workers/compiled.py) gets one static shape per bucket.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class CudaGraphBackend:
 
 
 class EagerReplay:
-    """A stand-in backend: 'replay' runs the step again eagerly on the same static buffers. Same
-    bucketing, padding and buffers as a graph; for CPU tests of the plumbing."""
+    """'replay' runs the step again on the same static buffers: same bucketing, padding and buffers
+    as a graph, without one. The runner of the compiled step (workers/compiled.py: one shape per
+    bucket), and the CPU tests' stand-in for a graph."""
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         out = fn()
@@ -103,22 +105,33 @@ class DecodeGraphs:
             replay, logits = self.backend.capture(lambda: self.step(tokens, slot_ids, positions))
         except Exception as e:  # noqa: BLE001  (any capture failure means: run this bucket eagerly)
             self.fallback[b] = f"{type(e).__name__}: {e}"[:300]
-            log.warning("decode graph for batch %d not captured, running eagerly: %s", b, self.fallback[b])
+            log.warning("decode step for batch bucket %d not captured / compiled, running eagerly: %s", b,
+                        self.fallback[b])
             return None
         return _Graph(tokens, slot_ids, positions, replay, logits)
+
+    def _get(self, b: int) -> _Graph | None:
+        if b in self.fallback:
+            return None
+        if b not in self.graphs:
+            g = self._capture(b)
+            if g is None:
+                return None
+            self.graphs[b] = g
+        return self.graphs[b]
+
+    def prepare(self) -> None:
+        """Capture every bucket now (each capture runs the step on the pad slot only)."""
+        for b in self.buckets:
+            self._get(b)
 
     def run(self, slots: Sequence[int], tokens: Sequence[int], seen: Sequence[int]) -> torch.Tensor | None:
         """Logits [n, V] of one decode step through the bucket's graph; None = run it eagerly."""
         n = len(slots)
         b = self.bucket(n)
-        if b is None or b in self.fallback:
-            return None
-        g = self.graphs.get(b)
+        g = None if b is None else self._get(b)
         if g is None:
-            g = self._capture(b)
-            if g is None:
-                return None
-            self.graphs[b] = g
+            return None
         pad = b - n
         g.tokens.copy_(torch.tensor([[t] for t in tokens] + [[0]] * pad, dtype=torch.long))
         g.slot_ids.copy_(torch.tensor(list(slots) + [self.pad_slot] * pad, dtype=torch.long))

@@ -8,15 +8,17 @@ decode batches many sessions of different lengths in one forward.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
+from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
-from lessserve.workers.cuda_graphs import DecodeGraphs, backend_for
+from lessserve.workers.cuda_graphs import DecodeGraphs, EagerReplay, backend_for, buckets
 from lessserve.workers.errors import ConfigError, ContextOverflowError
 from lessserve.workers.less_weights import LessWeights, shipped_weights_path
 from lessserve.workers.model import LlamaModel
@@ -58,12 +60,16 @@ class Engine:
         self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra)
         self.scale = self.args.head_dim ** -0.5
         backend, self.graphs_off = backend_for(self.device) if cfg.cuda_graphs else (None, "cuda_graphs is off")
+        self.compiled, self.compile_off = compiled_attend(cfg.compile, self.impl, self.spec,
+                                                          len(buckets(cfg.max_slots)))
+        if backend is None and self.compiled is not None:  # the compiled step runs in the same buckets, eagerly
+            backend = EagerReplay()
         self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
                              cfg.max_slots + (backend is not None), self.spec.budget,
                              self.less.rank if self.less else 0, self.device, self.dtype)
         self.graphs: DecodeGraphs | None = None
-        if backend is not None:  # one extra slot, never handed out: the graphs' padding rows point at it
-            step = lambda t, s, p: self._step(t, s, p, last_only=True)[:, -1]  # noqa: E731
+        if backend is not None:  # one extra slot, never handed out: the buckets' padding rows point at it
+            step = lambda t, s, p: self._step(t, s, p, last_only=True, bucketed=True)[:, -1]  # noqa: E731
             self.graphs = DecodeGraphs(step, cfg.max_slots, self.slab.alloc(), self.device, backend)
 
     # --- setup ------------------------------------------------------------------------------
@@ -133,22 +139,24 @@ class Engine:
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
               last_only: bool, max_len: int | None = None,
-              host: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
+              host: tuple[list[int], list[int]] | None = None, bucketed: bool = False) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
-        graph, whose shapes must not depend on them."""
-        slab, less, impl, spec = self.slab, self.less, self.impl, self.spec
+        bucket's step (graph or compiled), whose shapes must not depend on them."""
+        slab, less, spec = self.slab, self.less, self.spec
+        attend_evict = self.compiled if bucketed and self.compiled is not None else \
+            functools.partial(ops.attend_evict, impl=self.impl)
         new_length = slab.length
 
         def attend(layer: int, q, k, v):
             nonlocal new_length
             lw = less.layers[layer] if less else None
-            out, new_length = ops.attend_evict(
+            out, new_length = attend_evict(
                 q, k, v, slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
                 positions, self.scale, spec, H=slab.H[layer] if lw is not None else None,
                 z=slab.z[layer] if lw is not None else None, phi_q=ops.phi(q, lw) if lw is not None else None,
-                psi=lw, impl=impl, max_len=max_len, host=host)
+                psi=lw, max_len=max_len, host=host)
             return out
 
         logits = self.model(tokens, positions, attend, last_only=last_only)
@@ -177,9 +185,19 @@ class Engine:
         return torch.cat(outs, dim=0) if all_logits else outs[-1][-1]
 
     @torch.inference_mode()
+    def warm_up(self) -> dict[int, str]:
+        """Capture / compile every batch bucket's decode step now (on the pad slot only), not on the
+        first step of each size. Returns the buckets that will run eagerly, with the reason."""
+        if self.graphs is not None:
+            self.graphs.prepare()
+            return dict(self.graphs.fallback)
+        return {}
+
+    @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         """One decode step for many sessions together. Returns logits [n, V]. With cuda_graphs on a
-        CUDA device, through the captured graph of the batch's bucket (eagerly where capture failed)."""
+        CUDA device, through the captured graph of the batch's bucket (eagerly where capture failed);
+        with compile, through the bucket's compiled step."""
         if self.graphs is not None:
             self._check_step(slots, 1)
             out = self.graphs.run(slots, tokens, [self.slab.seen[s] for s in slots])

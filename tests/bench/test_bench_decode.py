@@ -1,0 +1,21 @@
+"""`bench decode`: a tiny run of the real program (default model, transformers + SDPA beside it)."""
+
+from __future__ import annotations
+
+
+def test_decode_rows_side_by_side_with_the_compiled_engine(one_torch_thread):
+    """Per batch: this engine, transformers' full cache and the compile switch's engine, with the
+    contract columns; the compiled rows say what their warm-up compiled and nothing ran eagerly."""
+    from lessserve.bench.decode import run_decode
+    from lessserve.workers.config import EngineConfig
+
+    res = run_decode(EngineConfig(policy="h2o", budget=32), batches=[2], context=96, steps=2, threads=1, compile=True)
+    by = {r["system"]: r for r in res.rows}
+    assert set(by) == {"lessserve h2o", "transformers full (sdpa)", "lessserve h2o + torch.compile"}
+    ours, ref, comp = by["lessserve h2o"], by["transformers full (sdpa)"], by["lessserve h2o + torch.compile"]
+    assert all(r["batch"] == 2 and r["tokens_per_s"] > 0 for r in by.values())
+    assert ours["speedup_vs_transformers"] == ours["tokens_per_s"] / ref["tokens_per_s"]
+    assert comp["speedup_vs_eager"] == comp["tokens_per_s"] / ours["tokens_per_s"]
+    assert comp["compile_s"] > 0 and comp["eager_buckets"] == []
+    assert ours["dtype"] == ref["dtype"] == "float32"  # the baseline runs in the engine's dtype
+    assert ref["cache_bytes_per_session"] > ours["cache_bytes_per_session"]  # 96 tokens in full vs 32 kept
