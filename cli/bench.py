@@ -261,6 +261,9 @@ def _register_chunking(bsub) -> None:
                    help="the part of the text under the project's split rule (lab/corpus.py) the windows are cut from")
     p.add_argument("--context", type=int, default=2048, help="tokens per window")
     p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--decode-tail", type=int, default=128,
+                   help="last tokens of each window decoded one at a time after the chunked prefill: the "
+                   "perplexity through the cache a chunk size leaves (0: off)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -272,6 +275,7 @@ def cmd_chunking(args) -> int:
     chunks = parse_ints("--chunks", args.chunks, lo=1, hi=8192)
     in_range("--context", args.context, 64, 32768)
     in_range("--windows", args.windows, 1, 100)
+    in_range("--decode-tail", args.decode_tail, 0, args.context // 2)
     in_range("--threads", args.threads, 0, 1024)
     path = existing_file("--text", args.text)
     from lessserve.bench.chunking import run_chunking
@@ -279,7 +283,7 @@ def cmd_chunking(args) -> int:
     cfg = engine_config(args)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     return _emit(run_chunking(cfg, policies, cfg.budget, chunks, path, args.context, args.windows, args.threads,
-                              part=args.part), args)
+                              part=args.part, tail=args.decode_tail), args)
 
 
 def _register_capacity(bsub) -> None:

@@ -60,7 +60,7 @@ def cmd_ppl(args) -> int:
         from lessserve.lab.corpus import split_part
 
         text = split_part(text, args.part)
-    factory = EngineFactory(engine_config(args, max_context=args.context, max_slots=1))
+    factory = EngineFactory(eval_engine_config(args, max_context=args.context, max_slots=1))
     try:
         rows = eval_ppl(factory, text, policies, budgets, args.context, args.windows)
     except ValueError as e:
@@ -96,7 +96,7 @@ def cmd_passkey(args) -> int:
     from lessserve.lab.output import markdown_table, write_json
     from lessserve.lab.plots import line_plot
 
-    factory = EngineFactory(engine_config(args, max_context=max(lengths) + 64, max_slots=1))
+    factory = EngineFactory(eval_engine_config(args, max_context=max(lengths) + 64, max_slots=1))
     rows = eval_passkey(factory, policies, budgets, lengths, args.trials, args.seed)
     print(markdown_table(rows))
     write_json(args.json, rows)
@@ -151,7 +151,7 @@ def cmd_report(args) -> int:
     from lessserve.lab.engines import EngineFactory
     from lessserve.workers.model_loader import cache_root
 
-    factory = EngineFactory(engine_config(args, max_context=max([args.context, *lengths]) + 64, max_slots=1))
+    factory = EngineFactory(eval_engine_config(args, max_context=max([args.context, *lengths]) + 64, max_slots=1))
     cache = RowCache(None if args.fresh else (args.cache or cache_root() / "eval-report" / "rows.jsonl"))
     command = (f"lessserve eval report --texts {','.join(texts)} --policies {','.join(policies)} "
                f"--budgets {','.join(map(str, budgets))} --context {args.context} --windows {args.windows} "
@@ -164,3 +164,10 @@ def cmd_report(args) -> int:
               f"[{g['ci_low']:.1%}, {g['ci_high']:.1%}] of the gap to full" + plus)
     print(f"report written to {args.out}/report.md")
     return 0
+
+
+def eval_engine_config(args, **over):
+    """The engine flags' config at the evaluations' prefill chunk (EVAL_CHUNK) unless --chunk is given."""
+    from lessserve.evals.ppl import EVAL_CHUNK
+
+    return engine_config(args, **({"prefill_chunk": EVAL_CHUNK} if args.chunk is None else {}), **over)

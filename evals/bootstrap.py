@@ -52,3 +52,20 @@ def gap_closed_ci(full: list[float], base: list[float], other: list[float], toke
         out.update(diff=float(gap(o, everything)[0] - gap(v, everything)[0]), diff_low=float(d.quantile(lo_q)),
                    diff_high=float(d.quantile(hi_q)))
     return out
+
+
+def ppl_ratio_ci(nll: list[float], ref: list[float], tokens: list[int], resamples: int = RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Per-unit NLL sums of a variant and of its reference on the same units (windows, or blocks of
+    tokens), and tokens per unit -> {"value", "low", "high"} of ppl / ppl_ref - 1 in percent,
+    percentile interval over paired unit resamples."""
+    U = len(tokens)
+    n = torch.tensor(tokens, dtype=torch.float64)
+    x, r = (torch.tensor(v, dtype=torch.float64) for v in (nll, ref))
+    every = torch.arange(U)[None]
+    value = float(100 * (_ppl(x, n, every) / _ppl(r, n, every) - 1)[0])
+    if U < 2:
+        return {"value": value, "low": math.nan, "high": math.nan}
+    idx = torch.randint(U, (resamples, U), generator=torch.Generator().manual_seed(seed))
+    s = 100 * (_ppl(x, n, idx) / _ppl(r, n, idx) - 1)
+    return {"value": value, "low": float(s.quantile((1 - level) / 2)), "high": float(s.quantile((1 + level) / 2))}

@@ -13,6 +13,11 @@ from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
 from lessserve.lab.text import read_text, token_windows  # noqa: F401  (read_text re-exported)
 
+# The evaluations' prefill chunk (their protocol; `--chunk` overrides it): each token is predicted
+# with at most 31 tokens of its own chunk uncompressed. Serving prefills in chunks of 256, whose
+# decode perplexity docs/bench_chunking.md measures against this one.
+EVAL_CHUNK = 32
+
 
 @torch.inference_mode()
 def window_nll(engine, ids: list[int]) -> tuple[float, int]:

@@ -24,7 +24,8 @@ class EngineConfig(BaseModel):
                                      "`less_kernels` is the old name, accepted for one release)")
     max_slots: int = Field(8, ge=1, le=4096, description="Session slots preallocated on the device")
     max_context: int = Field(8192, ge=16, description="Longest session for the `full` policy")
-    prefill_chunk: int = Field(32, ge=1, le=8192, description="Tokens per chunked-prefill step")
+    prefill_chunk: int = Field(256, ge=1, le=8192, description="Tokens per chunked-prefill step (the evaluations "
+                               "run at 32; 256 measured against it in docs/bench_chunking.md)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "

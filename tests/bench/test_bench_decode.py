@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def test_decode_rows_side_by_side_with_the_compiled_engine(one_torch_thread):
     """Per batch: this engine, transformers' full cache and the compile switch's engine, with the
-    contract columns; the compiled rows say what their warm-up compiled and nothing ran eagerly."""
+    contract columns; the compiled row says its warm-up compiled every bucket (none eager) and
+    gives its speed-up over the eager engine from paired rounds."""
     from lessserve.bench.decode import run_decode
     from lessserve.workers.config import EngineConfig
 
@@ -15,7 +16,8 @@ def test_decode_rows_side_by_side_with_the_compiled_engine(one_torch_thread):
     ours, ref, comp = by["lessserve h2o"], by["transformers full (sdpa)"], by["lessserve h2o + torch.compile"]
     assert all(r["batch"] == 2 and r["tokens_per_s"] > 0 for r in by.values())
     assert ours["speedup_vs_transformers"] == ours["tokens_per_s"] / ref["tokens_per_s"]
-    assert comp["speedup_vs_eager"] == comp["tokens_per_s"] / ours["tokens_per_s"]
+    lo, hi = comp["speedup_vs_eager_range"]  # the median of the paired rounds' ratios, inside their range
+    assert 0 < lo <= comp["speedup_vs_eager"] <= hi
     assert comp["compile_s"] > 0 and comp["eager_buckets"] == []
     assert ours["dtype"] == ref["dtype"] == "float32"  # the baseline runs in the engine's dtype
     assert ref["cache_bytes_per_session"] > ours["cache_bytes_per_session"]  # 96 tokens in full vs 32 kept

@@ -21,6 +21,18 @@ def replay(engine, ids: list[int]) -> int:
     return slot
 
 
+def decode_schedule(engine, prompts: list[list[int]], steps: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
+    """Each prompt prefilled into its own slot, then decode steps over the given subsets of those
+    sessions (indices into `prompts`), fed fixed tokens. Returns each step's logits and the slots."""
+    slots = [engine.alloc() for _ in prompts]
+    for s, p in zip(slots, prompts, strict=True):
+        engine.prefill(s, p)
+    out = []
+    for i, which in enumerate(steps):
+        out.append(engine.decode([slots[j] for j in which], [(7 * i + j) % 100 for j in which]))
+    return out, slots
+
+
 def int8_round_trip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What an int8 offload must restore: k and v quantised and dequantised, the rest untouched."""
     out = dict(state)

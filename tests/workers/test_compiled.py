@@ -14,6 +14,7 @@ from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
 from lessserve.workers.slots import STATE_FIELDS
 from tests.conftest import tiny_less
+from tests.workers.replay import decode_schedule
 
 STEPS = [[0, 1, 2], [1], [0, 1, 2], [2], [0, 2, 1]]  # buckets 4, 1, 4, 1, 4 (max_slots 4: buckets 1, 2, 4)
 
@@ -24,17 +25,6 @@ def _engine(ckpt, policy: str, compile: bool, less=None, kernels: str = "torch")
     return Engine(cfg, checkpoint=ckpt, less=less)
 
 
-def _run(e: Engine, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
-    slots = [e.alloc() for _ in prompts]
-    for s, p in zip(slots, prompts, strict=True):
-        e.prefill(s, p)
-    out = []
-    for i, which in enumerate(STEPS):
-        sl = [slots[j] for j in which]
-        out.append(e.decode(sl, [(5 * i + j) % 100 for j in which]))
-    return out, slots
-
-
 @pytest.mark.parametrize("policy", ["h2o+less", "lambda"])
 def test_compiled_decode_matches_eager(tiny_ckpt, policy):
     less = tiny_less() if policy.endswith("+less") else None
@@ -42,13 +32,13 @@ def test_compiled_decode_matches_eager(tiny_ckpt, policy):
     # one session past its budget (evicting, LESS absorbing), two still below it (the eager path appends)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 9, 14)]
     ref = _engine(tiny_ckpt, policy, compile=False, less=less)
-    want, ref_slots = _run(ref, prompts)
+    want, ref_slots = decode_schedule(ref, prompts, STEPS)
     e = _engine(tiny_ckpt, policy, compile=True, less=less)
     assert e.compiled is not None and e.compile_off is None and e.graphs is not None
     assert e.slab.num_slots == 5 and e.slab.free_slots == 4  # the pad slot is never handed out
     calls, compiled = [], e.compiled
     e.compiled = lambda *a, **kw: (calls.append(a[0].shape), compiled(*a, **kw))[1]
-    got, slots = _run(e, prompts)
+    got, slots = decode_schedule(e, prompts, STEPS)
     # every decode step's every layer went through the compiled step, at the bucket's shape
     # (plus one run per bucket when it was first prepared); prefill chunks did not
     assert len(calls) == (len(STEPS) + 2) * e.args.num_layers and {s[0] for s in calls} == {1, 4}

@@ -14,24 +14,13 @@ from lessserve.workers.config import EngineConfig
 from lessserve.workers.cuda_graphs import EagerReplay, buckets
 from lessserve.workers.engine import Engine
 from lessserve.workers.slots import STATE_FIELDS
+from tests.workers.replay import decode_schedule
 
 
 def _engine(ckpt, less, graphs: bool) -> Engine:
     cfg = EngineConfig(model="tiny", policy="h2o+less" if less else "h2o", budget=16, prefill_chunk=8, max_slots=5,
                        max_context=512, kernels="torch", dtype="float32", device="cpu", cuda_graphs=graphs)
     return Engine(cfg, checkpoint=ckpt, less=less)
-
-
-def _run(e: Engine, prompts: list[list[int]], steps: list[list[int]]) -> list[torch.Tensor]:
-    """Prefill each prompt into its own slot, then decode the given slot subsets step by step."""
-    slots = [e.alloc() for _ in prompts]
-    for s, p in zip(slots, prompts, strict=True):
-        e.prefill(s, p)
-    out = []
-    for i, which in enumerate(steps):
-        sl = [slots[j] for j in which]
-        out.append(e.decode(sl, [(7 * i + j) % 100 for j in which]))
-    return out, slots
 
 
 def test_buckets():
@@ -59,19 +48,19 @@ def test_graph_plumbing_matches_eager(tiny_ckpt, prompts, monkeypatch):
     from tests.conftest import tiny_less
 
     less = tiny_less()
-    want, want_slots = _run(_engine(tiny_ckpt, less, graphs=False), prompts, STEPS)
+    want, want_slots = decode_schedule(_engine(tiny_ckpt, less, graphs=False), prompts, STEPS)
     monkeypatch.setattr("lessserve.workers.engine.backend_for", lambda device: (EagerReplay(), None))
     e = _engine(tiny_ckpt, less, graphs=True)
     assert e.graphs is not None and e.slab.num_slots == 6 and e.slab.free_slots == 5
     pad = e.graphs.pad_slot
-    got, got_slots = _run(e, prompts, STEPS)
+    got, got_slots = decode_schedule(e, prompts, STEPS)
     assert pad not in got_slots
     assert e.graphs.replays == len(STEPS) and sorted(e.graphs.graphs) == [1, 2, 4, 5] and not e.graphs.fallback
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     ref = _engine(tiny_ckpt, less, graphs=False)
-    _, ref_slots = _run(ref, prompts, STEPS)
+    _, ref_slots = decode_schedule(ref, prompts, STEPS)
     for a, b in zip(got_slots, ref_slots, strict=True):  # every session's state, as without graphs
         assert e.slab.seen[a] == ref.slab.seen[b]
         assert int(e.slab.length[a]) == int(ref.slab.length[b])
@@ -85,10 +74,10 @@ class _Refuses:
 
 
 def test_capture_failure_runs_eagerly(tiny_ckpt, prompts, monkeypatch):
-    want, _ = _run(_engine(tiny_ckpt, None, graphs=False), prompts, STEPS[:3])
+    want, _ = decode_schedule(_engine(tiny_ckpt, None, graphs=False), prompts, STEPS[:3])
     monkeypatch.setattr("lessserve.workers.engine.backend_for", lambda device: (_Refuses(), None))
     e = _engine(tiny_ckpt, None, graphs=True)
-    got, _ = _run(e, prompts, STEPS[:3])
+    got, _ = decode_schedule(e, prompts, STEPS[:3])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert e.graphs.replays == 0 and set(e.graphs.fallback) == {4, 1, 2}
@@ -108,9 +97,9 @@ def test_cuda_graphs_native(tiny_ckpt, prompts):
                            max_context=512, kernels="triton", dtype="float32", device="cuda", cuda_graphs=graphs)
         return Engine(cfg, checkpoint=tiny_ckpt, less=less)
 
-    want, _ = _run(engine(False), prompts, STEPS)
+    want, _ = decode_schedule(engine(False), prompts, STEPS)
     e = engine(True)
-    got, _ = _run(e, prompts, STEPS)
+    got, _ = decode_schedule(e, prompts, STEPS)
     assert not e.graphs.fallback, e.graphs.fallback
     assert e.graphs.replays == len(STEPS)
     for g, w in zip(got, want, strict=True):
