@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lessserve.bench.result import BenchResult, Plot
-from lessserve.evals.bootstrap import ppl_ratio_ci
+from lessserve.lab.bootstrap import ppl_ratio_ci
 from lessserve.lab.corpus import read_part
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lessserve.evals.bootstrap import RESAMPLES, gap_closed_ci
 from lessserve.evals.passkey import eval_passkey
 from lessserve.evals.ppl import eval_ppl
 from lessserve.evals.row_cache import RowCache
+from lessserve.lab.bootstrap import RESAMPLES, gap_closed_ci
 from lessserve.lab.corpus import SPLIT_RULE, read_part
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import markdown_table, progress

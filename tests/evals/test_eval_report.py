@@ -50,7 +50,7 @@ def test_report_windows_come_from_the_test_part_only(tmp_path):
 
 
 def test_bootstrap_interval_is_paired_and_covers_the_point():
-    from lessserve.evals.bootstrap import gap_closed_ci
+    from lessserve.lab.bootstrap import gap_closed_ci
 
     full, base = [100.0, 200.0, 150.0, 120.0], [130.0, 260.0, 190.0, 150.0]
     less = [b - 0.4 * (b - f) for f, b in zip(full, base, strict=True)]  # closes 40% of every window's NLL gap

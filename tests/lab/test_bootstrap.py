@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals (evals/bootstrap.py)."""
+"""Paired bootstrap intervals (lab/bootstrap.py: shared by the evaluations and the benches)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lessserve.evals.bootstrap import ppl_ratio_ci
+from lessserve.lab.bootstrap import ppl_ratio_ci
 
 
 def test_ppl_ratio_of_a_variant_against_itself_is_zero_with_a_zero_interval():
