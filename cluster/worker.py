@@ -84,7 +84,6 @@ class LessWorker:
         self.cfg = ServeConfig.model_validate(config)
         threads = reserve_compute_threads()  # before the model loads: only the scheduler thread has a team
         self.engine = Engine(self.cfg.engine)
-        self.engine.warm_up()  # CUDA graphs / compiled steps of every batch bucket, before the first turn
         self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier())
         self.scheduler = BatchScheduler(self.engine, threads=threads)
         self.worker_id = _replica_id()

@@ -64,8 +64,13 @@ class BatchScheduler:
         self._calls: deque[tuple[Callable[[], object], Callable[[object, BaseException | None], None]]] = deque()
         self._cv = threading.Condition()
         self._stop = False
+        self._ready = threading.Event()
+        self._warm_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lessserve-scheduler", daemon=True)
         self._thread.start()
+        self._ready.wait()  # the engine's decode buckets are prepared before the first request
+        if self._warm_error is not None:
+            raise self._warm_error
 
     # --- public -----------------------------------------------------------------------------
     @property
@@ -143,6 +148,13 @@ class BatchScheduler:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
+        try:  # here, at this thread's torch threads: inductor generates its CPU loops for the threads it sees
+            self.engine.warm_up()  # CUDA graphs / compiled steps of every batch bucket
+        except BaseException as e:  # noqa: BLE001 - raised again by the constructor (a bucket's own failure is
+            self._warm_error = e  # caught inside warm_up: that bucket runs eagerly)
+            return
+        finally:
+            self._ready.set()
         while True:
             with self._cv:
                 while not self._stop and not (self._incoming or self._prefilling or self._decoding or self._calls):
