@@ -221,10 +221,12 @@ def slot_bytes(cfg, shared: dict) -> int:
 
 def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
               max_context: int, threads: int = 0, model: str | None = None,
-              session_slots: int | None = None, configs: tuple[str, ...] = CONFIGS) -> BenchResult:
+              session_slots: int | None = None, configs: tuple[str, ...] = CONFIGS,
+              compile: bool = False) -> BenchResult:
     """`slots`: device slots (concurrent turns) of the full-policy configurations; `session_slots`
     (default `slots`): the sessions configuration's, which must fit in no more KV memory than theirs.
-    `configs`: which of CONFIGS run (sessions always: the ratios are its)."""
+    `configs`: which of CONFIGS run (sessions always: the ratios are its). `compile`: the sessions
+    configuration's engine with its compile switch on (the full policy is never compiled)."""
     if "sessions" not in configs or not set(configs) <= set(CONFIGS):
         raise ConfigError(f"--configs must name sessions and only {', '.join(CONFIGS)}; got {', '.join(configs)}")
     from lessserve.cache_store.config import StoreConfig
@@ -242,7 +244,7 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     # sessions: every session fits in device + host memory; nothing idles out during the run
     session_slots = session_slots or slots
     sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": session_slots,
-                                       "prefill_chunk": chunk})
+                                       "prefill_chunk": chunk, "compile": compile})
     slot_c = slot_bytes(sess_cfg, shared)
     host_c = load.users * slot_c
     full_cfg = base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,
@@ -284,7 +286,7 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
             "torch threads": threads, "users": load.users, "turns": load.turns, "rate": load.rate,
             "device slots (sessions / full policy)": f"{session_slots} / {slots}",
             "replies": f"{load.short_tokens}/{load.long_tokens} tokens ({load.long_share:.0%} long)",
-            "time limit per config s": time_limit_s}
+            "time limit per config s": time_limit_s, "sessions compiled": compile}
     return BenchResult("serve", rows, meta, columns=COLUMNS, notes=notes, figure=draw)
 
 

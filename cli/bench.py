@@ -92,6 +92,8 @@ def _register_serve(bsub) -> None:
     p.add_argument("--time-limit", type=float, default=200, help="seconds per configuration, at most")
     p.add_argument("--configs", default="sessions,recompute,full_sessions",
                    help="configurations to run (sessions always; e.g. sessions,recompute for a long run)")
+    p.add_argument("--compile", action="store_true",
+                   help="the sessions configuration's engine with its compile switch on (docs/bench_decode.md)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -119,7 +121,7 @@ def cmd_serve(args) -> int:
                     args.long_tokens, seed=args.seed)
     return _emit(run_serve(args.policy, args.budget, load, args.slots, args.time_limit, args.chunk,
                            args.max_context, args.threads, args.model, args.session_slots,
-                           tuple(c.strip() for c in args.configs.split(",") if c.strip())), args)
+                           tuple(c.strip() for c in args.configs.split(",") if c.strip()), args.compile), args)
 
 
 def _register_kernels(bsub) -> None:
