@@ -125,7 +125,7 @@ def run_decode(engine: EngineConfig, batches: list[int], context: int, steps: in
     if threads:
         torch.set_num_threads(threads)
     longest = context + ROUNDS * (steps + 2) + 8  # the full policy's sessions grow by every timed step
-    factory = EngineFactory(engine.model_copy(update={"max_context": longest, "prefill_chunk": 256}))
+    factory = EngineFactory(engine.model_copy(update={"max_context": longest}))
     rows = bench_decode(factory, engine.policy, engine.budget, batches, context, steps, compile)
     dev = factory.device
     note = " (CPU figures are ratios only; absolute times need a GPU)" if dev.type == "cpu" else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lessserve.cli.flags import (
     CliError,
     add_engine_flags,
+    default_of,
     engine_config,
     existing_file,
     in_range,
@@ -87,7 +88,10 @@ def _register_serve(bsub) -> None:
     p.add_argument("--long-tokens", type=int, default=64, help="tokens of a long reply (30%% of turns)")
     p.add_argument("--policy", default="h2o+less", help="policy of the sessions configuration")
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=256, help="prefill chunk of the sessions configuration")
+    from lessserve.workers.config import EngineConfig
+
+    p.add_argument("--chunk", type=int, default=default_of(EngineConfig, "prefill_chunk"),
+                   help="prefill chunk of the sessions configuration (default: the engine's, %(default)s)")
     p.add_argument("--max-context", type=int, default=8192, help="full policy's slot length (recompute, full_sessions)")
     p.add_argument("--time-limit", type=float, default=200, help="seconds per configuration, at most")
     p.add_argument("--configs", default="sessions,recompute,full_sessions",
