@@ -57,9 +57,9 @@ def engine_row(engine: Engine, batch: int, context: int, steps: int, dt: float, 
 
 def load_transformers(folder, dtype: torch.dtype, device):
     """transformers' own model of the checkpoint, in `dtype`, with SDPA attention (its fast path)."""
-    from transformers import AutoModelForCausalLM
+    from lessserve.workers.model_loader import transformers_model
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return transformers_model(folder, dtype, attn_implementation="sdpa").to(device).eval()
 
 
 @torch.inference_mode()

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from lessserve.bench.result import BenchResult
 from lessserve.bench.serve_load import _percentile
 from lessserve.cluster.metrics import TokenTimer
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 from lessserve.lab.output import progress
 
 COLUMNS = ["config", "policy", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",

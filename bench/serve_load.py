@@ -17,7 +17,7 @@ import time
 import httpx
 
 from lessserve.cluster.metrics import TokenTimer
-from lessserve.errors import LessServeError
+from lessserve.errors.tree import LessServeError
 
 
 class TurnFailed(LessServeError):

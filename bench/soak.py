@@ -123,7 +123,7 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
              overrides: dict | None = None) -> BenchResult:
     from lessserve.cluster import launch
     from lessserve.cluster.config import load_config
-    from lessserve.testing import LocalRedis
+    from lessserve.testing.local_redis import LocalRedis
 
     redis = LocalRedis(persist=True).start()
     cfg = load_config(overrides={"port": port, "store.redis_url": redis.url, "worker_num_cpus": 0.5,

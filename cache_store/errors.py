@@ -6,7 +6,7 @@ DependencyUnavailableError, a full tier a CapacityError, so boundaries map them 
 
 from __future__ import annotations
 
-from lessserve.errors import CapacityError, DependencyUnavailableError, LessServeError, NotFoundError
+from lessserve.errors.tree import CapacityError, DependencyUnavailableError, LessServeError, NotFoundError
 
 
 class CacheStoreError(LessServeError):

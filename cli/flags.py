@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 
 # engine flag -> EngineConfig field: one table to build the config and to name a bad value's flag
 ENGINE_FLAGS = {"--model": "model", "--policy": "policy", "--budget": "budget", "--recent": "recent",

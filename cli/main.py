@@ -12,7 +12,7 @@ import sys
 
 from lessserve.cli import bench, chat, evals, generate, serve, train
 from lessserve.cli.flags import CliError
-from lessserve.errors import LessServeError
+from lessserve.errors.tree import LessServeError
 
 COMMANDS = (generate, chat, evals, bench, serve, train)  # each: register(subparsers)
 

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from lessserve.errors import CapacityError
+from lessserve.errors.tree import CapacityError
 
 
 class QueueFullError(CapacityError):

@@ -50,7 +50,7 @@ from lessserve.cluster.responses_types import (
 )
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
-from lessserve.errors import LessServeError
+from lessserve.errors.tree import LessServeError
 
 app = FastAPI(title="lessserve", version="0.1.0",
               description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from lessserve.errors import AuthError
+from lessserve.errors.tree import AuthError
 
 ANONYMOUS = "anonymous"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from lessserve.cluster.state import get_state, merged_entry
-from lessserve.errors import DependencyUnavailableError
+from lessserve.errors.tree import DependencyUnavailableError
 
 
 class DirectoryUnavailableError(DependencyUnavailableError):

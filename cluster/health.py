@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from lessserve.errors import DependencyUnavailableError
+from lessserve.errors.tree import DependencyUnavailableError
 
 
 class Health:

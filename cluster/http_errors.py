@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from ray.exceptions import RayTaskError
 
-from lessserve.errors import (
+from lessserve.errors.tree import (
     AuthError,
     CapacityError,
     ConfigError,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from lessserve.cluster.state import get_state
-from lessserve.errors import DependencyUnavailableError, NotFoundError
+from lessserve.errors.tree import DependencyUnavailableError, NotFoundError
 
 
 class ResponseNotFoundError(NotFoundError):

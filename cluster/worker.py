@@ -29,7 +29,7 @@ from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind, make_directory
 from lessserve.cluster.http_errors import http_error
 from lessserve.cluster.state import get_state
-from lessserve.errors import LessServeError
+from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import Detokenizer, StopStrings
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams

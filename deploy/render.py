@@ -20,7 +20,7 @@ import yaml
 
 from lessserve.cluster.config import ServeConfig, serve_config_document
 from lessserve.deploy.tools import find_helm
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 
 CHART_DIR = Path(__file__).resolve().parent / "chart" / "lessserve"
 VALUES_FILES = ("values.yaml", "values-gpu.yaml", "values-cpu.yaml", "values-external-redis.yaml")

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lessserve.errors import DependencyUnavailableError
+from lessserve.errors.tree import DependencyUnavailableError
 
 
 class ToolUnavailableError(DependencyUnavailableError):

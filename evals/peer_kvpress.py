@@ -124,9 +124,10 @@ def run(argv: list[str]) -> int:
     torch.set_num_threads(threads)
     import kvpress
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+    from transformers import AutoTokenizer, DynamicCache
 
     from lessserve.evals.passkey_prompts import answer_ok, passkey_cases, split_question
+    from lessserve.workers.model_loader import transformers_model
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -136,7 +137,7 @@ def run(argv: list[str]) -> int:
 
     def model_for(attn: str):
         if attn not in models:
-            m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn)
+            m = transformers_model(folder, attn_implementation=attn)
             models[attn] = m.eval()
         return models[attn]
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 from lessserve.kernels.errors import KernelUnavailableError
 
 Impl = Literal["auto", "torch", "triton"]

@@ -1,6 +1,6 @@
 """The compute kernels' errors, under KernelError of the one tree (lessserve.errors)."""
 
-from lessserve.errors import ConfigError, KernelError
+from lessserve.errors.tree import ConfigError, KernelError
 
 
 class KernelUnavailableError(KernelError, ConfigError):

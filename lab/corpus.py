@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 
 DATA_DIR = Path("../shared/data")  # beside the checkout (CI too)
 TEXTS = {"brown": "brown.txt", "tinyshakespeare": "tinyshakespeare.txt", "python_docs": "python_docs.txt"}

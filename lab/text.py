@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 
 
 def read_text(path: str | Path, max_chars: int | None = None, tail_fraction: float | None = None) -> str:

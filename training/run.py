@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lessserve.errors import ConfigError
+from lessserve.errors.tree import ConfigError
 from lessserve.lab.corpus import SPLIT_RULE
 from lessserve.training.config import TrainLessConfig
 from lessserve.training.data import TrainingDataError, dev_blocks, mixture_blocks, read_corpus

@@ -1,6 +1,6 @@
 """The engine's errors, each under a category of the one tree (lessserve.errors)."""
 
-from lessserve.errors import (  # noqa: F401  (re-exported: callers import the tree from here too)
+from lessserve.errors.tree import (  # noqa: F401  (re-exported: callers import the tree from here too)
     CapacityError,
     ConfigError,
     LessServeError,

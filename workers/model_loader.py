@@ -102,13 +102,23 @@ def _slug(source: str) -> str:
     return f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:10]}"
 
 
+def transformers_model(source, dtype: torch.dtype = torch.float32, **kw):
+    """transformers' own model of a checkpoint: what the GGUF conversion, the baselines and the parity
+    tests load. Hugging Face hub kernels stay off: transformers >= 5.25 turns them on by default in
+    `from_pretrained`, which swaps layers for code fetched from the hub at run time (an offline
+    cluster cannot) and would make the reference something other than transformers' own layers."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_kernels=False, **kw)
+
+
 def _convert(source_dir: str, gguf_file: str | None, out: Path) -> None:
     """Load with transformers once (dequantising GGUF) and save a float copy to `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(source_dir, **kw)
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, **kw)
+    model = transformers_model(source_dir, **kw)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None

@@ -33,7 +33,7 @@ from lessserve.cache_store.errors import (
 )
 from lessserve.cache_store.store import TieredCacheStore
 from lessserve.cache_store.tier import Tier
-from lessserve.errors import LessServeError
+from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine

@@ -49,7 +49,7 @@ def test_a_sessions_configuration_larger_than_the_baselines_memory_is_refused():
     import pytest
 
     from lessserve.bench.serve import run_serve
-    from lessserve.errors import ConfigError
+    from lessserve.errors.tree import ConfigError
 
     load = Workload(users=64, turns=1, first_words=5)
     with pytest.raises(ConfigError, match="--session-slots"):

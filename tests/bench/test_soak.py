@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from lessserve.testing import free_port
+from lessserve.testing.local_redis import free_port
 
 
 def test_short_soak_with_redis_faults(tmp_path):

@@ -19,7 +19,7 @@ import uuid
 import httpx
 import pytest
 
-from lessserve.testing import LocalRedis, free_port
+from lessserve.testing.local_redis import LocalRedis, free_port
 from tests.cli.servers import MODEL, Server
 
 QUESTIONS = ["Name a colour.", "Name a fruit of that colour.", "Is it sweet?", "Where does it grow?",

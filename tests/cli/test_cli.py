@@ -43,14 +43,13 @@ def test_console_script_unknown_policy_no_traceback():
 def independent_ppl(ckpt, ids: list[int]) -> tuple[float, float]:
     """(full-cache ppl from transformers' own model, h2o@16 ppl from the float64 oracle) of a window,
     through the CLI's default prefill chunk of 32 tokens."""
-    from transformers import AutoModelForCausalLM
-
+    from lessserve.workers.model_loader import transformers_model
     from tests.oracle.less_oracle import NaiveLlama, OracleSession, documented_spec
     from tests.oracle.test_oracle import cuts
 
     a = ckpt.args
     target = torch.tensor(ids[1:])
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt.folder), dtype=torch.float32).eval()
+    hf = transformers_model(ckpt.folder).eval()
     with torch.no_grad():
         full = math.exp(float(F.cross_entropy(hf(torch.tensor([ids])).logits[0, :-1], target)))
     oracle = OracleSession(NaiveLlama(ckpt.state_dict, a.num_heads, a.num_kv_heads, a.head_dim, a.rms_norm_eps,

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from lessserve.testing import LocalRedis, free_port
+from lessserve.testing.local_redis import LocalRedis, free_port
 
 MODEL = "smollm2-135m-instruct"
 

@@ -10,7 +10,7 @@ import hashlib
 import pytest
 
 from lessserve.cluster.auth import ANONYMOUS, owner_of
-from lessserve.errors import AuthError
+from lessserve.errors.tree import AuthError
 
 KEYS = {"key-one", "key-two"}
 

@@ -14,7 +14,7 @@ import uuid
 import httpx
 import pytest
 
-from lessserve.testing import LocalRedis
+from lessserve.testing.local_redis import LocalRedis
 from tests.cluster.conftest import KEY_A, deploy
 
 MODEL = "smollm2-135m-instruct"

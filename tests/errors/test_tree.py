@@ -8,7 +8,7 @@ import pkgutil
 
 import pytest
 
-import lessserve.errors as E
+import lessserve.errors.tree as E
 
 PACKAGES = ["errors", "kernels", "cache_store", "workers", "cluster", "deploy", "lab", "evals", "training", "bench",
             "testing", "cli"]
@@ -84,7 +84,7 @@ def test_every_known_error_answers_without_a_500():
     ("lessserve.workers.errors:SlotsExhaustedError", 503, True),
     ("lessserve.workers.errors:ContextOverflowError", 400, False),
     ("lessserve.workers.errors:LessWeightsMissingError", 400, False),
-    ("lessserve.errors:AuthError", 401, False),
+    ("lessserve.errors.tree:AuthError", 401, False),
     ("lessserve.cache_store.errors:CacheMissError", 404, False),
 ])
 def test_categories_map_to_their_status(name, status, retry):

@@ -3,7 +3,7 @@ lives its own life (its sibling never sees its tokens); a new conversation that 
 system prompt starts from a copy of that prompt's state, prefilled once per worker."""
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing import run_turn
+from lessserve.testing.sessions import run_turn
 from lessserve.workers.chat_session import ChatSession
 from lessserve.workers.session_store import SessionStore
 

@@ -10,11 +10,11 @@ TOL = 1e-4  # fp32, absolute, on logits of magnitude ~30
 
 @pytest.fixture(scope="module")
 def models(default_ckpt):
-    from transformers import AutoModelForCausalLM
+    from lessserve.workers.model_loader import transformers_model
 
     ours = LlamaModel(default_ckpt.args)
     ours.load_hf_state_dict(default_ckpt.state_dict)
-    hf = AutoModelForCausalLM.from_pretrained(str(default_ckpt.folder), dtype=torch.float32)
+    hf = transformers_model(default_ckpt.folder)
     return ours.eval(), hf.eval()
 
 

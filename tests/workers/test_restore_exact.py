@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing import forget_cache, run_turn
+from lessserve.testing.sessions import forget_cache, run_turn
 from lessserve.workers.chat_session import stream_reply
 from lessserve.workers.session_store import SessionStore
 from tests.workers.replay import assert_same_state, int8_round_trip, replay

@@ -7,7 +7,7 @@ import pytest
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError
-from lessserve.testing import adopt, forget_cache, run_turn, snapshot
+from lessserve.testing.sessions import adopt, forget_cache, run_turn, snapshot
 from lessserve.workers.chat_session import ChatSession, Transcript
 from lessserve.workers.session_store import SessionStore
 from tests.workers.replay import replayed_reply

@@ -5,7 +5,7 @@ is dropped, and the next turn continues from the transcript, consistent token fo
 import copy
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing import run_turn
+from lessserve.testing.sessions import run_turn
 from lessserve.workers.session_store import SessionStore
 
 

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from lessserve.testing import LocalRedis, free_port  # noqa: E402
+from lessserve.testing.local_redis import LocalRedis, free_port  # noqa: E402
 from tests.cluster.conftest import KEY_A, cluster_config  # noqa: E402
 
 NODE = {"num_cpus": 1, "object_store_memory": 150 * 2**20}

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from lessserve.testing import LocalRedis, free_port
+from lessserve.testing.local_redis import LocalRedis, free_port
 from tests.cluster.multinode.conftest import deploy_and_wait, multinode_config
 from tests.cluster.multinode.test_nodes import Chat
 

@@ -1,1 +1,0 @@
-"""lessserve.evals: quality evaluations (perplexity, passkey, the quality report, the kvpress peer)."""
