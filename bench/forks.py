@@ -18,15 +18,14 @@ from lessserve.bench.offload import history_message, ttft
 from lessserve.bench.result import BenchResult
 from lessserve.cache_store.config import StoreConfig
 from lessserve.lab.output import progress
-from lessserve.testing.sessions import run_turn
+from lessserve.testing.sessions import SyncSessions, run_turn
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
-from lessserve.workers.session_store import SessionStore
 
 
 def run_forks(engine_cfg: EngineConfig, histories: list[int], prompt_tokens: int, repeats: int) -> BenchResult:
     engine = Engine(engine_cfg.model_copy(update={"max_slots": 4, "max_context": max(histories) + 512}))
-    ss = SessionStore(engine, StoreConfig(device_idle_s=None, host_idle_s=None))
+    ss = SyncSessions(engine, StoreConfig(device_idle_s=None, host_idle_s=None))
     rows = []
     try:
         for n in histories:

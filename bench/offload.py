@@ -18,13 +18,11 @@ import torch
 from lessserve.bench.result import BenchResult, Plot
 from lessserve.cache_store.config import StoreConfig
 from lessserve.lab.output import progress
-from lessserve.testing.sessions import adopt, forget_cache, run_turn, snapshot
+from lessserve.testing.sessions import SyncSessions, adopt, forget_cache, run_turn, snapshot
 from lessserve.workers.chat_session import encode, render
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
-from lessserve.workers.io_loop import IoLoop
 from lessserve.workers.model import causal_attend
-from lessserve.workers.session_store import SessionStore
 
 PATHS = ("device", "host", "redis", "rebuild", "recompute")
 FOLLOW_UP = "Summarise all of that in one line."
@@ -43,7 +41,7 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def ttft(ss: SessionStore, sid: str, messages: list[dict]) -> float:
+def ttft(ss: SyncSessions, sid: str, messages: list[dict]) -> float:
     t0 = time.perf_counter()
     stream = run_turn(ss, sid, messages, max_new_tokens=1)
     next(stream)
@@ -66,12 +64,12 @@ def recompute_ttft(engine: Engine, messages: list[dict]) -> float:
 
 
 class RawRedis:
-    """Plain redis-py asyncio SET / GET of one value (the comparison). It runs on an I/O thread of
-    its own, like the store's, so both sides pay the same thread hop."""
+    """Plain redis-py asyncio SET / GET of one value (the comparison), on the same event loop as
+    the store's calls (`run`), so both sides pay the same."""
 
-    def __init__(self, url: str, nbytes: int):
-        self.io = IoLoop("raw-redis-io")
-        self.client = self.io.run(self._client(url))
+    def __init__(self, url: str, nbytes: int, run):
+        self.run = run
+        self.client = run(self._client(url))
         self.key, self.value = f"bench:raw:{uuid.uuid4().hex[:8]}", bytes(nbytes)
 
     @staticmethod
@@ -80,27 +78,26 @@ class RawRedis:
 
     def set(self) -> float:
         t0 = time.perf_counter()
-        self.io.run(self.client.set(self.key, self.value))
+        self.run(self.client.set(self.key, self.value))
         return time.perf_counter() - t0
 
     def get(self) -> float:
         t0 = time.perf_counter()
-        got = self.io.run(self.client.get(self.key))
+        got = self.run(self.client.get(self.key))
         dt = time.perf_counter() - t0
         assert got is not None and len(got) == len(self.value)
         return dt
 
     def close(self) -> None:
-        self.io.run(self.client.delete(self.key))
-        self.io.run(self.client.aclose())
-        self.io.stop()
+        self.run(self.client.delete(self.key))
+        self.run(self.client.aclose())
 
 
 def bench_history(engine: Engine, redis_url: str, tokens: int, repeats: int, quantize: bool,
                   text: str | None) -> tuple[list[dict], dict]:
     cfg = StoreConfig(redis_url=redis_url, redis_prefix=f"bench:{uuid.uuid4().hex[:8]}", quantize=quantize,
                       device_idle_s=None, host_idle_s=None)
-    ss = SessionStore(engine, cfg)
+    ss = SyncSessions(engine, cfg)
     sid = "bench"
     try:
         progress(f"{tokens} tokens: building the history ...")
@@ -131,7 +128,7 @@ def bench_history(engine: Engine, redis_url: str, tokens: int, repeats: int, qua
                          "bytes": nbytes.get(path, sizes.get(path, 0))})
         # the offload / restore paths alone against raw redis-py of the same size, interleaved so
         # that load from other processes hits both alike
-        raw = RawRedis(redis_url, sizes["redis"])
+        raw = RawRedis(redis_url, sizes["redis"], ss.run)
         restores, offloads, raw_sets, raw_gets = [], [], [], []
         try:
             for _ in range(max(repeats, 3) * 5):

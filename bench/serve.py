@@ -102,19 +102,18 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
             timer, tokens = TokenTimer(time.perf_counter()), []
             async with gate:
                 try:
-                    session, new_ids = await sched.run_exclusive(lambda s=sid, r=reply_tokens: ss.open_turn(s, msgs, r))
-                    hist.append(len(session.transcript.ids))
-                    # exactly reply_tokens of text in every configuration (the special ids are masked, as
-                    # vLLM's min_tokens does), so the history the client sends back is what the cache holds
-                    params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=special,
-                                            min_tokens=reply_tokens)
-                    async for _ in sched.generate(session.slot, new_ids, params, tokens):
-                        timer.tick()
+                    async with ss.turn(sid, msgs, reply_tokens) as (session, new_ids, tokens):
+                        hist.append(len(session.transcript.ids))
+                        # exactly reply_tokens of text in every configuration (the special ids are masked, as
+                        # vLLM's min_tokens does), so the history the client sends back is what the cache holds
+                        params = SamplingParams(max_new_tokens=reply_tokens, temperature=0.0, stop_ids=special,
+                                                min_tokens=reply_tokens)
+                        async for _ in sched.generate(session.slot, new_ids, params, tokens):
+                            timer.tick()
                 finally:
                     itls.extend(timer.itls)  # also a turn the time limit cut
-                    await sched.run_exclusive(lambda s=sid, t=tokens: ss.close_turn(s, msgs, t))
                     if not use_sessions:
-                        await sched.run_exclusive(lambda s=sid: ss.delete(s))
+                        await ss.delete(sid)
             msgs.append({"role": "assistant", "content": tok.decode(tokens, skip_special_tokens=True)})
             ttfts.append(timer.ttft)
             done += 1
@@ -140,18 +139,22 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     from lessserve.workers.session_store import SessionStore
 
     engine = Engine(engine_cfg, checkpoint=checkpoint, tokenizer=tokenizer, model=model)
-    ss = SessionStore(engine, store_cfg)
     steps = StepStats()
     sched = BatchScheduler(engine, threads=threads)
-    try:
-        asyncio.run(warm_up(ss, sched))
+    ss = SessionStore(engine, store_cfg, run_local=sched.run_exclusive)
+
+    async def measure():
+        await warm_up(ss, sched)
         sched.on_step = steps.add  # the timed part only
-        res = asyncio.run(drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name))
-        st = ss.stats()
-        held = sum(1 for sid in list(ss.sessions) if sid.startswith(name) and _cached(ss, sid))
+        res = await drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name)
+        held = [sid for sid in list(ss.sessions) if sid.startswith(name) and await _cached(ss, sid)]
+        return res, await ss.stats(), len(held)
+
+    try:
+        res, st, held = asyncio.run(measure())
     finally:
         sched.close()
-        ss.close()
+        asyncio.run(ss.close())
     row = {"config": name, "policy": engine.policy.name, **res, "sessions_held": held,
            "device_slots": engine_cfg.max_slots, "kv_bytes_per_session": engine.slab.slot_bytes(),
            "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
@@ -191,22 +194,18 @@ async def warm_up(ss, sched) -> None:
     from lessserve.workers.scheduler import SamplingParams
 
     msgs = [{"role": "user", "content": "Hello there, a short warm-up."}]
-    session, new_ids = await sched.run_exclusive(lambda: ss.open_turn("warmup", msgs, 2))
-    tokens: list[int] = []
-    try:
+    async with ss.turn("warmup", msgs, 2) as (session, new_ids, tokens):
         async for _ in sched.generate(session.slot, new_ids, SamplingParams(max_new_tokens=2, stop_ids=()), tokens):
             pass
-    finally:
-        await sched.run_exclusive(lambda: ss.close_turn("warmup", msgs, tokens))
-        await sched.run_exclusive(lambda: ss.delete("warmup"))
+    await ss.delete("warmup")
 
 
-def _cached(ss, sid: str) -> bool:
+async def _cached(ss, sid: str) -> bool:
     """The session's cache is held in a tier (device or host), not only its transcript."""
     from lessserve.cache_store.errors import CacheMissError
 
     try:
-        ss.io.run(ss.store.where(sid))
+        await ss.store.where(sid)
         return True
     except CacheMissError:
         return False

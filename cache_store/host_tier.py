@@ -10,10 +10,10 @@ import torch
 
 from lessserve.cache_store.codec import Blob
 from lessserve.cache_store.errors import CacheMissError, TierFullError
-from lessserve.cache_store.tier import Tier, TierStats
+from lessserve.cache_store.tier import LocalTier, TierStats
 
 
-class HostTier(Tier):
+class HostTier(LocalTier):
     name = "host"
 
     def __init__(self, capacity_bytes: int, pin_memory: bool | None = None):
@@ -30,17 +30,17 @@ class HostTier(Tier):
         old = self._bufs[replacing].numel() if replacing in self._bufs else 0
         return self.used - old + nbytes <= self.capacity
 
-    async def contains(self, sid: str) -> bool:
+    def contains(self, sid: str) -> bool:
         return sid in self._bufs
 
-    async def get(self, sid: str) -> Blob:
+    def get(self, sid: str) -> Blob:
         try:
             buf = self._bufs[sid]
         except KeyError:
             raise CacheMissError(f"session {sid!r} is not in host memory") from None
         return memoryview(buf.numpy())
 
-    async def put(self, sid: str, blob: Blob) -> None:
+    def put(self, sid: str, blob: Blob) -> None:
         src = memoryview(blob).cast("B") if not isinstance(blob, memoryview) or blob.format != "B" else blob
         n = len(src)
         if not self.fits(n, replacing=sid):
@@ -52,19 +52,19 @@ class HostTier(Tier):
         self.used += n - (old.numel() if old is not None else 0)
         self._bufs[sid] = buf
 
-    async def delete(self, sid: str) -> bool:
+    def delete(self, sid: str) -> bool:
         old = self._bufs.pop(sid, None)
         if old is None:
             return False
         self.used -= old.numel()
         return True
 
-    async def keys(self) -> list[str]:
+    def keys(self) -> list[str]:
         return list(self._bufs)
 
-    async def stats(self) -> TierStats:
+    def stats(self) -> TierStats:
         return TierStats(sessions=len(self._bufs), bytes=self.used)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         self._bufs.clear()
         self.used = 0

@@ -18,6 +18,10 @@ class LRU:
         self._last[sid] = self._clock()
         self._last.move_to_end(sid)
 
+    def stamp(self, sid: str) -> float | None:
+        """The session's last use (None if not here): unchanged means unused since it was read."""
+        return self._last.get(sid)
+
     def forget(self, sid: str) -> None:
         self._last.pop(sid, None)
 

@@ -1,8 +1,10 @@
-"""The tier interface every storage level implements (device slots, host memory, Redis).
+"""The tier interfaces: device slots and host memory (local, synchronous) and the shared tier.
 
-A tier stores one encoded session cache (see codec.py) per session id. Every method is async so
-tiers doing I/O (Redis) and tiers that do not (host memory, device slots) look the same to the
-store. A missing session raises CacheMissError; a backend failure raises TierUnavailableError.
+A tier stores one encoded session cache (see codec.py) per session id. The local tiers (device
+slots, host memory) are synchronous: they do no I/O and run on the thread that owns the slot slab.
+The shared tier (Redis, or the cluster-state actor) is async: its calls are awaited on the worker's
+event loop, never on the slab's thread. Both speak the same verbs (LMCache/SGLang style). A
+missing session raises CacheMissError; a backend failure raises TierUnavailableError.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class TierStats:
 
 
 class Tier(abc.ABC):
+    """The shared tier every worker reaches (Redis, the cluster-state actor): async I/O."""
+
     name: str
 
     @abc.abstractmethod
@@ -58,7 +62,39 @@ class Tier(abc.ABC):
         """Release connections / memory."""
 
 
-class DeviceTier(Tier):
+class LocalTier(abc.ABC):
+    """A tier in this process's memory (device slots, host buffers): synchronous, no I/O."""
+
+    name: str
+
+    @abc.abstractmethod
+    def contains(self, sid: str) -> bool: ...
+
+    @abc.abstractmethod
+    def get(self, sid: str) -> Blob:
+        """The session's encoded cache; CacheMissError if absent."""
+
+    @abc.abstractmethod
+    def put(self, sid: str, blob: Blob) -> None:
+        """Store (or replace) the session's cache. A failed put leaves the previous copy readable."""
+
+    @abc.abstractmethod
+    def delete(self, sid: str) -> bool:
+        """Drop the session's cache; True if there was one."""
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """Session ids held."""
+
+    @abc.abstractmethod
+    def stats(self) -> TierStats:
+        """Sessions and bytes held now (hit / miss counters are kept by the store)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release memory."""
+
+
+class DeviceTier(LocalTier):
     """The device level: a fixed number of session slots owned by the worker's engine.
 
     `put` loads a cache into a slot (allocating one), `get` exports it, `delete` frees the slot.

@@ -3,9 +3,12 @@ continuous-batching scheduler. Each turn streams events back to the router:
   {"type": "start", "prompt_tokens", "prefilled"}, {"type": "token", "text"}, ...,
   {"type": "end", "finish_reason", "completion_tokens"}  or an error event (cluster/http_errors.py).
 
-Concurrency: the actor's event loop runs the turns; per session they run in arrival order
-(SessionLocks), at most `max_slots` at once (TurnGate, the rest wait or get 503); every engine and
-SessionStore call runs on the scheduler thread between forward passes (run_exclusive).
+Concurrency: two threads. The actor's event loop runs the turns and awaits every shared-state call
+(Redis or the cluster-state actor: the directory, transcripts, the shared cache tier); per session
+turns run in arrival order (SessionLocks), at most `max_slots` at once (TurnGate, the rest wait or
+get 503). The scheduler thread owns the engine, the slot slab and the device and host tiers: the
+SessionStore reaches them between forward passes (BatchScheduler.run_exclusive). A turn is one
+resource (SessionStore.turn): whatever ends it, cancellation included, it is closed and unpinned.
 
 Degraded mode: directory writes that fail are kept and replayed (WriteBehind), transcripts that
 fail are retried (SessionStore.flush); a session whose cache or transcript only the unreachable
@@ -33,7 +36,7 @@ from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import Detokenizer, StopStrings
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
-from lessserve.workers.session_store import SessionStore
+from lessserve.workers.session_store import SessionStore, settle
 from lessserve.workers.threads import reserve_compute_threads
 
 log = logging.getLogger("ray.serve")
@@ -84,8 +87,9 @@ class LessWorker:
         self.cfg = ServeConfig.model_validate(config)
         threads = reserve_compute_threads()  # before the model loads: only the scheduler thread has a team
         self.engine = Engine(self.cfg.engine)
-        self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier())
-        self.scheduler = BatchScheduler(self.engine, threads=threads)
+        self.scheduler = BatchScheduler(self.engine, threads=threads)  # the one thread that touches the engine
+        self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier(),
+                                     run_local=self.scheduler.run_exclusive)
         self.worker_id = _replica_id()
         self.node_id = _node_id()
         self.directory = WriteBehind(make_directory(self.cfg.store.redis_url))
@@ -117,7 +121,7 @@ class LessWorker:
                 async with self.gate.admit():  # at most max_slots turns at once; the rest wait, bounded
                     if fork_from:
                         async with self.locks.hold(fork_from):  # never copy a slot mid-turn
-                            await self.scheduler.run_exclusive(lambda: self.sessions.fork(fork_from, sid, owner))
+                            await self.sessions.fork(fork_from, sid, owner)
                     async for ev in self._turn(sid, session_id, owner, messages, max_tokens, temperature, top_p,
                                                seed, stop):
                         yield ev
@@ -125,17 +129,22 @@ class LessWorker:
                 yield http_error(e).to_event()
             finally:
                 if session_id is None or ephemeral:
-                    await self.scheduler.run_exclusive(lambda: self.sessions.delete(sid))
+                    await settle(self.sessions.delete(sid))
                 if ephemeral:
-                    await self.directory.forget(sid)
+                    await settle(self.directory.forget(sid))
 
     async def _turn(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed, stop):
         try:
-            session, new_ids = await self.scheduler.run_exclusive(
-                lambda: self.sessions.open_turn(sid, messages, max_tokens, owner))
+            async with self.sessions.turn(sid, messages, max_tokens, owner) as (session, new_ids, tokens):
+                async for ev in self._generate(sid, session_id, owner, messages, max_tokens, temperature, top_p,
+                                               seed, stop, session, new_ids, tokens):
+                    yield ev
         except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
             yield http_error(e).to_event()
-            return
+
+    async def _generate(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed, stop,
+                        session, new_ids, tokens):
+        """The opened turn's events; `tokens` receives every sampled token (the turn closes with them)."""
         if session_id is not None:  # this worker serves the latest turn: it holds the current copy
             await self.directory.place(sid, self.worker_id, owner, sum(m["role"] == "user" for m in messages))
         tok = self.engine.tokenizer
@@ -144,35 +153,31 @@ class LessWorker:
         yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": prefilled}
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                 stop_ids=(tok.eos_token_id,))
-        tokens: list[int] = []
         detok, stops = Detokenizer(tok), StopStrings(stop or [])
         finish, hit = "length", False
-        try:
-            async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
-                if t == tok.eos_token_id:
-                    finish = "stop"
-                    break
-                piece, hit = stops.push(detok.push(t))
-                if piece:
-                    yield {"type": "token", "text": piece}
-                if hit:
-                    finish = "stop"
-                    break
-            if not hit and (tail := stops.flush()):
-                yield {"type": "token", "text": tail}
-        finally:  # also when the client went away: record exactly what the cache consumed
-            await self.scheduler.run_exclusive(lambda: self.sessions.close_turn(sid, messages, tokens))
+        async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
+            if t == tok.eos_token_id:
+                finish = "stop"
+                break
+            piece, hit = stops.push(detok.push(t))
+            if piece:
+                yield {"type": "token", "text": piece}
+            if hit:
+                finish = "stop"
+                break
+        if not hit and (tail := stops.flush()):
+            yield {"type": "token", "text": tail}
         yield {"type": "end", "finish_reason": finish,
                "completion_tokens": len([t for t in tokens if t != tok.eos_token_id])}
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:
-        info = await self.scheduler.run_exclusive(lambda: self.sessions.info(session_id, owner))
+        info = await self.sessions.info(session_id, owner)
         return None if info is None else {"id": session_id, "worker": self.worker_id, "node": self.node_id, **info}
 
     async def delete_session(self, session_id: str, owner: str | None = None) -> bool:
         async with self.locks.hold(session_id):
-            existed = await self.scheduler.run_exclusive(lambda: self.sessions.delete(session_id, owner))
+            existed = await self.sessions.delete(session_id, owner)
         if existed:
             await self.directory.forget(session_id)
         return bool(existed)
@@ -184,15 +189,15 @@ class LessWorker:
         end = time.monotonic() + self.cfg.drain_timeout_s
         while (self.scheduler.active or self.gate.running) and time.monotonic() < end:
             await asyncio.sleep(0.05)
-        n = await self.scheduler.run_exclusive(self.sessions.drain)
-        await self.scheduler.run_exclusive(self.sessions.flush)
+        n = await self.sessions.drain()
+        await self.sessions.flush()
         await self.directory.flush()
         with contextlib.suppress(DirectoryUnavailableError):
             await self.directory.leave(self.worker_id)
         return n
 
     async def stats(self) -> dict:
-        st = await self.scheduler.run_exclusive(self.sessions.stats)
+        st = await self.sessions.stats()
         return {"worker": self.worker_id, "node": self.node_id, "queue_depth": self.scheduler.active, "tiers": st,
                 "free_slots": self.engine.slab.free_slots, "admission": self.gate.stats(),
                 "directory_pending": len(self.directory.pending), "republished": self.republished,
@@ -210,23 +215,23 @@ class LessWorker:
         came_back = self.epoch is None
         self.epoch = epoch
         if restarted or came_back:
-            held = await self.scheduler.run_exclusive(self.sessions.resident)
+            held = await self.sessions.resident()
             claimed, stale = [], []
             for sid, (owner, turns) in held.items():
                 entry = await self.directory.directory.place(sid, self.worker_id, owner, turns, if_newer=True)
                 (claimed if entry is not None else stale).append(sid)
             for sid in stale:  # another worker served a later turn: this copy is stale
-                await self.scheduler.run_exclusive(lambda sid=sid: self.sessions.drop_local(sid))
-            self.republished += await self.scheduler.run_exclusive(lambda: self.sessions.republish(claimed))
+                await self.sessions.drop_local(sid)
+            self.republished += await self.sessions.republish(claimed)
         await self.directory.flush()
-        await self.scheduler.run_exclusive(self.sessions.flush)
+        await self.sessions.flush()
 
     async def _maintain_loop(self):
         while True:
             try:
                 await self.reconcile()
                 if not self.draining:
-                    await self.scheduler.run_exclusive(self.sessions.maintain)
+                    await self.sessions.maintain()
                 self.state.report_worker.remote(self.worker_id, await self.stats())
             except Exception as e:  # noqa: BLE001 - maintenance is best effort; serving goes on
                 log.warning("worker %s maintenance: %s: %s", self.worker_id, type(e).__name__, e)

@@ -79,16 +79,16 @@ class EngineDeviceTier(DeviceTier):
         return slot
 
     # --- the tier interface -----------------------------------------------------------------
-    async def contains(self, sid: str) -> bool:
+    def contains(self, sid: str) -> bool:
         return sid in self.slots
 
-    async def get(self, sid: str) -> Blob:
+    def get(self, sid: str) -> Blob:
         state = self.engine.slab.export(self.slot_of(sid))  # {field: [L, Hkv, ...]}, length [1], seen [1]
         if self.quantize:
             state = quantize_state(state)
         return encode(state, self.identity, self.meta_fn(sid))
 
-    async def put(self, sid: str, blob: Blob) -> None:
+    def put(self, sid: str, blob: Blob) -> None:
         tensors = dequantize_state(decode(blob, self.identity).tensors, self.engine.dtype)
         missing = [f for f in (*STATE_FIELDS, "length", "seen") if f not in tensors]
         if missing:
@@ -102,15 +102,15 @@ class EngineDeviceTier(DeviceTier):
                 self.engine.free(self.slots.pop(sid))
             raise IncompatibleCacheError(f"cache does not fit this engine's slots: {e}") from e
 
-    async def delete(self, sid: str) -> bool:
+    def delete(self, sid: str) -> bool:
         slot = self.slots.pop(sid, None)
         if slot is None:
             return False
         self.engine.free(slot)
         return True
 
-    async def keys(self) -> list[str]:
+    def keys(self) -> list[str]:
         return list(self.slots)
 
-    async def stats(self) -> TierStats:
+    def stats(self) -> TierStats:
         return TierStats(sessions=len(self.slots), bytes=len(self.slots) * self.slot_bytes())

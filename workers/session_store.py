@@ -7,40 +7,63 @@ A turn has one API, in two halves so that any driver can generate in between:
                                 returns the ChatSession and the token ids to prefill
   close_turn(sid, messages, t)  record the generated tokens (none: the turn failed and is rolled
                                 back), unpin, persist the transcript to the store's durable tier
-The worker drives it with its BatchScheduler; lessserve.testing.run_turn drives it with
-Engine.generate for tests and benchmarks.
+The worker drives it with its BatchScheduler; lessserve.testing.sessions drives it in tests.
 
-Threads: a SessionStore is not thread-safe. One thread owns it and the engine together (the
-worker's scheduler thread: every call arrives through BatchScheduler.run_exclusive, between
-forward passes). The store's asyncio I/O (redis-py objects) belongs to a private event loop on a
-daemon thread (`io`); each call here blocks until its coroutine is done, so store operations never
-interleave. Per-session ordering of turns is the worker's business (its SessionLocks).
+Two threads, each with its own state. The public methods are coroutines on the caller's event loop:
+they await the shared tier (Redis, the cluster-state actor; with a deadline) and nothing else. The
+engine, the slot slab, the device and host tiers and the map of sessions belong to the slab's
+thread (the worker's scheduler thread); the `_local_*` methods run there, reached through
+`run_local` (BatchScheduler.run_exclusive in a worker: between forward passes). A turn of a session
+held on this worker is one hop to the slab's thread to open and one to close; a session that only
+the shared tier holds costs one more (its copy and transcript are fetched on the event loop in
+between). Per-session ordering of turns is the worker's business (its SessionLocks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import (
     CacheMissError,
-    CacheStoreError,
     IncompatibleCacheError,
     RestoreError,
     TierUnavailableError,
 )
-from lessserve.cache_store.store import TieredCacheStore
+from lessserve.cache_store.store import RunLocal, TieredCacheStore, run_inline
 from lessserve.cache_store.tier import Tier
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
-from lessserve.workers.io_loop import IoLoop
 
+T = TypeVar("T")
 LOCAL = "~"  # session ids a client cannot send (outside SESSION_ID_PATTERN): a worker's own sessions
+
+
+async def settle(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even when the caller is cancelled meanwhile (the cancellation is
+    raised again afterwards): what a turn took, it gives back, whatever ended it."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def meta_transcript(meta: dict) -> Transcript:
@@ -51,50 +74,120 @@ def meta_transcript(meta: dict) -> Transcript:
         raise IncompatibleCacheError(f"the cache carries no usable transcript: {e!r}") from e
 
 
+@dataclass(frozen=True)
+class Need:
+    """What the slab's thread needs from the shared tier before it can open a session."""
+
+    cache: bool  # the session's cache (this worker holds none)
+    transcript: bool  # its durable transcript (to rebuild it)
+    error: RestoreError | None = None  # why no cache is usable (when the cache is not asked for)
+
+
+@dataclass
+class Fetched:
+    """The shared tier's answers to a Need (None: not asked)."""
+
+    blob: object | None = None
+    error: RestoreError | None = None  # why there is no usable blob
+    transcript: Transcript | None = None
+
+
 class SessionStore:
-    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None):
+    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None,
+                 run_local: RunLocal = run_inline):
         """`shared`: a tier every worker reaches, standing in for Redis when none is configured
-        (the cluster passes one backed by its state actor); it may carry `.transcripts`."""
+        (the cluster passes one backed by its state actor); it may carry `.transcripts`.
+        `run_local(fn)`: runs fn on the thread that owns the engine (inline by default)."""
         self.engine = engine
         self.shared = shared
-        self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
+        self.run_local = run_local
         self.config = config = config or StoreConfig()
+        # --- the slab thread's state
+        self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
-        self.io = IoLoop("session-store-io")
-        self.store: TieredCacheStore = self.io.run(self._make_store())
-        self.transcript_write_failures = 0
-        self.transcript_read_failures = 0
+        self.store = TieredCacheStore(config, self.device, shared=shared,
+                                      transcripts=getattr(shared, "transcripts", None), run_local=run_local)
         self.prefix_builds = 0  # shared system prompts prefilled on this worker
         self.prefix_hits = 0  # new sessions started from a copy of one
+        # --- the event loop's state
+        self.transcript_write_failures = 0
+        self.transcript_read_failures = 0
         self.unsaved: set[str] = set()  # sessions whose latest transcript is not durable yet
-
-    async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
-        return TieredCacheStore(self.config, self.device, shared=self.shared,
-                                transcripts=getattr(self.shared, "transcripts", None))
 
     def _meta(self, sid: str) -> dict:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
 
     # --- the turn ---------------------------------------------------------------------------
-    def open_turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
-                  owner: str | None = None) -> tuple[ChatSession, list[int]]:
+    @contextlib.asynccontextmanager
+    async def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
+                   owner: str | None = None) -> AsyncIterator[tuple[ChatSession, list[int], list[int]]]:
+        """open_turn ... close_turn as one resource: yields (session, ids to prefill, tokens), the
+        caller appends every generated token to `tokens`; the turn is closed with exactly those on
+        every exit path, cancellation included (a cancelled open is closed once it finishes)."""
+        tokens: list[int] = []
+        opening = asyncio.ensure_future(self.open_turn(session_id, messages, max_new_tokens, owner))
+        try:
+            opened = await settle(opening)
+        except asyncio.CancelledError:  # cancelled while opening: the open finished, so close it
+            if not opening.cancelled() and opening.exception() is None:
+                await settle(self.close_turn(session_id, messages, tokens))
+            raise
+        try:
+            yield (*opened, tokens)
+        finally:
+            await settle(self.close_turn(session_id, messages, tokens))
+
+    async def open_turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
+                        owner: str | None = None) -> tuple[ChatSession, list[int]]:
         """First half of a turn driven by an external scheduler: bring the session to the device
         (pinned), check the owner and that the turn fits, and return it with the token ids to
         prefill. Pair with `close_turn`, which must be called whatever happens (also after an
         error here: it is then a no-op). A session another owner created is SessionNotFoundError."""
-        chat = self._bring_to_device(session_id, messages)
+        local = self.store.local_call
+        out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, None))
+        if isinstance(out, Need):  # only the shared tier can tell: fetch on this loop, off the slab's thread
+            fetched = await self._fetch(session_id, out)
+            out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, fetched))
+            if fetched.blob is not None and fetched.error is None and self.store.shared:
+                await self.store.after_shared_restore(session_id)
+        return out
+
+    def _local_open(self, sid: str, messages: list[dict], max_new_tokens: int, owner: str | None,
+                    fetched: Fetched | None) -> tuple[ChatSession, list[int]] | Need:
+        self.store.pin(sid)
         try:
+            chat = self._bring_to_device(sid, messages, fetched)
+            if isinstance(chat, Need):
+                self.store.unpin(sid)
+                return chat
             if owner is not None and chat.transcript.owner not in (None, owner):
-                raise SessionNotFoundError(f"session {session_id!r} not found")
+                raise SessionNotFoundError(f"session {sid!r} not found")
             plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
             self._check_fits(chat, plan, max_new_tokens)
-            self._open[session_id] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+            self._open[sid] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
             chat.transcript.owner = chat.transcript.owner or owner
             return chat, chat.begin_turn(messages, plan)
         except BaseException:
-            self.store.unpin(session_id)
+            self.store.unpin(sid)
             raise
+
+    async def _fetch(self, sid: str, need: Need) -> Fetched:
+        """The shared tier's copy and transcript of `sid`, fetched concurrently; failures become
+        answers (a missing or unreachable copy is rebuilt from the transcript or the request)."""
+        out = Fetched(error=need.error)
+
+        async def cache():
+            try:
+                out.blob = await self.store.fetch(sid)
+            except RestoreError as e:
+                out.error = e
+
+        async def transcript():
+            out.transcript = await self._fetch_transcript(sid)
+
+        await asyncio.gather(*([cache()] if need.cache else []), *([transcript()] if need.transcript else []))
+        return out
 
     def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
         eng = self.engine
@@ -107,106 +200,131 @@ class SessionStore:
                 raise ContextOverflowError(f"the conversation would reach {held + len(plan.new_ids) + max_new_tokens}"
                                            f" tokens; the full policy holds at most {eng.spec.budget}")
 
-    def close_turn(self, session_id: str, messages: list[dict], tokens: list[int]) -> None:
+    async def close_turn(self, session_id: str, messages: list[dict], tokens: list[int]) -> None:
         """Second half: record the generated tokens, unpin, persist the transcript. A turn that
         produced nothing (it failed) is rolled back: the transcript returns to its state before
         the turn and the device copy is dropped, so the next turn rebuilds from the transcript."""
-        chat = self.sessions.get(session_id)
-        before = self._open.pop(session_id, None)
+        saved = await self.store.local_call(lambda: self._local_close(session_id, messages, tokens))
+        if saved is not None:
+            await self._write_transcript(session_id, saved)
+
+    def _local_close(self, sid: str, messages: list[dict], tokens: list[int]) -> dict | None:
+        """-> the transcript to make durable (None: nothing to write)."""
+        chat = self.sessions.get(sid)
+        before = self._open.pop(sid, None)
         if chat is None or before is None:  # open_turn failed: nothing was pinned or planned
-            return
-        self.store.unpin(session_id)
+            return None
+        self.store.unpin(sid)
         if tokens:
             chat.finish_turn(messages, tokens)
-            self.store.touch(session_id)
-            self._write_transcript(session_id)
-        else:  # the slot holds tokens the turn prefilled: drop this worker's copy, keep the transcript
-            chat.transcript = before
-            self.io.run(self.store.drop_local(session_id))
+            self.store.touch(sid)
+            return chat.transcript.to_dict()
+        chat.transcript = before  # the slot holds tokens the turn prefilled: drop this worker's copy
+        self.store.drop_local_copies(sid)
+        return None
 
-    def info(self, session_id: str, owner: str | None = None) -> dict | None:
+    async def info(self, session_id: str, owner: str | None = None) -> dict | None:
         """{"tier", "tokens_seen", "cached_tokens", "cache_bytes", "turns"}; None for a session
         unknown to this owner. TierUnavailableError when only the (unreachable) shared tier knows."""
-        try:
-            tier = self.io.run(self.store.where(session_id))
-        except CacheMissError:
-            tier = None
-        known = self.sessions.get(session_id)
-        tr = known.transcript if known else self._fetch_transcript(session_id, strict=True)
+        tier, tr, counts = await self.run_local(lambda: self._local_info(session_id))
+        if tier is None:
+            try:
+                tier = await self.store.where(session_id)
+            except CacheMissError:
+                tier = None
+        if tr is None:
+            tr = await self._fetch_transcript(session_id, strict=True)
         if (tier is None and not tr.ids) or (owner is not None and tr.owner not in (None, owner)):
             return None
-        eng = self.engine
-        if tier == "device":
-            slot = self.device.slot_of(session_id)
-            seen, cached = eng.slab.seen[slot], eng.slab.cached_tokens(slot)
-        else:
-            seen, cached = len(tr.ids), min(len(tr.ids), eng.spec.budget)
+        seen, cached = counts or (len(tr.ids), min(len(tr.ids), self.engine.spec.budget))
         return {"tier": tier or "transcript", "tokens_seen": seen, "cached_tokens": cached,
-                "cache_bytes": eng.slab.slot_bytes(), "turns": tr.turns}
+                "cache_bytes": self.engine.slab.slot_bytes(), "turns": tr.turns}
 
-    def _bring_to_device(self, sid: str, messages: list[dict] | None = None) -> ChatSession:
-        self.store.pin(sid)
+    def _local_info(self, sid: str) -> tuple[str | None, Transcript | None, tuple[int, int] | None]:
+        """(local tier, the transcript this worker holds, (seen, cached) of its device slot)."""
+        known, tier = self.sessions.get(sid), self.store.local_tier(sid)
+        counts = None
+        if tier == "device":
+            slot = self.device.slot_of(sid)
+            counts = (int(self.engine.slab.seen[slot]), int(self.engine.slab.cached_tokens(slot)))
+        return tier, (copy.deepcopy(known.transcript) if known else None), counts
+
+    def _bring_to_device(self, sid: str, messages: list[dict] | None, fetched: Fetched | None) -> ChatSession | Need:
+        st = self.store
         try:
-            restored = self.io.run(self.store.restore(sid))
+            if fetched is None:
+                restored = st.restore_local(sid)
+                if restored is None:  # only the shared tier may hold it
+                    return Need(cache=True, transcript=sid not in self.sessions)
+            elif fetched.blob is None:
+                raise fetched.error or RestoreError(sid, st.shared_name or "host", CacheMissError(sid))
+            else:
+                restored = st.load(sid, fetched.blob, st.shared_name)
         except RestoreError as e:
-            return self._rebuild(sid, e, messages)
-        except BaseException:
-            self.store.unpin(sid)
-            raise
+            return self._rebuild(sid, e, messages, fetched)
         slot = self.device.slot_of(sid)
         if restored.source == "device":
             return self.sessions[sid]
         try:
             tr = meta_transcript(restored.meta)
         except IncompatibleCacheError as e:  # a cache without its transcript: rebuild over the slot
-            return self._rebuild(sid, RestoreError(sid, restored.source, e), messages)
+            return self._rebuild(sid, RestoreError(sid, restored.source, e), messages, fetched)
         self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
         return chat
 
-    def _rebuild(self, sid: str, err: RestoreError, messages: list[dict] | None = None) -> ChatSession:
+    def _rebuild(self, sid: str, err: RestoreError, messages: list[dict] | None,
+                 fetched: Fetched | None) -> ChatSession | Need:
         """No usable cache: re-prefill the transcript (a recompute), or start a new session. A
         transcript the request's history does not extend is not re-prefilled (the turn then
         prefills the request from scratch). `ChatSession.rebuilt` counts the tokens re-prefilled."""
-        try:
-            known = self.sessions.get(sid)
-            tr = known.transcript if known else self._fetch_transcript(sid)
-            if tr.ids and messages is not None and plan_turn(self.engine.tokenizer, tr, messages).rebuild:
-                tr = Transcript(turns=tr.turns, owner=tr.owner)
-            if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
-                self.io.run(self.store.make_room())
-            if not tr.ids and not known and messages and self._from_prefix(sid, messages, tr.owner):
-                return self.sessions[sid]  # a new conversation starting from a shared system prompt
-            slot = self.device.new_slot(sid)
-            self.store.admit(sid)
-            if tr.ids:
-                self.engine.prefill(slot, tr.ids)
-            if known or tr.ids:
-                self.store.record_recompute(err.tier)
-            self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
-            chat.rebuilt = len(tr.ids)
-            return chat
-        except BaseException:
-            self.store.unpin(sid)
-            raise
+        known = self.sessions.get(sid)
+        if known is None and (fetched is None or fetched.transcript is None):
+            return Need(cache=False, transcript=True, error=err)
+        tr = known.transcript if known else fetched.transcript
+        if tr.ids and messages is not None and plan_turn(self.engine.tokenizer, tr, messages).rebuild:
+            tr = Transcript(turns=tr.turns, owner=tr.owner)
+        if sid not in self.device.slots:  # rebuilding over a restored but unusable copy reuses its slot
+            self.store.free_device_slots(1)
+        if not tr.ids and not known and messages and self._from_prefix(sid, messages, tr.owner):
+            return self.sessions[sid]  # a new conversation starting from a shared system prompt
+        slot = self.device.new_slot(sid)
+        self.store.admit(sid)
+        if tr.ids:
+            self.engine.prefill(slot, tr.ids)
+        if known or tr.ids:
+            self.store.record_recompute(err.tier)
+        self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
+        chat.rebuilt = len(tr.ids)
+        return chat
 
     # --- forks and shared prefixes ---------------------------------------------------------------
-    def fork(self, src: str, dst: str, owner: str | None = None) -> bool:
+    async def fork(self, src: str, dst: str, owner: str | None = None) -> bool:
         """`dst` starts as a copy of `src`'s compressed cache and transcript: one slot copied on the
         device, O(budget) whatever the conversation's length; later turns of either never reach the
         other. False (dst then starts empty and its first turn prefills its history) when src has
         no usable cache or belongs to another owner."""
+        local = self.store.local_call
+        out = await local(lambda: self._local_fork(src, dst, owner, None))
+        if isinstance(out, Need):  # src is not on this worker: only a copy in the shared tier will do
+            if self.store.shared is None or not out.cache:
+                return False
+            fetched = await self._fetch(src, out)
+            if fetched.error is not None:
+                return False
+            out = await local(lambda: self._local_fork(src, dst, owner, fetched))
+        return out is True
+
+    def _local_fork(self, src: str, dst: str, owner: str | None, fetched: Fetched | None) -> bool | Need:
         if dst in self.sessions or self.store.holds(dst):
             return False
-        if src not in self.sessions:
+        self.store.pin(src)
+        try:
             try:
-                self.io.run(self.store.where(src))  # a cache another worker left in the shared tier
-            except (CacheMissError, TierUnavailableError):
+                chat = self._bring_to_device(src, None, fetched)
+            except LessServeError:
                 return False
-        try:
-            chat = self._bring_to_device(src)
-        except LessServeError:
-            return False
-        try:
+            if isinstance(chat, Need):
+                return chat
             if owner is not None and chat.transcript.owner not in (None, owner):
                 return False
             self._copy_into(dst, chat)
@@ -216,7 +334,7 @@ class SessionStore:
             self.store.touch(src)
 
     def _copy_into(self, dst: str, chat: ChatSession) -> ChatSession:
-        self.io.run(self.store.make_room())  # the source is pinned by the caller
+        self.store.free_device_slots(1)  # the source is pinned by the caller
         slot = self.device.new_slot(dst)
         self.engine.slab.copy(chat.slot, slot)
         self.store.admit(dst)
@@ -239,12 +357,12 @@ class SessionStore:
         key = LOCAL + "prefix-" + hashlib.sha256(text.encode()).hexdigest()[:16]
         stale = key not in self.device.slots  # never built here, or moved off the device: build it again
         if stale and self.store.holds(key):
-            self.io.run(self.store.drop_local(key))
+            self.store.drop_local_copies(key)
         self.store.pin(key)
         try:
             if stale:
                 self.sessions.pop(key, None)
-                self.io.run(self.store.make_room())
+                self.store.free_device_slots(1)
                 slot = self.device.new_slot(key)
                 self.store.admit(key)
                 ids = encode(tok, text)
@@ -259,11 +377,12 @@ class SessionStore:
         finally:
             self.store.unpin(key)
 
-    def _fetch_transcript(self, sid: str, strict: bool = False) -> Transcript:
+    # --- transcripts (the event loop's) ---------------------------------------------------------
+    async def _fetch_transcript(self, sid: str, strict: bool = False) -> Transcript:
         """The durable transcript; an empty one for a new session, or (unless `strict`) when the
         shared tier is down: the request's own history then rebuilds the session (plan_turn)."""
         try:
-            return Transcript.from_dict(self.io.run(self.store.get_transcript(sid)))
+            return Transcript.from_dict(await self.store.get_transcript(sid))
         except CacheMissError:
             return Transcript()  # a new session (or one nobody can remember: plan_turn rebuilds it)
         except TierUnavailableError:
@@ -272,127 +391,145 @@ class SessionStore:
                 raise
             return Transcript()
 
-    def _write_transcript(self, sid: str) -> None:
+    async def _write_transcript(self, sid: str, transcript: dict) -> None:
         if sid.startswith(LOCAL):  # a worker's own helper session (a shared prefix): never durable
             return
         try:
-            self.io.run(self.store.put_transcript(sid, self.sessions[sid].transcript.to_dict()))
+            await self.store.put_transcript(sid, transcript)
             self.unsaved.discard(sid)
         except TierUnavailableError:  # durability degraded, the conversation is not: retried by flush()
             self.transcript_write_failures += 1
             self.unsaved.add(sid)
 
-    def flush(self) -> int:
+    def _local_transcripts(self, sids) -> dict[str, dict]:
+        return {s: self.sessions[s].transcript.to_dict() for s in sids if s in self.sessions}
+
+    async def flush(self) -> int:
         """Write the transcripts an outage kept from being saved; returns how many are still unsaved."""
-        for sid in list(self.unsaved):
-            if sid in self.sessions:
-                self._write_transcript(sid)
+        sids = list(self.unsaved)
+        held = await self.run_local(lambda: self._local_transcripts(sids))
+        for sid in sids:
+            if sid in held:
+                await self._write_transcript(sid, held[sid])
             else:
                 self.unsaved.discard(sid)
         return len(self.unsaved)
 
-    def republish(self, sids: list[str] | None = None) -> int:
+    async def republish(self, sids: list[str] | None = None) -> int:
         """Write the transcripts of these sessions (default: all this worker knows) after the shared
         tier lost its contents, each only where the durable one is missing or records fewer turns
         (another worker may have served a later turn). Returns the number written."""
+        held = await self.run_local(lambda: self._local_transcripts(list(self.sessions) if sids is None else sids))
         n = 0
-        for sid in list(self.sessions) if sids is None else [x for x in sids if x in self.sessions]:
+        for sid, tr in held.items():
             try:
-                durable = self.io.run(self.store.get_transcript(sid)).get("turns", 0)
+                durable = (await self.store.get_transcript(sid)).get("turns", 0)
             except CacheMissError:
                 durable = -1
             except TierUnavailableError:
                 self.unsaved.add(sid)
                 continue
-            if durable < self.sessions[sid].transcript.turns:
-                self._write_transcript(sid)
+            if durable < tr["turns"]:
+                await self._write_transcript(sid, tr)
                 n += sid not in self.unsaved
         return n
 
-    def drop_local(self, sid: str) -> None:
+    async def drop_local(self, sid: str) -> None:
         """Forget this worker's copy (device, host, in memory), never the shared tier's or the
         durable transcript: another worker holds a newer one."""
-        if self.store.is_pinned(sid):
-            return
-        self.io.run(self.store.drop_local(sid))
-        self.sessions.pop(sid, None)
-        self.unsaved.discard(sid)
+        if await self.run_local(lambda: self._local_drop(sid)):
+            self.unsaved.discard(sid)
 
-    def resident(self) -> dict[str, tuple[str | None, int]]:
+    def _local_drop(self, sid: str) -> bool:
+        if self.store.is_pinned(sid):
+            return False
+        self.store.drop_local_copies(sid)
+        self.sessions.pop(sid, None)
+        return True
+
+    async def resident(self) -> dict[str, tuple[str | None, int]]:
         """Sessions this worker knows -> (owner, turns)."""
-        return {sid: (chat.transcript.owner, chat.transcript.turns) for sid, chat in self.sessions.items()
-                if not sid.startswith(LOCAL)}
+        return await self.run_local(lambda: {sid: (c.transcript.owner, c.transcript.turns)
+                                             for sid, c in self.sessions.items() if not sid.startswith(LOCAL)})
 
     # --- placement --------------------------------------------------------------------------
-    def where(self, session_id: str) -> str:
+    async def where(self, session_id: str) -> str:
         """"device", "host" or the shared tier's name; CacheMissError if no tier holds the cache."""
-        return self.io.run(self.store.where(session_id))
+        return await self.store.where(session_id)
 
-    def offload(self, session_id: str, tier: str) -> str:
+    async def offload(self, session_id: str, tier: str) -> str:
         """Move the session's cache down to "host" or "shared" (or the shared tier's name, e.g.
         "redis"); returns the tier it landed in."""
-        return self.io.run(self.store.offload(session_id, tier))
+        return await self.store.offload(session_id, tier)
 
-    def restore(self, session_id: str) -> str:
+    async def restore(self, session_id: str) -> str:
         """Bring the session's cache to the device ahead of its next turn; returns where it came
         from. Raises RestoreError when it cannot (the next turn then rebuilds it)."""
-        return self.io.run(self.store.restore(session_id)).source
+        return (await self.store.restore(session_id)).source
 
-    def delete(self, session_id: str, owner: str | None = None) -> bool:
+    async def delete(self, session_id: str, owner: str | None = None) -> bool:
         """Forget the session: its cache in every tier and its transcript. True if it existed;
         another owner's session is left alone (False)."""
-        existed = self.info(session_id, owner) is not None
-        if not existed and owner is not None and session_id in self.sessions:
+        existed = await self.info(session_id, owner) is not None
+        if not existed and owner is not None and await self.run_local(lambda: session_id in self.sessions):
             return False  # someone else's
-        self.io.run(self.store.delete(session_id))
+        await self.store.delete(session_id)
         self.unsaved.discard(session_id)
-        self.sessions.pop(session_id, None)
+        await self.run_local(lambda: self.sessions.pop(session_id, None))
         return existed
 
-    def drain(self) -> int:
-        """Move every idle session to the shared tier (host memory without Redis)."""
-        for sid in list(self.device.slots):
-            self._write_transcript(sid)
-        moved = self.io.run(self.store.drain())
-        self._forget_departed()
+    async def drain(self) -> int:
+        """Move every idle session to the shared tier (host memory without one)."""
+        held = await self.run_local(lambda: self._local_transcripts(list(self.device.slots)))
+        for sid, tr in held.items():
+            await self._write_transcript(sid, tr)
+        moved = await self.store.drain()
+        await self._forget_departed()
         return moved
 
-    def maintain(self) -> int:
+    async def maintain(self) -> int:
         """Idle-time movement (device -> host -> shared tier); call it periodically."""
-        moved = self.io.run(self.store.maintain())
-        self._forget_departed()
+        moved = await self.store.maintain()
+        await self._forget_departed()
         return moved
 
-    def _forget_departed(self) -> None:
+    async def _forget_departed(self) -> None:
         """Stop keeping sessions whose cache left this worker for the shared tier once their
         transcript is durable there: memory per worker stays bounded by its tiers, not by every
         session it ever served. (Without a shared tier nothing departs: the transcript is all.)"""
         if self.store.shared is None:
             return
-        for sid in list(self.sessions):
-            if not self.store.holds(sid) and sid not in self.unsaved and not self.store.is_pinned(sid):
-                del self.sessions[sid]
+        unsaved = frozenset(self.unsaved)
+
+        def forget():
+            for sid in list(self.sessions):
+                if not self.store.holds(sid) and sid not in unsaved and not self.store.is_pinned(sid):
+                    del self.sessions[sid]
+
+        await self.run_local(forget)
 
     # --- inspection -------------------------------------------------------------------------
-    def transcript(self, session_id: str) -> Transcript:
+    async def transcript(self, session_id: str) -> Transcript:
         """The session's transcript: this worker's, else the durable one; CacheMissError if none."""
-        if session_id in self.sessions:
-            return self.sessions[session_id].transcript
-        tr = self._fetch_transcript(session_id, strict=True)
+        known = await self.run_local(lambda: self.sessions.get(session_id))
+        if known is not None:
+            return known.transcript
+        tr = await self._fetch_transcript(session_id, strict=True)
         if not tr.ids:
             raise CacheMissError(f"unknown session {session_id!r}")
         return tr
 
-    def stats(self) -> dict:
-        out = self.io.run(self.store.stats())
+    async def stats(self) -> dict:
+        out = await self.store.stats()
         out["total"].update(transcript_write_failures=self.transcript_write_failures,
                             transcript_read_failures=self.transcript_read_failures,
                             unsaved_transcripts=len(self.unsaved), prefix_builds=self.prefix_builds,
                             prefix_hits=self.prefix_hits)
         return out
 
-    def close(self) -> None:
-        """Close the store's connections and stop its I/O thread (caches on the device are kept)."""
-        with contextlib.suppress(CacheStoreError):
-            self.io.run(self.store.close())
-        self.io.stop()
+    async def close(self) -> None:
+        """Close the store's connections (caches on the device are kept)."""
+        try:
+            await self.store.close()
+        except LessServeError:
+            pass

@@ -12,43 +12,27 @@ Layer-major so one layer of every slot is a plain view for batched kernels:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from lessserve.workers.errors import SlotsExhaustedError, SlotStateError
 
 STATE_FIELDS = ("k", "v", "pos", "score", "H", "z")
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # numpy has no bfloat16: move the bits
-
-
-def host_array(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor (16-bit floats as their int16 bits). Copies through it run on
-    the calling thread alone: the I/O loop's offloads and restores never start a torch thread team
-    beside the scheduler's (workers/threads.py)."""
-    return t.view(_BITS.get(t.dtype, t.dtype)).numpy()
 
 
 def host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of `t` (a strided slot view)."""
-    if t.device.type != "cpu":
-        return t.to("cpu", copy=True)
-    return torch.from_numpy(np.array(host_array(t))).view(t.dtype)
+    """A contiguous host copy of `t` (a strided slot view). Like every slab operation it runs on the
+    scheduler thread, inside its torch thread team (workers/threads.py)."""
+    return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone(memory_format=torch.contiguous_format)
 
 
 def fill(t: torch.Tensor, value: int) -> None:
-    """t[...] = value in place (through numpy on CPU, as host_copy)."""
-    if t.device.type == "cpu":
-        host_array(t)[...] = value
-    else:
-        t.fill_(value)
+    """t[...] = value in place."""
+    t.fill_(value)
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[...] = src in place, src on the host with dst's shape and dtype (through numpy on CPU)."""
-    if dst.device.type == "cpu":
-        host_array(dst)[...] = host_array(src)
-    else:
-        dst.copy_(src, non_blocking=True)
+    """dst[...] = src in place, src on the host with dst's shape and dtype."""
+    dst.copy_(src, non_blocking=dst.device.type != "cpu")
 
 
 class SlotSlab:

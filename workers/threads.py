@@ -9,10 +9,10 @@ scheduler waits for its workers to wake up: a decode step (default model, batch 
 So the thread that builds the engine (model loading) runs torch at one thread, and the
 scheduler thread sets N when it starts (`BatchScheduler(threads=N)`). The count is in effect
 process-wide (libgomp keeps it globally for threads outside an OpenMP region), so a thread that
-runs large torch ops after the scheduler has started still starts a team of its own. The I/O
-loop's slot copies on offload and restore did (a decode step: 175 ms before a run with offloads,
-240 ms after it); they now copy through numpy on the calling thread (workers/slots.py), and the
-same run leaves the decode step at 172 ms with no second team.
+runs large torch ops after the scheduler has started still starts a team of its own. An I/O
+thread's slot copies on offload and restore once did (a decode step: 175 ms before a run with
+offloads, 240 ms after it); every slab operation now runs on the scheduler thread itself
+(workers/session_store.py reaches the slab through `run_exclusive`), so there is no second team.
 
 The scheduler thread also allocates from a glibc arena of its own, and glibc hands a non-main
 arena's freed top back to the kernel as soon as it passes the trim threshold, so every step's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 
 import pytest
@@ -102,40 +101,35 @@ def test_other_configuration_is_refused(field, value):
 
 
 def test_device_tier_refuses_a_cache_from_another_budget(tiny_engine_factory):
-    async def main():
-        a = EngineDeviceTier(tiny_engine_factory(budget=16))
-        b = EngineDeviceTier(tiny_engine_factory(budget=24))
-        slot = a.new_slot("s")
-        a.engine.prefill(slot, [1, 2, 3, 4, 5])
-        blob = await a.get("s")
-        with pytest.raises(IncompatibleCacheError, match="budget"):
-            await b.put("s", blob)
-        assert not await b.contains("s") and b.free_slots == b.engine.cfg.max_slots
-
-    asyncio.run(main())
+    a = EngineDeviceTier(tiny_engine_factory(budget=16))
+    b = EngineDeviceTier(tiny_engine_factory(budget=24))
+    slot = a.new_slot("s")
+    a.engine.prefill(slot, [1, 2, 3, 4, 5])
+    blob = a.get("s")
+    with pytest.raises(IncompatibleCacheError, match="budget"):
+        b.put("s", blob)
+    assert not b.contains("s") and b.free_slots == b.engine.cfg.max_slots
 
 
 def test_quantized_device_tier_is_smaller_and_close(tiny_engine_factory):
-    async def main():
-        e = tiny_engine_factory()
-        tier = EngineDeviceTier(e)
-        slot = tier.new_slot("s")
-        e.prefill(slot, list(range(1, 30)))
-        before = e.slab.export(slot)
-        full = await tier.get("s")
-        tier.quantize = True
-        small = await tier.get("s")
-        assert len(small) < 0.6 * len(full)
-        names = {s.name for s in codec.read_header(small).tensors}
-        assert {"k_q", "k_scale", "v_q", "v_scale"} <= names and "k" not in names
-        await tier.delete("s")
-        tier.quantize = False
-        await tier.put("s", small)  # dequantised on load whatever the loading tier's own setting
-        after = e.slab.export(tier.slot_of("s"))
-        for f in ("k", "v"):
-            tol = before[f].abs().amax(dim=-1, keepdim=True) / 127 / 2 + 1e-6
-            assert ((after[f] - before[f]).abs() <= tol).all()
-        for f in ("pos", "score", "length", "seen"):
-            assert torch.equal(after[f], before[f])
+    e = tiny_engine_factory()
+    tier = EngineDeviceTier(e)
+    slot = tier.new_slot("s")
+    e.prefill(slot, list(range(1, 30)))
+    before = e.slab.export(slot)
+    full = tier.get("s")
+    tier.quantize = True
+    small = tier.get("s")
+    assert len(small) < 0.6 * len(full)
+    names = {s.name for s in codec.read_header(small).tensors}
+    assert {"k_q", "k_scale", "v_q", "v_scale"} <= names and "k" not in names
+    tier.delete("s")
+    tier.quantize = False
+    tier.put("s", small)  # dequantised on load whatever the loading tier's own setting
+    after = e.slab.export(tier.slot_of("s"))
+    for f in ("k", "v"):
+        tol = before[f].abs().amax(dim=-1, keepdim=True) / 127 / 2 + 1e-6
+        assert ((after[f] - before[f]).abs() <= tol).all()
+    for f in ("pos", "score", "length", "seen"):
+        assert torch.equal(after[f], before[f])
 
-    asyncio.run(main())

@@ -42,27 +42,27 @@ class FakeDevice(DeviceTier):
         assert self.free_slots > 0 or sid in self.held
         self.held[sid] = {"x": torch.full((250,), float(value))}
 
-    async def contains(self, sid):
+    def contains(self, sid):
         return sid in self.held
 
-    async def get(self, sid):
+    def get(self, sid):
         if sid not in self.held:
             raise CacheMissError(sid)
         return codec.encode(self.held[sid], ID, {"sid": sid})
 
-    async def put(self, sid, blob):
+    def put(self, sid, blob):
         tensors = codec.decode(blob, ID).tensors
         if sid not in self.held and self.free_slots == 0:
             raise TierFullError("no slot")
         self.held[sid] = {k: v.clone() for k, v in tensors.items()}
 
-    async def delete(self, sid):
+    def delete(self, sid):
         return self.held.pop(sid, None) is not None
 
-    async def keys(self):
+    def keys(self):
         return list(self.held)
 
-    async def stats(self):
+    def stats(self):
         return TierStats(sessions=len(self.held), bytes=1000 * len(self.held))
 
 
@@ -110,7 +110,7 @@ def test_down_and_up_through_every_tier(redis_server, prefix):
         assert await store.where("a") == "device"
         assert await store.offload("a", "host") == "host" and await store.where("a") == "host"
         assert await store.offload("a", "redis") == "redis" and await store.where("a") == "redis"
-        assert not dev.held and await store.host.keys() == []
+        assert not dev.held and store.host.keys() == []
         r = await store.restore("a")
         assert r.source == "redis" and r.meta == {"sid": "a"}
         assert await store.where("a") == "device" and torch.equal(dev.held["a"]["x"], torch.full((250,), 1.5))
@@ -235,9 +235,9 @@ def test_delete_frees_every_tier_and_the_transcript(redis_server, prefix):
         await new_session(store, dev, "a", 1)
         await store.put_transcript("a", {"ids": [1, 2]})
         await store.offload("a", "redis")
-        await store.host.put("a", await store.shared.get("a"))  # a stale copy on host too: both go
+        store.host.put("a", await store.shared.get("a"))  # a stale copy on host too: both go
         await store.delete("a")
-        assert not dev.held and await store.host.keys() == [] and await store.shared.keys() == []
+        assert not dev.held and store.host.keys() == [] and await store.shared.keys() == []
         with pytest.raises(CacheMissError):
             await store.get_transcript("a")
         await store.close()
@@ -266,10 +266,10 @@ def test_corrupt_copy_is_refused_and_removed(redis_server, prefix):
 def test_host_tier_bound_is_enforced():
     async def main():
         h = HostTier(100)
-        await h.put("a", b"x" * 60)
+        h.put("a", b"x" * 60)
         with pytest.raises(TierFullError):
-            await h.put("b", b"y" * 60)
-        await h.put("a", b"z" * 100)  # replacing frees the old copy first
-        assert h.used == 100 and bytes(await h.get("a")) == b"z" * 100
+            h.put("b", b"y" * 60)
+        h.put("a", b"z" * 100)  # replacing frees the old copy first
+        assert h.used == 100 and bytes(h.get("a")) == b"z" * 100
 
     asyncio.run(main())

@@ -3,16 +3,15 @@ lives its own life (its sibling never sees its tokens); a new conversation that 
 system prompt starts from a copy of that prompt's state, prefilled once per worker."""
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import run_turn
+from lessserve.testing.sessions import SyncSessions, run_turn
 from lessserve.workers.chat_session import ChatSession
-from lessserve.workers.session_store import SessionStore
 
 SYSTEM = ("You are a terse assistant for a harbour office. Answer in one short sentence, name ships exactly, "
           "and never invent timetables. ") * 3
 
 
 def store(default_engine, slots=4):
-    return SessionStore(default_engine(max_slots=slots), StoreConfig(device_idle_s=None, host_idle_s=None))
+    return SyncSessions(default_engine(max_slots=slots), StoreConfig(device_idle_s=None, host_idle_s=None))
 
 
 def test_a_fork_is_a_slot_copy_and_branches_stay_apart(default_engine):

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import forget_cache, run_turn
+from lessserve.testing.sessions import SyncSessions, forget_cache, run_turn
 from lessserve.workers.chat_session import stream_reply
-from lessserve.workers.session_store import SessionStore
 from tests.workers.replay import assert_same_state, int8_round_trip, replay
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUESTIONS = ["Name a colour.", "Why that one? Answer in one sentence.", "Name a fruit."]
 
 
-def talk(ss: SessionStore, sid: str, turns: int, new_tokens: int = 5) -> None:
+def talk(ss: SyncSessions, sid: str, turns: int, new_tokens: int = 5) -> None:
     msgs: list[dict] = []
     for i in range(turns):
         msgs = [*msgs, {"role": "user", "content": QUESTIONS[i]}]
@@ -27,13 +26,13 @@ def talk(ss: SessionStore, sid: str, turns: int, new_tokens: int = 5) -> None:
         msgs = ss.transcript(sid).messages
 
 
-def slot_state(ss: SessionStore, sid: str) -> dict:
+def slot_state(ss: SyncSessions, sid: str) -> dict:
     return ss.engine.slab.export(ss.device.slot_of(sid))
 
 
 @pytest.mark.parametrize("policy", ["h2o+less", "lambda+less"])
 def test_offload_and_restore_is_bit_exact(default_engine, redis_server, prefix, policy):
-    ss = SessionStore(default_engine(policy=policy, max_slots=2),
+    ss = SyncSessions(default_engine(policy=policy, max_slots=2),
                       StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, keep_redis_copy=False))
     try:
         talk(ss, "s", 2)
@@ -57,7 +56,7 @@ def test_offload_and_restore_is_bit_exact(default_engine, redis_server, prefix, 
 def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine, redis_server, prefix):
     """The cache is lost; the next turn's rebuild re-prefills the transcript: the slot it builds is
     the slot a fresh engine gets by consuming the same ids through the same chunk cuts."""
-    ss = SessionStore(default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13),
+    ss = SyncSessions(default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13),
                       StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
     other = default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13)
     try:

@@ -7,9 +7,8 @@ import pytest
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError
-from lessserve.testing.sessions import adopt, forget_cache, run_turn, snapshot
+from lessserve.testing.sessions import SyncSessions, adopt, forget_cache, run_turn, snapshot
 from lessserve.workers.chat_session import ChatSession, Transcript
-from lessserve.workers.session_store import SessionStore
 from tests.workers.replay import replayed_reply
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: one intra-op thread
@@ -26,7 +25,7 @@ def test_round_trips_between_every_turn_give_the_same_tokens(default_engine, red
     """device -> host -> Redis -> device between turns == a session that never left the device."""
     ref_engine, engine = default_engine(), default_engine()
     ref = ChatSession(ref_engine)
-    ss = SessionStore(engine, StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
+    ss = SyncSessions(engine, StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
     try:
         ref_hist, hist = [], []
         for i in range(len(QUESTIONS)):
@@ -53,7 +52,7 @@ def test_round_trips_between_every_turn_give_the_same_tokens(default_engine, red
 
 def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(default_engine, own_redis, prefix):
     cfg = StoreConfig(redis_url=own_redis.url, redis_prefix=prefix, redis_timeout_s=2.0)
-    a = SessionStore(default_engine(), cfg)
+    a = SyncSessions(default_engine(), cfg)
     try:
         hist = []
         list(run_turn(a, "s", next_messages(hist, 0), max_new_tokens=NEW_TOKENS))
@@ -91,8 +90,8 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
 
         # 3. Flipped bytes in Redis: the checksum refuses the cache, the next turn rebuilds.
         r = a.store.shared
-        gen = a.io.run(r.client.get(f"{prefix}:s:ptr")).decode().split(":")[0]
-        a.io.run(r.client.setrange(f"{prefix}:s:{gen}:0", 5000, b"\x00\xff\x00\xff"))
+        gen = a.run(r.client.get(f"{prefix}:s:ptr")).decode().split(":")[0]
+        a.run(r.client.setrange(f"{prefix}:s:{gen}:0", 5000, b"\x00\xff\x00\xff"))
         want = replayed_reply(default_engine(), a.transcript("s"), next_messages(hist, 2), NEW_TOKENS)
         assert "".join(run_turn(a, "s", next_messages(hist, 2), max_new_tokens=NEW_TOKENS)) == want
         assert a.stats()["redis"]["recomputes"] == 2 and a.transcript("s").turns == 3
@@ -100,7 +99,7 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
 
         # 4. Another worker with another budget: the header is refused; it rebuilds from the
         #    transcript it reads from Redis (it never saw this session before).
-        b = SessionStore(default_engine(budget=24), cfg)
+        b = SyncSessions(default_engine(budget=24), cfg)
         try:
             msgs = [*a.transcript("s").messages, {"role": "user", "content": "Thanks."}]
             want = replayed_reply(default_engine(budget=24), a.transcript("s"), msgs, 2)
@@ -115,7 +114,7 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
 
 
 def test_embedded_default_without_redis(default_engine):
-    ss = SessionStore(default_engine(), StoreConfig())
+    ss = SyncSessions(default_engine(), StoreConfig())
     try:
         list(run_turn(ss, "x", next_messages([], 0), max_new_tokens=3))
         assert ss.offload("x", "host") == "host"
@@ -134,7 +133,7 @@ def test_embedded_default_without_redis(default_engine):
 
 
 def test_quantized_offload_is_smaller_and_the_conversation_goes_on(default_engine, redis_server, prefix):
-    ss = SessionStore(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, quantize=True))
+    ss = SyncSessions(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, quantize=True))
     try:
         list(run_turn(ss, "q", next_messages([], 0), max_new_tokens=3))
         small = len(snapshot(ss, "q"))  # snapshot follows the device tier: quantised here
@@ -153,14 +152,14 @@ def test_quantized_offload_is_smaller_and_the_conversation_goes_on(default_engin
 def test_a_cache_without_its_transcript_is_refused(default_engine, redis_server, prefix):
     from lessserve.cache_store.errors import IncompatibleCacheError
 
-    ss = SessionStore(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
+    ss = SyncSessions(default_engine(), StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
     try:
         list(run_turn(ss, "t", next_messages([], 0), max_new_tokens=2))
         ss.device.meta_fn = lambda sid: {}  # a writer that forgot the transcript
         bare = snapshot(ss, "t")
         with pytest.raises(IncompatibleCacheError):
             adopt(ss, "u", bare)
-        ss.io.run(ss.store.shared.put("u", bare))  # what another writer left in the shared tier
+        ss.run(ss.store.shared.put("u", bare))  # what another writer left in the shared tier
         assert ss.where("u") == "redis"
         reply = "".join(run_turn(ss, "u", next_messages([], 1), max_new_tokens=2))
         assert reply.strip() and ss.where("u") == "device" and ss.transcript("u").turns == 1

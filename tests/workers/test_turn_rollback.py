@@ -5,13 +5,12 @@ is dropped, and the next turn continues from the transcript, consistent token fo
 import copy
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import run_turn
-from lessserve.workers.session_store import SessionStore
+from lessserve.testing.sessions import SyncSessions, run_turn
 
 
 def test_failed_turn_rolls_back_and_the_next_turn_is_consistent(default_engine):
     eng = default_engine(max_slots=2)
-    ss = SessionStore(eng, StoreConfig(device_idle_s=None, host_idle_s=None))
+    ss = SyncSessions(eng, StoreConfig(device_idle_s=None, host_idle_s=None))
     try:
         msgs = [{"role": "user", "content": "Name a colour."}]
         list(run_turn(ss, "s", msgs, max_new_tokens=4))

@@ -1,0 +1,195 @@
+"""A turn's two threads and its one resource: the slab (engine, device and host tiers) is touched
+only on the scheduler thread, the shared tier only on the event loop; a turn cancelled anywhere
+gives back its pin; a shared tier that hangs costs a deadline, never the scheduler thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from lessserve.cache_store.config import StoreConfig
+from lessserve.cache_store.errors import CacheMissError
+from lessserve.cache_store.tier import Tier, TierStats
+from lessserve.cache_store.transcripts import MemoryTranscripts
+from lessserve.workers.config import EngineConfig
+from lessserve.workers.engine import Engine
+from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from lessserve.workers.session_store import SessionStore
+from tests.conftest import tiny_checkpoint
+
+
+class RecordingShared(Tier):
+    """An in-memory shared tier that records the thread of every call; `hang` makes reads never return."""
+
+    name = "cluster"
+
+    def __init__(self):
+        self.blobs: dict[str, bytes] = {}
+        self.threads: set[str] = set()
+        self.hang = False
+        self.transcripts = Transcripts(self)
+
+    def _note(self):
+        self.threads.add(threading.current_thread().name)
+
+    async def _maybe_hang(self):
+        self._note()
+        if self.hang:
+            await asyncio.Event().wait()
+
+    async def contains(self, sid):
+        await self._maybe_hang()
+        return sid in self.blobs
+
+    async def get(self, sid):
+        await self._maybe_hang()
+        if sid not in self.blobs:
+            raise CacheMissError(sid)
+        return self.blobs[sid]
+
+    async def put(self, sid, blob):
+        self._note()
+        self.blobs[sid] = bytes(blob)
+
+    async def delete(self, sid):
+        self._note()
+        return self.blobs.pop(sid, None) is not None
+
+    async def keys(self):
+        return list(self.blobs)
+
+    async def stats(self):
+        return TierStats(sessions=len(self.blobs), bytes=sum(map(len, self.blobs.values())))
+
+
+class Transcripts(MemoryTranscripts):
+    def __init__(self, owner: RecordingShared):
+        super().__init__()
+        self.owner = owner
+
+    async def get(self, sid):
+        await self.owner._maybe_hang()
+        return await super().get(sid)
+
+    async def put(self, sid, transcript):
+        await self.owner._maybe_hang()
+        await super().put(sid, transcript)
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A tiny engine, its scheduler thread, a SessionStore reaching the slab through it, and the
+    thread of every slab access (the device tier's calls)."""
+    engine = Engine(EngineConfig(policy="h2o", budget=16, max_slots=2, prefill_chunk=8, device="cpu",
+                                 dtype="float32"), checkpoint=tiny_checkpoint(tmp_path), tokenizer=FakeTok())
+    sched = BatchScheduler(engine)
+    shared = RecordingShared()
+    ss = SessionStore(engine, StoreConfig(redis_timeout_s=1.0, device_idle_s=None, host_idle_s=None), shared=shared,
+                      run_local=sched.run_exclusive)
+    slab_threads: set[str] = set()
+    for name in ("get", "put", "delete", "new_slot"):
+        real = getattr(ss.device, name)
+
+        def wrapped(*a, _real=real, **kw):
+            slab_threads.add(threading.current_thread().name)
+            return _real(*a, **kw)
+
+        setattr(ss.device, name, wrapped)
+    yield engine, sched, ss, shared, slab_threads
+    sched.close()
+
+
+class FakeTok:
+    """A tokenizer over the tiny model's 128 ids: one id per character."""
+
+    eos_token_id = 0
+    all_special_ids = [0]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % 127 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i % 26) for i in ids if not (skip_special_tokens and i == 0))
+
+
+async def turn(ss, sched, sid, messages, n=4, done: list | None = None):
+    """One whole turn; `done` receives the loop time of its last token (before the turn closes)."""
+    async with ss.turn(sid, messages, n) as (session, new_ids, tokens):
+        params = SamplingParams(max_new_tokens=n, stop_ids=())
+        async for _ in sched.generate(session.slot, new_ids, params, tokens):
+            pass
+        if done is not None:
+            done.append(asyncio.get_running_loop().time())
+    return tokens
+
+
+def msgs(*words):
+    return [{"role": "user", "content": w} for w in words]
+
+
+def test_the_slab_on_the_scheduler_thread_and_the_shared_tier_on_the_loop(world):
+    engine, sched, ss, shared, slab_threads = world
+
+    async def main():
+        await turn(ss, sched, "a", msgs("hello there"))
+        assert await ss.offload("a", "shared") == "cluster"
+        await turn(ss, sched, "a", [*msgs("hello there"), {"role": "assistant", "content": "x"}, *msgs("again")])
+        await ss.drain()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    assert slab_threads == {"lessserve-scheduler"}
+    assert shared.threads == {loop_thread}
+
+
+def test_a_turn_cancelled_anywhere_gives_its_pin_back(world):
+    engine, sched, ss, shared, _ = world
+
+    async def cancel_after(delay: float, sid: str):
+        task = asyncio.create_task(turn(ss, sched, sid, msgs("a long enough message " * 4), n=64))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def main():
+        for i, delay in enumerate((0.0, 0.001, 0.01, 0.05, 0.2)):
+            await cancel_after(delay, f"c{i}")
+            assert not ss.store._pins, (delay, ss.store._pins)
+        # every slot is free to take again: two whole turns on new sessions
+        await turn(ss, sched, "after-1", msgs("hi"))
+        await turn(ss, sched, "after-2", msgs("hi"))
+
+    asyncio.run(main())
+
+
+def test_a_hung_shared_tier_costs_a_deadline_not_the_scheduler(world):
+    engine, sched, ss, shared, _ = world
+
+    async def main():
+        await turn(ss, sched, "held", msgs("a session held on this worker"))
+        shared.hang = True
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        slow = asyncio.create_task(turn(ss, sched, "new", msgs("a new session needs its transcript")))
+        await asyncio.sleep(0.05)
+        # meanwhile the held session's turn decodes: the scheduler thread never waits on the shared tier
+        t1, done = loop.time(), []
+        await turn(ss, sched, "held", [*msgs("a session held on this worker"),
+                                       {"role": "assistant", "content": "x"}, *msgs("more")], done=done)
+        held_s = done[0] - t1  # its reply is whole before its transcript write gives up
+        await slow  # the transcript read gave up at the deadline: the request's history rebuilt it
+        return held_s, loop.time() - t0
+
+    held_s, slow_s = asyncio.run(main())
+    deadline = ss.store.timeout_s
+    assert held_s < deadline, (held_s, deadline)
+    # two deadlines (the fetch, the transcript write) and the turn's own compute: never a hang
+    assert deadline <= slow_s < 2 * deadline + 5.0, (slow_s, deadline)
+    assert ss.transcript_read_failures >= 1
