@@ -5,6 +5,7 @@ gives back its pin; a shared tier that hangs costs a deadline, never the schedul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -154,8 +155,8 @@ def test_a_turn_cancelled_anywhere_gives_its_pin_back(world):
     async def cancel_after(delay: float, sid: str):
         task = asyncio.create_task(turn(ss, sched, sid, msgs("a long enough message " * 4), n=64))
         await asyncio.sleep(delay)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        task.cancel()  # a loaded machine may have finished the turn already: either way, no pin is left
+        with contextlib.suppress(asyncio.CancelledError):
             await task
 
     async def main():
