@@ -10,7 +10,8 @@ from lessserve.cluster.config import ServeConfig
 
 def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = None,
           after_init: Callable[[], None] | None = None) -> None:
-    """`after_init` runs right after ray.init (which installs Ray's own SIGTERM handler: a stack
+    """Deploy `cfg` as it is: the caller resolved it (no config source is applied again).
+    `after_init` runs right after ray.init (which installs Ray's own SIGTERM handler: a stack
     dump, then abort), e.g. to put the caller's signal handlers back before the slow deploy."""
     import ray
     from ray import serve
@@ -23,9 +24,9 @@ def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = N
         after_init()
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
-    from lessserve.cluster.app import build_app
+    from lessserve.cluster.app import app_from_config
 
-    serve.run(build_app(cfg.model_dump(mode="json")), name="lessserve", route_prefix="/", blocking=False)
+    serve.run(app_from_config(cfg), name="lessserve", route_prefix="/", blocking=False)
 
 
 def stop() -> None:
