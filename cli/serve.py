@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -61,8 +63,17 @@ def config_from_args(args):
         raise CliError("--config", str(e)) from None
 
 
+def starts_local_ray(address: str | None) -> bool:
+    """Whether `serve` starts its own Ray here (launch.start's rule) rather than joining a cluster."""
+    return (address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+
+
 def run(args) -> int:
     cfg = config_from_args(args)
+    from lessserve.cli import preflight
+
+    for line in preflight.check(cfg, local=starts_local_ray(args.address)):  # before Ray: fails in seconds
+        print(line, file=sys.stderr, flush=True)
     from lessserve.cluster import launch
 
     stop = threading.Event()

@@ -456,9 +456,9 @@ def worker_deployment(cfg: ServeConfig):
     )
 
 
-def build_app(args: dict | None = None):
-    """Serve import path target: `args` is a ServeConfig mapping; LESSSERVE_* env applies on top."""
-    cfg = load_config(base=args)
+def app_from_config(cfg: ServeConfig):
+    """The application of an already-resolved config, taken as it is (`lessserve serve` resolved
+    defaults < YAML < env < flags once: no source is applied again here)."""
     # Replicas get the config without the scaling block: changing worker counts or autoscaling
     # is then a lightweight update that keeps running workers and their sessions.
     cfg_dict = cfg.model_dump(mode="json", exclude={"workers"})
@@ -467,3 +467,10 @@ def build_app(args: dict | None = None):
                           ray_actor_options={"num_cpus": cfg.router_num_cpus,
                                              **({"resources": cfg.router_resources} if cfg.router_resources else {})},
                           ).bind(worker, cfg_dict)
+
+
+def build_app(args: dict | None = None):
+    """Serve import path target (`serve run` / `serve deploy` / a RayService): `args` is a
+    ServeConfig mapping and LESSSERVE_* env applies on top of it, so a deployment can keep secrets
+    such as a Redis URL with a password in a Secret rather than in its Serve config."""
+    return app_from_config(load_config(base=args))

@@ -1,4 +1,13 @@
-"""The serving cluster's one configuration (pydantic): YAML file, then env, then flags.
+"""The serving cluster's one configuration (pydantic), resolved once by `load_config`.
+
+Precedence, later wins: the field defaults < a YAML file (`--config`) < LESSSERVE_* environment
+variables < explicit overrides (the CLI's flags). `lessserve serve` resolves it in its own process
+and deploys the result as it is (`cluster.app.app_from_config`): nothing applies a source again, so
+`LESSSERVE_BUDGET=64 lessserve serve --budget 128` serves budget 128. The Serve import path
+(`build_app(args)`: `serve run`, `serve deploy`, a RayService) reads its application `args` in
+place of the file, with the environment on top (secrets such as a Redis password stay in the
+environment). `api_keys` is never read from the environment into the config: every replica reads
+LESSSERVE_API_KEYS itself (`ServeConfig.keys`).
 
 A config file may be a plain mapping of these fields or a Ray Serve config file whose first
 application's `args` hold them, so the same file works with `lessserve serve --config`,
@@ -159,9 +168,10 @@ def read_config_file(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 env: Mapping[str, str] | None = None, base: dict | None = None) -> ServeConfig:
-    """File (or `base`, e.g. Serve application args), then LESSSERVE_* env, then explicit
+    """Defaults < file (or `base`, e.g. Serve application args) < LESSSERVE_* env < explicit
     overrides (dotted keys, None = unset). Env on top of args lets a deployment keep secrets such
-    as a Redis URL with a password in a Secret rather than in its Serve config."""
+    as a Redis URL with a password in a Secret rather than in its Serve config. Call it once per
+    process: the result is final (a second call over it would put the env above the overrides)."""
     data = read_config_file(path) if path else copy.deepcopy(base or {})
     _merge(data, env_layer(os.environ if env is None else env))
     for dotted, value in (overrides or {}).items():

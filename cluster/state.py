@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 import ray
 
-from lessserve.cluster.metrics import Histogram, render_metric
+from lessserve.cluster.metrics import Histogram, cluster_registry, exposition
 
 STATE_ACTOR = "lessserve-cluster-state"
 NAMESPACE = "lessserve"
@@ -49,6 +49,7 @@ class ClusterState:
         self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0,
                          "errors_503": 0, "errors_500": 0, "turn_retries": 0}
         self.t0 = time.time()
+        self.registry = cluster_registry(self)
 
     def started_at(self) -> float:
         return self.t0
@@ -139,48 +140,8 @@ class ClusterState:
         if status in (500, 503):
             self.counters[f"errors_{status}"] += 1
 
-    def prometheus(self, queue_depth: int = 0) -> str:
-        up = max(time.time() - self.t0, 1e-9)
-        lines = self.ttft.render("lessserve_ttft_seconds", "Time to first token")
-        lines += self.itl.render("lessserve_inter_token_latency_seconds", "Time between streamed tokens")
-        for k, v in self.counters.items():
-            lines += render_metric(f"lessserve_{k}_total", "counter", k.replace("_", " "), [({}, v)])
-        lines += render_metric("lessserve_tokens_per_second", "gauge", "Generated tokens per second since start",
-                               [({}, self.counters["tokens_out"] / up)])
-        tiers: dict[str, dict] = {}
-        for w in self.workers.values():
-            for tier, st in (w.get("tiers") or {}).items():
-                agg = tiers.setdefault(tier, {})
-                for k, v in st.items():
-                    if isinstance(v, (int, float)):
-                        agg[k] = agg.get(k, 0) + v
-        for key, name in (("sessions", "sessions"), ("bytes", "bytes"), ("hits", "hits_total"),
-                          ("misses", "misses_total"), ("restores", "restores_total"),
-                          ("recomputes", "recomputes_total"), ("offloaded_bytes", "offloaded_bytes_total")):
-            samples = [({"tier": t}, st[key]) for t, st in sorted(tiers.items()) if key in st]
-            if samples:
-                lines += render_metric(f"lessserve_tier_{name}", "gauge" if key in ("sessions", "bytes")
-                                       else "counter", f"Per-tier {key}", samples)
-        adm = {k: sum((w.get("admission") or {}).get(k, 0) for w in self.workers.values())
-               for k in ("running", "waiting", "waits_total", "wait_seconds_total", "rejected_total")}
-        lines += render_metric("lessserve_turns_running", "gauge", "Turns holding a session slot",
-                               [({}, adm["running"])])
-        lines += render_metric("lessserve_turns_waiting", "gauge", "Turns waiting for a session slot",
-                               [({}, adm["waiting"])])
-        lines += render_metric("lessserve_turn_waits_total", "counter", "Turns that waited for a slot",
-                               [({}, adm["waits_total"])])
-        lines += render_metric("lessserve_turn_wait_seconds_total", "counter", "Seconds turns waited for a slot",
-                               [({}, adm["wait_seconds_total"])])
-        lines += render_metric("lessserve_turn_rejections_total", "counter", "Turns refused with 503 (queue full "
-                               "or wait too long)", [({}, adm["rejected_total"])])
-        pending = sum(int(w.get("directory_pending", 0)) for w in self.workers.values())
-        lines += render_metric("lessserve_directory_writes_pending", "gauge", "Directory writes kept back by an "
-                               "outage", [({}, pending)])
-        queue = sum(int(w.get("queue_depth", 0)) for w in self.workers.values()) + queue_depth
-        lines += render_metric("lessserve_queue_depth", "gauge", "Turns waiting or running on workers",
-                               [({}, queue)])
-        lines += render_metric("lessserve_workers", "gauge", "Live workers", [({}, len(self.workers))])
-        return "\n".join(lines) + "\n"
+    def prometheus(self) -> str:
+        return exposition(self.registry)
 
 
 def get_state():

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tokenizers.decoders import DecodeStream
+
 from lessserve.workers.engine import Engine
 
 
@@ -55,12 +57,35 @@ def plan_turn(tokenizer, transcript: Transcript, messages: list[dict]) -> TurnPl
 
 
 class Detokenizer:
-    """Incremental decode that never emits half a UTF-8 character."""
+    """Incremental decode of a reply: the text of `tokenizer.decode(ids, skip_special_tokens=True)`,
+    piece by piece, never half a UTF-8 character (it is held back until it completes).
+
+    tokenizers' `DecodeStream` decodes only a window of the last few ids per token, so a token costs
+    the same at the end of a long reply as at its start. A tokenizer without a `tokenizers` backend,
+    or whose `decode` cleans up spaces over the whole text, is decoded whole again for every token."""
 
     def __init__(self, tokenizer):
-        self.tok, self.ids, self.sent = tokenizer, [], 0
+        self.tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []  # only without a backend
+        self.sent = 0
 
     def push(self, token: int) -> str:
+        if self.backend is None:
+            return self._push_whole(token)
+        try:
+            return self.stream.step(self.backend, token) or ""
+        except Exception as e:  # tokenizers raises a bare Exception
+            if not str(e).startswith("Invalid prefix encountered"):
+                raise
+        # byte-fallback bytes that are not UTF-8 decode differently once more bytes follow, which
+        # breaks the stream's prefix: start again at this token (what vLLM does too)
+        self.stream = DecodeStream(skip_special_tokens=True)
+        return self.stream.step(self.backend, token) or ""
+
+    def _push_whole(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):

@@ -26,11 +26,12 @@ class Server:
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 300) -> Server:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    def start(self, timeout: float = 300, flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Server:
+        """`flags` go after --config (they win over it), `env` on top of this process's environment."""
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", **(env or {})}
         with self.log.open("a") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "lessserve.cli.main", "serve", "--config",
-                                          str(self.config)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                          str(self.config), *flags], stdout=out, stderr=subprocess.STDOUT, env=env)
         end = time.time() + timeout
         while time.time() < end:
             if self.proc.poll() is not None:
