@@ -51,6 +51,7 @@ from lessserve.cluster.responses_types import (
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
 from lessserve.errors.tree import LessServeError
+from lessserve.workers.session_ids import response_session
 
 app = FastAPI(title="lessserve", version="0.1.0",
               description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")
@@ -158,7 +159,6 @@ async def rest(gen, seen: list[dict]):
 WORKER_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is unreachable
 SESSION_PATH = Path(..., pattern=SESSION_ID_PATTERN, description="the conversation's id (X-Session-Id)")
 RESPONSE_PATH = Path(..., pattern=RESPONSE_ID_PATTERN, description="a response's id (resp_...)")
-RESPONSE_SESSION = "~r-"  # a response's own session: outside SESSION_ID_PATTERN, so no client can name it
 
 
 @serve.deployment(name="Router")
@@ -330,7 +330,7 @@ class Router:
         new = req.messages()
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         rid = response_id()
-        sid = RESPONSE_SESSION + rid[5:]  # one session per response: its cache is the conversation at that point
+        sid = response_session(rid)  # one session per response: its cache is the conversation at that point
         rec = {"id": rid, "owner": owner, "session": sid, "created_at": now(), "model": self.cfg.model_name,
                "messages": [*history, *new], "previous_response_id": req.previous_response_id,
                "instructions": req.instructions, "metadata": req.metadata, "temperature": req.temperature,
@@ -456,9 +456,9 @@ def worker_deployment(cfg: ServeConfig):
     )
 
 
-def build_app(args: dict | None = None):
-    """Serve import path target: `args` is a ServeConfig mapping; LESSSERVE_* env applies on top."""
-    cfg = load_config(base=args)
+def app_from_config(cfg: ServeConfig):
+    """The application of an already-resolved config, taken as it is (`lessserve serve` resolved
+    defaults < YAML < env < flags once: no source is applied again here)."""
     # Replicas get the config without the scaling block: changing worker counts or autoscaling
     # is then a lightweight update that keeps running workers and their sessions.
     cfg_dict = cfg.model_dump(mode="json", exclude={"workers"})
@@ -467,3 +467,10 @@ def build_app(args: dict | None = None):
                           ray_actor_options={"num_cpus": cfg.router_num_cpus,
                                              **({"resources": cfg.router_resources} if cfg.router_resources else {})},
                           ).bind(worker, cfg_dict)
+
+
+def build_app(args: dict | None = None):
+    """Serve import path target (`serve run` / `serve deploy` / a RayService): `args` is a
+    ServeConfig mapping and LESSSERVE_* env applies on top of it, so a deployment can keep secrets
+    such as a Redis URL with a password in a Secret rather than in its Serve config."""
+    return app_from_config(load_config(base=args))

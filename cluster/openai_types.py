@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+from lessserve.workers.session_ids import SESSION_ID_PATTERN
 
 
 class TextPart(BaseModel):

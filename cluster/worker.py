@@ -33,6 +33,7 @@ from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import Detokenizer, StopStrings
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from lessserve.workers.session_ids import private_session
 from lessserve.workers.session_store import SessionStore
 from lessserve.workers.threads import reserve_compute_threads
 
@@ -111,7 +112,7 @@ class LessWorker:
                    stop: list[str] | None = None, fork_from: str | None = None, ephemeral: bool = False):
         """One turn. `fork_from`: the new session starts as a copy of that one's cache (a response
         continuing another, cluster/responses.py); `ephemeral`: forget the session afterwards."""
-        sid = session_id or f"oneoff-{uuid.uuid4().hex}"
+        sid = session_id or private_session("oneoff", uuid.uuid4().hex)  # never durable
         async with self.locks.hold(sid):  # turns of one session run in arrival order
             try:
                 async with self.gate.admit():  # at most max_slots turns at once; the rest wait, bounded
