@@ -38,6 +38,15 @@ from lessserve.cluster.openai_types import (
     usage,
 )
 from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS, RESPONSES_EXTRA, install
+from lessserve.cluster.protocol import (
+    EndEvent,
+    ErrorEvent,
+    Event,
+    StartEvent,
+    TokenEvent,
+    TurnRequest,
+    response_session,
+)
 from lessserve.cluster.responses import ResponseStore
 from lessserve.cluster.responses_types import (
     RESPONSE_ID_PATTERN,
@@ -51,7 +60,6 @@ from lessserve.cluster.responses_types import (
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
 from lessserve.errors.tree import LessServeError
-from lessserve.workers.session_ids import response_session
 
 app = FastAPI(title="lessserve", version="0.1.0",
               description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")
@@ -134,21 +142,24 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return f"{loc}: {msg}", loc or None
 
 
-def collect(events: list[dict], t0: float) -> tuple[str, dict, TokenTimer]:
+NO_END = EndEvent("length", 0)  # a turn that ended without its end event
+
+
+def collect(events: list[Event], t0: float) -> tuple[str, EndEvent, TokenTimer]:
     """A whole (non-streamed) turn's events -> (text, end event, timer); an error event raises."""
-    text, end, timer = [], {}, TokenTimer(t0)
+    text, end, timer = [], NO_END, TokenTimer(t0)
     for ev in events:
-        if ev["type"] == "token":
+        if isinstance(ev, TokenEvent):
             timer.tick()
-            text.append(ev["text"])
-        elif ev["type"] == "end":
+            text.append(ev.text)
+        elif isinstance(ev, EndEvent):
             end = ev
-        elif ev["type"] == "error":
-            raise HttpError.from_event(ev).api_error()
+        elif isinstance(ev, ErrorEvent):
+            raise ev.error.api_error()
     return "".join(text), end, timer
 
 
-async def rest(gen, seen: list[dict]):
+async def rest(gen, seen: list[Event]):
     """A streamed turn's events after its start event: those already read, then the rest."""
     for ev in seen[1:]:
         yield ev
@@ -213,18 +224,19 @@ class Router:
             raise ApiError(400, "the JSON body must be an object")
         return raw
 
-    async def _start(self, sid: str | None, args: tuple, streamed: bool) -> tuple:
+    async def _start(self, req: TurnRequest, streamed: bool) -> tuple:
         """Start a turn on a worker and read it up to its first token (all of it when not
         streamed). A worker that dies before then is replaced by another (the turn is rebuilt from
         the request's history; nothing reached the client), up to `turn_retries` times.
         -> (event generator, events read so far)."""
+        sid = req.affinity
         for attempt in range(self.cfg.turn_retries + 1):
             handle = self.worker.options(stream=True, session_id=sid) if sid else self.worker.options(stream=True)
-            gen, seen = handle.chat.remote(*args), []
+            gen, seen = handle.chat.remote(req), []
             try:
                 async for ev in gen:
                     seen.append(ev)
-                    if ev["type"] == "error" or (streamed and ev["type"] in ("token", "end")):
+                    if isinstance(ev, ErrorEvent) or (streamed and isinstance(ev, TokenEvent | EndEvent)):
                         break
                 return gen, seen
             except WORKER_GONE as e:
@@ -267,36 +279,37 @@ class Router:
         sid = request.headers.get("x-session-id") or req.session_id
         if sid:
             await self._check_session(sid, owner)
-        messages = [m.plain() for m in req.messages]
-        args = (sid, owner, messages, max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
-        gen, seen = await self._start(sid, args, streamed=req.stream)
+        turn = TurnRequest(session_id=sid, owner=owner, messages=[m.plain() for m in req.messages],
+                           max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                           stop=req.stop_list())
+        gen, seen = await self._start(turn, streamed=req.stream)
         first = seen[0]
-        if first["type"] == "error":
-            raise HttpError.from_event(first).api_error()
+        if isinstance(first, ErrorEvent):
+            raise first.error.api_error()
         cid, model = completion_id(), self.cfg.model_name
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return StreamingResponse(self._sse(gen, seen, cid, model, include_usage, t0),
                                      media_type="text/event-stream")
         text, end, timer = collect(seen[1:], t0)
-        use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
-        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
-        return JSONResponse(completion_body(cid, model, text, end.get("finish_reason", "length"), use),
+        use = usage(first.prompt_tokens, end.completion_tokens, first.prefilled)
+        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first.prefilled)
+        return JSONResponse(completion_body(cid, model, text, end.finish_reason, use),
                             headers={"x-session-id": sid} if sid else None)
 
-    async def _sse(self, gen, seen: list[dict], cid: str, model: str, include_usage: bool, t0: float):
+    async def _sse(self, gen, seen: list[Event], cid: str, model: str, include_usage: bool, t0: float):
         send = lambda body: f"data: {json.dumps(body)}\n\n"  # noqa: E731
         yield send(chunk_body(cid, model, {"role": "assistant", "content": ""}))
-        timer, end, first = TokenTimer(t0), {}, seen[0]
+        timer, end, first = TokenTimer(t0), NO_END, seen[0]
         try:
             async for ev in rest(gen, seen):
-                if ev["type"] == "token":
+                if isinstance(ev, TokenEvent):
                     timer.tick()
-                    yield send(chunk_body(cid, model, {"content": ev["text"]}))
-                elif ev["type"] == "end":
+                    yield send(chunk_body(cid, model, {"content": ev.text}))
+                elif isinstance(ev, EndEvent):
                     end = ev
-                elif ev["type"] == "error":
-                    raise HttpError.from_event(ev).api_error()
+                elif isinstance(ev, ErrorEvent):
+                    raise ev.error.api_error()
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
             h = http_error(e)
             log.warning("stream of %s ended by %s: %s", cid, type(e).__name__, e)
@@ -304,14 +317,14 @@ class Router:
                                   h.type if h else "server_error", code=h.code if h else "stream_interrupted"))
             yield "data: [DONE]\n\n"
             return
-        use = usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"])
-        yield send(chunk_body(cid, model, {}, end.get("finish_reason", "length")))
+        use = usage(first.prompt_tokens, end.completion_tokens, first.prefilled)
+        yield send(chunk_body(cid, model, {}, end.finish_reason))
         if include_usage:
             body = chunk_body(cid, model, {}, use=use)
             body["choices"] = []
             yield send(body)
         yield "data: [DONE]\n\n"
-        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first["prefilled"])
+        self.state.record_request.remote(timer.ttft, timer.itls, use["completion_tokens"], first.prefilled)
 
     # --- the Responses API ------------------------------------------------------------------
 
@@ -335,39 +348,40 @@ class Router:
                "messages": [*history, *new], "previous_response_id": req.previous_response_id,
                "instructions": req.instructions, "metadata": req.metadata, "temperature": req.temperature,
                "top_p": req.top_p, "max_output_tokens": req.max_output_tokens, "store": req.store}
-        args = (sid, owner, [*system, *history, *new], max_tokens, req.temperature, req.top_p, None, [], parent,
-                not req.store)
-        gen, seen = await self._start(parent or sid, args, streamed=req.stream)
-        if seen[0]["type"] == "error":
-            raise HttpError.from_event(seen[0]).api_error()
+        turn = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
+                           temperature=req.temperature, top_p=req.top_p, fork_from=parent, ephemeral=not req.store)
+        gen, seen = await self._start(turn, streamed=req.stream)
+        if isinstance(seen[0], ErrorEvent):
+            raise seen[0].error.api_error()
         if req.stream:
             return StreamingResponse(self._responses_sse(gen, seen, rec, t0), media_type="text/event-stream")
         text, end, timer = collect(seen[1:], t0)
         await self._finish_response(rec, seen[0], end, text, timer)
         return JSONResponse(response_object(rec))
 
-    async def _finish_response(self, rec: dict, first: dict, end: dict, text: str, timer: TokenTimer) -> None:
-        rec.update(output_text=text, finish=end.get("finish_reason", "length"),
-                   usage=response_usage(first["prompt_tokens"], end.get("completion_tokens", 0), first["prefilled"]))
+    async def _finish_response(self, rec: dict, first: StartEvent, end: EndEvent, text: str,
+                               timer: TokenTimer) -> None:
+        rec.update(output_text=text, finish=end.finish_reason,
+                   usage=response_usage(first.prompt_tokens, end.completion_tokens, first.prefilled))
         rec["messages"] = [*rec["messages"], {"role": "assistant", "content": text}]
         if rec["store"]:
             await self.responses.put(rec)
-        self.state.record_request.remote(timer.ttft, timer.itls, rec["usage"]["output_tokens"], first["prefilled"])
+        self.state.record_request.remote(timer.ttft, timer.itls, rec["usage"]["output_tokens"], first.prefilled)
 
-    async def _responses_sse(self, gen, seen: list[dict], rec: dict, t0: float):
-        es, text, timer, end = EventStream(rec), [], TokenTimer(t0), {}
+    async def _responses_sse(self, gen, seen: list[Event], rec: dict, t0: float):
+        es, text, timer, end = EventStream(rec), [], TokenTimer(t0), NO_END
         for chunk in es.opening():
             yield chunk
         try:
             async for ev in rest(gen, seen):
-                if ev["type"] == "token":
+                if isinstance(ev, TokenEvent):
                     timer.tick()
-                    text.append(ev["text"])
-                    yield es.delta(ev["text"])
-                elif ev["type"] == "end":
+                    text.append(ev.text)
+                    yield es.delta(ev.text)
+                elif isinstance(ev, EndEvent):
                     end = ev
-                elif ev["type"] == "error":
-                    raise HttpError.from_event(ev).api_error()
+                elif isinstance(ev, ErrorEvent):
+                    raise ev.error.api_error()
             await self._finish_response(rec, seen[0], end, "".join(text), timer)
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
             h = http_error(e)
