@@ -1,10 +1,12 @@
-"""Prometheus text exposition for the cluster: histograms, counters and gauges, no client lib."""
+"""Prometheus text exposition for the cluster: histograms, counters and gauges, no client lib; and
+`MetricsSink`, what the router records (the cluster-state actor in a cluster, memory in tests)."""
 
 from __future__ import annotations
 
 import bisect
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -55,3 +57,15 @@ class TokenTimer:
         else:
             self.itls.append(now - self.last)
         self.last = now
+
+
+class MetricsSink(Protocol):
+    """Fire-and-forget records (never fail a response), and the exposition for /metrics."""
+
+    def record_request(self, ttft: float | None, itls: list[float], tokens_out: int, prefilled: int) -> None: ...
+
+    def record_error(self, status: int) -> None: ...
+
+    def record_retry(self) -> None: ...
+
+    async def prometheus(self) -> str: ...
