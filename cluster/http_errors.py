@@ -8,7 +8,7 @@ LessServeError) never becomes a 500: what is not a client's mistake and not name
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ray.exceptions import RayTaskError
 
@@ -46,15 +46,6 @@ class HttpError:
     message: str
     param: str | None = None
     retry_after: int | None = None
-
-    def to_event(self) -> dict:
-        """A worker's error event (plain data: it crosses Ray as is)."""
-        return {"type": "error", **{k: v for k, v in asdict(self).items() if k != "type"}, "error_type": self.type}
-
-    @classmethod
-    def from_event(cls, ev: dict) -> HttpError:
-        return cls(ev["status"], ev.get("error_type", "server_error"), ev.get("code"), ev["message"], ev.get("param"),
-                   ev.get("retry_after"))
 
     def api_error(self) -> ApiError:
         return ApiError(self.status, self.message, self.type, self.code, self.param, self.retry_after)

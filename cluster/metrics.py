@@ -1,6 +1,7 @@
 """The cluster's Prometheus metrics through prometheus_client: one collector reads the cluster state's
 numbers at scrape time (its latency histograms and counters, the sums of the workers' latest
-reports) and `generate_latest` writes the text exposition. TokenTimer times one streamed turn."""
+reports) and `generate_latest` writes the text exposition. TokenTimer times one streamed turn;
+`MetricsSink` is what the router records (the cluster-state actor in a cluster, memory in tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -118,3 +120,15 @@ class TokenTimer:
         else:
             self.itls.append(now - self.last)
         self.last = now
+
+
+class MetricsSink(Protocol):
+    """Fire-and-forget records (never fail a response), and the exposition for /metrics."""
+
+    def record_request(self, ttft: float | None, itls: list[float], tokens_out: int, prefilled: int) -> None: ...
+
+    def record_error(self, status: int) -> None: ...
+
+    def record_retry(self) -> None: ...
+
+    async def prometheus(self) -> str: ...

@@ -1,4 +1,6 @@
-"""OpenAI-compatible request/response bodies for /v1/chat/completions and /v1/models."""
+"""OpenAI-compatible request/response bodies for /v1/chat/completions and /v1/models. The request
+models are strict (FastAPI parses the body with them): a wrong JSON type is refused, never coerced
+("0.5" is not a temperature)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+from lessserve.workers.session_ids import SESSION_ID_PATTERN
+
+STRICT = ConfigDict(extra="ignore", strict=True)  # unknown OpenAI fields ignored, known ones never coerced
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str = Field(..., max_length=200_000)
@@ -22,7 +26,7 @@ class ChatMessage(BaseModel):
     """One message. `content` is a string or a list of text parts (joined); role `developer` is
     read as `system`. Other roles (tool, function) and non-text parts are refused with 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(..., max_length=200_000)
@@ -34,7 +38,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
 
@@ -43,7 +47,7 @@ class ChatCompletionRequest(BaseModel):
     """The body of POST /v1/chat/completions. OpenAI fields this server does not use are accepted
     and ignored; a field of the wrong type, or out of range, is a 400 naming it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str = Field(..., max_length=256)
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000,

@@ -1,15 +1,13 @@
-"""What /openapi.json says beyond FastAPI's defaults: the chat request body (read by hand, for the
-size limit), the X-Session-Id header, the bearer scheme and every error response with its schema."""
+"""What /openapi.json says beyond what FastAPI reads from the code (the request bodies come from
+their pydantic models): the X-Session-Id header, the two content types of a streamable answer, every
+error response with its schema, the bearer scheme, and the served model names."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
-from lessserve.cluster.openai_types import SESSION_ID_PATTERN, ChatCompletionRequest, ErrorResponse
-from lessserve.cluster.responses_types import ResponsesRequest
-
-REF = "#/components/schemas/{model}"
+from lessserve.cluster.openai_types import ErrorResponse
+from lessserve.cluster.protocol import SESSION_ID_PATTERN
 
 
 def _error(description: str, retry: bool = False) -> dict:
@@ -30,44 +28,43 @@ ERRORS = {
 SESSION_HEADER = {"name": "X-Session-Id", "in": "header", "required": False,
                   "description": "the conversation's id: its compressed cache stays on one worker between turns",
                   "schema": {"type": "string", "pattern": SESSION_ID_PATTERN}}
+
+
+def _streamable(description: str) -> dict:
+    return {"200": {"description": description, "content": {"application/json": {"schema": {"type": "object"}},
+                                                            "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 CHAT_EXTRA = {
     "parameters": [SESSION_HEADER],
-    "responses": {"200": {"description": "the completion (application/json), or with stream=true server-sent "
-                                         "chat.completion.chunk events ending with `data: [DONE]`",
-                          "content": {"application/json": {"schema": {"type": "object"}},
-                                      "text/event-stream": {"schema": {"type": "string"}}}}},
-    "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": REF.format(model="ChatCompletionRequest")}}}},
+    "responses": _streamable("the completion (application/json), or with stream=true server-sent "
+                             "chat.completion.chunk events ending with `data: [DONE]`"),
 }
-
-
 RESPONSES_EXTRA = {
-    "requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": REF.format(model="ResponsesRequest")}}}},
-    "responses": {"200": {"description": "the response object (application/json), or with stream=true server-sent "
-                                         "events response.created ... response.output_text.delta ... "
-                                         "response.completed",
-                          "content": {"application/json": {"schema": {"type": "object"}},
-                                      "text/event-stream": {"schema": {"type": "string"}}}}},
+    "responses": _streamable("the response object (application/json), or with stream=true server-sent events "
+                             "response.created ... response.output_text.delta ... response.completed"),
 }
+REQUEST_BODIES = ("ChatCompletionRequest", "ResponsesRequest")
 
 
-def install(app: FastAPI, model_names: list[str] | None = None) -> None:
-    """Replace app.openapi with one that adds the request schemas and the security scheme;
-    `model_names`: the models this deployment serves (documented as the `model` field's enum)."""
+def install_openapi(app: FastAPI, model_names: list[str]) -> None:
+    """app.openapi adds, to FastAPI's document, the served models (the bodies' `model` enum) and the
+    security scheme, and drops FastAPI's 422 answers: every validation error is a 400 here."""
     app.openapi_schema = None
+    generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-        for model in (ChatCompletionRequest, ResponsesRequest):
-            body = model.model_json_schema(ref_template=REF)
-            schemas.update(body.pop("$defs", {}))
-            if model_names:
-                body["properties"]["model"]["enum"] = list(model_names)
-            schemas[model.__name__] = body
+        doc = generate()
+        schemas = doc["components"]["schemas"]
+        for name in REQUEST_BODIES:
+            schemas[name]["properties"]["model"]["enum"] = list(model_names)
+        for path in doc["paths"].values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                            "description": "an API key, when the server has keys"}}
         doc["security"] = [{"bearer": []}, {}]  # optional: a server without keys takes anonymous requests

@@ -82,10 +82,15 @@ class RedisResponses:
 
 
 class ResponseStore:
-    """Records by id, each visible only to its owner."""
+    """Records by id, each visible only to its owner, over a backend with put / get / delete
+    (RedisResponses, ActorResponses, or a dict in tests)."""
 
-    def __init__(self, redis_url: str | None, ttl_s: float, max_records: int):
-        self.backend = RedisResponses(redis_url, ttl_s) if redis_url else ActorResponses(ttl_s, max_records)
+    def __init__(self, backend):
+        self.backend = backend
+
+    @classmethod
+    def from_config(cls, redis_url: str | None, ttl_s: float, max_records: int) -> ResponseStore:
+        return cls(RedisResponses(redis_url, ttl_s) if redis_url else ActorResponses(ttl_s, max_records))
 
     async def put(self, rec: dict) -> None:
         await self.backend.put(rec)

@@ -7,13 +7,15 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
+
+from lessserve.cluster.openai_types import STRICT
 
 RESPONSE_ID_PATTERN = r"^resp_[0-9a-f]{24}$"
 
 
 class InputText(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["input_text", "output_text", "text"]
     text: str = Field(..., max_length=200_000)
@@ -22,7 +24,7 @@ class InputText(BaseModel):
 class InputMessage(BaseModel):
     """A message of `input`: `content` a string or text parts; non-text parts are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
@@ -37,7 +39,7 @@ class ResponsesRequest(BaseModel):
     """The body of POST /v1/responses. Unused OpenAI fields are accepted and ignored; `tools` is
     refused (not supported); wrong types are a 400 naming the field."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str = Field(..., max_length=256)
     input: str | list[InputMessage] = Field(..., description="new input: a user message, or messages")

@@ -1,7 +1,6 @@
 """The worker deployment: one replica = one model + slot slab + tiered cache store +
-continuous-batching scheduler. Each turn streams events back to the router:
-  {"type": "start", "prompt_tokens", "prefilled"}, {"type": "token", "text"}, ...,
-  {"type": "end", "finish_reason", "completion_tokens"}  or an error event (cluster/http_errors.py).
+continuous-batching scheduler. `chat` takes one TurnRequest and streams the protocol's events back
+to the router (cluster/protocol.py): StartEvent, TokenEvent..., EndEvent, or an ErrorEvent.
 
 Concurrency: two threads. The actor's event loop runs the turns and awaits every shared-state call
 (Redis or the cluster-state actor: the directory, transcripts, the shared cache tier); per session
@@ -31,6 +30,7 @@ from lessserve.cluster.admission import TurnGate
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind, make_directory
 from lessserve.cluster.http_errors import http_error
+from lessserve.cluster.protocol import EndEvent, ErrorEvent, StartEvent, TokenEvent, TurnRequest, private_session
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import Detokenizer, StopStrings
@@ -110,50 +110,45 @@ class LessWorker:
         return ActorTier(get_state())
 
     # --- turns ------------------------------------------------------------------------------
-    async def chat(self, session_id: str | None, owner: str, messages: list[dict], max_tokens: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   stop: list[str] | None = None, fork_from: str | None = None, ephemeral: bool = False):
-        """One turn. `fork_from`: the new session starts as a copy of that one's cache (a response
-        continuing another, cluster/responses.py); `ephemeral`: forget the session afterwards."""
-        sid = session_id or f"oneoff-{uuid.uuid4().hex}"
+    async def chat(self, req: TurnRequest):
+        """One turn. `req.fork_from`: the new session starts as a copy of that one's cache (a response
+        continuing another, cluster/responses_api.py); `req.ephemeral`: forget the session afterwards."""
+        sid = req.session_id or private_session("oneoff", uuid.uuid4().hex)
         async with self.locks.hold(sid):  # turns of one session run in arrival order
             try:
                 async with self.gate.admit():  # at most max_slots turns at once; the rest wait, bounded
-                    if fork_from:
-                        async with self.locks.hold(fork_from):  # never copy a slot mid-turn
-                            await self.sessions.fork(fork_from, sid, owner)
-                    async for ev in self._turn(sid, session_id, owner, messages, max_tokens, temperature, top_p,
-                                               seed, stop):
+                    if req.fork_from:
+                        async with self.locks.hold(req.fork_from):  # never copy a slot mid-turn
+                            await self.sessions.fork(req.fork_from, sid, req.owner)
+                    async for ev in self._turn(sid, req):
                         yield ev
             except LessServeError as e:  # the gate's CapacityError: answered from the one table
-                yield http_error(e).to_event()
+                yield ErrorEvent(http_error(e))
             finally:
-                if session_id is None or ephemeral:
+                if req.session_id is None or req.ephemeral:
                     await settle(self.sessions.delete(sid))
-                if ephemeral:
+                if req.ephemeral:
                     await settle(self.directory.forget(sid))
 
-    async def _turn(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed, stop):
+    async def _turn(self, sid: str, req: TurnRequest):
         try:
-            async with self.sessions.turn(sid, messages, max_tokens, owner) as (session, new_ids, tokens):
-                async for ev in self._generate(sid, session_id, owner, messages, max_tokens, temperature, top_p,
-                                               seed, stop, session, new_ids, tokens):
+            async with self.sessions.turn(sid, req.messages, req.max_tokens, req.owner) as (session, new_ids, tokens):
+                async for ev in self._generate(sid, req, session, new_ids, tokens):
                     yield ev
         except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
-            yield http_error(e).to_event()
+            yield ErrorEvent(http_error(e))
 
-    async def _generate(self, sid, session_id, owner, messages, max_tokens, temperature, top_p, seed, stop,
-                        session, new_ids, tokens):
+    async def _generate(self, sid: str, req: TurnRequest, session, new_ids: list[int], tokens: list[int]):
         """The opened turn's events; `tokens` receives every sampled token (the turn closes with them)."""
-        if session_id is not None:  # this worker serves the latest turn: it holds the current copy
-            await self.directory.place(sid, self.worker_id, owner, sum(m["role"] == "user" for m in messages))
+        if req.session_id is not None:  # this worker serves the latest turn: it holds the current copy
+            await self.directory.place(sid, self.worker_id, req.owner, sum(m["role"] == "user" for m in req.messages))
         tok = self.engine.tokenizer
         prefilled = len(new_ids) + session.rebuilt  # what this turn computed again: not cached
         session.rebuilt = 0
-        yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": prefilled}
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop_ids=(tok.eos_token_id,))
-        detok, stops = Detokenizer(tok), StopStrings(stop or [])
+        yield StartEvent(prompt_tokens=len(session.transcript.ids), prefilled=prefilled)
+        params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                seed=req.seed, stop_ids=(tok.eos_token_id,))
+        detok, stops = Detokenizer(tok), StopStrings(req.stop)
         finish, hit = "length", False
         async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
             if t == tok.eos_token_id:
@@ -161,14 +156,13 @@ class LessWorker:
                 break
             piece, hit = stops.push(detok.push(t))
             if piece:
-                yield {"type": "token", "text": piece}
+                yield TokenEvent(piece)
             if hit:
                 finish = "stop"
                 break
         if not hit and (tail := stops.flush()):
-            yield {"type": "token", "text": tail}
-        yield {"type": "end", "finish_reason": finish,
-               "completion_tokens": len([t for t in tokens if t != tok.eos_token_id])}
+            yield TokenEvent(tail)
+        yield EndEvent(finish_reason=finish, completion_tokens=len([t for t in tokens if t != tok.eos_token_id]))
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:

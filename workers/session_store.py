@@ -43,9 +43,9 @@ from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
+from lessserve.workers.session_ids import is_durable, private_session
 
 T = TypeVar("T")
-LOCAL = "~"  # session ids a client cannot send (outside SESSION_ID_PATTERN): a worker's own sessions
 
 
 async def settle(aw: Awaitable[T]) -> T:
@@ -344,7 +344,7 @@ class SessionStore:
 
     def _from_prefix(self, sid: str, messages: list[dict], owner: str | None) -> bool:
         """A new session whose history opens with a system prompt starts from a copy of that
-        prompt's compressed state, prefilled once per worker (a local session "~prefix-<hash>").
+        prompt's compressed state, prefilled once per worker (a private session, workers/session_ids.py).
         The caller holds sid pinned. False when the prompt is not a clean prefix of the template."""
         if messages[0].get("role") != "system" or len(messages) < 2:
             return False
@@ -354,7 +354,7 @@ class SessionStore:
 
         if not render(tok, messages).startswith(text) or len(text) < 64:
             return False
-        key = LOCAL + "prefix-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+        key = private_session("prefix", hashlib.sha256(text.encode()).hexdigest()[:16])
         stale = key not in self.device.slots  # never built here, or moved off the device: build it again
         if stale and self.store.holds(key):
             self.store.drop_local_copies(key)
@@ -392,7 +392,7 @@ class SessionStore:
             return Transcript()
 
     async def _write_transcript(self, sid: str, transcript: dict) -> None:
-        if sid.startswith(LOCAL):  # a worker's own helper session (a shared prefix): never durable
+        if not is_durable(sid):  # a worker's private helper session (a shared prefix, a one-off)
             return
         try:
             await self.store.put_transcript(sid, transcript)
@@ -448,9 +448,9 @@ class SessionStore:
         return True
 
     async def resident(self) -> dict[str, tuple[str | None, int]]:
-        """Sessions this worker knows -> (owner, turns)."""
+        """Durable sessions this worker knows (client and response sessions) -> (owner, turns)."""
         return await self.run_local(lambda: {sid: (c.transcript.owner, c.transcript.turns)
-                                             for sid, c in self.sessions.items() if not sid.startswith(LOCAL)})
+                                             for sid, c in self.sessions.items() if is_durable(sid)})
 
     # --- placement --------------------------------------------------------------------------
     async def where(self, session_id: str) -> str:

@@ -1,5 +1,5 @@
 """API keys and session isolation, without a cluster: `owner_of` (cluster/auth.py) and the router's
-`_check_session` (cluster/app.py) on a fake session directory. Fast: these are the mutation run's
+`check_session` (cluster/router.py) on a fake session directory. Fast: these are the mutation run's
 tests for both (tests/mutation)."""
 
 from __future__ import annotations
@@ -54,11 +54,9 @@ class FakeDirectory:
 
 
 def check(directory: FakeDirectory, sid: str, owner: str):
-    from lessserve.cluster.app import Router
+    from lessserve.cluster.router import check_session
 
-    router = object.__new__(Router.func_or_class)  # no Serve, no __init__: only the directory is used
-    router.directory = directory
-    return asyncio.run(router._check_session(sid, owner))
+    return asyncio.run(check_session(directory, sid, owner))
 
 
 @pytest.mark.parametrize("sid", ["", "a" * 129, "a b", "x/y", "s\n", "ü", "a;b", "../etc"])

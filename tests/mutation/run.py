@@ -64,7 +64,7 @@ MODULES: dict[str, tuple[str, list[str] | None, list[str]]] = {
               ["tests/cache_store/test_codec.py", "tests/cache_store/test_codec_properties.py"]),
     "turn_plan": ("workers/chat_session.py", ["render", "encode", "plan_turn"], ["tests/workers/test_turn_plan.py"]),
     "auth": ("cluster/auth.py", None, ["tests/cluster/test_auth_isolation.py"]),
-    "isolation": ("cluster/app.py", ["Router._check_session"], ["tests/cluster/test_auth_isolation.py"]),
+    "isolation": ("cluster/router.py", ["check_session"], ["tests/cluster/test_auth_isolation.py"]),
 }
 
 _OPS = ["Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div", "Mod_FloorDiv", "Pow_Mul", "BitAnd_BitOr",

@@ -1,0 +1,120 @@
+"""The router-worker protocol: one turn request, the events a turn streams back, the session-id
+namespaces, and the engine protocol (`TurnBackend`) the router serves through.
+
+A turn is one `TurnRequest` in and a stream of events out:
+
+    StartEvent(prompt_tokens, prefilled)  TokenEvent(text) ...  EndEvent(finish_reason, completion_tokens)
+
+or an `ErrorEvent` instead of the start (nothing was generated) or after some tokens (the stream
+reports it in-band). Events are small frozen dataclasses; they cross Ray as pickled objects, one per
+generated token, so they carry no more than the dicts they replace. `type` is a class constant
+("start", "token", "end", "error") for code that dispatches on a name rather than a class.
+
+`TurnBackend` is what the router needs from the workers (Ray Serve LLM's engine protocol):
+cluster/backend.py implements it over Serve deployment handles, lessserve.testing.fake_backend on
+the CPU without Ray or a model, so the HTTP layer is tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lessserve.cluster.http_errors import HttpError
+from lessserve.workers.session_ids import (
+    PRIVATE_PREFIX,
+    RESERVED,
+    RESPONSE_PREFIX,
+    SESSION_ID_PATTERN,
+    is_client_id,
+    is_durable,
+    namespace,
+    private_session,
+    response_session,
+)
+
+__all__ = ["PRIVATE_PREFIX", "RESERVED", "RESPONSE_PREFIX", "SESSION_ID_PATTERN", "EndEvent", "ErrorEvent", "Event",
+           "StartEvent", "TokenEvent", "TurnBackend", "TurnRequest", "is_client_id", "is_durable", "namespace",
+           "private_session", "response_session"]
+
+
+class TurnRequest(BaseModel):
+    """One turn for a worker (`LessWorker.chat`). The router has validated the client's request;
+    this checks only what the router itself could get wrong (a session id in no namespace)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_id: str | None = Field(None, description="client or response session; None: a one-off turn")
+    owner: str
+    messages: list[dict[str, str]] = Field(..., min_length=1, description='the whole history, {"role", "content"}')
+    max_tokens: int = Field(..., ge=1)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    fork_from: str | None = Field(None, description="start as a copy of this session's cache (a response's parent)")
+    ephemeral: bool = Field(False, description="forget the session after the turn (store: false)")
+
+    @field_validator("session_id", "fork_from")
+    @classmethod
+    def _public(cls, v: str | None) -> str | None:
+        if v is not None and namespace(v) == "private":
+            raise ValueError("a worker's private session cannot be named in a turn")
+        return v
+
+    @property
+    def affinity(self) -> str | None:
+        """The session whose worker should run the turn: the parent a fork copies, else its own."""
+        return self.fork_from or self.session_id
+
+
+@dataclass(frozen=True, slots=True)
+class StartEvent:
+    prompt_tokens: int  # the whole history, as the cache has now seen it
+    prefilled: int  # what this turn computed (not served from the cache)
+    type: ClassVar[str] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    text: str
+    type: ClassVar[str] = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvent:
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int
+    type: ClassVar[str] = "end"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    error: HttpError  # the answer, from the one table (cluster/http_errors.py)
+    type: ClassVar[str] = "error"
+
+
+Event = StartEvent | TokenEvent | EndEvent | ErrorEvent
+
+
+class TurnBackend(Protocol):
+    """What the router serves through. Failures of the backend itself (a worker lost, a store
+    down) are raised as LessServeErrors (cluster/http_errors.py answers them); what a worker
+    refuses arrives as an ErrorEvent."""
+
+    def turn(self, req: TurnRequest, *, stream: bool) -> AsyncIterator[Event]:
+        """The turn's events; the first is a StartEvent or an ErrorEvent. Nothing is delivered until
+        the turn is committed (streamed: its first token; not streamed: all of it), so a worker
+        lost before then is replaced without the caller seeing it."""
+        ...
+
+    async def session_info(self, session_id: str, owner: str) -> dict | None:
+        """{"id", "worker", "node", "tier", "tokens_seen", ...}; None for a session this owner lacks."""
+        ...
+
+    async def delete_session(self, session_id: str, owner: str) -> bool:
+        """Forget the session everywhere; False if it did not exist for this owner."""
+        ...

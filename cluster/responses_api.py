@@ -1,0 +1,111 @@
+"""POST/GET/DELETE /v1/responses: the OpenAI Responses API. A request sends only its new input;
+`previous_response_id` names a point in a conversation. Each response owns one session (a response
+session, cluster/protocol.py) whose compressed cache is the conversation right after it; a
+follow-up runs on the worker that holds its parent and forks it (one slot copied), so two
+follow-ups to one response are two branches. Records: cluster/responses.py."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lessserve.cluster.http_edge import Owner
+from lessserve.cluster.http_errors import HttpError
+from lessserve.cluster.openapi import ERRORS, RESPONSES_EXTRA
+from lessserve.cluster.protocol import TurnRequest, response_session
+from lessserve.cluster.responses_types import (
+    RESPONSE_ID_PATTERN,
+    EventStream,
+    ResponsesRequest,
+    now,
+    response_id,
+    response_object,
+    response_usage,
+)
+from lessserve.cluster.streaming import TurnOutcome, collect, open_turn, sse
+
+if TYPE_CHECKING:
+    from lessserve.cluster.router import RouterContext
+
+RESPONSE_PATH = Path(..., pattern=RESPONSE_ID_PATTERN, description="a response's id (resp_...)")
+LOOKUP_ERRORS = {k: ERRORS[k] for k in (401, 404, 503)}
+
+
+class ResponseFrames:
+    """Responses API events, numbered: response.created ... one output_text.delta per token ...
+    response.completed once the record is kept."""
+
+    def __init__(self, ctx: RouterContext, rec: dict):
+        self.ctx, self.rec, self.events = ctx, rec, EventStream(rec)
+
+    def opening(self) -> list[str]:
+        return self.events.opening()
+
+    def delta(self, text: str) -> str:
+        return self.events.delta(text)
+
+    async def closing(self, turn: TurnOutcome) -> list[str]:
+        await finish(self.ctx, self.rec, turn)
+        return self.events.closing(self.rec)
+
+    def error(self, h: HttpError | None, e: BaseException) -> list[str]:
+        return [self.events.error(h.code if h else "stream_interrupted", h.message if h else type(e).__name__)]
+
+
+async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome) -> None:
+    """The record completed with the turn's output, kept unless `store` is false."""
+    rec.update(output_text=turn.text, finish=turn.finish_reason,
+               usage=response_usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled))
+    rec["messages"] = [*rec["messages"], {"role": "assistant", "content": turn.text}]
+    if rec["store"]:
+        await ctx.deps.responses.put(rec)
+
+
+def responses_routes(ctx: RouterContext) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/responses", responses=ERRORS, openapi_extra=RESPONSES_EXTRA,
+              summary="Create a response (OpenAI Responses API); previous_response_id continues or forks")
+    async def responses_create(body: ResponsesRequest, owner: Owner):
+        t0 = time.perf_counter()
+        max_tokens = body.max_output_tokens or ctx.cfg.default_max_tokens
+        ctx.check_request(body.model, max_tokens, "max_output_tokens")
+        history, parent = [], None
+        if body.previous_response_id:
+            prev = await ctx.deps.responses.get(body.previous_response_id, owner)
+            history, parent = prev["messages"], prev["session"]
+        new = body.messages()
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        rid = response_id()
+        sid = response_session(rid)  # one session per response: its cache is the conversation at that point
+        rec = {"id": rid, "owner": owner, "session": sid, "created_at": now(), "model": ctx.cfg.model_name,
+               "messages": [*history, *new], "previous_response_id": body.previous_response_id,
+               "instructions": body.instructions, "metadata": body.metadata, "temperature": body.temperature,
+               "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store}
+        req = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
+                          temperature=body.temperature, top_p=body.top_p, fork_from=parent, ephemeral=not body.store)
+        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0)
+        if body.stream:
+            return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec), ctx.deps.metrics, rid),
+                                     media_type="text/event-stream")
+        await collect(turn, events)
+        await finish(ctx, rec, turn)
+        turn.record(ctx.deps.metrics)
+        return JSONResponse(response_object(rec))
+
+    @api.get("/v1/responses/{response_id}", responses=LOOKUP_ERRORS)
+    async def responses_get(owner: Owner, response_id: str = RESPONSE_PATH):
+        return response_object(await ctx.deps.responses.get(response_id, owner))
+
+    @api.delete("/v1/responses/{response_id}", responses=LOOKUP_ERRORS)
+    async def responses_delete(owner: Owner, response_id: str = RESPONSE_PATH):
+        rec = await ctx.deps.responses.delete(response_id, owner)
+        with contextlib.suppress(Exception):  # the record is gone; its cache expires with the tiers if this fails
+            await ctx.deps.backend.delete_session(rec["session"], owner)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    return api

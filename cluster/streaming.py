@@ -1,0 +1,117 @@
+"""A turn's events -> what the client reads, for both APIs: `open_turn` starts it (an error before
+anything was generated is raised, so it becomes an HTTP status), `collect` reads a whole reply, and
+`sse` is the one server-sent-events writer; the two APIs differ only in their `SseFrames`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lessserve.cluster.http_errors import HttpError, http_error
+from lessserve.cluster.metrics import MetricsSink, TokenTimer
+from lessserve.cluster.protocol import EndEvent, ErrorEvent, Event, StartEvent, TokenEvent, TurnBackend, TurnRequest
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class TurnOutcome:
+    """What a turn produced so far, and its timing."""
+
+    start: StartEvent
+    timer: TokenTimer
+    pieces: list[str] = field(default_factory=list)
+    end: EndEvent | None = None
+
+    def add(self, ev: Event) -> str | None:
+        """Take one event after the start; returns a token's text. An error event raises."""
+        match ev:
+            case TokenEvent(text=text):
+                self.timer.tick()
+                self.pieces.append(text)
+                return text
+            case EndEvent():
+                self.end = ev
+            case ErrorEvent(error=h):
+                raise h.api_error()
+        return None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.end.finish_reason if self.end else "length"
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.end.completion_tokens if self.end else 0
+
+    def record(self, metrics: MetricsSink) -> None:
+        metrics.record_request(self.timer.ttft, self.timer.itls, self.completion_tokens, self.start.prefilled)
+
+
+async def open_turn(backend: TurnBackend, req: TurnRequest, *, stream: bool,
+                    t0: float) -> tuple[TurnOutcome, AsyncIterator[Event]]:
+    """Start the turn and read its first event: the start (-> the outcome and the events after
+    it), or an error, raised as the ApiError it names."""
+    events = backend.turn(req, stream=stream)
+    first = await anext(events)
+    if isinstance(first, ErrorEvent):
+        if hasattr(events, "aclose"):
+            await events.aclose()
+        raise first.error.api_error()
+    return TurnOutcome(first, TokenTimer(t0)), events
+
+
+async def collect(turn: TurnOutcome, events: AsyncIterator[Event]) -> TurnOutcome:
+    """The rest of a turn that is answered whole."""
+    async for ev in events:
+        turn.add(ev)
+    return turn
+
+
+def sse_data(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+class SseFrames(Protocol):
+    """One API's stream format."""
+
+    def opening(self) -> list[str]: ...
+
+    def delta(self, text: str) -> str: ...
+
+    async def closing(self, turn: TurnOutcome) -> list[str]:
+        """After the turn ended well; may finish work that can still fail (it is reported in-band)."""
+        ...
+
+    def error(self, h: HttpError | None, e: BaseException) -> list[str]:
+        """The in-band report of an error after the stream started (`h` None: not a known one)."""
+        ...
+
+
+async def sse(turn: TurnOutcome, events: AsyncIterator[Event], frames: SseFrames, metrics: MetricsSink,
+              label: str) -> AsyncIterator[str]:
+    """The stream of a started turn: opening frames, one delta per token, then the closing frames
+    and the turn recorded in the metrics, or an in-band error that ends the stream."""
+    for chunk in frames.opening():
+        yield chunk
+    try:
+        async for ev in events:
+            text = turn.add(ev)
+            if text is not None:
+                yield frames.delta(text)
+        closing = await frames.closing(turn)
+    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
+        log.warning("stream %s ended by %s: %s", label, type(e).__name__, e)
+        for chunk in frames.error(http_error(e), e):
+            yield chunk
+        return
+    turn.record(metrics)
+    for chunk in closing:
+        yield chunk
