@@ -27,10 +27,12 @@ from lessserve.cache_store.errors import (
     TierUnavailableError,
 )
 from lessserve.cache_store.host_tier import HostTier
+from lessserve.cache_store.kv import KV, MemoryKV
 from lessserve.cache_store.lru import LRU
-from lessserve.cache_store.redis_tier import RedisTier, make_client
+from lessserve.cache_store.redis_kv import RedisKV
+from lessserve.cache_store.shared_tier import SharedTier
 from lessserve.cache_store.tier import TIER_ORDER, DeviceTier, Tier, TierStats
-from lessserve.cache_store.transcripts import MemoryTranscripts, RedisTranscripts, TranscriptStore
+from lessserve.cache_store.transcripts import Transcripts
 
 
 @dataclass(frozen=True)
@@ -40,29 +42,25 @@ class Restored:
 
 
 class TieredCacheStore:
-    """`shared` is the tier every worker reaches: a RedisTier (built from config.redis_url when not
-    given), or any other Tier (the cluster passes one over its state actor when no Redis is
-    configured). Tiers are reported under their own names: "device", "host", and the shared
-    tier's `name` ("redis", "cluster")."""
+    """`kv` is the shared state every worker reaches (the cluster passes Redis or its state actor,
+    cluster/shared_state.py); without one, a RedisKV when config.redis_url is set, else none: no
+    shared tier, and transcripts in this process. The shared tier and the transcripts are views
+    over it. Tiers are reported under their own names: "device", "host", and the shared tier's
+    (the KV's) name ("redis", "cluster")."""
 
     def __init__(self, config: StoreConfig, device: DeviceTier, host: HostTier | None = None,
-                 shared: Tier | None = None, transcripts: TranscriptStore | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 kv: KV | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.device = device
         self.host = host or HostTier(config.host_bytes)
-        if shared is None and config.redis_url:
-            client = make_client(config.redis_url, config.redis_pool_size, config.redis_timeout_s)
-            shared = RedisTier(client, config.redis_prefix, config.ttl_s, config.part_bytes)
-        self.shared = shared
-        self.shared_name = shared.name if shared else None
-        if transcripts is None:
-            transcripts = (RedisTranscripts(shared.client, config.redis_prefix, config.transcript_ttl_s)
-                           if isinstance(shared, RedisTier) else MemoryTranscripts())
-        self.transcripts = transcripts
+        if kv is None and config.redis_url:  # standalone (CLI, benchmarks, tests): Redis or nothing
+            kv = RedisKV.from_config(config)
+        self.shared = SharedTier(kv, config.redis_prefix, config.ttl_s, config.part_bytes) if kv else None
+        self.shared_name = self.shared.name if self.shared else None
+        self.transcripts = Transcripts(kv or MemoryKV(), config.redis_prefix, config.transcript_ttl_s)
         self.tiers: dict[str, Tier] = {"device": device, "host": self.host}
-        if shared:
-            self.tiers[shared.name] = shared
+        if self.shared:
+            self.tiers[self.shared.name] = self.shared
         self.lru = {"device": LRU(clock), "host": LRU(clock)}
         self.counters = {name: TierStats() for name in self.tiers}
         self.recomputes_total = 0

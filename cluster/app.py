@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lessserve.cluster.auth import owner_of
 from lessserve.cluster.config import ServeConfig, load_config
-from lessserve.cluster.directory import DirectoryUnavailableError, make_directory
+from lessserve.cluster.directory import DirectoryUnavailableError, SessionDirectory
 from lessserve.cluster.health import Health
 from lessserve.cluster.http_errors import RETRY_AFTER_S, ApiError, HttpError, http_error
 from lessserve.cluster.metrics import TokenTimer
@@ -48,6 +48,7 @@ from lessserve.cluster.responses_types import (
     response_object,
     response_usage,
 )
+from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.cluster.worker import LessWorker
 from lessserve.errors.tree import LessServeError
@@ -168,12 +169,12 @@ class Router:
         self.cfg = ServeConfig.model_validate(config)
         self.worker = worker
         self.keys = self.cfg.keys()
-        self.directory = make_directory(self.cfg.store.redis_url)
+        kv = shared_kv(self.cfg.store)  # the directory and the Responses records: views over one KV
+        self.directory = SessionDirectory(kv)
         self.state = get_state()
         install(app, sorted({self.cfg.model_name, self.cfg.engine.model}))
-        self.responses = ResponseStore(self.cfg.store.redis_url, self.cfg.responses_ttl_s,
-                                       self.cfg.responses_max_records)
-        self.health = Health(self.directory, self.state, bool(self.cfg.store.redis_url),
+        self.responses = ResponseStore(kv, self.cfg.responses_ttl_s, self.cfg.responses_max_records)
+        self.health = Health(self.directory, self.state, kv.name == "redis",
                              worker_stale_s=3 * self.cfg.maintain_interval_s + 10)
 
     # --- helpers ----------------------------------------------------------------------------
@@ -451,7 +452,7 @@ def worker_deployment(cfg: ServeConfig):
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 10,
         request_router_config=RequestRouterConfig(
             request_router_class="lessserve.cluster.routing:SessionAffinityRouter",
-            request_router_kwargs={"redis_url": cfg.store.redis_url},
+            request_router_kwargs={"store": cfg.store.model_dump(mode="json")},
         ),
     )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+from collections.abc import Callable
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import (
@@ -31,8 +32,8 @@ from lessserve.cache_store.errors import (
     RestoreError,
     TierUnavailableError,
 )
+from lessserve.cache_store.kv import KV
 from lessserve.cache_store.store import TieredCacheStore
-from lessserve.cache_store.tier import Tier
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
@@ -52,11 +53,13 @@ def meta_transcript(meta: dict) -> Transcript:
 
 
 class SessionStore:
-    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None):
-        """`shared`: a tier every worker reaches, standing in for Redis when none is configured
-        (the cluster passes one backed by its state actor); it may carry `.transcripts`."""
+    def __init__(self, engine: Engine, config: StoreConfig | None = None,
+                 shared_kv: Callable[[StoreConfig], KV] | None = None):
+        """`shared_kv(config)` opens the shared state every worker reaches (the cluster passes
+        cluster.shared_state.shared_kv: Redis, or its state actor); called on the I/O loop, which
+        owns what it returns. Without it: Redis when config.redis_url is set, else no shared tier."""
         self.engine = engine
-        self.shared = shared
+        self._shared_kv = shared_kv
         self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
         self.config = config = config or StoreConfig()
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
@@ -70,8 +73,8 @@ class SessionStore:
         self.unsaved: set[str] = set()  # sessions whose latest transcript is not durable yet
 
     async def _make_store(self) -> TieredCacheStore:  # redis-py asyncio objects belong to the I/O loop
-        return TieredCacheStore(self.config, self.device, shared=self.shared,
-                                transcripts=getattr(self.shared, "transcripts", None))
+        kv = self._shared_kv(self.config) if self._shared_kv else None
+        return TieredCacheStore(self.config, self.device, kv=kv)
 
     def _meta(self, sid: str) -> dict:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
