@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StoreConfig(BaseModel):
@@ -10,16 +12,22 @@ class StoreConfig(BaseModel):
 
     host_bytes: int = Field(1 << 30, ge=0, description="Bytes of host memory for offloaded session caches "
                             "(0 disables the host tier's storage: every offload goes on to Redis)")
-    redis_url: str | None = Field(None, description="Redis URL of the shared tier (redis://host:port/db or "
-                                  "unix://path); None = no Redis tier (the embedded default)")
-    redis_prefix: str = Field("lessserve:kv", description="Key prefix of every key this store writes in Redis")
+    redis_url: str | None = Field(None, description="Redis URL of the shared state (redis://host:port/db, "
+                                  "rediss://... for TLS, or unix://path); None = no Redis: the cluster-state actor "
+                                  "(the embedded default)")
+    redis_password: str | None = Field(None, repr=False, description="Redis AUTH password (requirepass), when "
+                                       "the URL carries none (e.g. from LESSSERVE_STORE__REDIS_PASSWORD)")
+    redis_prefix: str = Field("lessserve:kv", description="Key prefix of the session caches and transcripts "
+                              "this store writes in the shared state (Redis or the cluster-state actor)")
     ttl_s: int | None = Field(24 * 3600, ge=1, description="Expiry of a session cache in Redis (None = never)")
     transcript_ttl_s: int | None = Field(7 * 24 * 3600, ge=1,
                                          description="Expiry of a session transcript in Redis (None = never)")
     part_bytes: int = Field(16 << 20, ge=1 << 12, description="Largest single Redis value: a cache is written as "
                             "parts of at most this size in one pipeline")
     redis_pool_size: int = Field(16, ge=1, description="Connections in the Redis connection pool")
-    redis_timeout_s: float = Field(5.0, gt=0, description="Socket connect / read timeout for Redis")
+    redis_timeout_s: float = Field(5.0, gt=0, description="Deadline of every shared-state call (Redis, or the "
+                                   "cluster-state actor without it) and Redis' socket connect / read timeout: a "
+                                   "hung backend fails the call after this long, like a dead one")
     device_idle_s: float | None = Field(60.0, gt=0, description="A session idle this long on the device moves to "
                                         "host memory at the next maintenance pass (None = only when slots run short)")
     host_idle_s: float | None = Field(600.0, gt=0, description="A session idle this long in host memory moves to "
@@ -28,3 +36,9 @@ class StoreConfig(BaseModel):
                                   "durable fallback (refreshed by the next offload, expires with ttl_s) "
                                   "instead of deleting it on the request path")
     quantize: bool = Field(False, description="Offload k/v as int8 + per-token scales (lossy, ~4x smaller in fp32)")
+
+    @model_validator(mode="after")
+    def _one_password(self):
+        if self.redis_password is not None and self.redis_url and urlsplit(self.redis_url).password:
+            raise ValueError("store.redis_password is set and store.redis_url carries a password too: give it once")
+        return self

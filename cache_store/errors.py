@@ -6,6 +6,9 @@ DependencyUnavailableError, a full tier a CapacityError, so boundaries map them 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from lessserve.errors.tree import CapacityError, DependencyUnavailableError, LessServeError, NotFoundError
 
 
@@ -19,6 +22,15 @@ class CacheMissError(CacheStoreError, NotFoundError):
 
 class TierUnavailableError(CacheStoreError, DependencyUnavailableError):
     """A tier's backend (e.g. the Redis server) could not be reached or failed mid-operation."""
+
+
+@contextlib.contextmanager
+def unavailable_as(cls: type[DependencyUnavailableError]) -> Iterator[None]:
+    """Re-raise a TierUnavailableError as `cls` (a view's own error over the shared KV), chained."""
+    try:
+        yield
+    except TierUnavailableError as e:
+        raise cls(str(e)) from e
 
 
 class TierFullError(CacheStoreError, CapacityError):

@@ -40,10 +40,12 @@ from lessserve.cache_store.errors import (
     TierUnavailableError,
 )
 from lessserve.cache_store.host_tier import HostTier
+from lessserve.cache_store.kv import KV, MemoryKV
 from lessserve.cache_store.lru import LRU
-from lessserve.cache_store.redis_tier import RedisTier, make_client
-from lessserve.cache_store.tier import TIER_ORDER, DeviceTier, Tier, TierStats
-from lessserve.cache_store.transcripts import MemoryTranscripts, RedisTranscripts, TranscriptStore
+from lessserve.cache_store.redis_kv import RedisKV
+from lessserve.cache_store.shared_tier import SharedTier
+from lessserve.cache_store.tier import TIER_ORDER, DeviceTier, TierStats
+from lessserve.cache_store.transcripts import Transcripts
 
 T = TypeVar("T")
 RunLocal = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -70,32 +72,28 @@ class Spill:
 
 
 class TieredCacheStore:
-    """`shared` is the tier every worker reaches: a RedisTier (built from config.redis_url when not
-    given), or any other Tier (the cluster passes one over its state actor when no Redis is
-    configured). Tiers are reported under their own names: "device", "host", and the shared
-    tier's `name` ("redis", "cluster")."""
+    """`kv` is the shared state every worker reaches (the cluster passes Redis or its state actor,
+    cluster/shared_state.py); without one, a RedisKV when config.redis_url is set, else none: no
+    shared tier, and transcripts in this process. The shared tier and the transcripts are views
+    over it. Tiers are reported under their own names: "device", "host", and the shared tier's
+    (the KV's) name ("redis", "cluster")."""
 
     def __init__(self, config: StoreConfig, device: DeviceTier, host: HostTier | None = None,
-                 shared: Tier | None = None, transcripts: TranscriptStore | None = None,
-                 clock: Callable[[], float] = time.monotonic, run_local: RunLocal = run_inline,
-                 timeout_s: float | None = None):
+                 kv: KV | None = None, clock: Callable[[], float] = time.monotonic,
+                 run_local: RunLocal = run_inline, timeout_s: float | None = None):
         self.config = config
         self.device = device
         self.host = host or HostTier(config.host_bytes)
-        if shared is None and config.redis_url:
-            client = make_client(config.redis_url, config.redis_pool_size, config.redis_timeout_s)
-            shared = RedisTier(client, config.redis_prefix, config.ttl_s, config.part_bytes)
-        self.shared = shared
-        self.shared_name = shared.name if shared else None
-        if transcripts is None:
-            transcripts = (RedisTranscripts(shared.client, config.redis_prefix, config.transcript_ttl_s)
-                           if isinstance(shared, RedisTier) else MemoryTranscripts())
-        self.transcripts = transcripts
+        if kv is None and config.redis_url:  # standalone (CLI, benchmarks, tests): Redis or nothing
+            kv = RedisKV.from_config(config)
+        self.shared = SharedTier(kv, config.redis_prefix, config.ttl_s, config.part_bytes) if kv else None
+        self.shared_name = self.shared.name if self.shared else None
+        self.transcripts = Transcripts(kv or MemoryKV(), config.redis_prefix, config.transcript_ttl_s)
         self.run_local = run_local
-        # a shared call's deadline: the client's own timeout plus one retry, then it counts as down
+        # a shared tier operation's deadline (several KV calls, each bounded by the client's timeout)
         self.timeout_s = timeout_s if timeout_s is not None else 2 * config.redis_timeout_s + 1.0
         self.local = {"device": device, "host": self.host}
-        self.names = [*LOCAL_TIERS, *([shared.name] if shared else [])]
+        self.names = [*LOCAL_TIERS, *([self.shared.name] if self.shared else [])]
         self.lru = {"device": LRU(clock), "host": LRU(clock)}
         self.counters = {name: TierStats() for name in self.names}
         self.recomputes_total = 0

@@ -48,7 +48,7 @@ def worker_deployment(cfg: ServeConfig):
         graceful_shutdown_timeout_s=cfg.drain_timeout_s + 10,
         request_router_config=RequestRouterConfig(
             request_router_class="lessserve.cluster.routing:SessionAffinityRouter",
-            request_router_kwargs={"redis_url": cfg.store.redis_url},
+            request_router_kwargs={"store": cfg.store.model_dump(mode="json")},
         ),
     )
 

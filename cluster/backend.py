@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from lessserve.cluster.config import ServeConfig
-from lessserve.cluster.directory import make_directory
+from lessserve.cluster.directory import SessionDirectory
 from lessserve.cluster.health import Health
 from lessserve.cluster.http_errors import RETRY_AFTER_S, ApiError
 from lessserve.cluster.metrics import MetricsSink
 from lessserve.cluster.protocol import EndEvent, ErrorEvent, Event, TokenEvent, TurnRequest
 from lessserve.cluster.responses import ResponseStore
 from lessserve.cluster.router import RouterDeps
+from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import DependencyUnavailableError
 
@@ -117,11 +118,12 @@ def cluster_deps(cfg: ServeConfig, worker) -> RouterDeps:
     """The router's deps in a replica: `worker` is the LessWorker deployment's handle."""
     state = get_state()
     metrics = StateMetrics(state)
-    directory = make_directory(cfg.store.redis_url)
+    kv = shared_kv(cfg.store)  # the directory and the Responses records: views over one KV
+    directory = SessionDirectory(kv)
     return RouterDeps(
         backend=ServeBackend(worker, cfg.turn_retries, metrics),
         metrics=metrics,
         directory=directory,
-        responses=ResponseStore.from_config(cfg.store.redis_url, cfg.responses_ttl_s, cfg.responses_max_records),
-        health=Health(directory, state, bool(cfg.store.redis_url), worker_stale_s=3 * cfg.maintain_interval_s + 10),
+        responses=ResponseStore(kv, cfg.responses_ttl_s, cfg.responses_max_records),
+        health=Health(directory, state, kv.name == "redis", worker_stale_s=3 * cfg.maintain_interval_s + 10),
     )

@@ -1,100 +1,83 @@
-"""Where each session's cache lives and who owns it: in Redis when configured, else in the
-cluster-state actor. Both backends speak the same small async API and fail with one typed error,
-DirectoryUnavailableError; `WriteBehind` keeps a worker's writes through an outage."""
+"""Where each session's cache lives and who owns it: a view over the shared KV (Redis when
+configured, else the cluster-state actor; cluster/shared_state.py), one JSON entry per session,
+`lessserve:directory:<sid>` -> {"worker", "owner", "turns", "t"}. Every backend failure is one
+typed error, DirectoryUnavailableError; `WriteBehind` keeps a worker's writes through an outage."""
 
 from __future__ import annotations
 
 import json
+import time
 
-from lessserve.cluster.state import get_state, merged_entry
+from lessserve.cache_store.errors import unavailable_as
+from lessserve.cache_store.kv import KV
 from lessserve.errors.tree import DependencyUnavailableError
+
+PREFIX = "lessserve:directory:"
 
 
 class DirectoryUnavailableError(DependencyUnavailableError):
     """The session directory's backend (Redis, the cluster-state actor) did not answer."""
 
 
-class ActorDirectory:
-    def __init__(self):
-        self.state = get_state()
-
-    async def _call(self, method, *args):
-        try:
-            return await method.remote(*args)
-        except Exception as e:  # noqa: BLE001 - actor death / network: one typed error
-            raise DirectoryUnavailableError(f"cluster state actor: {type(e).__name__}: {e}") from e
-
-    async def lookup(self, sid: str) -> dict | None:
-        return await self._call(self.state.lookup, sid)
-
-    async def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
-                    if_newer: bool = False) -> dict | None:
-        return await self._call(self.state.place, sid, worker, owner, turns, if_newer)
-
-    async def forget(self, sid: str) -> None:
-        await self._call(self.state.forget, sid)
-
-    async def leave(self, worker: str) -> int:
-        return await self._call(self.state.leave, worker)
-
-    async def epoch(self) -> str:
-        """Changes when the backend lost its contents (the actor's start time)."""
-        return str(await self._call(self.state.started_at))
+def merged_entry(old: dict | None, worker: str | None, owner: str | None, turns: int | None,
+                 if_newer: bool) -> dict | None:
+    """A session's directory entry after `worker` claims it: {"worker", "owner", "turns", "t"}.
+    The owner never changes once set. `if_newer` (a re-publish after the backend lost its contents)
+    claims only when no entry records more turns: a worker holding a stale copy never wins over
+    the one that served the latest turn. None: the claim was refused."""
+    e = dict(old or {"worker": None, "owner": owner})
+    if if_newer and old and turns is not None and (old.get("turns") or 0) > turns:
+        return None
+    if worker is not None:
+        e["worker"] = worker
+    if owner is not None and e.get("owner") is None:
+        e["owner"] = owner
+    if turns is not None:
+        e["turns"] = turns
+    e["t"] = time.time()
+    return e
 
 
-class RedisDirectory:
-    """One Redis hash: session id -> JSON {"worker", "owner", "t"}."""
+class SessionDirectory:
+    """`place` reads, merges (merged_entry) and writes back: two round trips, not atomic across
+    writers (the last write wins; each session's turns run on one worker at a time)."""
 
-    def __init__(self, url: str, key: str = "lessserve:directory", timeout_s: float = 2.0):
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError, TimeoutError
-
-        # a restarted server costs one reconnect, not a failed call
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
-        self.r = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry,
-                                         retry_on_error=[ConnectionError, TimeoutError])
-        self.key = key
-
-    async def _call(self, coro):
-        from redis.exceptions import RedisError
-
-        try:
-            return await coro
-        except (RedisError, OSError) as e:
-            raise DirectoryUnavailableError(f"redis: {type(e).__name__}: {e}") from e
+    def __init__(self, kv: KV, prefix: str = PREFIX, ttl_s: float | None = None):
+        self.kv, self.prefix, self.ttl_s = kv, prefix, ttl_s
 
     async def lookup(self, sid: str) -> dict | None:
-        raw = await self._call(self.r.hget(self.key, sid))
+        with unavailable_as(DirectoryUnavailableError):
+            raw = await self.kv.get(self.prefix + sid)
         return json.loads(raw) if raw else None
 
     async def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
                     if_newer: bool = False) -> dict | None:
         e = merged_entry(await self.lookup(sid), worker, owner, turns, if_newer)
         if e is not None:
-            await self._call(self.r.hset(self.key, sid, json.dumps(e)))
+            with unavailable_as(DirectoryUnavailableError):
+                await self.kv.set(self.prefix + sid, json.dumps(e), self.ttl_s)
         return e
 
     async def forget(self, sid: str) -> None:
-        await self._call(self.r.hdel(self.key, sid))
+        with unavailable_as(DirectoryUnavailableError):
+            await self.kv.delete(self.prefix + sid)
 
     async def leave(self, worker: str) -> int:
-        n = 0
-        for sid, raw in (await self._call(self.r.hgetall(self.key))).items():
-            e = json.loads(raw)
-            if e.get("worker") == worker:
-                e["worker"], n = None, n + 1
-                await self._call(self.r.hset(self.key, sid, json.dumps(e)))
-        return n
+        """A worker left (drained): its sessions now live only in the shared tier."""
+        with unavailable_as(DirectoryUnavailableError):
+            keys = await self.kv.keys(self.prefix)
+            left = {}
+            for k, raw in zip(keys, await self.kv.get_many(keys), strict=True):
+                e = json.loads(raw) if raw else None
+                if e and e.get("worker") == worker:
+                    left[k] = json.dumps({**e, "worker": None})
+            await self.kv.set_many(left, self.ttl_s)
+        return len(left)
 
     async def epoch(self) -> str:
-        """Changes whenever the Redis server restarts (its run_id), emptied or from its AOF."""
-        return (await self._call(self.r.info("server")))["run_id"]
-
-
-def make_directory(redis_url: str | None):
-    return RedisDirectory(redis_url) if redis_url else ActorDirectory()
+        """Changes when the backend lost its contents (Redis restarted, a new state actor)."""
+        with unavailable_as(DirectoryUnavailableError):
+            return await self.kv.epoch()
 
 
 class WriteBehind:

@@ -16,7 +16,9 @@ from collections import OrderedDict
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from lessserve.cluster.directory import make_directory
+from lessserve.cache_store.config import StoreConfig
+from lessserve.cluster.directory import SessionDirectory
+from lessserve.cluster.shared_state import shared_kv
 
 log = logging.getLogger("ray.serve")
 
@@ -32,9 +34,10 @@ def rendezvous_rank(session_id: str, replica_ids: list[str]) -> list[str]:
 class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
     REMEMBERED = 100_000  # sessions whose last replica this router keeps (for directory outages)
 
-    def initialize_state(self, redis_url: str | None = None, **kwargs):
+    def initialize_state(self, store: dict | None = None, **kwargs):
+        """`store`: the StoreConfig mapping (where the session directory lives)."""
         super().initialize_state(**kwargs)
-        self._redis_url = redis_url
+        self._store = StoreConfig.model_validate(store or {})
         self._directory = None
         self._last: OrderedDict[str, str] = OrderedDict()  # session -> replica this router last sent it to
 
@@ -42,8 +45,8 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
         """The directory's worker; while the directory is down, the replica this router last sent
         the session to (so a degraded cluster keeps each session on one worker)."""
         try:
-            if self._directory is None:
-                self._directory = make_directory(self._redis_url)
+            if self._directory is None:  # made here: on the loop this router runs on
+                self._directory = SessionDirectory(shared_kv(self._store))
             entry = await self._directory.lookup(sid)
         except Exception as e:  # noqa: BLE001 - the directory is a hint; memory and hashing still route
             log.warning("session directory lookup failed: %s", e)

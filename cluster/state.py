@@ -1,49 +1,28 @@
-"""Cluster-wide state in one named Ray actor: the session directory (when no Redis), each
-worker's latest stats, request latency histograms, and the in-cluster shared tier (bytes by
-key) used to move sessions between workers when no Redis is configured."""
+"""Cluster-wide state in one named Ray actor: each worker's latest stats, request latency
+histograms and counters, and the cluster's shared key-value map (ActorKV, cluster/actor_kv.py):
+the session directory, Responses records, transcripts and the shared cache tier when no Redis
+is configured, with TTL expiry and byte accounting (cache_store.kv.KVMap)."""
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections.abc import Mapping
 
 import ray
 
+from lessserve.cache_store.kv import KEYS_LIMIT, KVMap
 from lessserve.cluster.metrics import Histogram, cluster_registry, exposition
 
 STATE_ACTOR = "lessserve-cluster-state"
 NAMESPACE = "lessserve"
-
-
-def merged_entry(old: dict | None, worker: str | None, owner: str | None, turns: int | None,
-                 if_newer: bool) -> dict | None:
-    """A session's directory entry after `worker` claims it: {"worker", "owner", "turns", "t"}.
-    The owner never changes once set. `if_newer` (a re-publish after the backend lost its contents)
-    claims only when no entry records more turns: a worker holding a stale copy never wins over
-    the one that served the latest turn. None: the claim was refused."""
-    e = dict(old or {"worker": None, "owner": owner})
-    if if_newer and old and turns is not None and (old.get("turns") or 0) > turns:
-        return None
-    if worker is not None:
-        e["worker"] = worker
-    if owner is not None and e.get("owner") is None:
-        e["owner"] = owner
-    if turns is not None:
-        e["turns"] = turns
-    e["t"] = time.time()
-    return e
-
-
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
 
 
 @ray.remote(num_cpus=0)
 class ClusterState:
     def __init__(self):
-        self.directory: dict[str, dict] = {}  # session -> {"worker", "owner", "t"}
+        self.kv = KVMap()
         self.workers: dict[str, dict] = {}  # worker id -> latest stats + "t"
-        self.blobs: dict[str, bytes] = {}
-        self.responses: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (expiry, record JSON)
         self.ttft = Histogram()
         self.itl = Histogram()
         self.counters = {"turns": 0, "tokens_out": 0, "tokens_prefilled": 0, "errors_4xx": 0, "errors_5xx": 0,
@@ -51,67 +30,49 @@ class ClusterState:
         self.t0 = time.time()
         self.registry = cluster_registry(self)
 
-    def started_at(self) -> float:
-        return self.t0
-
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    # directory
-    def lookup(self, sid: str) -> dict | None:
-        return self.directory.get(sid)
+    # the shared key-value map (each call atomic: the actor runs one at a time)
+    def kv_get(self, key: str) -> bytes | None:
+        return self.kv.get(key)
 
-    def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
-              if_newer: bool = False) -> dict | None:
-        e = merged_entry(self.directory.get(sid), worker, owner, turns, if_newer)
-        if e is not None:
-            self.directory[sid] = e
-        return e
+    def kv_get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self.kv.get_many(keys)
 
-    def forget(self, sid: str) -> None:
-        self.directory.pop(sid, None)
+    def kv_set(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        self.kv.set(key, value, ttl_s)
 
-    def leave(self, worker: str) -> int:
-        """A worker left (drained): its sessions now live only in the shared tier."""
-        n = 0
-        for e in self.directory.values():
-            if e.get("worker") == worker:
-                e["worker"], n = None, n + 1
+    def kv_set_many(self, items: Mapping[str, bytes], ttl_s: float | None) -> None:
+        self.kv.set_many(items, ttl_s)
+
+    def kv_swap(self, key: str, value: bytes, ttl_s: float | None) -> bytes | None:
+        return self.kv.swap(key, value, ttl_s)
+
+    def kv_pop(self, key: str) -> bytes | None:
+        return self.kv.pop(key)
+
+    def kv_delete(self, keys: list[str]) -> int:
+        return self.kv.delete(*keys)
+
+    def kv_exists(self, key: str) -> bool:
+        return self.kv.exists(key)
+
+    def kv_keys(self, prefix: str = "", suffix: str = "", limit: int = KEYS_LIMIT) -> list[str]:
+        return self.kv.keys(prefix, suffix, limit)
+
+    def kv_used(self, prefix: str = "") -> tuple[int, int]:
+        return self.kv.used(prefix)
+
+    def kv_cap(self, prefix: str, max_keys: int) -> None:
+        self.kv.cap(prefix, max_keys)
+
+    def kv_epoch(self) -> str:
+        return self.kv.epoch
+
+    def worker_left(self, worker: str) -> None:
+        """A worker drained and left: it no longer counts in the metrics."""
         self.workers.pop(worker, None)
-        return n
-
-    # response records (no Redis): bounded by a TTL and a count, oldest first out
-    def response_put(self, rid: str, rec: str, ttl_s: float, max_records: int) -> None:
-        self.responses[rid] = (time.time() + ttl_s, rec)
-        self.responses.move_to_end(rid)
-        while len(self.responses) > max_records:
-            self.responses.popitem(last=False)
-
-    def response_get(self, rid: str) -> str | None:
-        got = self.responses.get(rid)
-        if got is None or got[0] < time.time():
-            self.responses.pop(rid, None)
-            return None
-        return got[1]
-
-    def response_delete(self, rid: str) -> bool:
-        return self.responses.pop(rid, None) is not None
-
-    # shared tier (no Redis)
-    def blob_put(self, key: str, value: bytes) -> None:
-        self.blobs[key] = value
-
-    def blob_get(self, key: str) -> bytes | None:
-        return self.blobs.get(key)
-
-    def blob_delete(self, key: str) -> bool:
-        return self.blobs.pop(key, None) is not None
-
-    def blob_keys(self) -> list[str]:
-        return list(self.blobs)
-
-    def blob_bytes(self, prefix: str = "") -> int:
-        return sum(len(v) for k, v in self.blobs.items() if k.startswith(prefix))
 
     # metrics
     def live_workers(self, stale_s: float) -> int:

@@ -28,9 +28,10 @@ from ray import serve
 
 from lessserve.cluster.admission import TurnGate
 from lessserve.cluster.config import ServeConfig
-from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind, make_directory
+from lessserve.cluster.directory import DirectoryUnavailableError, SessionDirectory, WriteBehind
 from lessserve.cluster.http_errors import http_error
 from lessserve.cluster.protocol import EndEvent, ErrorEvent, StartEvent, TokenEvent, TurnRequest, private_session
+from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import Detokenizer, StopStrings
@@ -88,11 +89,11 @@ class LessWorker:
         threads = reserve_compute_threads()  # before the model loads: only the scheduler thread has a team
         self.engine = Engine(self.cfg.engine)
         self.scheduler = BatchScheduler(self.engine, threads=threads)  # the one thread that touches the engine
-        self.sessions = SessionStore(self.engine, self.cfg.store, shared=self._shared_tier(),
-                                     run_local=self.scheduler.run_exclusive)
+        kv = shared_kv(self.cfg.store)  # Redis or the cluster-state actor: one client, on this loop
+        self.sessions = SessionStore(self.engine, self.cfg.store, kv=kv, run_local=self.scheduler.run_exclusive)
         self.worker_id = _replica_id()
         self.node_id = _node_id()
-        self.directory = WriteBehind(make_directory(self.cfg.store.redis_url))
+        self.directory = WriteBehind(SessionDirectory(kv))
         self.state = get_state()
         self.locks = SessionLocks()
         self.gate = TurnGate(self.cfg.engine.max_slots, self.cfg.queue_depth, self.cfg.queue_max_wait_s)
@@ -100,14 +101,6 @@ class LessWorker:
         self.epoch: str | None = None  # the directory backend's epoch last seen (None: unreachable)
         self.republished = 0
         self._maint = asyncio.get_event_loop().create_task(self._maintain_loop())
-
-    def _shared_tier(self):
-        """Without Redis, sessions move between workers through the cluster-state actor."""
-        if self.cfg.store.redis_url:
-            return None
-        from lessserve.cluster.actor_tier import ActorTier
-
-        return ActorTier(get_state())
 
     # --- turns ------------------------------------------------------------------------------
     async def chat(self, req: TurnRequest):
@@ -188,6 +181,8 @@ class LessWorker:
         await self.directory.flush()
         with contextlib.suppress(DirectoryUnavailableError):
             await self.directory.leave(self.worker_id)
+        with contextlib.suppress(Exception):  # best effort: a worker that stops reporting goes stale anyway
+            await asyncio.wait_for(self.state.worker_left.remote(self.worker_id), self.cfg.store.redis_timeout_s)
         return n
 
     async def stats(self) -> dict:

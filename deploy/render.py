@@ -79,6 +79,7 @@ def serve_config_v2(values: dict, release: str = RELEASE) -> dict:
 
 
 CHART_OWNED = ("host", "port", "api_keys", "api_keys_file")  # and store.redis_url: set from `redis` / `apiKeys`
+STORE_CHART_OWNED = ("redis_url", "redis_password")  # a password belongs in a Secret (env), never in values
 
 
 def values_schema() -> dict:
@@ -88,7 +89,8 @@ def values_schema() -> dict:
     defs = serve.pop("$defs")
     for name in CHART_OWNED:
         serve["properties"].pop(name)
-    defs["StoreConfig"]["properties"].pop("redis_url")
+    for name in STORE_CHART_OWNED:
+        defs["StoreConfig"]["properties"].pop(name)
     serve["description"] = "lessserve.cluster.config.ServeConfig (host, port, store.redis_url, api_keys, " \
         "api_keys_file are set by the chart)"
     count = {"type": "integer", "minimum": 0}

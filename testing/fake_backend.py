@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from lessserve.cache_store.kv import MemoryKV
 from lessserve.cluster.http_errors import HttpError
 from lessserve.cluster.protocol import EndEvent, ErrorEvent, Event, StartEvent, TokenEvent, TurnRequest
 from lessserve.cluster.responses import ResponseStore
@@ -127,22 +128,6 @@ class MemoryDirectory:
         return self.entries.get(sid)
 
 
-class MemoryRecords:
-    """A ResponseStore backend in a dict."""
-
-    def __init__(self):
-        self.records: dict[str, dict] = {}
-
-    async def put(self, rec: dict) -> None:
-        self.records[rec["id"]] = rec
-
-    async def get(self, rid: str) -> dict | None:
-        return self.records.get(rid)
-
-    async def delete(self, rid: str) -> bool:
-        return self.records.pop(rid, None) is not None
-
-
 class StaticHealth:
     def __init__(self, workers: int = 1):
         self.workers = workers
@@ -153,4 +138,4 @@ class StaticHealth:
 
 def fake_deps(backend: FakeBackend | None = None) -> RouterDeps:
     return RouterDeps(backend=backend or FakeBackend(), metrics=MemoryMetrics(), directory=MemoryDirectory(),
-                      responses=ResponseStore(MemoryRecords()), health=StaticHealth())
+                      responses=ResponseStore(MemoryKV(), ttl_s=3600, max_records=1000), health=StaticHealth())

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lessserve.cache_store.errors import TierUnavailableError
@@ -40,13 +41,18 @@ def free_port() -> int:
 
 
 class LocalRedis:
-    """start() / kill() / restart() / stop(); `url` is redis://127.0.0.1:<port>/0."""
+    """start() / kill() / restart() / pause() / resume() / stop(); `url` is redis://127.0.0.1:<port>/0
+    (without the password: a server started with `password` has requirepass set). `args`: more
+    redis-server options (e.g. ["--maxmemory", "10mb"])."""
 
-    def __init__(self, port: int | None = None, folder: str | Path | None = None, persist: bool = True):
+    def __init__(self, port: int | None = None, folder: str | Path | None = None, persist: bool = True,
+                 password: str | None = None, args: Sequence[str] = ()):
         self.port = port or free_port()
         self._tmp = None if folder else tempfile.TemporaryDirectory(prefix="lessserve-redis-")
         self.folder = Path(folder or self._tmp.name)
         self.persist = persist
+        self.password = password
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -58,7 +64,9 @@ class LocalRedis:
                 "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args + self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -73,7 +81,7 @@ class LocalRedis:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -81,13 +89,22 @@ class LocalRedis:
         """A synchronous redis-py client of this server (for tests to look inside)."""
         import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=5)
+        return redis.Redis.from_url(self.url, socket_timeout=5, password=self.password)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no shutdown save."""
         if self.proc and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections stay open, nothing answers) until resume()."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def restart(self, empty: bool = False) -> LocalRedis:
         """SIGKILL, then start on the same port: from the AOF, or `empty` (its files wiped first)."""
@@ -100,6 +117,7 @@ class LocalRedis:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a paused server cannot act on SIGTERM
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=5)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from lessserve.cache_store.codec import read_header
 from lessserve.cache_store.config import StoreConfig
-from lessserve.cache_store.tier import Tier
+from lessserve.cache_store.kv import KV
 from lessserve.workers.chat_session import ChatSession, stream_reply
 from lessserve.workers.engine import Engine
 from lessserve.workers.session_store import SessionStore, meta_transcript
@@ -23,9 +23,9 @@ class SyncSessions:
     thread, which also owns the engine (the store's `run_local` is inline). Every coroutine method
     of the store is a plain method here; every other attribute is the store's own."""
 
-    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None):
+    def __init__(self, engine: Engine, config: StoreConfig | None = None, kv: KV | None = None):
         self.runner = asyncio.Runner()
-        self.inner = SessionStore(engine, config, shared)
+        self.inner = SessionStore(engine, config, kv=kv)
 
     def run(self, aw: Awaitable[T]) -> T:
         async def wait() -> T:

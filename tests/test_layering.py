@@ -69,7 +69,7 @@ def test_imports_point_one_way():
 
 
 def test_cache_store_imports_no_ray_and_no_workers():
-    code = ("import sys, lessserve.cache_store, lessserve.cache_store.store, lessserve.cache_store.redis_tier\n"
+    code = ("import sys, lessserve.cache_store, lessserve.cache_store.store, lessserve.cache_store.redis_kv\n"
             "bad = [m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'lessserve.workers', "
             "'lessserve.cluster'))]\n"
             "assert not bad, bad\n")

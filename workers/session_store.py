@@ -36,8 +36,8 @@ from lessserve.cache_store.errors import (
     RestoreError,
     TierUnavailableError,
 )
+from lessserve.cache_store.kv import KV
 from lessserve.cache_store.store import RunLocal, TieredCacheStore, run_inline
-from lessserve.cache_store.tier import Tier
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
 from lessserve.workers.device_tier import EngineDeviceTier
@@ -93,21 +93,20 @@ class Fetched:
 
 
 class SessionStore:
-    def __init__(self, engine: Engine, config: StoreConfig | None = None, shared: Tier | None = None,
+    def __init__(self, engine: Engine, config: StoreConfig | None = None, kv: KV | None = None,
                  run_local: RunLocal = run_inline):
-        """`shared`: a tier every worker reaches, standing in for Redis when none is configured
-        (the cluster passes one backed by its state actor); it may carry `.transcripts`.
-        `run_local(fn)`: runs fn on the thread that owns the engine (inline by default)."""
+        """`kv`: the shared state every worker reaches (the cluster passes cluster.shared_state.shared_kv:
+        Redis, or its state actor), owned by the caller's event loop; without it, Redis when
+        config.redis_url is set, else no shared tier. `run_local(fn)`: runs fn on the thread that
+        owns the engine (inline by default)."""
         self.engine = engine
-        self.shared = shared
         self.run_local = run_local
         self.config = config = config or StoreConfig()
         # --- the slab thread's state
         self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
-        self.store = TieredCacheStore(config, self.device, shared=shared,
-                                      transcripts=getattr(shared, "transcripts", None), run_local=run_local)
+        self.store = TieredCacheStore(config, self.device, kv=kv, run_local=run_local)
         self.prefix_builds = 0  # shared system prompts prefilled on this worker
         self.prefix_hits = 0  # new sessions started from a copy of one
         # --- the event loop's state

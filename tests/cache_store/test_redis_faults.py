@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from lessserve.cache_store import codec
+from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError
-from lessserve.cache_store.redis_tier import RedisTier
+from lessserve.cache_store.redis_kv import RedisKV
+from lessserve.cache_store.shared_tier import SharedTier
 
 ID = codec.CacheIdentity(model="m", policy="h2o", budget=8, less_weights="none")
 
@@ -21,8 +23,9 @@ def value(seed: int, numel: int = 40_000) -> bytes:
     return bytes(codec.encode({"k": torch.randn(numel, generator=g)}, ID, {"seed": seed}))
 
 
-def tier_for(server, prefix, part_bytes=4096) -> RedisTier:
-    return RedisTier.from_url(server.url, prefix=prefix, ttl_s=300, part_bytes=part_bytes, timeout_s=2.0)
+def tier_for(server, prefix, part_bytes=4096) -> SharedTier:
+    kv = RedisKV.from_config(StoreConfig(redis_url=server.url, redis_timeout_s=2.0))
+    return SharedTier(kv, prefix=prefix, ttl_s=300, part_bytes=part_bytes)
 
 
 def test_killed_before_the_pointer_flip_keeps_the_previous_copy(own_redis, prefix):
@@ -31,19 +34,19 @@ def test_killed_before_the_pointer_flip_keeps_the_previous_copy(own_redis, prefi
     async def main():
         tier = tier_for(own_redis, prefix)
         await tier.put("s", v1)
-        real_set = tier.client.set
+        real_set = tier.kv.client.set
 
         async def set_then_crash(name, *a, **kw):
             if name.endswith(":ptr"):  # every part of v2 is written, the pointer is not flipped yet
                 own_redis.kill()
             return await real_set(name, *a, **kw)
 
-        tier.client.set = set_then_crash
+        tier.kv.client.set = set_then_crash
         with pytest.raises(TierUnavailableError):
             await tier.put("s", v2)
         with pytest.raises(TierUnavailableError):  # down: reads fail typed too, no hang, no None
             await tier.get("s")
-        tier.client.set = real_set
+        tier.kv.client.set = real_set
         own_redis.start()  # same port and folder: the append-only file brings back acknowledged writes
         got = await tier.get("s")
         assert bytes(got) == v1
@@ -61,16 +64,16 @@ def test_killed_mid_read_then_restarted(own_redis, prefix):
     async def main():
         tier = tier_for(own_redis, prefix)
         await tier.put("s", v1)
-        real_pipeline = tier.client.pipeline
+        real_pipeline = tier.kv.client.pipeline
 
         def crash_then_pipeline(*a, **kw):  # the pointer was read, the parts are not yet
             own_redis.kill()
             return real_pipeline(*a, **kw)
 
-        tier.client.pipeline = crash_then_pipeline
+        tier.kv.client.pipeline = crash_then_pipeline
         with pytest.raises(TierUnavailableError):
             await tier.get("s")
-        tier.client.pipeline = real_pipeline
+        tier.kv.client.pipeline = real_pipeline
         own_redis.start()
         assert bytes(await tier.get("s")) == v1
         await tier.close()

@@ -18,7 +18,7 @@ from lessserve.cache_store.errors import (
 )
 from lessserve.cache_store.host_tier import HostTier
 from lessserve.cache_store.lru import LRU
-from lessserve.cache_store.redis_tier import RedisTier
+from lessserve.cache_store.redis_kv import RedisKV
 from lessserve.cache_store.store import TieredCacheStore
 from lessserve.cache_store.tier import DeviceTier, TierStats
 
@@ -79,9 +79,9 @@ BLOB = len(codec.encode({"x": torch.zeros(250)}, ID, {"sid": "s0"}))
 
 def make_store(redis_url=None, prefix="t", slots=2, host_sessions=8, clock=None, **cfg):
     dev = FakeDevice(slots)
-    redis = RedisTier.from_url(redis_url, prefix=prefix, ttl_s=60) if redis_url else None
-    config = StoreConfig(host_bytes=host_sessions * (BLOB + 64), redis_url=None, **cfg)
-    return TieredCacheStore(config, dev, shared=redis, clock=clock or Clock()), dev
+    kv = RedisKV.from_config(StoreConfig(redis_url=redis_url)) if redis_url else None
+    config = StoreConfig(host_bytes=host_sessions * (BLOB + 64), redis_url=None, redis_prefix=prefix, ttl_s=60, **cfg)
+    return TieredCacheStore(config, dev, kv=kv, clock=clock or Clock()), dev
 
 
 async def new_session(store, dev, sid, value):
@@ -250,8 +250,8 @@ def test_corrupt_copy_is_refused_and_removed(redis_server, prefix):
         store, dev = make_store(redis_server.url, prefix)
         await new_session(store, dev, "a", 1)
         await store.offload("a", "redis")
-        gen = (await store.shared.client.get(f"{prefix}:a:ptr")).decode().split(":")[0]
-        await store.shared.client.setrange(f"{prefix}:a:{gen}:0", BLOB - 10, b"\xff\xfe")
+        gen = (await store.shared.kv.client.get(f"{prefix}:a:ptr")).decode().split(":")[0]
+        await store.shared.kv.client.setrange(f"{prefix}:a:{gen}:0", BLOB - 10, b"\xff\xfe")
         with pytest.raises(RestoreError) as e:
             await store.restore("a")
         assert isinstance(e.value.cause, ChecksumError) and e.value.tier == "redis"

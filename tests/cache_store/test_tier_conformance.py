@@ -1,5 +1,6 @@
-"""One conformance suite every tier passes: device slots, host memory (local, synchronous) and
-Redis (a real server; async). The suite awaits each call; a local tier's answer is awaited as is."""
+"""One conformance suite every tier passes: device slots, host memory (local, synchronous), the
+shared tier over Redis (a real server) and over an in-process KV (async). The suite awaits each
+call; a local tier's answer is awaited as is."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import inspect
 
 import pytest
 
+from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError
 from lessserve.cache_store.host_tier import HostTier
-from lessserve.cache_store.redis_tier import RedisTier
+from lessserve.cache_store.kv import MemoryKV
+from lessserve.cache_store.redis_kv import RedisKV
+from lessserve.cache_store.shared_tier import SharedTier
 from lessserve.workers.device_tier import EngineDeviceTier
 
-KINDS = ["device", "host", "redis", "redis-small-parts"]
+KINDS = ["device", "host", "redis", "redis-small-parts", "memory-kv-small-parts"]
 
 
 @pytest.fixture(params=KINDS)
@@ -27,7 +31,8 @@ def make_tier(request, tiny_engine_factory, redis_server, prefix):
         if kind == "host":
             return HostTier(64 << 20)
         part = 4 << 20 if kind == "redis" else 4096  # many parts per value: exercises the pipeline
-        return RedisTier.from_url(redis_server.url, prefix=prefix, ttl_s=60, part_bytes=part)
+        kv = MemoryKV() if kind.startswith("memory") else RedisKV.from_config(StoreConfig(redis_url=redis_server.url))
+        return SharedTier(kv, prefix=prefix, ttl_s=60, part_bytes=part)
 
     make.kind = kind
     return make

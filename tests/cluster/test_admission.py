@@ -8,9 +8,8 @@ import asyncio
 import pytest
 
 from lessserve.cluster.admission import QueueFullError, QueueTimeoutError, TurnGate
-from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind
+from lessserve.cluster.directory import DirectoryUnavailableError, WriteBehind, merged_entry
 from lessserve.cluster.http_errors import http_error
-from lessserve.cluster.state import merged_entry
 
 
 def test_gate_admits_queues_and_refuses():

@@ -122,7 +122,7 @@ def test_redis_down_then_back_empty_every_conversation_continues(faulty):
     redis.start()  # back, empty: the workers re-publish directory entries and transcripts
     wait_for(lambda: httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok")
     probe = redis.client()
-    wait_for(lambda: all(probe.hexists("lessserve:directory", cv.sid) and probe.exists(f"lessserve:kv:{cv.sid}:ts")
+    wait_for(lambda: all(probe.exists(f"lessserve:directory:{cv.sid}") and probe.exists(f"lessserve:kv:{cv.sid}:ts")
                          for cv in [*convs, fresh]), timeout=30)
     for cv in [*convs, fresh]:
         cv.turn(2 if cv is not fresh else 1)
@@ -149,6 +149,34 @@ def test_offloaded_caches_restore_from_redis_aof_after_a_crash(faulty):
         assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 20, body["usage"]
         assert info(cv)["turns"] == 2 and len(cv.msgs) == before + 2
     report("caches offloaded to Redis, Redis SIGKILLed and back from its AOF", convs)
+
+
+def test_without_redis_the_state_actor_holds_caches_transcripts_and_records(faulty):
+    """No Redis: the shared state is the cluster-state actor's key-value map (ActorKV). Caches go
+    there when idle and come back without a re-prefill; Responses records chain through it."""
+    c = faulty(redis_persist=None, store__device_idle_s=1.0, store__host_idle_s=1.0)
+    url = c["url"]
+    convs = [Conversation(url) for _ in range(2)]
+    for cv in convs:
+        cv.turn(0)
+    info = lambda cv: httpx.get(f"{url}/v1/sessions/{cv.sid}", headers=H, timeout=60).json()  # noqa: E731
+    wait_for(lambda: all(info(cv)["tier"] == "cluster" for cv in convs), timeout=60)
+    for cv in convs:
+        body = cv.turn(1)
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 20, body["usage"]
+        assert info(cv)["turns"] == 2
+    r1 = httpx.post(url + "/v1/responses", headers=H, timeout=300,
+                    json={"model": MODEL, "input": "Name a colour.", "max_output_tokens": 4})
+    assert r1.status_code == 200, r1.text
+    r2 = httpx.post(url + "/v1/responses", headers=H, timeout=300,
+                    json={"model": MODEL, "input": "Why?", "max_output_tokens": 4,
+                          "previous_response_id": r1.json()["id"]})
+    assert r2.status_code == 200, r2.text
+    got = httpx.get(f"{url}/v1/responses/{r2.json()['id']}", headers=H, timeout=60)
+    assert got.status_code == 200 and got.json()["previous_response_id"] == r1.json()["id"]
+    ready = httpx.get(url + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.json()
+    report("no Redis: caches offloaded to the cluster-state actor and restored, a Responses chain", convs)
 
 
 def test_more_conversations_than_slots_all_complete_without_500(faulty):

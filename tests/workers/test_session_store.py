@@ -72,17 +72,17 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
         hist = a.transcript("s").messages
 
         # 2. A write killed before its pointer flip: the offload fails typed, the cache stays on device.
-        real_set = a.store.shared.client.set
+        real_set = a.store.shared.kv.client.set
 
         async def set_then_crash(name, *args, **kw):
             if name.endswith(":ptr"):
                 own_redis.kill()
             return await real_set(name, *args, **kw)
 
-        a.store.shared.client.set = set_then_crash
+        a.store.shared.kv.client.set = set_then_crash
         with pytest.raises(TierUnavailableError):
             a.offload("s", "redis")
-        a.store.shared.client.set = real_set
+        a.store.shared.kv.client.set = real_set
         own_redis.start()
         assert a.where("s") == "device"
         a.drain()  # transcript + cache to Redis
@@ -90,8 +90,8 @@ def test_lost_corrupt_and_incompatible_caches_are_rebuilt_from_the_transcript(de
 
         # 3. Flipped bytes in Redis: the checksum refuses the cache, the next turn rebuilds.
         r = a.store.shared
-        gen = a.run(r.client.get(f"{prefix}:s:ptr")).decode().split(":")[0]
-        a.run(r.client.setrange(f"{prefix}:s:{gen}:0", 5000, b"\x00\xff\x00\xff"))
+        gen = a.run(r.kv.client.get(f"{prefix}:s:ptr")).decode().split(":")[0]
+        a.run(r.kv.client.setrange(f"{prefix}:s:{gen}:0", 5000, b"\x00\xff\x00\xff"))
         want = replayed_reply(default_engine(), a.transcript("s"), next_messages(hist, 2), NEW_TOKENS)
         assert "".join(run_turn(a, "s", next_messages(hist, 2), max_new_tokens=NEW_TOKENS)) == want
         assert a.stats()["redis"]["recomputes"] == 2 and a.transcript("s").turns == 3

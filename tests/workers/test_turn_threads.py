@@ -11,9 +11,7 @@ import threading
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.cache_store.errors import CacheMissError
-from lessserve.cache_store.tier import Tier, TierStats
-from lessserve.cache_store.transcripts import MemoryTranscripts
+from lessserve.cache_store.kv import MemoryKV
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
@@ -21,62 +19,31 @@ from lessserve.workers.session_store import SessionStore
 from tests.conftest import tiny_checkpoint
 
 
-class RecordingShared(Tier):
-    """An in-memory shared tier that records the thread of every call; `hang` makes reads never return."""
+class RecordingKV(MemoryKV):
+    """The shared state in memory, recording the thread of every call; `hang` makes every call wait forever."""
 
     name = "cluster"
 
     def __init__(self):
-        self.blobs: dict[str, bytes] = {}
+        super().__init__()
         self.threads: set[str] = set()
         self.hang = False
-        self.transcripts = Transcripts(self)
 
-    def _note(self):
+
+def _recorded(name: str):
+    base = getattr(MemoryKV, name)
+
+    async def call(self, *a, **kw):
         self.threads.add(threading.current_thread().name)
-
-    async def _maybe_hang(self):
-        self._note()
         if self.hang:
             await asyncio.Event().wait()
+        return await base(self, *a, **kw)
 
-    async def contains(self, sid):
-        await self._maybe_hang()
-        return sid in self.blobs
-
-    async def get(self, sid):
-        await self._maybe_hang()
-        if sid not in self.blobs:
-            raise CacheMissError(sid)
-        return self.blobs[sid]
-
-    async def put(self, sid, blob):
-        self._note()
-        self.blobs[sid] = bytes(blob)
-
-    async def delete(self, sid):
-        self._note()
-        return self.blobs.pop(sid, None) is not None
-
-    async def keys(self):
-        return list(self.blobs)
-
-    async def stats(self):
-        return TierStats(sessions=len(self.blobs), bytes=sum(map(len, self.blobs.values())))
+    return call
 
 
-class Transcripts(MemoryTranscripts):
-    def __init__(self, owner: RecordingShared):
-        super().__init__()
-        self.owner = owner
-
-    async def get(self, sid):
-        await self.owner._maybe_hang()
-        return await super().get(sid)
-
-    async def put(self, sid, transcript):
-        await self.owner._maybe_hang()
-        await super().put(sid, transcript)
+for _name in ("get", "get_many", "set", "set_many", "swap", "pop", "delete", "exists", "keys", "used"):
+    setattr(RecordingKV, _name, _recorded(_name))
 
 
 @pytest.fixture
@@ -86,8 +53,8 @@ def world(tmp_path):
     engine = Engine(EngineConfig(policy="h2o", budget=16, max_slots=2, prefill_chunk=8, device="cpu",
                                  dtype="float32"), checkpoint=tiny_checkpoint(tmp_path), tokenizer=FakeTok())
     sched = BatchScheduler(engine)
-    shared = RecordingShared()
-    ss = SessionStore(engine, StoreConfig(redis_timeout_s=1.0, device_idle_s=None, host_idle_s=None), shared=shared,
+    shared = RecordingKV()
+    ss = SessionStore(engine, StoreConfig(redis_timeout_s=1.0, device_idle_s=None, host_idle_s=None), kv=shared,
                       run_local=sched.run_exclusive)
     slab_threads: set[str] = set()
     for name in ("get", "put", "delete", "new_slot"):
