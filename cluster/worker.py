@@ -143,13 +143,13 @@ class LessWorker:
         session.rebuilt = 0
         yield {"type": "start", "prompt_tokens": len(session.transcript.ids), "prefilled": prefilled}
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop_ids=(tok.eos_token_id,))
+                                stop_ids=self.engine.stop_ids)
         tokens: list[int] = []
         detok, stops = Detokenizer(tok), StopStrings(stop or [])
         finish, hit = "length", False
         try:
             async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
-                if t == tok.eos_token_id:
+                if t in self.engine.stop_ids:
                     finish = "stop"
                     break
                 piece, hit = stops.push(detok.push(t))
@@ -163,7 +163,7 @@ class LessWorker:
         finally:  # also when the client went away: record exactly what the cache consumed
             await self.scheduler.run_exclusive(lambda: self.sessions.close_turn(sid, messages, tokens))
         yield {"type": "end", "finish_reason": finish,
-               "completion_tokens": len([t for t in tokens if t != tok.eos_token_id])}
+               "completion_tokens": len([t for t in tokens if t not in self.engine.stop_ids])}
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:
