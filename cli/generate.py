@@ -37,8 +37,8 @@ def run(args) -> int:
     slot = engine.alloc()
     detok = Detokenizer(tok)
     for t in engine.generate(slot, ids, args.max_new_tokens, args.temperature, args.top_p,
-                             stop_ids=[tok.eos_token_id], seed=args.seed):
-        if t != tok.eos_token_id:
+                             stop_ids=engine.stop_ids, seed=args.seed):
+        if t not in engine.stop_ids:
             sys.stdout.write(detok.push(t))
             sys.stdout.flush()
     sys.stdout.write("\n")

@@ -41,7 +41,7 @@ def check(cfg: ServeConfig, local: bool = True) -> list[str]:
         check_resources(cfg)
         device = check_device(cfg.engine.device)
         check_kernels(cfg.engine.kernels, device)
-        model_id = check_model(cfg.engine.model)
+        model_id = check_model(cfg.engine.model, cfg.engine.max_model_len)
         check_less_weights(cfg.engine, model_id)
     return [w for w in (redis_warning(cfg.store.redis_url), open_mode_warning(cfg)) if w]
 
@@ -142,16 +142,16 @@ def check_kernels(kernels: str, device) -> None:
         raise CliError(blame("engine.kernels"), str(e)) from None
 
 
-def _arch_check(config_json: Path) -> None:
+def _arch_check(config_json: Path):
     from lessserve.workers.model_loader import ModelArgs
 
-    ModelArgs.from_hf_config(json.loads(config_json.read_text()))
+    return ModelArgs.from_hf_config(json.loads(config_json.read_text()))
 
 
-def check_model(model: str) -> str:
-    """The model resolves to local weights of a supported architecture; returns its id (the name
-    the worker finds shipped LESS weights by). A GGUF or hub checkpoint not converted yet is
-    converted here, once, into the cache the workers read."""
+def check_model(model: str, max_model_len: int | None = None) -> str:
+    """The model resolves to local weights of a supported architecture whose context holds
+    `max_model_len`; returns its id (the name the worker finds shipped LESS weights by). A GGUF or
+    hub checkpoint not converted yet is converted here, once, into the cache the workers read."""
     from lessserve.workers.errors import ModelNotFoundError
     from lessserve.workers.model_loader import resolve_model_folder
 
@@ -161,9 +161,13 @@ def check_model(model: str) -> str:
         if (given / "config.json").is_file():
             _arch_check(given / "config.json")  # before any conversion of a folder
         model_id, folder = resolve_model_folder(model)
-        _arch_check(folder / "config.json")
+        args = _arch_check(folder / "config.json")
         if not any(folder.glob("*.safetensors")):
             raise ModelNotFoundError(f"no safetensors weights in {folder}")
+        if max_model_len is not None and max_model_len > args.context_len:
+            raise CliError("--max-model-len", f"{max_model_len} exceeds the model's context of {args.context_len} tokens")
+    except CliError:
+        raise
     except LessServeError as e:
         raise CliError(flag, str(e)) from None
     except KeyError as e:

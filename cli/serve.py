@@ -16,7 +16,9 @@ from lessserve.cli.flags import CliError, existing_file, from_validation, help_o
 SERVE_FLAGS = {"--host": "host", "--port": "port", "--redis-url": "store.redis_url", "--api-keys-file": "api_keys_file",
                "--model": "engine.model", "--policy": "engine.policy", "--budget": "engine.budget",
                "--kernels": "engine.kernels", "--max-slots": "engine.max_slots", "--workers": "workers.min_workers",
-               "--max-workers": "workers.max_workers"}
+               "--max-workers": "workers.max_workers", "--dtype": "engine.dtype",
+               "--max-model-len": "engine.max_model_len", "--served-model-name": "served_model_name",
+               "--chat-template": "engine.chat_template", "--less-weights": "engine.less_weights"}
 
 
 def register(sub) -> None:
@@ -38,6 +40,12 @@ def register(sub) -> None:
     p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                    help=help_of(EngineConfig, "kernels"))
     p.add_argument("--max-slots", type=int, default=None, help=help_of(EngineConfig, "max_slots"))
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help=help_of(EngineConfig, "dtype"))
+    p.add_argument("--max-model-len", type=int, default=None, help=help_of(EngineConfig, "max_model_len"))
+    p.add_argument("--served-model-name", default=None, help=help_of(ServeConfig, "served_model_name"))
+    p.add_argument("--chat-template", default=None, help=help_of(EngineConfig, "chat_template"))
+    p.add_argument("--less-weights", default=None, help=help_of(EngineConfig, "less_weights").split(";")[0] + ")")
     p.set_defaults(func=run)
 
 
@@ -48,6 +56,8 @@ def config_from_args(args):
         existing_file("--config", args.config)
     if args.api_keys_file:
         existing_file("--api-keys-file", args.api_keys_file)
+    if args.less_weights:
+        existing_file("--less-weights", args.less_weights)
     over = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in SERVE_FLAGS.items()}
     if args.workers is not None:
         over["workers.max_workers"] = args.workers

@@ -140,11 +140,11 @@ class LessWorker:
         session.rebuilt = 0
         yield StartEvent(prompt_tokens=len(session.transcript.ids), prefilled=prefilled)
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, stop_ids=(tok.eos_token_id,))
+                                seed=req.seed, stop_ids=self.engine.stop_ids)
         detok, stops = Detokenizer(tok), StopStrings(req.stop)
         finish, hit = "length", False
         async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
-            if t == tok.eos_token_id:
+            if t in self.engine.stop_ids:
                 finish = "stop"
                 break
             piece, hit = stops.push(detok.push(t))
@@ -155,7 +155,7 @@ class LessWorker:
                 break
         if not hit and (tail := stops.flush()):
             yield TokenEvent(tail)
-        yield EndEvent(finish_reason=finish, completion_tokens=len([t for t in tokens if t != tok.eos_token_id]))
+        yield EndEvent(finish_reason=finish, completion_tokens=len([t for t in tokens if t not in self.engine.stop_ids]))
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:

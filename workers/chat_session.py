@@ -153,7 +153,7 @@ class ChatSession:
         """Record a finished turn. generate() never feeds its last token back: the cache consumed
         gen[:-1], and the transcript records exactly that (the next turn re-supplies the rest)."""
         tok, tr = self.engine.tokenizer, self.transcript
-        reply = tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True)
+        reply = tok.decode([t for t in gen if t not in self.engine.stop_ids], skip_special_tokens=True)
         tr.ids += gen[:-1]
         tr.text += tok.decode(gen[:-1], skip_special_tokens=False)
         tr.messages = [*messages, {"role": "assistant", "content": reply}]
@@ -175,7 +175,7 @@ def stream_reply(chat: ChatSession, new_ids: list[int], gen: list[int], max_new_
     tok = chat.engine.tokenizer
     detok = Detokenizer(tok)
     for t in chat.engine.generate(chat.slot, new_ids, max_new_tokens, temperature, top_p,
-                                  stop_ids=[tok.eos_token_id], seed=seed):
+                                  stop_ids=chat.engine.stop_ids, seed=seed):
         gen.append(t)
-        if t != tok.eos_token_id:
+        if t not in chat.engine.stop_ids:
             yield detok.push(t)

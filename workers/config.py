@@ -24,10 +24,17 @@ class EngineConfig(BaseModel):
                                      "`less_kernels` is the old name, accepted for one release)")
     max_slots: int = Field(8, ge=1, le=4096, description="Session slots preallocated on the device")
     max_context: int = Field(8192, ge=16, description="Longest session for the `full` policy")
+    max_model_len: int | None = Field(None, ge=16, description="Longest session in tokens (prompt + history + "
+                                      "generated), at most the model's context (default: the model's context: "
+                                      "max_position_embeddings as RoPE-scaled, capped at a sliding window)")
+    chat_template: str | None = Field(None, description="Jinja chat template replacing the tokenizer's: a file path "
+                                      "or the template itself")
     prefill_chunk: int = Field(256, ge=1, le=8192, description="Tokens per chunked-prefill step (the evaluations "
                                "run at 32; 256 measured against it in docs/bench_chunking.md)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights and activations (auto: the checkpoint's stored half dtype on CUDA, bfloat16 for "
+        "a float32 checkpoint there; float32 on the CPU)")
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "
                                                         "(auto: Triton on CUDA, torch elsewhere)")
     cuda_graphs: bool = Field(False, description="Decode steps through CUDA graphs captured per batch-size bucket "

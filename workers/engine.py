@@ -9,7 +9,9 @@ decode batches many sessions of different lengths in one forward.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,35 @@ from lessserve.workers.slots import SlotSlab
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file holding a Jinja template, or the template itself."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"chat_template: no such file, and not a Jinja template: {value!r}")
+    return path.read_text()
+
+
+def stop_ids(folder: Path, tokenizer) -> tuple[int, ...]:
+    """Token ids that end a turn: the tokenizer's eos and every eos id of generation_config.json
+    (Llama 3 instruct ends its turns with <|eot_id|>, which is not the tokenizer's eos)."""
+    ids = [] if tokenizer is None or tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    return tuple(dict.fromkeys(ids))
+
+
+def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """dtype "auto": on CUDA the stored half dtype (float32 checkpoints run in bfloat16); on the CPU
+    float32 (half-precision matmuls are slow there; `--dtype bfloat16` keeps a bf16 checkpoint as is)."""
+    if device.type == "cuda":
+        return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return torch.float32
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,18 +71,24 @@ class Engine:
                  less: LessWeights | None = None, tokenizer=None, model: LlamaModel | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         self.device = pick_device(cfg.device)
-        self.dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.impl = resolve(cfg.kernels, self.device)
         ckpt = checkpoint or load_checkpoint(cfg.model)
+        self.dtype = _DTYPES.get(cfg.dtype) or auto_dtype(self.device, ckpt.stored_dtype)
         self.model_id, self.args = ckpt.model_id, ckpt.args
         self.tokenizer = tokenizer if tokenizer is not None else (
             load_tokenizer(ckpt.folder) if (ckpt.folder / "tokenizer_config.json").is_file() else None
         )
         if model is None:  # a model may be shared by several engines (evaluations, benchmarks)
-            model = LlamaModel(ckpt.args)
-            model.load_hf_state_dict(ckpt.state_dict)
-            model.to(device=self.device, dtype=self.dtype).eval()
+            model = LlamaModel.from_checkpoint(ckpt, self.device, self.dtype)
         self.model = model
+        ctx = self.args.context_len
+        if cfg.max_model_len is not None and cfg.max_model_len > ctx:
+            raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's context of {ctx} tokens "
+                              f"({self.model_id}: {self._context_reason()})")
+        self.max_model_len = cfg.max_model_len or ctx
+        if cfg.chat_template and self.tokenizer is not None:
+            self.tokenizer.chat_template = read_chat_template(cfg.chat_template)
+        self.stop_ids = stop_ids(ckpt.folder, self.tokenizer)
         self.policy = Policy.parse(cfg.policy)
         self.less = self._load_less(less)
         rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)
@@ -73,6 +110,14 @@ class Engine:
             self.graphs = DecodeGraphs(step, cfg.max_slots, self.slab.alloc(), self.device, backend)
 
     # --- setup ------------------------------------------------------------------------------
+    def _context_reason(self) -> str:
+        a = self.args
+        if a.sliding_window is not None and a.sliding_window == a.context_len:
+            return f"sliding_window {a.sliding_window}: exact only below it"
+        r = a.rotary
+        return f"max_position_embeddings {a.max_position_embeddings}" + (
+            f", {r.rope_type} RoPE x{r.factor:g}" if r.rope_type not in ("default", "llama3") else "")
+
     def _load_less(self, less: LessWeights | None) -> LessWeights | None:
         if not self.policy.less:
             return None
@@ -114,6 +159,10 @@ class Engine:
         """Host-side checks only (the full policy's length is `seen`: nothing is evicted)."""
         for s in slots:
             self.slab.check(s)
+            if self.slab.seen[s] + C > self.max_model_len:
+                raise ContextOverflowError(
+                    f"session would reach {self.slab.seen[s] + C} tokens; the model's limit is "
+                    f"max_model_len={self.max_model_len}")
             if self.spec.mode == "full" and self.slab.seen[s] + C > self.spec.budget:
                 raise ContextOverflowError(
                     f"session would hold {self.slab.seen[s] + C} tokens; the full policy's limit "

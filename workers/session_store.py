@@ -190,11 +190,12 @@ class SessionStore:
 
     def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
         eng = self.engine
-        if len(plan.new_ids) > eng.args.max_position_embeddings:
-            raise ContextOverflowError(f"the new messages are {len(plan.new_ids)} tokens; the model's context is "
-                                       f"{eng.args.max_position_embeddings}")
+        held = 0 if plan.rebuild else eng.slab.seen[chat.slot]
+        if held + len(plan.new_ids) + max_new_tokens > eng.max_model_len:
+            raise ContextOverflowError(f"the conversation would reach {held + len(plan.new_ids) + max_new_tokens} "
+                                       f"tokens (history, new messages and max_tokens); this model's limit is "
+                                       f"max_model_len={eng.max_model_len}")
         if eng.spec.mode == "full":
-            held = 0 if plan.rebuild else eng.slab.seen[chat.slot]
             if held + len(plan.new_ids) + max_new_tokens > eng.spec.budget:
                 raise ContextOverflowError(f"the conversation would reach {held + len(plan.new_ids) + max_new_tokens}"
                                            f" tokens; the full policy holds at most {eng.spec.budget}")
