@@ -165,7 +165,8 @@ def check_model(model: str, max_model_len: int | None = None) -> str:
         if not any(folder.glob("*.safetensors")):
             raise ModelNotFoundError(f"no safetensors weights in {folder}")
         if max_model_len is not None and max_model_len > args.context_len:
-            raise CliError("--max-model-len", f"{max_model_len} exceeds the model's context of {args.context_len} tokens")
+            raise CliError("--max-model-len",
+                           f"{max_model_len} exceeds the model's context of {args.context_len} tokens")
     except CliError:
         raise
     except LessServeError as e:

@@ -155,7 +155,8 @@ class LessWorker:
                 break
         if not hit and (tail := stops.flush()):
             yield TokenEvent(tail)
-        yield EndEvent(finish_reason=finish, completion_tokens=len([t for t in tokens if t not in self.engine.stop_ids]))
+        completion = len([t for t in tokens if t not in self.engine.stop_ids])
+        yield EndEvent(finish_reason=finish, completion_tokens=completion)
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:
