@@ -187,10 +187,17 @@ def read_safetensors(path: Path):
     """Yield (name, stored dtype, shape, read) per tensor of a .safetensors file, in file order, where
     read(out) fills a tensor of that dtype and shape with plain file reads (no mmap: a mapped file's
     touched pages count as the process's memory until unmapped) and returns it."""
+    size = path.stat().st_size
     with open(path, "rb", buffering=0) as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ModelNotFoundError(f"{path.name} is not a safetensors file (a {n}-byte header in {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (ValueError, AttributeError) as e:
+            raise ModelNotFoundError(f"{path.name} is not a safetensors file (its header: {e})") from None
         base = 8 + n
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _ST_DTYPES:

@@ -139,8 +139,8 @@ class Rope:
         low, high = max(low, 0), min(high, d - 1)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        pos_freqs = self.theta ** (torch.arange(0, d, 2).float() / d)
+        ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        pos_freqs = self.theta ** (torch.arange(0, d, 2, device="cpu").float() / d)
         extra = 1 - ramp
         inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
         return inv, float(att)
