@@ -148,6 +148,8 @@ class SessionStore:
         if isinstance(out, Need):  # only the shared tier can tell: fetch on this loop, off the slab's thread
             fetched = await self._fetch(session_id, out)
             out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, fetched))
+            if isinstance(out, Need):  # cannot happen: a fetch brings the transcript that rebuilds anything
+                raise TierUnavailableError(f"session {session_id!r}: the shared tier did not give what it needs")
             if fetched.blob is not None and fetched.error is None and self.store.shared:
                 await self.store.after_shared_restore(session_id)
         return out
@@ -255,7 +257,7 @@ class SessionStore:
             if fetched is None:
                 restored = st.restore_local(sid)
                 if restored is None:  # only the shared tier may hold it
-                    return Need(cache=True, transcript=sid not in self.sessions)
+                    return Need(cache=True, transcript=True)  # the transcript too: a failed copy rebuilds
             elif fetched.blob is None:
                 raise fetched.error or RestoreError(sid, st.shared_name or "host", CacheMissError(sid))
             else:

@@ -161,3 +161,27 @@ def test_a_hung_shared_tier_costs_a_deadline_not_the_scheduler(world):
     # two deadlines (the fetch, the transcript write) and the turn's own compute: never a hang
     assert deadline <= slow_s < 2 * deadline + 5.0, (slow_s, deadline)
     assert ss.transcript_read_failures >= 1
+
+
+def test_a_session_forgotten_between_its_two_hops_is_rebuilt_from_its_transcript(world):
+    """The cache only the shared tier held is lost, and maintenance forgot the session on this worker
+    while its copy was being fetched: the turn rebuilds it from the durable transcript."""
+    engine, sched, ss, shared, _ = world
+
+    async def main():
+        first = msgs("hello there")
+        await turn(ss, sched, "s", first)
+        assert await ss.offload("s", "shared") == "cluster"
+        await ss.store.shared.delete("s")
+        real = ss._fetch
+
+        async def fetch_and_forget(sid, need):
+            await ss.run_local(lambda: ss.sessions.pop(sid, None))
+            return await real(sid, need)
+
+        ss._fetch = fetch_and_forget
+        tokens = await turn(ss, sched, "s", [*first, {"role": "assistant", "content": "x"}, *msgs("again")])
+        return tokens, ss.sessions["s"].transcript.turns
+
+    tokens, turns = asyncio.run(main())
+    assert tokens and turns == 2
