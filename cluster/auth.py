@@ -11,13 +11,28 @@ from lessserve.errors.tree import AuthError
 ANONYMOUS = "anonymous"
 
 
+def wire_bytes(value: str) -> bytes:
+    """A header value's bytes. ASGI servers decode header bytes as latin-1, which this undoes, so a
+    key of any bytes (UTF-8 or not) compares exactly; a str with wider characters (never from the
+    wire) is taken as UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
 def owner_of(authorization: str | None, keys: set[str]) -> str:
-    """The owner id for a request, or AuthError when keys are configured and this one is not valid."""
+    """The owner id for a request, or AuthError when keys are configured and this one is not valid.
+    Any bytes are a key to compare, in constant time against every configured key (as UTF-8): a
+    key that is not ASCII is a 401 like any other wrong key, never an error of the comparison."""
     if not keys:
         return ANONYMOUS
     if not authorization or not authorization.lower().startswith("bearer "):
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    key = authorization[7:].strip()
-    if not any(hmac.compare_digest(key, k) for k in keys):
+    key = wire_bytes(authorization[7:].strip())
+    matched = False
+    for k in keys:
+        matched |= hmac.compare_digest(key, k.encode("utf-8"))
+    if not matched:
         raise AuthError("invalid API key")
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "key-" + hashlib.sha256(key).hexdigest()[:16]

@@ -39,6 +39,43 @@ def test_the_owner_is_a_hash_of_the_key(header):
     assert owner_of("Bearer key-two", KEYS) != want
 
 
+@pytest.mark.parametrize("key", ["clé", "ключ", "\x00\xff\x7f", "😀", "key-one\u00e9", "\udcff"])
+def test_a_key_of_any_characters_is_a_401_never_an_error(key):
+    """hmac.compare_digest refuses non-ASCII str: such a key was a 500 (TypeError)."""
+    with pytest.raises(AuthError, match="invalid API key"):
+        owner_of(f"Bearer {key}", KEYS)
+
+
+def test_a_utf8_key_as_the_wire_delivers_it_matches():
+    """ASGI servers decode header bytes as latin-1: a configured UTF-8 key arrives that way."""
+    key = "clé-😀"
+    wire = key.encode("utf-8").decode("latin-1")
+    assert owner_of(f"Bearer {wire}", {key}) == "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    with pytest.raises(AuthError):
+        owner_of(f"Bearer {wire[:-1]}", {key})
+
+
+def test_binary_and_non_ascii_bearer_keys_get_401_over_http():
+    """Through the router's HTTP edge (no Ray, no model): raw header bytes, never a 500."""
+    import httpx
+
+    from lessserve.cluster.config import ServeConfig
+    from lessserve.cluster.router import build_router_app
+    from lessserve.testing.fake_backend import fake_deps
+
+    app = build_router_app(ServeConfig(api_keys=sorted(KEYS)), fake_deps())
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            out = []
+            for raw in (b"Bearer cl\xc3\xa9", b"Bearer \xff\xfe\x00", b"Bearer \xe2\x82", b"Bearer key-one"):
+                r = await c.get("/v1/models", headers=[(b"authorization", raw)])
+                out.append(r.status_code)
+            return out
+
+    assert asyncio.run(main()) == [401, 401, 401, 200]
+
+
 # --- the router's per-session check --------------------------------------------------------------
 class FakeDirectory:
     def __init__(self, entries: dict, down: bool = False):
