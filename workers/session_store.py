@@ -39,7 +39,7 @@ from lessserve.cache_store.errors import (
 from lessserve.cache_store.kv import KV
 from lessserve.cache_store.store import RunLocal, TieredCacheStore, run_inline
 from lessserve.errors.tree import LessServeError
-from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn
+from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn, render
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
@@ -143,6 +143,7 @@ class SessionStore:
         (pinned), check the owner and that the turn fits, and return it with the token ids to
         prefill. Pair with `close_turn`, which must be called whatever happens (also after an
         error here: it is then a no-op). A session another owner created is SessionNotFoundError."""
+        self._check_prompt(messages)  # before anything is prefilled, a shared system prompt included
         local = self.store.local_call
         out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, None))
         if isinstance(out, Need):  # only the shared tier can tell: fetch on this loop, off the slab's thread
@@ -189,6 +190,18 @@ class SessionStore:
 
         await asyncio.gather(*([cache()] if need.cache else []), *([transcript()] if need.transcript else []))
         return out
+
+    def _check_prompt(self, messages: list[dict]) -> None:
+        """The whole rendered prompt fits the model's limit: ContextOverflowError (a 400 naming the
+        limit) before any prefill. Runs on the caller's loop, not the slab's thread; the prompt is
+        tokenized only when its UTF-8 bytes exceed the limit (a byte-level token is at least a byte)."""
+        tok, limit = self.engine.tokenizer, self.engine.max_model_len
+        text = render(tok, messages)
+        if len(text.encode()) <= limit:
+            return
+        n = len(encode(tok, text))
+        if n > limit:
+            raise ContextOverflowError(f"the prompt is {n} tokens; this model's limit is max_model_len={limit}")
 
     def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
         eng = self.engine
@@ -352,8 +365,6 @@ class SessionStore:
             return False
         tok = self.engine.tokenizer
         text = tok.apply_chat_template(messages[:1], add_generation_prompt=False, tokenize=False)
-        from lessserve.workers.chat_session import render
-
         if not render(tok, messages).startswith(text) or len(text) < 64:
             return False
         key = private_session("prefix", hashlib.sha256(text.encode()).hexdigest()[:16])

@@ -185,3 +185,30 @@ def test_a_session_forgotten_between_its_two_hops_is_rebuilt_from_its_transcript
 
     tokens, turns = asyncio.run(main())
     assert tokens and turns == 2
+
+
+def test_a_prompt_past_the_limit_is_refused_before_any_prefill(world):
+    """A 195,000-character system prompt once prefilled for minutes (through the shared-prefix path)
+    before its length was checked, stalling every session: now a ContextOverflowError, nothing run."""
+    from lessserve.workers.errors import ContextOverflowError
+
+    engine, sched, ss, shared, slab_threads = world
+    huge = [{"role": "system", "content": "You are the harbour master. " * 7000}, *msgs("hello")]
+
+    forwards, real_forward = [], engine.forward
+
+    def counted(slots, ids, *a, **kw):
+        forwards.append(ids.shape[-1])
+        return real_forward(slots, ids, *a, **kw)
+
+    engine.forward = counted
+
+    async def main():
+        with pytest.raises(ContextOverflowError, match=f"max_model_len={engine.max_model_len}"):
+            await turn(ss, sched, "big", huge)
+        refused_after = len(forwards)
+        return refused_after, await turn(ss, sched, "small", msgs("hello"))
+
+    refused_after, tokens = asyncio.run(main())
+    assert refused_after == 0 and tokens  # not one forward pass for the refused prompt
+    assert ss.prefix_builds == 0 and "big" not in ss.sessions and not ss.store._pins
