@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
+from lessserve.cache_store.errors import TierUnavailableError
 from lessserve.cache_store.kv import MemoryKV
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
@@ -28,6 +29,7 @@ class RecordingKV(MemoryKV):
         super().__init__()
         self.threads: set[str] = set()
         self.hang = False
+        self.down = False
 
 
 def _recorded(name: str):
@@ -37,6 +39,8 @@ def _recorded(name: str):
         self.threads.add(threading.current_thread().name)
         if self.hang:
             await asyncio.Event().wait()
+        if self.down:
+            raise TierUnavailableError("the shared state is down")
         return await base(self, *a, **kw)
 
     return call
@@ -212,3 +216,22 @@ def test_a_prompt_past_the_limit_is_refused_before_any_prefill(world):
     refused_after, tokens = asyncio.run(main())
     assert refused_after == 0 and tokens  # not one forward pass for the refused prompt
     assert ss.prefix_builds == 0 and "big" not in ss.sessions and not ss.store._pins
+
+
+def test_a_delete_during_an_outage_leaves_the_store_consistent(world):
+    """A DELETE during a Redis outage once freed the device slot, failed on Redis and left the
+    location map saying "device": once the slots were full, unrelated new sessions got 404 naming
+    the deleted id. Now the local copies go first and consistently; the shared failure is a 503."""
+    engine, sched, ss, shared, _ = world
+
+    async def main():
+        await turn(ss, sched, "del-0", msgs("hello"))
+        shared.down = True
+        with pytest.raises(TierUnavailableError):
+            await ss.delete("del-0")
+        shared.down = False
+        replies = [await turn(ss, sched, f"new-{i}", msgs("hello")) for i in range(2 * engine.cfg.max_slots)]
+        return replies, await ss.where("del-0") if ss.store.holds("del-0") else None
+
+    replies, where = asyncio.run(main())
+    assert all(replies) and where is None and not ss.store._pins
