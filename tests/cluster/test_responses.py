@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.cluster.bad_requests import BAD_RESPONSES
 from tests.cluster.conftest import KEY_A, KEY_B
 
 MODEL = "smollm2-135m-instruct"
@@ -112,14 +113,7 @@ def test_a_chain_survives_its_worker_being_killed(cluster, client):
     assert r2.output_text == chat_reply(client, hist, 6)
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-    ({"input": 5}, "input"),
-    ({"input": [{"role": "assistant", "content": "x"}]}, "input"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
-    ({"input": "x", "previous_response_id": "nope"}, "previous_response_id"),
-    ({"input": "x", "temperature": "hot"}, "temperature"),
-])
+@pytest.mark.parametrize("body,field", [*BAD_RESPONSES, ({"input": "x", "temperature": "hot"}, "temperature")])
 def test_bad_responses_requests_are_400_naming_the_field(cluster, body, field):
     r = httpx.post(cluster["url"] + "/v1/responses", headers={"Authorization": f"Bearer {KEY_A}"},
                    json={"model": MODEL, **body}, timeout=60)

@@ -16,6 +16,7 @@ from lessserve.cluster.http_errors import ApiError, HttpError
 from lessserve.cluster.protocol import TurnRequest, response_session
 from lessserve.cluster.router import build_router_app
 from lessserve.testing.fake_backend import FakeBackend, StaticHealth, fake_deps
+from tests.cluster.bad_requests import BAD_RESPONSES
 
 MODEL = "smollm2-135m-instruct"
 KEY_A, KEY_B = "key-a", "key-b"
@@ -270,11 +271,7 @@ def test_a_bad_chat_field_is_400_naming_it(app, over, field, message):
 
 
 @pytest.mark.parametrize("body,field", [
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-    ({"input": 5}, "input"),
-    ({"input": [{"role": "assistant", "content": "x"}]}, "input"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
-    ({"input": "x", "previous_response_id": "nope"}, "previous_response_id"),
+    *BAD_RESPONSES,
     ({"input": "x", "temperature": "0.5"}, "temperature"),
     ({"input": "x", "max_output_tokens": 65}, "max_output_tokens"),
 ])
