@@ -60,7 +60,8 @@ def app_from_config(cfg: ServeConfig):
     # is then a lightweight update that keeps running workers and their sessions.
     cfg_dict = cfg.model_dump(mode="json", exclude={"workers"})
     worker = worker_deployment(cfg).bind(cfg_dict)
-    return Router.options(num_replicas=cfg.router_replicas,
+    return Router.options(num_replicas=cfg.router_replicas, max_ongoing_requests=cfg.router_max_ongoing_requests,
+                          max_queued_requests=cfg.router_max_queued_requests,
                           ray_actor_options={"num_cpus": cfg.router_num_cpus,
                                              **({"resources": cfg.router_resources} if cfg.router_resources else {})},
                           ).bind(worker, cfg_dict)

@@ -62,6 +62,12 @@ class ServeConfig(BaseModel):
     api_keys_file: str | None = Field(None, description="File with one API key per line")
     router_replicas: int = Field(1, ge=1, description="Ingress router replicas (stateless)")
     router_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per router replica")
+    router_max_ongoing_requests: int = Field(512, ge=1, description="Requests one router replica serves at "
+                                             "once (Serve's max_ongoing_requests; its default 5 queued /healthz "
+                                             "behind 5 streams)")
+    router_max_queued_requests: int = Field(1024, ge=-1, description="Requests that may wait for a router "
+                                            "replica beyond those (Serve's max_queued_requests; more: 503; -1: "
+                                            "unbounded)")
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker replica")
     worker_num_gpus: float | None = Field(None, ge=0, description="GPUs per worker (None: 1 if the cluster has any)")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each worker "

@@ -203,3 +203,35 @@ def test_worker_killed_mid_conversation(cluster, client):
     assert text2.strip()
     st = info(cluster, s).json()
     assert st["worker"] != victim and st["turns"] >= 2
+
+
+def test_health_answers_at_once_while_eight_streams_are_in_flight(cluster):
+    """Serve's default max_ongoing_requests (5) once queued GET /healthz behind 6 chat streams for
+    42.9 s; the router replica now takes router_max_ongoing_requests requests at once."""
+    import threading
+
+    url, first, results = cluster["url"], threading.Semaphore(0), []
+
+    def stream(i: int) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Count slowly from {i} to 80."}],
+                "max_tokens": 64, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=H, timeout=300) as r:
+            seen = False
+            for line in r.iter_lines():
+                if line.startswith("data:") and not seen:
+                    seen = True
+                    first.release()
+            results.append(r.status_code)
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    streaming = sum(first.acquire(timeout=180) for _ in range(6))  # at least 6 streams are sending tokens
+    t0 = time.perf_counter()
+    h = httpx.get(url + "/healthz", timeout=30)
+    took = time.perf_counter() - t0
+    for t in threads:
+        t.join(timeout=300)
+    assert streaming == 6 and h.status_code == 200, (streaming, h.text)
+    assert took < 1.0, f"/healthz took {took:.2f} s behind the streams"
+    assert results == [200] * 8
