@@ -135,6 +135,32 @@ def encode(tensors: dict[str, torch.Tensor], identity: CacheIdentity, meta: dict
     return out
 
 
+def _checked(v, kind: type, what: str):
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise ValueError(f"{what} is {type(v).__name__}, not {kind.__name__}")
+    return v
+
+
+def _count(v, what: str) -> int:
+    """A non-negative int (JSON true/false and floats are not counts)."""
+    if _checked(v, int, what) < 0:
+        raise ValueError(f"{what} is negative: {v}")
+    return v
+
+
+def _spec(s) -> TensorSpec:
+    """One tensor's spec, every field range-checked before anything is allocated from it."""
+    shape = tuple(_count(d, "a dimension") for d in _checked(s["shape"], list, "shape"))
+    spec = TensorSpec(_checked(s["name"], str, "name"), _checked(s["dtype"], str, "dtype"), shape,
+                      _count(s["offset"], "offset"), _count(s["nbytes"], "nbytes"))
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _dtype(spec.dtype).itemsize != spec.nbytes:
+        raise ValueError(f"tensor {spec.name!r}: shape {list(shape)} of {spec.dtype} is not {spec.nbytes} bytes")
+    return spec
+
+
 def read_header(buf: Blob) -> Header:
     """Parse and check the header (magic, version, header checksum, total length); no payload check."""
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
@@ -152,13 +178,16 @@ def read_header(buf: Blob) -> Header:
         raise ChecksumError("header checksum mismatch: the cache header is corrupted")
     try:
         h = json.loads(bytes(head))
-        ident = CacheIdentity.from_wire(h["identity"])
-        specs = tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"]), s["offset"], s["nbytes"])
-                      for s in h["tensors"])
-        header = Header(ident, specs, int(h["payload_bytes"]), int(h["payload_crc32"]), dict(h["meta"]),
+        idw = h["identity"]
+        ident = CacheIdentity(model=_checked(idw["model"], str, "model"),
+                              policy=_checked(idw["policy"], str, "policy"), budget=_count(idw["budget"], "budget"),
+                              less_weights=_checked(idw["kernels"], str, "kernels"))
+        specs = tuple(_spec(s) for s in _checked(h["tensors"], list, "tensors"))
+        header = Header(ident, specs, _count(h["payload_bytes"], "payload_bytes"),
+                        _count(h["payload_crc32"], "payload_crc32"), _checked(h["meta"], dict, "meta"),
                         _align(_FIXED.size + head_len))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CodecError(f"malformed cache header: {e}") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CodecError(f"malformed cache header: {type(e).__name__}: {e}") from e
     if any(mv[_FIXED.size + head_len : header.payload_start]):  # the alignment padding is no checksum's: zeros only
         raise ChecksumError("non-zero bytes in the header padding: the cache header is corrupted")
     expected = header.payload_start + header.payload_bytes

@@ -183,3 +183,45 @@ def test_a_tensor_spec_outside_the_payload_is_refused():
         h["tensors"][0].update(change)
         with pytest.raises(CodecError):
             codec.decode(forged(json.dumps(h).encode(), payload, zlib.crc32(payload)), ID)
+
+
+SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+JSON = st.recursive(SCALARS,
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=6)
+
+
+def header_fields(h: dict) -> list[tuple]:
+    """Every path to a value in a cache header (identity, each tensor spec, sizes, meta)."""
+    out = [("identity", k) for k in h["identity"]] + [(k,) for k in ("payload_bytes", "payload_crc32", "meta")]
+    out += [("tensors", i, k) for i, spec in enumerate(h["tensors"]) for k in spec]
+    out += [("tensors", i, "shape", j) for i, spec in enumerate(h["tensors"]) for j in range(len(spec["shape"]))]
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_value_in_any_header_field_is_a_codec_error_or_a_clean_decode(data):
+    """Shapes like [-1, 4] with negative nbytes, float shapes, a string budget: whatever a header
+    field holds, decoding ends in a CodecError or a cache whose tensors are exactly what their specs
+    say; never another exception, never an allocation from an unchecked size."""
+    import json
+    import zlib
+
+    header = json.loads(FORMAT_1[18:18 + int.from_bytes(FORMAT_1[10:14], "little")])
+    payload = FORMAT_1[320:]
+    path = data.draw(st.sampled_from(header_fields(header)))
+    value = data.draw(JSON)
+    node = header
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    blob = forged(json.dumps(header).encode(), payload, zlib.crc32(payload)) if path[0] != "payload_crc32" else \
+        forged(json.dumps(header).encode(), payload)
+    try:
+        d = codec.decode(blob, ID)
+    except CodecError:
+        return
+    for spec in d.header.tensors:
+        t = d.tensors[spec.name]
+        assert list(t.shape) == list(spec.shape) and t.numel() * t.element_size() == spec.nbytes
