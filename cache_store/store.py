@@ -432,17 +432,21 @@ class TieredCacheStore:
         try:
             restored = await self.local_call(lambda: self.load(sid, blob, self.shared_name))
         except RestoreError as e:
-            if isinstance(e.cause, CodecError):
-                with contextlib.suppress(CacheStoreError):
-                    await self.shared_call("DEL", self.shared.delete(sid))
+            await self.after_shared_load(sid, e)
             raise
-        await self.after_shared_restore(sid)
+        await self.after_shared_load(sid, None)
         return restored
 
-    async def after_shared_restore(self, sid: str) -> None:
-        if not self.config.keep_redis_copy:
-            with contextlib.suppress(TierUnavailableError):  # a stale copy left by a failure here expires with the TTL
-                await self.shared_call("DEL", self.shared.delete(sid))
+    async def after_shared_load(self, sid: str, error: RestoreError | None) -> None:
+        """After a shared copy was loaded (`error` None) or refused: a copy that failed to decode is
+        deleted so it is never tried again; a loaded one stays as a fallback unless `keep_redis_copy`
+        is off. Best effort: a stale copy left by a failure here expires with the TTL."""
+        if error is not None and not isinstance(error.cause, CodecError):
+            return
+        if error is None and self.config.keep_redis_copy:
+            return
+        with contextlib.suppress(CacheStoreError):
+            await self.shared_call("DEL", self.shared.delete(sid))
 
     # --- delete / transcripts ---------------------------------------------------------------
     async def delete(self, sid: str) -> None:

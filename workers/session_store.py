@@ -88,8 +88,9 @@ class Fetched:
     """The shared tier's answers to a Need (None: not asked)."""
 
     blob: object | None = None
-    error: RestoreError | None = None  # why there is no usable blob
+    error: RestoreError | None = None  # why there is no usable blob (a blob that failed to load included)
     transcript: Transcript | None = None
+
 
 
 class SessionStore:
@@ -151,8 +152,8 @@ class SessionStore:
             out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, fetched))
             if isinstance(out, Need):  # cannot happen: a fetch brings the transcript that rebuilds anything
                 raise TierUnavailableError(f"session {session_id!r}: the shared tier did not give what it needs")
-            if fetched.blob is not None and fetched.error is None and self.store.shared:
-                await self.store.after_shared_restore(session_id)
+            if fetched.blob is not None:  # loaded (kept or not, by policy) or corrupt (deleted)
+                await self.store.after_shared_load(session_id, fetched.error)
         return out
 
     def _local_open(self, sid: str, messages: list[dict], max_new_tokens: int, owner: str | None,
@@ -274,7 +275,11 @@ class SessionStore:
             elif fetched.blob is None:
                 raise fetched.error or RestoreError(sid, st.shared_name or "host", CacheMissError(sid))
             else:
-                restored = st.load(sid, fetched.blob, st.shared_name)
+                try:
+                    restored = st.load(sid, fetched.blob, st.shared_name)
+                except RestoreError as e:
+                    fetched.error = e  # read back on the event loop: a corrupt copy is deleted there
+                    raise
         except RestoreError as e:
             return self._rebuild(sid, e, messages, fetched)
         slot = self.device.slot_of(sid)
@@ -327,6 +332,7 @@ class SessionStore:
             if fetched.error is not None:
                 return False
             out = await local(lambda: self._local_fork(src, dst, owner, fetched))
+            await self.store.after_shared_load(src, fetched.error)
         return out is True
 
     def _local_fork(self, src: str, dst: str, owner: str | None, fetched: Fetched | None) -> bool | Need:

@@ -235,3 +235,20 @@ def test_a_delete_during_an_outage_leaves_the_store_consistent(world):
 
     replies, where = asyncio.run(main())
     assert all(replies) and where is None and not ss.store._pins
+
+
+def test_a_corrupt_shared_copy_is_deleted_and_the_session_rebuilt(world):
+    """A copy that fails to decode is never tried again: the turn that met it rebuilds the session
+    from its transcript and deletes the copy (a copy that stayed cost every later turn a fetch)."""
+    engine, sched, ss, shared, _ = world
+
+    async def main():
+        first = msgs("hello there")
+        await turn(ss, sched, "s", first)
+        assert await ss.offload("s", "shared") == "cluster"
+        await ss.store.shared.put("s", b"not an encoded session cache" * 8)
+        tokens = await turn(ss, sched, "s", [*first, {"role": "assistant", "content": "x"}, *msgs("again")])
+        return tokens, await ss.store.shared.contains("s"), ss.store.recomputes_total
+
+    tokens, still_there, recomputes = asyncio.run(main())
+    assert tokens and not still_there and recomputes == 1
