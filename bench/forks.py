@@ -18,19 +18,19 @@ from lessserve.bench.offload import history_message, ttft
 from lessserve.bench.result import BenchResult
 from lessserve.cache_store.config import StoreConfig
 from lessserve.lab.output import progress
-from lessserve.testing.sessions import SyncSessions, run_turn
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
+from lessserve.workers.local_sessions import LocalSessions
 
 
 def run_forks(engine_cfg: EngineConfig, histories: list[int], prompt_tokens: int, repeats: int) -> BenchResult:
     engine = Engine(engine_cfg.model_copy(update={"max_slots": 4, "max_context": max(histories) + 512}))
-    ss = SyncSessions(engine, StoreConfig(device_idle_s=None, host_idle_s=None))
+    ss = LocalSessions(engine, StoreConfig(device_idle_s=None, host_idle_s=None))
     rows = []
     try:
         for n in histories:
             first = [history_message(engine.tokenizer, n, None)]
-            list(run_turn(ss, "src", first, max_new_tokens=1))
+            list(ss.turn("src", first, max_new_tokens=1))
             ids = list(ss.transcript("src").ids)
             forks, prefills = [], []
             for _ in range(repeats):

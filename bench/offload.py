@@ -18,10 +18,11 @@ import torch
 from lessserve.bench.result import BenchResult, Plot
 from lessserve.cache_store.config import StoreConfig
 from lessserve.lab.output import progress
-from lessserve.testing.sessions import SyncSessions, adopt, forget_cache, run_turn, snapshot
+from lessserve.testing.sessions import adopt, forget_cache, snapshot
 from lessserve.workers.chat_session import encode, render
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
+from lessserve.workers.local_sessions import LocalSessions
 from lessserve.workers.model import causal_attend
 
 PATHS = ("device", "host", "redis", "rebuild", "recompute")
@@ -41,9 +42,9 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def ttft(ss: SyncSessions, sid: str, messages: list[dict]) -> float:
+def ttft(ss: LocalSessions, sid: str, messages: list[dict]) -> float:
     t0 = time.perf_counter()
-    stream = run_turn(ss, sid, messages, max_new_tokens=1)
+    stream = ss.turn(sid, messages, max_new_tokens=1)
     next(stream)
     dt = time.perf_counter() - t0
     for _ in stream:
@@ -97,12 +98,12 @@ def bench_history(engine: Engine, redis_url: str, tokens: int, repeats: int, qua
                   text: str | None) -> tuple[list[dict], dict]:
     cfg = StoreConfig(redis_url=redis_url, redis_prefix=f"bench:{uuid.uuid4().hex[:8]}", quantize=quantize,
                       device_idle_s=None, host_idle_s=None)
-    ss = SyncSessions(engine, cfg)
+    ss = LocalSessions(engine, cfg)
     sid = "bench"
     try:
         progress(f"{tokens} tokens: building the history ...")
         first = [history_message(engine.tokenizer, tokens, text)]
-        for _ in run_turn(ss, sid, first, max_new_tokens=1):
+        for _ in ss.turn(sid, first, max_new_tokens=1):
             pass
         history = len(ss.transcript(sid).ids)
         state = snapshot(ss, sid)

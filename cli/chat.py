@@ -36,20 +36,23 @@ def run(args) -> int:
         from lessserve.cli.chat_remote import chat_remote
 
         return chat_remote(args, _lines())
-    from lessserve.workers.chat_session import ChatSession
+    from lessserve.cache_store.config import StoreConfig
     from lessserve.workers.engine import Engine
+    from lessserve.workers.local_sessions import LocalSessions
 
-    engine = Engine(engine_config(args, max_slots=1))
-    session = ChatSession(engine)
+    engine = Engine(engine_config(args, max_slots=2))  # the conversation, and its system prompt's copy
+    keep = StoreConfig(device_idle_s=None, host_idle_s=None)  # one conversation: it stays in its slot
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    for line in _lines():
-        messages.append({"role": "user", "content": line})
-        sys.stdout.write("bot> ")
-        for piece in session.turn(messages, args.max_new_tokens, args.temperature):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        messages = list(session.transcript.messages)
-        s = session.stats()
-        print(f"\n[cached_tokens={s['cached_tokens']} tokens_seen={s['tokens_seen']} "
-              f"cache_bytes={s['cache_bytes']} prefilled={session.last_prefill}]")
+    with LocalSessions(engine, keep) as ss:  # the worker's store and scheduler, in process
+        for line in _lines():
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("bot> ")
+            for piece in ss.turn("chat", messages, args.max_new_tokens, args.temperature):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            session = ss.sessions["chat"]
+            messages = list(session.transcript.messages)
+            s = session.stats()
+            print(f"\n[cached_tokens={s['cached_tokens']} tokens_seen={s['tokens_seen']} "
+                  f"cache_bytes={s['cache_bytes']} prefilled={session.last_prefill}]")
     return 0

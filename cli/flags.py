@@ -15,7 +15,8 @@ from lessserve.errors.tree import ConfigError
 # engine flag -> EngineConfig field: one table to build the config and to name a bad value's flag
 ENGINE_FLAGS = {"--model": "model", "--policy": "policy", "--budget": "budget", "--recent": "recent",
                 "--sink": "sink", "--less-weights": "less_weights", "--chunk": "prefill_chunk",
-                "--device": "device", "--dtype": "dtype", "--kernels": "kernels"}
+                "--device": "device", "--dtype": "dtype", "--kernels": "kernels", "--max-model-len": "max_model_len",
+                "--chat-template": "chat_template"}
 
 
 class CliError(ConfigError):
@@ -131,6 +132,8 @@ def add_engine_flags(p: argparse.ArgumentParser, policy_default: str | None = No
                    help=help_of(E, "dtype"))
     p.add_argument("--kernels", default=None, choices=["auto", "torch", "triton"],
                    help=help_of(E, "kernels", "; env LESSSERVE_KERNELS"))
+    p.add_argument("--max-model-len", type=int, default=None, help=help_of(E, "max_model_len"))
+    p.add_argument("--chat-template", default=None, help=help_of(E, "chat_template"))
 
 
 def engine_config(args: argparse.Namespace, **over):

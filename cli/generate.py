@@ -27,19 +27,20 @@ def run(args) -> int:
         raise CliError("--max-new-tokens", "must be in [1, 100000]")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise CliError("--temperature" if args.temperature < 0 else "--top-p", "out of range")
-    from lessserve.workers.chat_session import Detokenizer, encode, render
+    from lessserve.workers.chat_session import encode, render
     from lessserve.workers.engine import Engine
+    from lessserve.workers.reply import Reply
+    from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 
     engine = Engine(engine_config(args, max_slots=1))
     tok = engine.tokenizer
     text = args.prompt if args.raw else render(tok, [{"role": "user", "content": args.prompt}])
-    ids = encode(tok, text)
-    slot = engine.alloc()
-    detok = Detokenizer(tok)
-    for t in engine.generate(slot, ids, args.max_new_tokens, args.temperature, args.top_p,
-                             stop_ids=engine.stop_ids, seed=args.seed):
-        if t not in engine.stop_ids:
-            sys.stdout.write(detok.push(t))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop_ids=engine.stop_ids)
+    with BatchScheduler(engine) as scheduler:  # the server's generation loop, in process
+        slot = scheduler.call(engine.alloc)
+        for piece in Reply(tok, engine.stop_ids).pieces(scheduler.stream(slot, encode(tok, text), params)):
+            sys.stdout.write(piece)
             sys.stdout.flush()
     sys.stdout.write("\n")
     if args.stats:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from lessserve.cli import bench, chat, evals, generate, serve, train
-from lessserve.cli.flags import CliError
-from lessserve.errors.tree import LessServeError
+from lessserve.cli.flags import ENGINE_FLAGS, CliError
+from lessserve.errors.tree import ConfigError, LessServeError
 
 COMMANDS = (generate, chat, evals, bench, serve, train)  # each: register(subparsers)
 
@@ -26,7 +27,10 @@ def blamed_flag(e: LessServeError) -> str | None:
 
     table = {LessWeightsMissingError: "--policy", ModelNotFoundError: "--model", UnsupportedModelError: "--model",
              KernelUnavailableError: "--kernels", TrainingDataError: "--data", InitWeightsError: "--init"}
-    return next((f for t, f in table.items() if isinstance(e, t)), None)
+    by_class = next((f for t, f in table.items() if isinstance(e, t)), None)
+    if by_class is None and isinstance(e, ConfigError):  # the engine names a bad field first: its flag
+        by_class = next((f for f, field in ENGINE_FLAGS.items() if re.match(rf"{field}\b", str(e))), None)
+    return by_class
 
 
 def build_parser() -> argparse.ArgumentParser:

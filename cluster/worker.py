@@ -34,8 +34,8 @@ from lessserve.cluster.protocol import EndEvent, ErrorEvent, StartEvent, TokenEv
 from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
-from lessserve.workers.chat_session import Detokenizer, StopStrings
 from lessserve.workers.engine import Engine
+from lessserve.workers.reply import Reply
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 from lessserve.workers.session_store import SessionStore, settle
 from lessserve.workers.threads import reserve_compute_threads
@@ -135,28 +135,22 @@ class LessWorker:
         """The opened turn's events; `tokens` receives every sampled token (the turn closes with them)."""
         if req.session_id is not None:  # this worker serves the latest turn: it holds the current copy
             await self.directory.place(sid, self.worker_id, req.owner, sum(m["role"] == "user" for m in req.messages))
-        tok = self.engine.tokenizer
         prefilled = len(new_ids) + session.rebuilt  # what this turn computed again: not cached
         session.rebuilt = 0
         yield StartEvent(prompt_tokens=len(session.transcript.ids), prefilled=prefilled)
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 seed=req.seed, stop_ids=self.engine.stop_ids)
-        detok, stops = Detokenizer(tok), StopStrings(req.stop)
-        finish, hit = "length", False
+        reply = Reply(self.engine.tokenizer, self.engine.stop_ids, req.stop)
         async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
-            if t in self.engine.stop_ids:
-                finish = "stop"
-                break
-            piece, hit = stops.push(detok.push(t))
+            piece, done = reply.push(t)
             if piece:
                 yield TokenEvent(piece)
-            if hit:
-                finish = "stop"
+            if done:
                 break
-        if not hit and (tail := stops.flush()):
+        if tail := reply.flush():
             yield TokenEvent(tail)
         completion = len([t for t in tokens if t not in self.engine.stop_ids])
-        yield EndEvent(finish_reason=finish, completion_tokens=completion)
+        yield EndEvent(finish_reason=reply.finish, completion_tokens=completion)
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:

@@ -17,6 +17,7 @@ from lessserve.evals.passkey_prompts import (  # noqa: F401  (re-exported)
 from lessserve.evals.row_cache import RowCache, digest_ids
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
+from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 
 
 def eval_passkey(factory: EngineFactory, policies: list[str], budgets: list[int], lengths: list[int],
@@ -35,13 +36,9 @@ def eval_passkey(factory: EngineFactory, policies: list[str], budgets: list[int]
                 rows.append(row)
                 continue
             t0, hits = time.time(), 0
-            for ids, key in prompts[L]:
-                slot = engine.alloc()
-                try:
-                    out = list(engine.generate(slot, ids, 8))
-                finally:
-                    engine.free(slot)
-                hits += answer_ok(tok, out, key)
+            with BatchScheduler(engine) as sched:  # the server's generation loop; 8 tokens, no stop id
+                for ids, key in prompts[L]:
+                    hits += answer_ok(tok, sched.complete(ids, SamplingParams(max_new_tokens=8)), key)
             row = {"policy": policy, "budget": engine.spec.budget if policy != "full" else max(lengths),
                    "length": L, "accuracy": hits / len(prompts[L]), "trials": len(prompts[L])}
             rows.append(row)

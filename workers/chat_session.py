@@ -9,10 +9,7 @@ the new history prefilled from scratch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-from tokenizers.decoders import DecodeStream
 
 from lessserve.workers.engine import Engine
 
@@ -56,73 +53,8 @@ def plan_turn(tokenizer, transcript: Transcript, messages: list[dict]) -> TurnPl
     return TurnPlan(True, encode(tokenizer, text), text)
 
 
-class Detokenizer:
-    """Incremental decode of a reply: the text of `tokenizer.decode(ids, skip_special_tokens=True)`,
-    piece by piece, never half a UTF-8 character (it is held back until it completes).
-
-    tokenizers' `DecodeStream` decodes only a window of the last few ids per token, so a token costs
-    the same at the end of a long reply as at its start. A tokenizer without a `tokenizers` backend,
-    or whose `decode` cleans up spaces over the whole text, is decoded whole again for every token."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
-        self.stream = DecodeStream(skip_special_tokens=True)
-        self.ids: list[int] = []  # only without a backend
-        self.sent = 0
-
-    def push(self, token: int) -> str:
-        if self.backend is None:
-            return self._push_whole(token)
-        try:
-            return self.stream.step(self.backend, token) or ""
-        except Exception as e:  # tokenizers raises a bare Exception
-            if not str(e).startswith("Invalid prefix encountered"):
-                raise
-        # byte-fallback bytes that are not UTF-8 decode differently once more bytes follow, which
-        # breaks the stream's prefix: start again at this token (what vLLM does too)
-        self.stream = DecodeStream(skip_special_tokens=True)
-        return self.stream.step(self.backend, token) or ""
-
-    def _push_whole(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
-class StopStrings:
-    """OpenAI `stop`: streamed text ends before the first stop string, which is never sent. Text
-    that could still turn into a stop string is held back until it cannot."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [x for x in stops if x]
-        self.hold = max((len(x) for x in self.stops), default=1) - 1
-        self.buf = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """-> (text safe to send now, whether a stop string was hit)."""
-        if not self.stops:
-            return piece, False
-        self.buf += piece
-        cut = min((i for i in (self.buf.find(x) for x in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.buf = self.buf[:cut], ""
-            return out, True
-        n = max(len(self.buf) - self.hold, 0)
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 class ChatSession:
-    """One conversation bound to an engine slot (CLI chat, tests, and the cluster's workers)."""
+    """One conversation bound to an engine slot, as a SessionStore holds it."""
 
     def __init__(self, engine: Engine, slot: int | None = None, transcript: Transcript | None = None):
         self.engine = engine
@@ -159,23 +91,3 @@ class ChatSession:
         tr.messages = [*messages, {"role": "assistant", "content": reply}]
         tr.turns = sum(1 for m in messages if m.get("role") == "user")  # the conversation's, from the request
         return reply
-
-    def turn(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-        """Run one assistant turn for the full message history; yields text pieces."""
-        gen: list[int] = []
-        yield from stream_reply(self, self.begin_turn(messages), gen, max_new_tokens, temperature, top_p, seed)
-        self.finish_turn(messages, gen)
-
-
-def stream_reply(chat: ChatSession, new_ids: list[int], gen: list[int], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-    """Prefill `new_ids` into the session's slot and generate with Engine.generate (no scheduler):
-    every sampled token is appended to `gen` (also when the consumer stops early); yields text."""
-    tok = chat.engine.tokenizer
-    detok = Detokenizer(tok)
-    for t in chat.engine.generate(chat.slot, new_ids, max_new_tokens, temperature, top_p,
-                                  stop_ids=chat.engine.stop_ids, seed=seed):
-        gen.append(t)
-        if t not in chat.engine.stop_ids:
-            yield detok.push(t)

@@ -25,7 +25,6 @@ from lessserve.workers.errors import ConfigError, ContextOverflowError
 from lessserve.workers.less_weights import LessWeights, shipped_weights_path
 from lessserve.workers.model import LlamaModel
 from lessserve.workers.model_loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
-from lessserve.workers.sampling import sample
 from lessserve.workers.slots import SlotSlab
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -256,16 +255,3 @@ class Engine:
                 return out.clone()  # the graph's output buffer is overwritten by the next replay
         t = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]
         return self.forward(slots, t, last_only=True)[:, -1]
-
-    def generate(self, slot: int, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int | None = None) -> Iterator[int]:
-        """Prefill the prompt, then yield new tokens one by one (stop token included, then stop)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        logits = self.prefill(slot, prompt_ids)[None]
-        stop = set(stop_ids)
-        for i in range(max_new_tokens):
-            tok = int(sample(logits.cpu(), temperature, top_p, gen)[0])
-            yield tok
-            if tok in stop or i == max_new_tokens - 1:
-                return
-            logits = self.decode([slot], [tok])

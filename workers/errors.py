@@ -28,6 +28,10 @@ class SlotsExhaustedError(CapacityError):
     """No free session slot is left in the slab."""
 
 
+class SchedulerStoppedError(CapacityError):
+    """The worker's scheduler has stopped (the replica is shutting down): nothing more runs on it."""
+
+
 class SlotStateError(LessServeError):
     """A slot id is invalid, not allocated, or used inconsistently (a bug, never a user's doing)."""
 

@@ -1,23 +1,27 @@
 """Continuous batching over one engine: a background thread interleaves prefill chunks with
 decode steps that batch every active session together, streaming tokens back as they come.
 
-Callers (the cluster's worker actor, tests) use `submit()` and consume tokens from the
-returned async iterator; the engine is touched only by the scheduler thread.
+The one generation interface of the project: the cluster's worker consumes `generate()` (an async
+iterator on its event loop); the CLI, evaluations and tests consume `stream()` (a plain iterator
+on their own thread). Both are the same request in the same loop; the engine is touched only by
+the scheduler thread (and `call` / `run_exclusive` run a function there, between steps).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from lessserve.workers.engine import Engine
+from lessserve.workers.errors import SchedulerStoppedError
 from lessserve.workers.sampling import sample
 
 _DONE = object()
@@ -53,9 +57,9 @@ class BatchScheduler:
     def __init__(self, engine: Engine, max_batch: int = 32, on_step: Callable[[str, int, float], None] | None = None,
                  threads: int | None = None):
         """`threads`: torch CPU threads of the scheduler thread, the process's one compute thread
-        (workers/threads.py); None keeps torch's default for a new thread."""
+        (workers/threads.py); None: as many as the creating thread computes with."""
         self.engine = engine
-        self.threads = threads
+        self.threads = threads or torch.get_num_threads()
         self.max_batch = max_batch
         self.on_step = on_step  # metrics hook: (kind, tokens, seconds)
         self._incoming: deque[_Request] = deque()
@@ -77,15 +81,27 @@ class BatchScheduler:
     def active(self) -> int:
         return len(self._incoming) + len(self._prefilling) + len(self._decoding)
 
-    async def generate(self, slot: int, ids: list[int], params: SamplingParams,
+    def _submit(self, slot: int, ids: Sequence[int], params: SamplingParams, emit: Callable[[object], None],
+                tokens: list[int] | None) -> _Request:
+        if not ids:
+            raise ValueError("a turn needs at least one new token")
+        req = _Request(slot, list(ids), params, emit, tokens if tokens is not None else [])
+        if params.seed is not None:
+            req.gen = torch.Generator().manual_seed(params.seed)
+        with self._cv:
+            if self._stop:
+                raise SchedulerStoppedError("the scheduler has stopped")
+            self._incoming.append(req)
+            self._cv.notify()
+        return req
+
+    async def generate(self, slot: int, ids: Sequence[int], params: SamplingParams,
                        tokens: list[int] | None = None) -> AsyncIterator[int]:
         """Prefill `ids` into `slot`, then yield sampled tokens (the stop token included).
 
         `tokens`, if given, receives every sampled token, also when the consumer stops early: once
         this generator is closed the scheduler has let go of the request and `tokens[:-1]` is
         exactly what the slot's cache consumed."""
-        if not ids:
-            raise ValueError("a turn needs at least one new token")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         released = asyncio.Event()
@@ -95,12 +111,7 @@ class BatchScheduler:
             if item is _DONE or isinstance(item, BaseException):
                 loop.call_soon_threadsafe(released.set)
 
-        req = _Request(slot, list(ids), params, emit, tokens if tokens is not None else [])
-        if params.seed is not None:
-            req.gen = torch.Generator().manual_seed(params.seed)
-        with self._cv:
-            self._incoming.append(req)
-            self._cv.notify()
+        req = self._submit(slot, ids, params, emit, tokens)
         try:
             while True:
                 item = await q.get()
@@ -112,6 +123,52 @@ class BatchScheduler:
         finally:
             req.cancelled = True  # a client that went away stops costing compute
             await released.wait()
+
+    def stream(self, slot: int, ids: Sequence[int], params: SamplingParams,
+               tokens: list[int] | None = None) -> Iterator[int]:
+        """`generate` for a caller without an event loop (the CLI, evaluations, tests): the same
+        request, consumed on the calling thread; closing the iterator early cancels it."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        released = threading.Event()
+
+        def emit(item):
+            q.put(item)
+            if item is _DONE or isinstance(item, BaseException):
+                released.set()
+
+        req = self._submit(slot, ids, params, emit, tokens)
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True
+            released.wait()
+
+    def complete(self, ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """A one-off completion in a fresh slot, freed afterwards: the sampled tokens (evaluations)."""
+        slot = self.call(self.engine.alloc)
+        try:
+            return list(self.stream(slot, ids, params))
+        finally:
+            self.call(lambda: self.engine.free(slot))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`run_exclusive` for a caller without an event loop: fn runs on the scheduler thread."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        with self._cv:
+            if self._stop:
+                raise SchedulerStoppedError("the scheduler has stopped")
+            self._calls.append((fn, lambda result, exc: box.put((result, exc))))
+            self._cv.notify()
+        result, exc = box.get()
+        if exc is not None:
+            raise exc
+        return result
 
     async def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the scheduler thread between steps: every engine mutation (restoring,
@@ -128,6 +185,8 @@ class BatchScheduler:
             loop.call_soon_threadsafe(settle)
 
         with self._cv:
+            if self._stop:
+                raise SchedulerStoppedError("the scheduler has stopped")
             self._calls.append((fn, done))
             self._cv.notify()
         return await fut
@@ -144,10 +203,15 @@ class BatchScheduler:
             self._cv.notify()
         self._thread.join(timeout=10)
 
+    def __enter__(self) -> BatchScheduler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # --- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         try:  # here, at this thread's torch threads: inductor generates its CPU loops for the threads it sees
             self.engine.warm_up()  # CUDA graphs / compiled steps of every batch bucket
         except BaseException as e:  # noqa: BLE001 - raised again by the constructor (a bucket's own failure is
@@ -160,6 +224,7 @@ class BatchScheduler:
                 while not self._stop and not (self._incoming or self._prefilling or self._decoding or self._calls):
                     self._cv.wait()
                 if self._stop:
+                    self._fail_pending()
                     return
                 while self._incoming:
                     self._prefilling.append(self._incoming.popleft())
@@ -179,6 +244,15 @@ class BatchScheduler:
                     r.emit(e)
                 self._prefilling.clear()
                 self._decoding.clear()
+
+    def _fail_pending(self) -> None:
+        """Under the lock, at stop: every waiting request and call gets an error, none hangs."""
+        err = SchedulerStoppedError("the scheduler has stopped")
+        for r in [*self._incoming, *self._prefilling, *self._decoding]:
+            r.emit(err)
+        for _, done in self._calls:
+            done(None, err)
+        self._incoming.clear(), self._prefilling.clear(), self._decoding.clear(), self._calls.clear()
 
     def _step(self) -> None:
         # One prefill chunk (oldest request first), interleaved with one batched decode step.

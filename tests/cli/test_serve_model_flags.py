@@ -13,6 +13,7 @@ from lessserve.cli.serve import config_from_args
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ConfigError, ContextOverflowError
+from tests.workers.replay import scheduled
 from tests.workers.test_architectures import hf_config, save_family
 
 
@@ -81,11 +82,11 @@ def test_eos_ids_of_generation_config_stop_generation(tmp_path):
     save_family(tmp_path, "llama3.1")
     e = make(tmp_path)
     prompt = list(range(10))
-    free = list(e.generate(e.alloc(), prompt, 8))
+    free = scheduled(e, prompt, 8)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[5], 127]}))
     e2 = make(tmp_path)
     assert e2.stop_ids == (free[5], 127)
-    got = list(e2.generate(e2.alloc(), prompt, 8, stop_ids=e2.stop_ids))
+    got = scheduled(e2, prompt, 8, stop_ids=e2.stop_ids)
     assert got == free[:free.index(free[5]) + 1]
 
 

@@ -143,17 +143,17 @@ def test_models_health_openapi_delete(cluster, client):
 
 def _expected_answers(questions, max_tokens=12):
     """What the same config answers when the session never moves (in process, same engine)."""
-    from lessserve.workers.chat_session import ChatSession
     from lessserve.workers.config import EngineConfig
     from lessserve.workers.engine import Engine
+    from lessserve.workers.local_sessions import LocalSessions
 
-    eng = Engine(EngineConfig(policy="h2o", budget=48, max_slots=1, prefill_chunk=32))
-    chat, msgs, out = ChatSession(eng), [], []
-    for q in questions:
-        msgs.append({"role": "user", "content": q})
-        text = "".join(chat.turn(msgs, max_new_tokens=max_tokens))
-        out.append(text)
-        msgs.append({"role": "assistant", "content": text})
+    msgs, out = [], []
+    with LocalSessions(Engine(EngineConfig(policy="h2o", budget=48, max_slots=1, prefill_chunk=32))) as ss:
+        for q in questions:
+            msgs.append({"role": "user", "content": q})
+            text = "".join(ss.turn("s", msgs, max_new_tokens=max_tokens))
+            out.append(text)
+            msgs.append({"role": "assistant", "content": text})
     return out
 
 

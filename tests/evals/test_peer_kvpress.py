@@ -81,16 +81,21 @@ def test_eval_passkey_uses_passkey_cases(monkeypatch):
     class Engine:
         spec = SimpleNamespace(budget=64)
 
-        def alloc(self):
-            return 0
-
-        def free(self, slot):
+    class Scheduler:  # answers with the key hidden in the prompt
+        def __init__(self, engine):
             pass
 
-        def generate(self, slot, ids, n):  # answers with the key hidden in the prompt
-            text = TOK.decode(ids)
-            key = text.split("The pass key is ")[1][:5]
-            return TOK(" " + key + ".")["input_ids"][:n]
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def complete(self, ids, params):
+            key = TOK.decode(ids).split("The pass key is ")[1][:5]
+            return TOK(" " + key + ".")["input_ids"][: params.max_new_tokens]
+
+    monkeypatch.setattr(ep, "BatchScheduler", Scheduler)
 
     factory = SimpleNamespace(tokenizer=TOK, make=lambda policy, budget: Engine(),
                               row_key=lambda engine, kind, **inputs: repr(sorted(inputs.items())))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.workers.replay import scheduled
+
 PROMPT = ("The history of the city begins in the early medieval period, when a small settlement grew "
           "around a river crossing. Over the following centuries merchants, monks and craftsmen settled "
           "there and built walls")
@@ -21,7 +23,7 @@ def _generate(cfg_kw: dict, ckpt, less, ids: list[int], tokenizer=None, model=No
 
     e = Engine(EngineConfig(budget=32, prefill_chunk=16, max_slots=1, max_context=1024, **cfg_kw),
                checkpoint=ckpt, less=less, tokenizer=tokenizer, model=model)
-    return list(e.generate(e.alloc(), ids, n_new))
+    return scheduled(e, ids, n_new)
 
 
 @pytest.mark.parametrize("policy", ["h2o+less", "lambda"])

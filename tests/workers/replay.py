@@ -11,14 +11,44 @@ from lessserve.kernels.reference.pack import dequantize_int8_ref, quantize_int8_
 FIELDS = ("k", "v", "pos", "score", "H", "z", "length", "seen")
 
 
+def feed(engine, slot: int, ids: list[int]) -> torch.Tensor | None:
+    """Feed `ids` to `slot` from the position it has reached, in chunks cut at absolute multiples of
+    prefill_chunk; returns the last token's logits [V] (None for no ids)."""
+    chunk, start, off, logits = engine.cfg.prefill_chunk, engine.slab.seen[slot], 0, None
+    while off < len(ids):
+        size = min(chunk - (start + off) % chunk, len(ids) - off)
+        logits = engine.forward([slot], torch.tensor([ids[off : off + size]]), last_only=True)[0, -1]
+        off += size
+    return logits
+
+
 def replay(engine, ids: list[int]) -> int:
     """A fresh slot of `engine` that consumed `ids` from position 0, chunk by chunk; returns the slot."""
-    slot, chunk, off = engine.alloc(), engine.cfg.prefill_chunk, 0
-    while off < len(ids):
-        size = min(chunk - off % chunk, len(ids) - off)
-        engine.forward([slot], torch.tensor([ids[off : off + size]]), last_only=True)
-        off += size
+    slot = engine.alloc()
+    feed(engine, slot, ids)
     return slot
+
+
+def greedy(engine, slot: int, ids: list[int], max_new_tokens: int, stop_ids=None) -> list[int]:
+    """The reference of a greedy turn, one session alone and no scheduler: `ids` fed to `slot`, then
+    argmax tokens fed back one by one until a stop id (included; the engine's by default) or
+    `max_new_tokens`."""
+    stop = engine.stop_ids if stop_ids is None else stop_ids
+    logits, out = feed(engine, slot, ids), []
+    while True:
+        out.append(int(logits.float().argmax()))
+        if out[-1] in stop or len(out) == max_new_tokens:
+            return out
+        logits = engine.decode([slot], [out[-1]])[0]
+
+
+def scheduled(engine, ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """What the batch scheduler, the one generation loop of the server and the CLI, samples greedily
+    for `ids` in a fresh slot of `engine` (no stop id unless given)."""
+    from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+
+    with BatchScheduler(engine) as sched:
+        return sched.complete(ids, SamplingParams(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids)))
 
 
 def decode_schedule(engine, prompts: list[list[int]], steps: list[list[int]]) -> tuple[list[torch.Tensor], list[int]]:
@@ -54,12 +84,16 @@ def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
 
 def replayed_reply(engine, transcript, messages: list[dict], max_new_tokens: int) -> str:
     """The reply a session rebuilt from `transcript` must give: the transcript replayed into a
-    fresh slot of `engine`, then the turn (greedy)."""
-    from lessserve.workers.chat_session import ChatSession, Transcript
+    fresh slot of `engine`, then the turn (greedy, generated here, not by the scheduler)."""
+    from lessserve.workers.chat_session import plan_turn
+    from lessserve.workers.reply import Reply
 
-    tr = Transcript.from_dict(transcript.to_dict())
-    chat = ChatSession(engine, slot=replay(engine, tr.ids), transcript=tr)
+    slot = replay(engine, transcript.ids)
     try:
-        return "".join(chat.turn(messages, max_new_tokens))
+        plan = plan_turn(engine.tokenizer, transcript, messages)
+        if plan.rebuild:
+            engine.slab.reset(slot)
+        gen = greedy(engine, slot, plan.new_ids, max_new_tokens)
+        return "".join(Reply(engine.tokenizer, engine.stop_ids).pieces(gen))
     finally:
-        chat.close()
+        engine.free(slot)

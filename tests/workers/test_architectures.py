@@ -19,6 +19,7 @@ from lessserve.workers.errors import UnsupportedModelError
 from lessserve.workers.model import LlamaModel, causal_attend
 from lessserve.workers.model_loader import ModelArgs, load_checkpoint, transformers_model
 from tests.conftest import tiny_less
+from tests.workers.replay import scheduled
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -106,7 +107,7 @@ def test_greedy_tokens_equal_transformers_generate(saved, family):
                             device="cpu", dtype="float32"))
     prompt = ids(24, seed=2)
     n_new = L - 24  # decoding crosses the original context
-    got = list(e.generate(e.alloc(), prompt, n_new))
+    got = scheduled(e, prompt, n_new)
     hf = transformers_model(folder).eval()
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,

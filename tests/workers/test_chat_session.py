@@ -1,37 +1,41 @@
 """Multi-turn chat on the real default model: later turns prefill only their new tokens."""
 
-from lessserve.workers.chat_session import ChatSession
+from lessserve.cache_store.config import StoreConfig
+from lessserve.workers.local_sessions import LocalSessions
+
+KEEP = StoreConfig(device_idle_s=None, host_idle_s=None)  # the session stays in its device slot
 
 
 def test_turns_prefill_only_new_tokens_and_rebuild_on_divergence(default_engine_factory):
     e = default_engine_factory(policy="h2o", budget=32, prefill_chunk=16)
-    chat = ChatSession(e)
-    msgs = [{"role": "user", "content": "Name a colour."}]
-    first = "".join(chat.turn(msgs, max_new_tokens=12))
-    assert first.strip()
-    tr = chat.transcript
-    assert len(tr.ids) == e.slab.seen[chat.slot]  # the transcript is exactly what the cache consumed
-    first_prefill = chat.last_prefill
-    msgs = [*tr.messages, {"role": "user", "content": "And another one?"}]
-    "".join(chat.turn(msgs, max_new_tokens=8))
-    assert 0 < chat.last_prefill < 20 < first_prefill + len(tr.ids) // 2
-    assert chat.stats()["turns"] == 2 and chat.stats()["cached_tokens"] <= 32
-    # An edited earlier message: the session is rebuilt from the new history.
-    edited = [{"role": "user", "content": "Name a fruit."}, *chat.transcript.messages[1:]]
-    edited.append({"role": "user", "content": "Thanks."})
-    "".join(chat.turn(edited, max_new_tokens=4))
-    assert chat.last_prefill == e.slab.seen[chat.slot] - 3  # everything but the 3 decoded-and-fed tokens
-    chat.close()
+    with LocalSessions(e, KEEP) as ss:
+        msgs = [{"role": "user", "content": "Name a colour."}]
+        first = "".join(ss.turn("c", msgs, max_new_tokens=12))
+        assert first.strip()
+        chat = ss.sessions["c"]
+        tr = chat.transcript
+        assert len(tr.ids) == e.slab.seen[chat.slot]  # the transcript is exactly what the cache consumed
+        first_prefill = chat.last_prefill
+        msgs = [*tr.messages, {"role": "user", "content": "And another one?"}]
+        "".join(ss.turn("c", msgs, max_new_tokens=8))
+        assert 0 < chat.last_prefill < 20 < first_prefill + len(tr.ids) // 2
+        assert chat.stats()["turns"] == 2 and chat.stats()["cached_tokens"] <= 32
+        # An edited earlier message: the session is rebuilt from the new history.
+        edited = [{"role": "user", "content": "Name a fruit."}, *chat.transcript.messages[1:]]
+        edited.append({"role": "user", "content": "Thanks."})
+        "".join(ss.turn("c", edited, max_new_tokens=4))
+        assert chat.last_prefill == e.slab.seen[chat.slot] - 3  # everything but the 3 decoded-and-fed tokens
 
 
 def _story(engine) -> tuple[list[int], list[int]]:
     """(prompt ids, generated ids) of a 150-token story, greedy."""
-    chat = ChatSession(engine)
-    msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message."}]
-    "".join(chat.turn(msgs, max_new_tokens=150))
-    assert engine.stats(chat.slot)["tokens_seen"] > 150
-    ids, n_prompt = list(chat.transcript.ids), chat.last_prefill
-    chat.close()
+    with LocalSessions(engine, KEEP) as ss:
+        msgs = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message."}]
+        "".join(ss.turn("story", msgs, max_new_tokens=150))
+        chat = ss.sessions["story"]
+        assert engine.stats(chat.slot)["tokens_seen"] > 150
+        ids, n_prompt = list(chat.transcript.ids), chat.last_prefill
+        ss.delete("story")
     return ids[:n_prompt], ids[n_prompt:]
 
 

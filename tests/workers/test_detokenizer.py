@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models
 
-from lessserve.workers.chat_session import Detokenizer
 from lessserve.workers.model_loader import load_tokenizer
+from lessserve.workers.reply import Detokenizer
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 TEXTS = [

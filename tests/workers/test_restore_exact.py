@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import SyncSessions, forget_cache, run_turn
-from lessserve.workers.chat_session import stream_reply
+from lessserve.testing.sessions import forget_cache
+from lessserve.workers.local_sessions import LocalSessions
+from lessserve.workers.scheduler import SamplingParams
 from tests.workers.replay import assert_same_state, int8_round_trip, replay
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,21 +19,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUESTIONS = ["Name a colour.", "Why that one? Answer in one sentence.", "Name a fruit."]
 
 
-def talk(ss: SyncSessions, sid: str, turns: int, new_tokens: int = 5) -> None:
+def talk(ss: LocalSessions, sid: str, turns: int, new_tokens: int = 5) -> None:
     msgs: list[dict] = []
     for i in range(turns):
         msgs = [*msgs, {"role": "user", "content": QUESTIONS[i]}]
-        list(run_turn(ss, sid, msgs, max_new_tokens=new_tokens))
+        list(ss.turn(sid, msgs, max_new_tokens=new_tokens))
         msgs = ss.transcript(sid).messages
 
 
-def slot_state(ss: SyncSessions, sid: str) -> dict:
+def slot_state(ss: LocalSessions, sid: str) -> dict:
     return ss.engine.slab.export(ss.device.slot_of(sid))
 
 
 @pytest.mark.parametrize("policy", ["h2o+less", "lambda+less"])
 def test_offload_and_restore_is_bit_exact(default_engine, redis_server, prefix, policy):
-    ss = SyncSessions(default_engine(policy=policy, max_slots=2),
+    ss = LocalSessions(default_engine(policy=policy, max_slots=2),
                       StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, keep_redis_copy=False))
     try:
         talk(ss, "s", 2)
@@ -56,7 +57,7 @@ def test_offload_and_restore_is_bit_exact(default_engine, redis_server, prefix, 
 def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine, redis_server, prefix):
     """The cache is lost; the next turn's rebuild re-prefills the transcript: the slot it builds is
     the slot a fresh engine gets by consuming the same ids through the same chunk cuts."""
-    ss = SyncSessions(default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13),
+    ss = LocalSessions(default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13),
                       StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
     other = default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13)
     try:
@@ -70,7 +71,7 @@ def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine
             assert ss.stats()["total"]["recomputes"] == 1 and new_ids
             want = other.slab.export(replay(other, ids))
             assert_same_state(ss.engine.slab.export(chat.slot), want, "rebuild vs replay")
-            list(stream_reply(chat, new_ids, gen, 4))
+            list(ss.scheduler.stream(chat.slot, new_ids, SamplingParams(max_new_tokens=4), gen))
         finally:
             ss.close_turn("r", msgs, gen)
         assert ss.transcript("r").ids[: len(ids)] == ids and ss.transcript("r").turns == 3

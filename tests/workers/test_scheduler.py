@@ -5,6 +5,7 @@ import asyncio
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from tests.workers.replay import greedy
 
 
 def test_concurrent_sessions_match_sequential_generation(tiny_ckpt):
@@ -13,8 +14,7 @@ def test_concurrent_sessions_match_sequential_generation(tiny_ckpt):
     alone = Engine(cfg, checkpoint=tiny_ckpt)
     expected = []
     for p in prompts:
-        s = alone.alloc()
-        expected.append(list(alone.generate(s, p, 12)))
+        expected.append(greedy(alone, alone.alloc(), p, 12, stop_ids=()))
     eng = Engine(cfg, checkpoint=tiny_ckpt)
     sched = BatchScheduler(eng)
     steps = []
@@ -61,8 +61,7 @@ def test_min_tokens_keeps_stop_ids_out_until_reached(tiny_ckpt):
     and ends the turn once allowed."""
     cfg = EngineConfig(model="tiny", policy="h2o", budget=16, prefill_chunk=8, max_slots=2)
     alone = Engine(cfg, checkpoint=tiny_ckpt)
-    greedy = list(alone.generate(alone.alloc(), [3, 4, 5, 6], 12))
-    stop = greedy[0]  # the greedy first token, made a stop id
+    stop = greedy(alone, alone.alloc(), [3, 4, 5, 6], 12, stop_ids=())[0]  # the greedy first token, made a stop id
     eng = Engine(cfg, checkpoint=tiny_ckpt)
     sched = BatchScheduler(eng)
 

@@ -9,7 +9,7 @@ import pytest
 
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import CacheMissError
-from lessserve.testing.sessions import SyncSessions, run_turn
+from lessserve.workers.local_sessions import LocalSessions
 from lessserve.workers.session_ids import private_session, response_session
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,7 +18,7 @@ SYSTEM = ("You are a terse assistant for a harbour office. Answer in one short s
           "and never invent timetables. ") * 3
 
 
-def durable(ss: SyncSessions, sid: str) -> dict | None:
+def durable(ss: LocalSessions, sid: str) -> dict | None:
     try:
         return ss.run(ss.store.get_transcript(sid))
     except CacheMissError:
@@ -26,12 +26,12 @@ def durable(ss: SyncSessions, sid: str) -> dict | None:
 
 
 def test_response_sessions_are_durable_and_private_ones_are_not(default_engine):
-    ss = SyncSessions(default_engine(max_slots=4), StoreConfig(device_idle_s=None, host_idle_s=None))
+    ss = LocalSessions(default_engine(max_slots=4), StoreConfig(device_idle_s=None, host_idle_s=None))
     try:
         resp = response_session("resp_" + "ab" * 12)
         msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which ship left first?"}]
-        list(run_turn(ss, resp, msgs, max_new_tokens=3))
-        list(run_turn(ss, "chat-1", [{"role": "user", "content": "Hi."}], max_new_tokens=3))
+        list(ss.turn(resp, msgs, max_new_tokens=3))
+        list(ss.turn("chat-1", [{"role": "user", "content": "Hi."}], max_new_tokens=3))
         saved = durable(ss, resp)
         assert saved is not None and saved["turns"] == 1 and saved["ids"] == ss.transcript(resp).ids
         assert durable(ss, "chat-1")["turns"] == 1
@@ -44,7 +44,7 @@ def test_response_sessions_are_durable_and_private_ones_are_not(default_engine):
         assert ss.republish(list(ss.resident())) == 2 and durable(ss, resp)["turns"] == 1
 
         oneoff = private_session("oneoff", "x")
-        list(run_turn(ss, oneoff, [{"role": "user", "content": "Hi."}], max_new_tokens=2))
+        list(ss.turn(oneoff, [{"role": "user", "content": "Hi."}], max_new_tokens=2))
         assert durable(ss, oneoff) is None and oneoff not in ss.resident()
     finally:
         ss.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lessserve.workers.chat_session import StopStrings
+from lessserve.workers.reply import StopStrings
 
 
 @pytest.mark.parametrize("pieces,stops,want,hit", [

@@ -5,15 +5,15 @@ is dropped, and the next turn continues from the transcript, consistent token fo
 import copy
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import SyncSessions, run_turn
+from lessserve.workers.local_sessions import LocalSessions
 
 
 def test_failed_turn_rolls_back_and_the_next_turn_is_consistent(default_engine):
     eng = default_engine(max_slots=2)
-    ss = SyncSessions(eng, StoreConfig(device_idle_s=None, host_idle_s=None))
+    ss = LocalSessions(eng, StoreConfig(device_idle_s=None, host_idle_s=None))
     try:
         msgs = [{"role": "user", "content": "Name a colour."}]
-        list(run_turn(ss, "s", msgs, max_new_tokens=4))
+        list(ss.turn("s", msgs, max_new_tokens=4))
         before = copy.deepcopy(ss.transcript("s").to_dict())
         msgs = [*ss.transcript("s").messages, {"role": "user", "content": "Why?"}]
         chat, new_ids = ss.open_turn("s", msgs, 4)
@@ -21,7 +21,7 @@ def test_failed_turn_rolls_back_and_the_next_turn_is_consistent(default_engine):
         ss.close_turn("s", msgs, [])
         assert ss.transcript("s").to_dict() == before
         assert not ss.store.holds("s") and not ss.store.is_pinned("s")
-        reply = "".join(run_turn(ss, "s", msgs, max_new_tokens=4))
+        reply = "".join(ss.turn("s", msgs, max_new_tokens=4))
         tr = ss.transcript("s")
         slot = ss.device.slot_of("s")
         assert reply.strip() and tr.turns == 2 and eng.slab.seen[slot] == len(tr.ids)
