@@ -133,3 +133,15 @@ def pytest_collection_modifyitems(config, items):
     """Multinode tests start their own Ray cluster (several nodes) and need a process where Ray
     is not running yet: they run first."""
     items.sort(key=lambda item: item.get_closest_marker("multinode") is None)
+
+
+@pytest.fixture
+def tiny_engine_factory(tiny_ckpt):
+    from lessserve.workers.config import EngineConfig
+    from lessserve.workers.engine import Engine
+
+    def make(**cfg):
+        return Engine(EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 6, "prefill_chunk": 8,
+                                      "device": "cpu", "dtype": "float32", **cfg}), checkpoint=tiny_ckpt)
+
+    return make

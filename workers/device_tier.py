@@ -1,9 +1,13 @@
 """The device tier over an Engine's slot slab: sessions' caches in device slots.
 
-`get` exports a slot and encodes it (k/v as int8 + per-token scales when `quantize`), `put`
-decodes a cache into a slot (allocating one), `delete` frees the slot. The encoded header meta
-carries whatever `meta_fn(sid)` returns (the session's transcript), so a cache always travels
-with the exact token ids it consumed.
+One slot wire format: a slot travels as its packed record (kernels/reference/pack.py, one
+contiguous uint8 buffer per slot, k/v as int8 + per-token scales when `quantize`; the fused
+Triton pack on CUDA), wrapped in the codec's checked envelope (cache_store/codec.py) as the tensor
+"slot", with {"quant", "dtype", "seen"} under meta["slot"]. `get` packs a slot, `put` unpacks a
+record into a slot (allocating one), `delete` frees the slot. The header meta also carries whatever
+`meta_fn(sid)` returns (the session's transcript), so a cache always travels with the exact token
+ids it consumed. A cache in any other layout (older releases wrote named tensors) is an
+IncompatibleCacheError: the store rebuilds that session from its transcript.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from lessserve.cache_store.codec import Blob, CacheIdentity, decode, encode
 from lessserve.cache_store.errors import CacheMissError, IncompatibleCacheError, TierFullError
 from lessserve.cache_store.tier import DeviceTier, TierStats
 from lessserve.kernels import ops
+from lessserve.kernels.errors import PackError
+from lessserve.kernels.reference.pack import QUANT_MODES, PackLayout, section_view
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import SlotsExhaustedError, SlotStateError
-from lessserve.workers.slots import STATE_FIELDS
+from lessserve.workers.errors import SlotsExhaustedError
+from lessserve.workers.slots import SlotSlab
 
-QUANTIZED = ("k", "v")
+SLOT = "slot"  # the codec tensor holding the packed record
 
 
 def engine_identity(engine: Engine) -> CacheIdentity:
@@ -28,21 +34,30 @@ def engine_identity(engine: Engine) -> CacheIdentity:
                          less_weights=engine.less_digest)
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """k, v [L, Hkv, B, D] -> k_q / v_q int8 [L, Hkv, B, D] + k_scale / v_scale fp32 [L, Hkv, B]."""
-    out = dict(state)
-    for f in QUANTIZED:
-        q, scale = ops.quantize_int8(out.pop(f))
-        out[f"{f}_q"], out[f"{f}_scale"] = q, scale
-    return out
+def slab_fields(slab: SlotSlab) -> tuple[torch.Tensor, ...]:
+    """The slab tensors in pack / unpack order: k, v, pos, score, H, z, length."""
+    return slab.k, slab.v, slab.pos, slab.score, slab.H, slab.z, slab.length
 
 
-def dequantize_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = dict(tensors)
-    for f in QUANTIZED:
-        if f"{f}_q" in out:
-            out[f] = ops.dequantize_int8(out.pop(f"{f}_q"), out.pop(f"{f}_scale"), dtype)
-    return out
+def checked_record(tensors: dict[str, torch.Tensor], meta: dict, slab: SlotSlab) -> tuple[torch.Tensor, str, int]:
+    """(record uint8 [record_bytes], quant, seen) of a decoded cache, after checking that it is one
+    record of this slab's layout whose length fits the slot (IncompatibleCacheError otherwise)."""
+    info, record = meta.get(SLOT), tensors.get(SLOT)
+    if record is None or not isinstance(info, dict):
+        raise IncompatibleCacheError("the cache is not a packed slot record (an older release's layout)")
+    quant, dtype, seen = info.get("quant"), info.get("dtype"), info.get("seen")
+    if quant not in QUANT_MODES or not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+        raise IncompatibleCacheError(f"bad slot record description {info!r}")
+    if quant == "none" and dtype != str(slab.k.dtype).removeprefix("torch."):
+        raise IncompatibleCacheError(f"slot record of {dtype} k/v; this engine's slots hold {slab.k.dtype}")
+    layout = PackLayout.of(slab.k, slab.H, quant)
+    if record.dtype != torch.uint8 or tuple(record.shape) != (layout.record_bytes,):
+        raise IncompatibleCacheError(f"slot record of {tuple(record.shape)} {record.dtype}; this engine's "
+                                     f"slots pack to uint8 ({layout.record_bytes},)")
+    length = int(section_view(record[None], layout, "length")[0, 0])
+    if not 0 <= length <= min(layout.B, seen):
+        raise IncompatibleCacheError(f"slot record holds {length} entries of {layout.B} after {seen} tokens")
+    return record, quant, seen
 
 
 class EngineDeviceTier(DeviceTier):
@@ -82,25 +97,31 @@ class EngineDeviceTier(DeviceTier):
     def contains(self, sid: str) -> bool:
         return sid in self.slots
 
+    @property
+    def quant(self) -> str:
+        return "int8" if self.quantize else "none"
+
     def get(self, sid: str) -> Blob:
-        state = self.engine.slab.export(self.slot_of(sid))  # {field: [L, Hkv, ...]}, length [1], seen [1]
-        if self.quantize:
-            state = quantize_state(state)
-        return encode(state, self.identity, self.meta_fn(sid))
+        slab, slot = self.engine.slab, self.slot_of(sid)
+        ids = torch.tensor([slot], dtype=torch.long, device=slab.k.device)
+        record = ops.pack_slots(*slab_fields(slab), ids, self.quant)[0]  # uint8 [record_bytes], one pass
+        info = {"quant": self.quant, "dtype": str(slab.k.dtype).removeprefix("torch."), "seen": slab.seen[slot]}
+        return encode({SLOT: record}, self.identity, {**self.meta_fn(sid), SLOT: info})
 
     def put(self, sid: str, blob: Blob) -> None:
-        tensors = dequantize_state(decode(blob, self.identity).tensors, self.engine.dtype)
-        missing = [f for f in (*STATE_FIELDS, "length", "seen") if f not in tensors]
-        if missing:
-            raise IncompatibleCacheError(f"cache lacks state fields {missing}")
+        slab = self.engine.slab
+        cache = decode(blob, self.identity)
+        record, quant, seen = checked_record(cache.tensors, cache.meta, slab)
         fresh = sid not in self.slots
         slot = self.new_slot(sid)
         try:
-            self.engine.slab.load(slot, tensors)
-        except SlotStateError as e:
+            ops.unpack_slot(record.to(slab.k.device), *slab_fields(slab), slot, quant)
+        except PackError as e:
+            slab.reset(slot)
             if fresh:
                 self.engine.free(self.slots.pop(sid))
             raise IncompatibleCacheError(f"cache does not fit this engine's slots: {e}") from e
+        slab.seen[slot] = seen
 
     def delete(self, sid: str) -> bool:
         slot = self.slots.pop(sid, None)

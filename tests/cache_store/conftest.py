@@ -36,35 +36,24 @@ def tiny_ckpt(tmp_path_factory):
     return LoadedCheckpoint(model_id="tiny", folder=tmp_path_factory.mktemp("tiny"), args=args, state_dict=state)
 
 
-@pytest.fixture
-def tiny_engine_factory(tiny_ckpt):
-    from lessserve.workers.config import EngineConfig
-    from lessserve.workers.engine import Engine
-
-    def make(**cfg):
-        return Engine(EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 6, "prefill_chunk": 8,
-                                      "device": "cpu", "dtype": "float32", **cfg}), checkpoint=tiny_ckpt)
-
-    return make
-
-
 @pytest.fixture(scope="session")
 def tiny_blobs(tiny_ckpt):
-    """Encoded caches of tiny-engine slot states (random contents, several lengths)."""
-    from lessserve.cache_store.codec import encode
+    """Encoded caches of tiny-engine slot states (random contents, several lengths), as the device
+    tier writes them."""
     from lessserve.workers.config import EngineConfig
-    from lessserve.workers.device_tier import engine_identity
+    from lessserve.workers.device_tier import EngineDeviceTier
     from lessserve.workers.engine import Engine
 
-    e = Engine(EngineConfig(policy="h2o", budget=16, max_slots=1, device="cpu", dtype="float32"),
-               checkpoint=tiny_ckpt)
+    tier = EngineDeviceTier(Engine(EngineConfig(policy="h2o", budget=16, max_slots=1, device="cpu", dtype="float32"),
+                                   checkpoint=tiny_ckpt))
+    slab, slot = tier.engine.slab, tier.new_slot("s")
     gen = torch.Generator().manual_seed(1)
-    slot, out = e.alloc(), []
+    out = []
     for n in (3, 17, 40, 97, 5, 29):
-        state = e.slab.export(slot)
         for f in ("k", "v", "score"):
-            state[f] = torch.randn(state[f].shape, generator=gen).to(state[f].dtype)
-        state["pos"] = torch.randint(0, n, state["pos"].shape, generator=gen, dtype=torch.int32)
-        state["length"][0], state["seen"][0] = min(n, 16), n
-        out.append(bytes(encode(state, engine_identity(e), {})))
+            x = getattr(slab, f)[:, slot]
+            x.copy_(torch.randn(x.shape, generator=gen).to(x.dtype))
+        slab.pos[:, slot] = torch.randint(0, n, slab.pos[:, slot].shape, generator=gen, dtype=torch.int32)
+        slab.length[slot], slab.seen[slot] = min(n, 16), n
+        out.append(bytes(tier.get("s")))
     return out
