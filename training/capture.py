@@ -1,7 +1,7 @@
 """What LESS training learns from: per-layer Q, K, V of the frozen model, and the exact
 eviction the inference engine would make on them.
 
-Q/K/V come from a full-cache forward (the paper's recipe): the kernels are trained to
+Q/K/V come from a full-cache forward (the paper's recipe): the LESS weights are trained to
 reproduce the uncompressed attention, and one capture serves every policy and budget.
 `eviction_chunks` replays the engine's chunked prefill with the reference ops it runs
 (chunk attention -> sparse-normalised masses -> evict-and-absorb), so the sparse/low-rank split

@@ -2,7 +2,7 @@
 
 Per-layer training (train_layer) fits each layer's attention output given the *full* model's
 inputs. At inference each layer sees inputs already perturbed by the compression upstream, and
-what matters is the next-token distribution. This stage starts from per-layer kernels and
+what matters is the next-token distribution. This stage starts from per-layer LESS weights and
 minimises KL(full || compressed+LESS) of the next-token distributions (positions past the
 budget), running the whole frozen model in the parallel form of the engine's chunked prefill:
 
@@ -206,7 +206,7 @@ def step_order(n: int, steps: int, seed: int) -> list[int]:
     return order[:steps]
 
 
-def finetune(model: LlamaModel, kernels: LessWeights, train: torch.Tensor, val: torch.Tensor, spec: EvictionSpec,
+def finetune(model: LlamaModel, less: LessWeights, train: torch.Tensor, val: torch.Tensor, spec: EvictionSpec,
              chunk: int, cfg: FinetuneConfig, state_path: Path | None = None, log=None,
              stop_after: int | None = None, val_names: list[str] | None = None,
              plus_spec: EvictionSpec | None = None) -> tuple[LessWeights, dict]:
@@ -219,7 +219,7 @@ def finetune(model: LlamaModel, kernels: LessWeights, train: torch.Tensor, val: 
     for p in model.parameters():
         p.requires_grad_(False)
     layers = [LessLayerWeights(**{f: getattr(w, f).detach().float().clone().requires_grad_(True) for f in FIELDS})
-              for w in kernels.layers]
+              for w in less.layers]
     params = [getattr(w, f) for w in layers for f in FIELDS]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -289,7 +289,7 @@ def finetune(model: LlamaModel, kernels: LessWeights, train: torch.Tensor, val: 
     summary = {**cfg.model_dump(), "steps_run": step, "tokens": step * T, "best_step": best["step"],
                "val_before": history[0], "val_best": best, "history": history,
                "seconds": round(time.time() - t0, 1)}
-    return LessWeights(out, dict(kernels.manifest)), summary
+    return LessWeights(out, dict(less.manifest)), summary
 
 
 def _brief(r: dict) -> str:
@@ -297,24 +297,24 @@ def _brief(r: dict) -> str:
     return f"score {r['score']:.3f} (pooled {r['gap_closed']:.1%}; {per}) less ppl {r['less']:.3f} kl {r['kl']:.4f}"
 
 
-def run_finetune(model: LlamaModel, kernels: LessWeights, train: torch.Tensor, val: torch.Tensor,
+def run_finetune(model: LlamaModel, less: LessWeights, train: torch.Tensor, val: torch.Tensor,
                  val_names: list[str], spec: EvictionSpec, chunk: int, cfg: FinetuneConfig, work_dir: Path,
                  command: str, resume: bool = True, device: torch.device | str = "cpu",
                  plus_spec: EvictionSpec | None = None) -> LessWeights:
     """train [N, T] training sequences, val [M, T] dev sequences (val_names: their texts). The run's
-    state is kept in work_dir (keyed by the starting kernels, data and settings) so an interrupted
+    state is kept in work_dir (keyed by the starting LESS weights, data and settings) so an interrupted
     run resumes."""
     import hashlib
 
     device = torch.device(device)
     model = model.to(device).eval()
-    key = hashlib.sha256(f"{kernels.digest()}|{cfg}|{spec}|{chunk}".encode() + train.numpy().tobytes()
+    key = hashlib.sha256(f"{less.digest()}|{cfg}|{spec}|{chunk}".encode() + train.numpy().tobytes()
                          + val.numpy().tobytes()).hexdigest()[:12]
     work_dir.mkdir(parents=True, exist_ok=True)
     state = work_dir / f"finetune-{key}.pt"
     if state.exists() and not resume:
         state.unlink()
-    out, summary = finetune(model, kernels.to(device), train.to(device), val.to(device), spec, chunk, cfg,
+    out, summary = finetune(model, less.to(device), train.to(device), val.to(device), spec, chunk, cfg,
                             state_path=state, val_names=val_names, plus_spec=plus_spec)
     out.manifest["finetune"] = {"command": command, "objective": "KL(full || compressed+LESS), positions >= budget",
                                 "selection": "dev score: mean over texts of the gap closed (perplexity)",
