@@ -94,11 +94,12 @@ class TieredCacheStore:
         self.timeout_s = timeout_s if timeout_s is not None else 2 * config.redis_timeout_s + 1.0
         self.local = {"device": device, "host": self.host}
         self.names = [*LOCAL_TIERS, *([self.shared.name] if self.shared else [])]
+        # where each of this store's sessions is (device or host; the shared tier is asked) and when it
+        # was last used: one LRU per local tier, a session in at most one of them
         self.lru = {"device": LRU(clock), "host": LRU(clock)}
         self.counters = {name: TierStats() for name in self.names}
         self.recomputes_total = 0
         self.dropped_total = 0  # caches dropped because no tier could take them
-        self._loc: dict[str, str] = {}  # this store's own sessions on device / host (the shared tier is asked)
         self._pins: dict[str, int] = {}
         self._spills: list[Spill] = []  # host copies taken out by a local call, for the next `spill`
         self._lock = asyncio.Lock()
@@ -120,29 +121,28 @@ class TieredCacheStore:
 
     def touch(self, sid: str) -> None:
         """Mark a use (the LRU clock of the tier the session is in)."""
-        tier = self._loc.get(sid)
-        if tier in self.lru:
+        tier = self.local_tier(sid)
+        if tier is not None:
             self.lru[tier].touch(sid)
 
     # --- where ------------------------------------------------------------------------------
     def holds(self, sid: str) -> bool:
         """The session's cache is on this store's device or host tier."""
-        return sid in self._loc
+        return self.local_tier(sid) is not None
 
     def local_tier(self, sid: str) -> str | None:
         """"device", "host", or None when neither holds the session."""
-        return self._loc.get(sid)
+        return next((tier for tier, lru in self.lru.items() if sid in lru), None)
 
     def _rank(self, tier: str) -> int:
         """Distance from the model: device 0, host 1, the shared tier 2."""
         return TIER_ORDER.index("shared" if tier == self.shared_name else tier)
 
     def _set_loc(self, sid: str, tier: str | None) -> None:
-        old = self._loc.pop(sid, None)
-        if old in self.lru:
+        old = self.local_tier(sid)
+        if old is not None:
             self.lru[old].forget(sid)
         if tier in self.lru:
-            self._loc[sid] = tier
             self.lru[tier].touch(sid)
 
     # --- the device -------------------------------------------------------------------------
@@ -201,12 +201,12 @@ class TieredCacheStore:
     def restore_local(self, sid: str) -> Restored | None:
         """Bring a session held on this store's host tier to the device (a device hit returns at
         once); None when neither local tier holds it. RestoreError (cause chained) when it cannot."""
-        if self._loc.get(sid) == "device":
+        if self.local_tier(sid) == "device":
             self.counters["device"].hits += 1
             self.lru["device"].touch(sid)
             return Restored("device", {})
         self.counters["device"].misses += 1
-        if self._loc.get(sid) != "host":
+        if self.local_tier(sid) != "host":
             if self.shared:
                 self.counters["host"].misses += 1
                 return None
@@ -238,7 +238,7 @@ class TieredCacheStore:
     # --- copies for the shared tier ---------------------------------------------------------
     def export(self, sid: str) -> tuple[str, bytes, float | None]:
         """(tier, encoded copy, its LRU stamp) of a session held locally, which stays where it is."""
-        tier = self._loc.get(sid)
+        tier = self.local_tier(sid)
         if tier is None:
             raise CacheMissError(f"session {sid!r} is not on this worker")
         return tier, bytes(self.local[tier].get(sid)), self.lru[tier].stamp(sid)
@@ -246,7 +246,7 @@ class TieredCacheStore:
     def release(self, sid: str, tier: str, stamp: float | None) -> bool:
         """Drop the local copy that `export` gave out, now that the shared tier holds it, unless the
         session moved, was pinned or used since. True if it was dropped."""
-        if self._loc.get(sid) != tier or self.is_pinned(sid) or self.lru[tier].stamp(sid) != stamp:
+        if self.local_tier(sid) != tier or self.is_pinned(sid) or self.lru[tier].stamp(sid) != stamp:
             return False
         self.local[tier].delete(sid)
         self._set_loc(sid, None)
@@ -309,7 +309,7 @@ class TieredCacheStore:
 
     async def where(self, sid: str) -> str:
         """The nearest tier holding the session's cache; CacheMissError if none does."""
-        tier = await self.run_local(lambda: self._loc.get(sid))
+        tier = await self.run_local(lambda: self.local_tier(sid))
         if tier is not None:
             return tier
         if self.shared and await self.shared_call("EXISTS", self.shared.contains(sid)):
@@ -332,7 +332,7 @@ class TieredCacheStore:
                 raise TierUnavailableError("no shared tier configured (StoreConfig.redis_url is None)")
             raise CacheStoreError(f"offload goes to host or the shared tier, not {to!r} (use restore)")
         async with self._lock:
-            tier, pinned = await self.run_local(lambda: (self._loc.get(sid), self.is_pinned(sid)))
+            tier, pinned = await self.run_local(lambda: (self.local_tier(sid), self.is_pinned(sid)))
             if pinned:
                 raise SessionPinnedError(f"session {sid!r} is in use")
             src = tier or await self.where(sid)

@@ -62,6 +62,7 @@ class ChatSession:
         self.transcript = transcript or Transcript()
         self.last_prefill = 0  # tokens prefilled by the latest turn
         self.rebuilt = 0  # tokens re-prefilled from the transcript before it (a lost cache)
+        self.before: Transcript | None = None  # the transcript as it was when the open turn began
 
     def close(self) -> None:
         self.engine.free(self.slot)

@@ -104,7 +104,6 @@ class SessionStore:
         self.run_local = run_local
         self.config = config = config or StoreConfig()
         # --- the slab thread's state
-        self._open: dict[str, Transcript] = {}  # transcripts as they were before an open turn
         self.sessions: dict[str, ChatSession] = {}  # sessions this worker knows (device-resident or not)
         self.device = EngineDeviceTier(engine, quantize=config.quantize, meta_fn=self._meta)
         self.store = TieredCacheStore(config, self.device, kv=kv, run_local=run_local)
@@ -168,7 +167,7 @@ class SessionStore:
                 raise SessionNotFoundError(f"session {sid!r} not found")
             plan = plan_turn(self.engine.tokenizer, chat.transcript, messages)
             self._check_fits(chat, plan, max_new_tokens)
-            self._open[sid] = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
+            chat.before = Transcript.from_dict(copy.deepcopy(chat.transcript.to_dict()))
             chat.transcript.owner = chat.transcript.owner or owner
             return chat, chat.begin_turn(messages, plan)
         except BaseException:
@@ -227,9 +226,9 @@ class SessionStore:
     def _local_close(self, sid: str, messages: list[dict], tokens: list[int]) -> dict | None:
         """-> the transcript to make durable (None: nothing to write)."""
         chat = self.sessions.get(sid)
-        before = self._open.pop(sid, None)
-        if chat is None or before is None:  # open_turn failed: nothing was pinned or planned
+        if chat is None or chat.before is None:  # open_turn failed: nothing was pinned or planned
             return None
+        before, chat.before = chat.before, None
         self.store.unpin(sid)
         if tokens:
             chat.finish_turn(messages, tokens)
