@@ -9,6 +9,7 @@ Contract (tests/cache_store/test_kv_conformance.py holds every implementation to
 - A TTL is in seconds (fractions allowed); None means no expiry, and a `set` without one clears
   an earlier expiry. An expired key reads as absent everywhere.
 - `swap` and `pop` are atomic: the pointer flip the shared tier relies on (SET ... GET, GETDEL).
+- `cas` is atomic: a read-modify-write (the session directory) writes only over what it read.
 - `keys` lists at most `limit` keys (one bounded scan); `used` counts keys and value bytes.
 - `epoch` changes when the backend lost its contents (a Redis restart, a new state actor).
 - Every call of a remote backend is bounded by its timeout; every backend failure, a timeout
@@ -62,6 +63,11 @@ class KV(abc.ABC):
     @abc.abstractmethod
     async def pop(self, key: str) -> bytes | None:
         """Delete `key` and return its value, atomically."""
+
+    @abc.abstractmethod
+    async def cas(self, key: str, expect: Value | None, value: Value, ttl_s: float | None = None) -> bool:
+        """Set `key` to `value` only if it still holds `expect` (None: only if absent), atomically;
+        whether it was set."""
 
     @abc.abstractmethod
     async def delete(self, *keys: str) -> int:
@@ -170,6 +176,12 @@ class KVMap:
     def pop(self, key: str) -> bytes | None:
         return self._drop(key) if self._alive(key) else None
 
+    def cas(self, key: str, expect: Value | None, value: Value, ttl_s: float | None = None) -> bool:
+        if self.get(key) != (None if expect is None else as_bytes(expect)):
+            return False
+        self.set(key, value, ttl_s)
+        return True
+
     def delete(self, *keys: str) -> int:
         return sum(self.pop(k) is not None for k in dict.fromkeys(keys))
 
@@ -226,6 +238,9 @@ class MemoryKV(KV):
 
     async def pop(self, key: str) -> bytes | None:
         return self.map.pop(key)
+
+    async def cas(self, key: str, expect: Value | None, value: Value, ttl_s: float | None = None) -> bool:
+        return self.map.cas(key, expect, value, ttl_s)
 
     async def delete(self, *keys: str) -> int:
         return self.map.delete(*keys)

@@ -44,6 +44,19 @@ def make_client(config: StoreConfig) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+# compare-and-set: ARGV = absent-expected flag, expected value, new value, TTL in ms ("" for none)
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur then return 0 end
+elseif cur ~= ARGV[2] then
+  return 0
+end
+if ARGV[4] == '' then redis.call('SET', KEYS[1], ARGV[3]) else redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) end
+return 1
+"""
+
+
 def _glob(s: str) -> str:
     """`s` matched literally by a Redis MATCH pattern."""
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
@@ -54,6 +67,7 @@ class RedisKV(KV):
 
     def __init__(self, client: aioredis.Redis, timeout_s: float = 5.0):
         self.client, self.timeout_s = client, timeout_s
+        self._cas = client.register_script(_CAS)  # EVALSHA, loaded again by redis-py after a restart
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisKV:
@@ -102,6 +116,11 @@ class RedisKV(KV):
 
     async def pop(self, key: str) -> bytes | None:
         return await self._do("GETDEL", self.client.getdel(key))
+
+    async def cas(self, key: str, expect: Value | None, value: Value, ttl_s: float | None = None) -> bool:
+        ms = _ms(ttl_s)
+        args = ["1" if expect is None else "0", b"" if expect is None else expect, value, "" if ms is None else str(ms)]
+        return bool(await self._do("EVALSHA cas", self._cas(keys=[key], args=args)))
 
     async def delete(self, *keys: str) -> int:
         return int(await self._do("DEL", self.client.delete(*keys))) if keys else 0

@@ -48,6 +48,9 @@ class ActorKV(KV):
     async def pop(self, key: str) -> bytes | None:
         return await self._call("kv_pop", key)
 
+    async def cas(self, key: str, expect: Value | None, value: Value, ttl_s: float | None = None) -> bool:
+        return await self._call("kv_cas", key, None if expect is None else as_bytes(expect), as_bytes(value), ttl_s)
+
     async def delete(self, *keys: str) -> int:
         return await self._call("kv_delete", list(keys)) if keys else 0
 

@@ -38,9 +38,13 @@ def merged_entry(old: dict | None, worker: str | None, owner: str | None, turns:
     return e
 
 
+CAS_TRIES = 8  # a claim raced by this many other writers in a row is reported as an outage
+
+
 class SessionDirectory:
-    """`place` reads, merges (merged_entry) and writes back: two round trips, not atomic across
-    writers (the last write wins; each session's turns run on one worker at a time)."""
+    """`place` reads, merges (merged_entry) and writes back with a compare-and-set (KV.cas): a claim
+    never overwrites one it did not read, so a worker leaving (`leave`) cannot clear the claim another
+    worker made meanwhile, and a stale re-publish cannot beat the latest turn's."""
 
     def __init__(self, kv: KV, prefix: str = PREFIX, ttl_s: float | None = None):
         self.kv, self.prefix, self.ttl_s = kv, prefix, ttl_s
@@ -52,11 +56,14 @@ class SessionDirectory:
 
     async def place(self, sid: str, worker: str | None = None, owner: str | None = None, turns: int | None = None,
                     if_newer: bool = False) -> dict | None:
-        e = merged_entry(await self.lookup(sid), worker, owner, turns, if_newer)
-        if e is not None:
-            with unavailable_as(DirectoryUnavailableError):
-                await self.kv.set(self.prefix + sid, json.dumps(e), self.ttl_s)
-        return e
+        key = self.prefix + sid
+        with unavailable_as(DirectoryUnavailableError):
+            for _ in range(CAS_TRIES):
+                raw = await self.kv.get(key)
+                e = merged_entry(json.loads(raw) if raw else None, worker, owner, turns, if_newer)
+                if e is None or await self.kv.cas(key, raw, json.dumps(e), self.ttl_s):
+                    return e
+        raise DirectoryUnavailableError(f"directory entry of {sid!r} changed under {CAS_TRIES} claims in a row")
 
     async def forget(self, sid: str) -> None:
         with unavailable_as(DirectoryUnavailableError):
@@ -66,13 +73,12 @@ class SessionDirectory:
         """A worker left (drained): its sessions now live only in the shared tier."""
         with unavailable_as(DirectoryUnavailableError):
             keys = await self.kv.keys(self.prefix)
-            left = {}
+            left = 0
             for k, raw in zip(keys, await self.kv.get_many(keys), strict=True):
                 e = json.loads(raw) if raw else None
-                if e and e.get("worker") == worker:
-                    left[k] = json.dumps({**e, "worker": None})
-            await self.kv.set_many(left, self.ttl_s)
-        return len(left)
+                if e and e.get("worker") == worker:  # unless another worker claimed it since the read
+                    left += await self.kv.cas(k, raw, json.dumps({**e, "worker": None}), self.ttl_s)
+        return left
 
     async def epoch(self) -> str:
         """Changes when the backend lost its contents (Redis restarted, a new state actor)."""

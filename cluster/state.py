@@ -52,6 +52,9 @@ class ClusterState:
     def kv_pop(self, key: str) -> bytes | None:
         return self.kv.pop(key)
 
+    def kv_cas(self, key: str, expect: bytes | None, value: bytes, ttl_s: float | None) -> bool:
+        return self.kv.cas(key, expect, value, ttl_s)
+
     def kv_delete(self, keys: list[str]) -> int:
         return self.kv.delete(*keys)
 

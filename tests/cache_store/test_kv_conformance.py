@@ -90,6 +90,32 @@ def test_swap_and_pop_return_the_previous_value(make_kv, ns):
     run(make_kv, body)
 
 
+def test_compare_and_set_writes_only_over_what_it_read(make_kv, ns):
+    async def body(kv: KV):
+        k = ns + "d"
+        assert await kv.cas(k, None, b"v1")  # absent, as expected
+        assert not await kv.cas(k, None, b"other") and await kv.get(k) == b"v1"
+        assert not await kv.cas(k, b"v0", b"other") and await kv.get(k) == b"v1"  # someone wrote since
+        assert await kv.cas(k, "v1", b"v2") and await kv.get(k) == b"v2"
+        assert await kv.cas(k, b"v2", b"", ttl_s=0.2) and await kv.get(k) == b""  # an empty value is a value
+        assert not await kv.cas(k, None, b"x")
+        await asyncio.sleep(0.4)
+        assert await kv.get(k) is None and await kv.cas(k, None, b"after")  # expired: absent again
+        # racing read-modify-writes: every increment lands exactly once
+        await kv.set(ns + "n", b"0")
+
+        async def incr():
+            while True:
+                cur = await kv.get(ns + "n")
+                if await kv.cas(ns + "n", cur, str(int(cur) + 1)):
+                    return
+
+        await asyncio.gather(*(incr() for _ in range(20)))
+        assert await kv.get(ns + "n") == b"20"
+
+    run(make_kv, body)
+
+
 def test_ttls_expire_and_a_plain_set_clears_them(make_kv, ns):
     async def body(kv: KV):
         await kv.set(ns + "t", b"x", ttl_s=0.3)
@@ -218,6 +244,7 @@ def test_a_hung_redis_fails_every_call_within_the_timeout(own_redis, ns):
         calls = {"get": lambda: kv.get(ns + "a"), "get_many": lambda: kv.get_many([ns + "a"]),
                  "set": lambda: kv.set(ns + "a", b"2"), "set_many": lambda: kv.set_many({ns + "a": b"2"}),
                  "swap": lambda: kv.swap(ns + "a", b"2"), "pop": lambda: kv.pop(ns + "b"),
+                 "cas": lambda: kv.cas(ns + "a", b"1", b"2"),
                  "delete": lambda: kv.delete(ns + "b"), "exists": lambda: kv.exists(ns + "a"),
                  "keys": lambda: kv.keys(ns), "epoch": kv.epoch, "used": lambda: kv.used(ns)}
         own_redis.pause()

@@ -14,6 +14,7 @@ from lessserve.cluster.actor_kv import ActorKV
 from tests.cache_store.test_kv_conformance import (  # noqa: F401 - collected here, over ActorKV
     ns,
     run,
+    test_compare_and_set_writes_only_over_what_it_read,
     test_epoch_is_stable_while_the_backend_lives,
     test_keys_by_prefix_and_suffix_bounded_and_literal,
     test_large_values_and_concurrent_callers,
