@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lessserve.cache_store.codec import read_header
@@ -57,13 +57,13 @@ async def run_inline(fn: Callable[[], T]) -> T:
     return fn()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Restored:
     source: str  # tier the cache came from ("device" when it never left)
     meta: dict  # the encoded cache's header meta ({} when it never left the device)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Spill:
     """A host copy taken out under host pressure, on its way to the shared tier."""
 
@@ -99,6 +99,7 @@ class TieredCacheStore:
         self.lru = {"device": LRU(clock), "host": LRU(clock)}
         self.counters = {name: TierStats() for name in self.names}
         self.recomputes_total = 0
+        self.shared_misses = 0  # the event loop's own count (fetch); `counters` belong to the slab thread
         self.dropped_total = 0  # caches dropped because no tier could take them
         self._pins: dict[str, int] = {}
         self._spills: list[Spill] = []  # host copies taken out by a local call, for the next `spill`
@@ -424,7 +425,7 @@ class TieredCacheStore:
         try:
             return await self.shared_call("GET", self.shared.get(sid))
         except (CacheMissError, TierUnavailableError, CodecError) as e:
-            self._failed(sid, self.shared_name, e)
+            self.shared_misses += isinstance(e, CacheMissError)
             raise RestoreError(sid, self.shared_name, e) from e
 
     async def restore_fetched(self, sid: str, blob) -> Restored:
@@ -480,9 +481,10 @@ class TieredCacheStore:
     async def stats(self) -> dict[str, dict]:
         """Per tier: sessions and bytes held now, hits, misses, restores, recomputes. A tier whose
         backend is down reports sessions and bytes as None and its error under "error"."""
-        out = await self.run_local(self.local_stats)
+        out, c = await self.run_local(lambda: (self.local_stats(), dataclasses.replace(self.counters[self.shared_name])
+                                                                        if self.shared else None))
         if self.shared:
-            c = self.counters[self.shared_name]
+            c.misses += self.shared_misses
             try:
                 held = await self.shared_call("stats", self.shared.stats())
                 out[self.shared_name] = TierStats(held.sessions, held.bytes, c.hits, c.misses, c.restores,
