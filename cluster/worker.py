@@ -135,13 +135,12 @@ class LessWorker:
         """The opened turn's events; `tokens` receives every sampled token (the turn closes with them)."""
         if req.session_id is not None:  # this worker serves the latest turn: it holds the current copy
             await self.directory.place(sid, self.worker_id, req.owner, sum(m["role"] == "user" for m in req.messages))
-        prefilled = len(new_ids) + session.rebuilt  # what this turn computed again: not cached
-        session.rebuilt = 0
+        prefilled = len(new_ids)  # what this turn computes, a rebuild's or a new prompt's included: not cached
         yield StartEvent(prompt_tokens=len(session.transcript.ids), prefilled=prefilled)
         params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 seed=req.seed, stop_ids=self.engine.stop_ids)
         reply = Reply(self.engine.tokenizer, self.engine.stop_ids, req.stop)
-        async for t in self.scheduler.generate(session.slot, new_ids, params, tokens):
+        async for t in self.scheduler.generate(session.slot, new_ids, params, tokens, session.marks):
             piece, done = reply.push(t)
             if piece:
                 yield TokenEvent(piece)

@@ -9,6 +9,7 @@ the new history prefilled from scratch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lessserve.workers.engine import Engine
@@ -61,8 +62,11 @@ class ChatSession:
         self.slot = engine.alloc() if slot is None else slot
         self.transcript = transcript or Transcript()
         self.last_prefill = 0  # tokens prefilled by the latest turn
-        self.rebuilt = 0  # tokens re-prefilled from the transcript before it (a lost cache)
         self.before: Transcript | None = None  # the transcript as it was when the open turn began
+        # a rebuild or a new session from a shared prompt: transcript ids the slot has not consumed yet,
+        # prefilled by the next turn's request ahead of its own ids (chunked, never in one go)
+        self.pending: list[int] = []
+        self.marks: dict[int, Callable[[], None]] = {}  # offsets into the next turn's ids -> fn (BatchScheduler)
 
     def close(self) -> None:
         self.engine.free(self.slot)
@@ -71,16 +75,20 @@ class ChatSession:
         return {**self.engine.stats(self.slot), "turns": self.transcript.turns}
 
     def begin_turn(self, messages: list[dict], plan: TurnPlan | None = None) -> list[int]:
-        """Plan a turn: reset the slot if the history diverged; return the ids to prefill."""
+        """Plan a turn: reset the slot if the history diverged; return the ids to prefill (what is
+        pending from a rebuild first, then the turn's new ids)."""
         tr = self.transcript
         plan = plan or plan_turn(self.engine.tokenizer, tr, messages)
         if plan.rebuild:
             self.engine.slab.reset(self.slot)
-            tr.ids, tr.text = [], ""
+            tr.ids, tr.text, self.pending, self.marks = [], "", [], {}
         self.last_prefill = len(plan.new_ids)
         tr.ids += plan.new_ids
         tr.text = plan.prompt_text
-        return plan.new_ids
+        if self.pending:  # a chunk ends where the rebuilt history does: the slot a replay of it gives
+            self.marks.setdefault(len(self.pending), lambda: None)
+        ids, self.pending = self.pending + plan.new_ids, []
+        return ids
 
     def finish_turn(self, messages: list[dict], gen: list[int]) -> str:
         """Record a finished turn. generate() never feeds its last token back: the cache consumed

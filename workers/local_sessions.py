@@ -58,7 +58,7 @@ class LocalSessions:
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed, stop_ids=engine.stop_ids)
             reply = Reply(engine.tokenizer, engine.stop_ids, stop)
-            yield from reply.pieces(self.scheduler.stream(session.slot, new_ids, params, tokens))
+            yield from reply.pieces(self.scheduler.stream(session.slot, new_ids, params, tokens, session.marks))
         finally:
             self.close_turn(session_id, messages, tokens)
 

@@ -48,6 +48,7 @@ class _Request:
     offset: int = 0  # prefill progress into ids
     generated: int = 0
     pending: int | None = None  # sampled token to feed on the next decode step
+    marks: dict[int, Callable[[], None]] = field(default_factory=dict)  # offset -> run once ids[:offset] are in
     gen: torch.Generator | None = None
     cancelled: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
@@ -82,10 +83,11 @@ class BatchScheduler:
         return len(self._incoming) + len(self._prefilling) + len(self._decoding)
 
     def _submit(self, slot: int, ids: Sequence[int], params: SamplingParams, emit: Callable[[object], None],
-                tokens: list[int] | None) -> _Request:
+                tokens: list[int] | None, marks: dict[int, Callable[[], None]] | None) -> _Request:
         if not ids:
             raise ValueError("a turn needs at least one new token")
-        req = _Request(slot, list(ids), params, emit, tokens if tokens is not None else [])
+        req = _Request(slot, list(ids), params, emit, tokens if tokens is not None else [],
+                       marks={m: fn for m, fn in (marks or {}).items() if 0 < m <= len(ids)})
         if params.seed is not None:
             req.gen = torch.Generator().manual_seed(params.seed)
         with self._cv:
@@ -96,12 +98,15 @@ class BatchScheduler:
         return req
 
     async def generate(self, slot: int, ids: Sequence[int], params: SamplingParams,
-                       tokens: list[int] | None = None) -> AsyncIterator[int]:
+                       tokens: list[int] | None = None,
+                       marks: dict[int, Callable[[], None]] | None = None) -> AsyncIterator[int]:
         """Prefill `ids` into `slot`, then yield sampled tokens (the stop token included).
 
         `tokens`, if given, receives every sampled token, also when the consumer stops early: once
         this generator is closed the scheduler has let go of the request and `tokens[:-1]` is
-        exactly what the slot's cache consumed."""
+        exactly what the slot's cache consumed. `marks`: offset -> fn, run on the scheduler thread
+        as soon as the slot has consumed `ids[:offset]` (a prefill chunk ends there); an error in
+        fn is the request's error."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         released = asyncio.Event()
@@ -111,7 +116,7 @@ class BatchScheduler:
             if item is _DONE or isinstance(item, BaseException):
                 loop.call_soon_threadsafe(released.set)
 
-        req = self._submit(slot, ids, params, emit, tokens)
+        req = self._submit(slot, ids, params, emit, tokens, marks)
         try:
             while True:
                 item = await q.get()
@@ -124,8 +129,8 @@ class BatchScheduler:
             req.cancelled = True  # a client that went away stops costing compute
             await released.wait()
 
-    def stream(self, slot: int, ids: Sequence[int], params: SamplingParams,
-               tokens: list[int] | None = None) -> Iterator[int]:
+    def stream(self, slot: int, ids: Sequence[int], params: SamplingParams, tokens: list[int] | None = None,
+               marks: dict[int, Callable[[], None]] | None = None) -> Iterator[int]:
         """`generate` for a caller without an event loop (the CLI, evaluations, tests): the same
         request, consumed on the calling thread; closing the iterator early cancels it."""
         q: queue.SimpleQueue = queue.SimpleQueue()
@@ -136,7 +141,7 @@ class BatchScheduler:
             if item is _DONE or isinstance(item, BaseException):
                 released.set()
 
-        req = self._submit(slot, ids, params, emit, tokens)
+        req = self._submit(slot, ids, params, emit, tokens, marks)
         try:
             while True:
                 item = q.get()
@@ -255,7 +260,9 @@ class BatchScheduler:
         self._incoming.clear(), self._prefilling.clear(), self._decoding.clear(), self._calls.clear()
 
     def _step(self) -> None:
-        # One prefill chunk (oldest request first), interleaved with one batched decode step.
+        # The step's token budget: one prefill chunk (at most prefill_chunk tokens, oldest request first)
+        # beside one decode token per decoding session, so a long prompt, a rebuild or a shared
+        # prefix is spread over many steps and never stalls the others' decoding (chunked prefill).
         while self._prefilling and self._prefilling[0].cancelled:
             self._prefilling.popleft().emit(_DONE)
         if self._prefilling:
@@ -270,12 +277,20 @@ class BatchScheduler:
     def _prefill_chunk(self, r: _Request) -> None:
         eng = self.engine
         _, size = next(eng.chunks(eng.slab.seen[r.slot], len(r.ids) - r.offset))
+        size = min([size, *(m - r.offset for m in r.marks if m > r.offset)])  # a chunk ends at every mark
         t0 = time.perf_counter()
         chunk = torch.tensor(r.ids[r.offset : r.offset + size], dtype=torch.long)[None]
         logits = eng.forward([r.slot], chunk, last_only=True)[:, -1]
         r.offset += size
         if self.on_step:
             self.on_step("prefill", size, time.perf_counter() - t0)
+        if r.offset in r.marks:
+            try:
+                r.marks.pop(r.offset)()
+            except Exception as e:  # noqa: BLE001 - this request's own error, not the batch's
+                self._prefilling.popleft()
+                r.emit(e)
+                return
         if r.offset == len(r.ids):
             more = self._emit_next(r, logits[0])  # if this raises, r is still listed: it gets the error
             self._prefilling.popleft()

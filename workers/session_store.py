@@ -172,7 +172,16 @@ class SessionStore:
             return chat, chat.begin_turn(messages, plan)
         except BaseException:
             self.store.unpin(sid)
+            self._abandon_pending(sid)
             raise
+
+    def _abandon_pending(self, sid: str) -> None:
+        """A rebuilt session whose turn does not run: its slot never consumed the pending ids, so
+        no copy of it may be kept (the next turn rebuilds again)."""
+        chat = self.sessions.get(sid)
+        if chat is not None and chat.pending:
+            chat.pending, chat.marks = [], {}
+            self.store.drop_local_copies(sid)
 
     async def _fetch(self, sid: str, need: Need) -> Fetched:
         """The shared tier's copy and transcript of `sid`, fetched concurrently; failures become
@@ -205,7 +214,7 @@ class SessionStore:
 
     def _check_fits(self, chat: ChatSession, plan, max_new_tokens: int) -> None:
         eng = self.engine
-        held = 0 if plan.rebuild else eng.slab.seen[chat.slot]
+        held = 0 if plan.rebuild else len(chat.transcript.ids)  # consumed, or pending from a rebuild
         if held + len(plan.new_ids) + max_new_tokens > eng.max_model_len:
             raise ContextOverflowError(f"the conversation would reach {held + len(plan.new_ids) + max_new_tokens} "
                                        f"tokens (history, new messages and max_tokens); this model's limit is "
@@ -228,7 +237,7 @@ class SessionStore:
         chat = self.sessions.get(sid)
         if chat is None or chat.before is None:  # open_turn failed: nothing was pinned or planned
             return None
-        before, chat.before = chat.before, None
+        before, chat.before, chat.marks = chat.before, None, {}
         self.store.unpin(sid)
         if tokens:
             chat.finish_turn(messages, tokens)
@@ -293,9 +302,10 @@ class SessionStore:
 
     def _rebuild(self, sid: str, err: RestoreError, messages: list[dict] | None,
                  fetched: Fetched | None) -> ChatSession | Need:
-        """No usable cache: re-prefill the transcript (a recompute), or start a new session. A
-        transcript the request's history does not extend is not re-prefilled (the turn then
-        prefills the request from scratch). `ChatSession.rebuilt` counts the tokens re-prefilled."""
+        """No usable cache: re-prefill the transcript (a recompute: its ids become the session's
+        `pending`, prefilled by the turn ahead of its own), or start a new session. A transcript the
+        request's history does not extend is not re-prefilled (the turn then prefills the request
+        from scratch)."""
         known = self.sessions.get(sid)
         if known is None and (fetched is None or fetched.transcript is None):
             return Need(cache=False, transcript=True, error=err)
@@ -308,12 +318,10 @@ class SessionStore:
             return self.sessions[sid]  # a new conversation starting from a shared system prompt
         slot = self.device.new_slot(sid)
         self.store.admit(sid)
-        if tr.ids:
-            self.engine.prefill(slot, tr.ids)
         if known or tr.ids:
             self.store.record_recompute(err.tier)
         self.sessions[sid] = chat = ChatSession(self.engine, slot=slot, transcript=tr)
-        chat.rebuilt = len(tr.ids)
+        chat.pending = list(tr.ids)  # re-prefilled by the turn's own request, chunk by chunk
         return chat
 
     # --- forks and shared prefixes ---------------------------------------------------------------
@@ -345,6 +353,9 @@ class SessionStore:
                 return False
             if isinstance(chat, Need):
                 return chat
+            if chat.pending:  # only a rebuild would give a copy: dst prefills its own history instead
+                self._abandon_pending(src)
+                return False
             if owner is not None and chat.transcript.owner not in (None, owner):
                 return False
             self._copy_into(dst, chat)
@@ -373,27 +384,46 @@ class SessionStore:
         if not render(tok, messages).startswith(text) or len(text) < 64:
             return False
         key = private_session("prefix", hashlib.sha256(text.encode()).hexdigest()[:16])
-        stale = key not in self.device.slots  # never built here, or moved off the device: build it again
-        if stale and self.store.holds(key):
-            self.store.drop_local_copies(key)
-        self.store.pin(key)
-        try:
-            if stale:
-                self.sessions.pop(key, None)
-                self.store.free_device_slots(1)
-                slot = self.device.new_slot(key)
-                self.store.admit(key)
-                ids = encode(tok, text)
-                self.engine.prefill(slot, ids)
-                self.sessions[key] = ChatSession(self.engine, slot=slot,
-                                                 transcript=Transcript(ids=ids, text=text, messages=messages[:1]))
-                self.prefix_builds += 1
-            chat = self._copy_into(sid, self.sessions[key])
+        if key in self.device.slots:  # built on this worker and still on its device: a slot copy
+            self.store.pin(key)
+            try:
+                chat = self._copy_into(sid, self.sessions[key])
+            finally:
+                self.store.unpin(key)
             chat.transcript.owner = owner
             self.prefix_hits += 1
             return True
-        finally:
-            self.store.unpin(key)
+        if self.store.holds(key):  # moved off the device: built again
+            self.store.drop_local_copies(key)
+        self.sessions.pop(key, None)
+        # Built from this session's own turn: its slot starts empty with the prompt pending (prefilled
+        # by the turn's request, chunk by chunk between other sessions' steps), and a mark copies the
+        # slot the moment it holds exactly the prompt.
+        ids = encode(tok, text)
+        slot = self.device.new_slot(sid)  # the caller made room
+        self.store.admit(sid)
+        prompt = Transcript(ids=list(ids), text=text, messages=messages[:1])
+        self.sessions[sid] = chat = ChatSession(self.engine, slot=slot,
+                                                transcript=Transcript(ids=list(ids), text=text,
+                                                                      messages=messages[:1], owner=owner))
+        chat.pending = list(ids)
+        chat.marks[len(ids)] = lambda: self._keep_prefix(key, chat, prompt)
+        return True
+
+    def _keep_prefix(self, key: str, chat: ChatSession, prompt: Transcript) -> None:
+        """On the slab's thread, mid-prefill: `chat`'s slot holds exactly the shared prompt; keep a
+        copy under `key` for the next sessions (best effort: no free slot, no copy)."""
+        if key in self.device.slots:  # another session built it meanwhile
+            return
+        try:
+            self.store.free_device_slots(1)
+            slot = self.device.new_slot(key)
+        except LessServeError:
+            return
+        self.engine.slab.copy(chat.slot, slot)
+        self.store.admit(key)
+        self.sessions[key] = ChatSession(self.engine, slot=slot, transcript=prompt)
+        self.prefix_builds += 1
 
     # --- transcripts (the event loop's) ---------------------------------------------------------
     async def _fetch_transcript(self, sid: str, strict: bool = False) -> Transcript:

@@ -55,7 +55,9 @@ def test_new_sessions_with_a_shared_system_prompt_start_from_its_copy(default_en
             assert ss.transcript(f"s{i}").owner is None and ss.transcript(f"s{i}").turns == 1
         full = len(ss.transcript("s0").ids)
         st = ss.stats()["total"]
-        assert st["prefix_builds"] == 1 and st["prefix_hits"] == 3
+        # the first session prefilled the prompt in its own turn (chunked by the scheduler) and left a
+        # copy the moment its slot held exactly the prompt; the next two started from that copy
+        assert st["prefix_builds"] == 1 and st["prefix_hits"] == 2
         assert all(p < full / 3 for p in prefilled), (prefilled, full)  # only the user message, not the prompt
         assert not any(k.startswith("~") for k in ss.resident())
     finally:

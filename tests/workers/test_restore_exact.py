@@ -55,8 +55,9 @@ def test_offload_and_restore_is_bit_exact(default_engine, redis_server, prefix, 
 
 
 def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine, redis_server, prefix):
-    """The cache is lost; the next turn's rebuild re-prefills the transcript: the slot it builds is
-    the slot a fresh engine gets by consuming the same ids through the same chunk cuts."""
+    """The cache is lost; the next turn's rebuild re-prefills the transcript inside the turn's own
+    request (chunked by the scheduler): the moment its slot has consumed the transcript, it is the
+    slot a fresh engine gets by consuming the same ids through the same chunk cuts."""
     ss = LocalSessions(default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13),
                       StoreConfig(redis_url=redis_server.url, redis_prefix=prefix))
     other = default_engine(policy="h2o+less", max_slots=2, prefill_chunk=13)
@@ -68,10 +69,15 @@ def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine
         chat, new_ids = ss.open_turn("r", msgs, max_new_tokens=4)  # rebuilds, then plans the new ids
         gen: list[int] = []
         try:
-            assert ss.stats()["total"]["recomputes"] == 1 and new_ids
+            assert ss.stats()["total"]["recomputes"] == 1 and new_ids[: len(ids)] == ids and len(new_ids) > len(ids)
+            assert ss.engine.slab.seen[chat.slot] == 0  # nothing prefilled at open: the turn's request does it
+            rebuilt = []
+            assert len(ids) in chat.marks  # a chunk ends where the transcript does
+            chat.marks[len(ids)] = lambda: rebuilt.append(ss.engine.slab.export(chat.slot))
+            list(ss.scheduler.stream(chat.slot, new_ids, SamplingParams(max_new_tokens=4), gen, chat.marks))
             want = other.slab.export(replay(other, ids))
-            assert_same_state(ss.engine.slab.export(chat.slot), want, "rebuild vs replay")
-            list(ss.scheduler.stream(chat.slot, new_ids, SamplingParams(max_new_tokens=4), gen))
+            assert len(rebuilt) == 1
+            assert_same_state(rebuilt[0], want, "rebuild vs replay")
         finally:
             ss.close_turn("r", msgs, gen)
         assert ss.transcript("r").ids[: len(ids)] == ids and ss.transcript("r").turns == 3

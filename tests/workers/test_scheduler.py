@@ -75,3 +75,26 @@ def test_min_tokens_keeps_stop_ids_out_until_reached(tiny_ckpt):
         sched.close()
     assert plain == [stop]  # without min_tokens the stop id ends the turn at once
     assert len(held) == 12 and stop not in held
+
+
+def test_marks_end_a_chunk_run_once_and_fail_only_their_own_request(tiny_ckpt):
+    import pytest
+
+    eng = Engine(EngineConfig(model="tiny", policy="h2o", budget=16, prefill_chunk=8, max_slots=2),
+                 checkpoint=tiny_ckpt)
+    seen_at: list[int] = []
+    with BatchScheduler(eng) as sched:
+        a, b = sched.call(eng.alloc), sched.call(eng.alloc)
+        ids = list(range(3, 23))
+        marks = {5: lambda: seen_at.append(eng.slab.seen[a]), 99: lambda: seen_at.append(-1)}
+        got = list(sched.stream(a, ids, SamplingParams(max_new_tokens=3), marks=marks))
+        assert seen_at == [5] and len(got) == 3  # a chunk ended at 5; a mark past the ids never runs
+
+        def broken():
+            raise RuntimeError("mark broke")
+
+        other = sched.stream(b, ids, SamplingParams(max_new_tokens=30))
+        first = next(other)  # b is decoding while a's request fails at its mark
+        with pytest.raises(RuntimeError, match="mark broke"):
+            list(sched.stream(a, [7, 8, 9], SamplingParams(max_new_tokens=3), marks={2: broken}))
+        assert len([first, *other]) == 30  # b never saw a's error

@@ -94,7 +94,7 @@ async def turn(ss, sched, sid, messages, n=4, done: list | None = None):
     """One whole turn; `done` receives the loop time of its last token (before the turn closes)."""
     async with ss.turn(sid, messages, n) as (session, new_ids, tokens):
         params = SamplingParams(max_new_tokens=n, stop_ids=())
-        async for _ in sched.generate(session.slot, new_ids, params, tokens):
+        async for _ in sched.generate(session.slot, new_ids, params, tokens, session.marks):
             pass
         if done is not None:
             done.append(asyncio.get_running_loop().time())
@@ -252,3 +252,40 @@ def test_a_corrupt_shared_copy_is_deleted_and_the_session_rebuilt(world):
 
     tokens, still_there, recomputes = asyncio.run(main())
     assert tokens and not still_there and recomputes == 1
+
+
+@pytest.mark.parametrize("kind", ["rebuild", "shared prompt"])
+def test_a_long_rebuild_or_shared_prompt_is_prefilled_between_other_sessions_decode_steps(world, kind):
+    """Neither a lost cache's re-prefill nor a new shared system prompt runs in one go on the slab's
+    thread: both are chunks of the turn's own request, each step beside the decoding sessions' (on
+    the old code both were one synchronous prefill between two steps, reported as no prefill step)."""
+    engine, sched, ss, _, _ = world
+    steps: list[tuple[str, int]] = []
+    sched.on_step = lambda k, n, dt: steps.append((k, n))
+    text = "a long history that has to be computed again " * 5  # 230 ids: 29 chunks of 8
+
+    async def main():
+        if kind == "rebuild":
+            msgs = [{"role": "user", "content": text}]
+            await turn(ss, sched, "long", msgs, n=2)
+            msgs = [*(await ss.transcript("long")).messages, {"role": "user", "content": "and?"}]
+            await ss.store.forget_cache("long")  # lost: the next turn re-prefills the transcript
+        else:
+            msgs = [{"role": "system", "content": text}, {"role": "user", "content": "hi"}]
+        steps.clear()
+        short = asyncio.create_task(turn(ss, sched, "short", [{"role": "user", "content": "hi"}], n=120))
+        while ("decode", 1) not in steps:
+            await asyncio.sleep(0.001)
+        start = len(steps)
+        await turn(ss, sched, "long-2" if kind != "rebuild" else "long", msgs, n=1)
+        during = steps[start:]
+        await short
+        return during
+
+    during = asyncio.run(main())
+    assert sum(n for k, n in during if k == "prefill") >= len(text)  # the history went through the scheduler
+    last_decode = max(i for i, (k, _) in enumerate(during) if k == "decode")
+    prefills = [i for i, (k, _) in enumerate(during[:last_decode]) if k == "prefill"]  # while "short" decodes
+    assert len(prefills) >= 5, during
+    between = [during[a + 1 : b] for a, b in zip(prefills, prefills[1:], strict=False)]
+    assert all(any(k == "decode" for k, _ in gap) for gap in between), during  # a decode step between chunks
