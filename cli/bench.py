@@ -18,7 +18,7 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
     for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak,
-                _register_forks, _register_chunking, _register_capacity):
+                _register_forks, _register_interference, _register_chunking, _register_capacity):
         reg(bsub)
 
 
@@ -256,6 +256,30 @@ def cmd_forks(args) -> int:
     from lessserve.bench.forks import run_forks
 
     return _emit(run_forks(engine_config(args), histories, args.prompt_tokens, args.repeats), args)
+
+
+def _register_interference(bsub) -> None:
+    p = bsub.add_parser("interference", help="short sessions' ITL while a long prompt, rebuild or shared prompt "
+                                              "prefills (chunked) vs the one-go stall")
+    p.add_argument("--long-tokens", type=int, default=2048, help="tokens of the long work")
+    p.add_argument("--shorts", type=int, default=4, help="short sessions decoding meanwhile")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens each short session decodes")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: ITL p99 per case beside the one-go stall")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_interference)
+
+
+def cmd_interference(args) -> int:
+    in_range("--long-tokens", args.long_tokens, 64, 32768)
+    in_range("--shorts", args.shorts, 1, 64)
+    in_range("--new-tokens", args.new_tokens, 4, 4096)
+    in_range("--repeats", args.repeats, 1, 20)
+    from lessserve.bench.interference import run_interference
+
+    return _emit(run_interference(engine_config(args), args.long_tokens, args.shorts, args.new_tokens,
+                                  args.repeats), args)
 
 
 def _register_chunking(bsub) -> None:
