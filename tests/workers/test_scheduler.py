@@ -98,3 +98,39 @@ def test_marks_end_a_chunk_run_once_and_fail_only_their_own_request(tiny_ckpt):
         with pytest.raises(RuntimeError, match="mark broke"):
             list(sched.stream(a, [7, 8, 9], SamplingParams(max_new_tokens=3), marks={2: broken}))
         assert len([first, *other]) == 30  # b never saw a's error
+
+
+def test_a_stopped_scheduler_fails_waiting_work_and_refuses_new_work(tiny_ckpt):
+    import threading
+
+    import pytest
+
+    from lessserve.workers.errors import SchedulerStoppedError
+
+    eng = Engine(EngineConfig(model="tiny", policy="h2o", budget=16, prefill_chunk=8, max_slots=2),
+                 checkpoint=tiny_ckpt)
+    sched = BatchScheduler(eng)
+    slot = sched.call(eng.alloc)
+    started, gate = threading.Event(), threading.Event()
+    sched.on_step = lambda *a: (started.set(), gate.wait(5))  # hold the first step until close() is under way
+    out: list = []
+
+    def consume():
+        try:
+            out.extend(sched.stream(slot, [3, 4, 5], SamplingParams(max_new_tokens=500)))
+        except SchedulerStoppedError as e:
+            out.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert started.wait(5)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    gate.set()
+    t.join(10)
+    closer.join(10)
+    assert not t.is_alive() and isinstance(out[-1], SchedulerStoppedError)  # failed, not left waiting
+    with pytest.raises(SchedulerStoppedError):
+        list(sched.stream(slot, [3], SamplingParams(max_new_tokens=2)))
+    with pytest.raises(SchedulerStoppedError):
+        sched.call(lambda: None)
