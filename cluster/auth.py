@@ -7,8 +7,7 @@ import hashlib
 import hmac
 
 from lessserve.errors.tree import AuthError
-
-ANONYMOUS = "anonymous"
+from lessserve.workers.session_ids import OPEN_OWNER as ANONYMOUS
 
 
 def wire_bytes(value: str) -> bytes:

@@ -70,7 +70,8 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
         t0 = time.perf_counter()
         max_tokens = body.max_completion_tokens or body.max_tokens or ctx.cfg.default_max_tokens
         ctx.check_request(body.model, max_tokens, "max_tokens")
-        sid = request.headers.get("x-session-id") or body.session_id
+        client_sid = request.headers.get("x-session-id") or body.session_id
+        sid = ctx.scope(client_sid, owner) if client_sid else None  # each API key has its own session ids
         if sid:
             await ctx.check_session(sid, owner)
         req = TurnRequest(session_id=sid, owner=owner, messages=[m.plain() for m in body.messages],
@@ -84,6 +85,6 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
         await collect(turn, events)
         turn.record(ctx.deps.metrics)
         return JSONResponse(completion_body(cid, model, turn.text, turn.finish_reason, turn_usage(turn)),
-                            headers={"x-session-id": sid} if sid else None)
+                            headers={"x-session-id": client_sid} if client_sid else None)
 
     return api

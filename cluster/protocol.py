@@ -29,16 +29,18 @@ from lessserve.workers.session_ids import (
     RESERVED,
     RESPONSE_PREFIX,
     SESSION_ID_PATTERN,
+    client_id,
     is_client_id,
     is_durable,
     namespace,
     private_session,
     response_session,
+    scoped_session,
 )
 
 __all__ = ["PRIVATE_PREFIX", "RESERVED", "RESPONSE_PREFIX", "SESSION_ID_PATTERN", "EndEvent", "ErrorEvent", "Event",
            "StartEvent", "TokenEvent", "TurnBackend", "TurnRequest", "is_client_id", "is_durable", "namespace",
-           "private_session", "response_session"]
+           "private_session", "response_session", "scoped_session", "client_id"]
 
 
 class TurnRequest(BaseModel):

@@ -24,7 +24,7 @@ from lessserve.cluster.http_edge import Edge, Owner, install_error_handlers
 from lessserve.cluster.http_errors import ApiError
 from lessserve.cluster.metrics import MetricsSink
 from lessserve.cluster.openapi import ERRORS, install_openapi
-from lessserve.cluster.protocol import SESSION_ID_PATTERN, TurnBackend, is_client_id
+from lessserve.cluster.protocol import SESSION_ID_PATTERN, TurnBackend, is_client_id, scoped_session
 from lessserve.cluster.responses import ResponseStore
 from lessserve.cluster.responses_api import responses_routes
 
@@ -55,11 +55,9 @@ class RouterDeps:
 
 
 async def check_session(directory: SessionLookup, sid: str, owner: str) -> dict | None:
-    """A client's session id: well formed (400), and not another owner's (404, as if unknown).
-    -> its directory entry; None when unknown or the directory is unreachable (the worker then
-    checks the owner itself)."""
-    if not is_client_id(sid):
-        raise ApiError(400, "session id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="session_id")
+    """A session id as the worker knows it (`scope`d): not another owner's (404, as if unknown;
+    with ids scoped by key this is a second line of defence). -> its directory entry; None when
+    unknown or the directory is unreachable (the worker then checks the owner itself)."""
     try:
         entry = await directory.lookup(sid)
     except DirectoryUnavailableError as e:  # degraded: the worker checks the owner itself
@@ -84,6 +82,13 @@ class RouterContext:
         if max_tokens > self.cfg.max_tokens_limit:
             raise ApiError(400, f"{param} {max_tokens} is over this server's limit {self.cfg.max_tokens_limit}",
                            param=param)
+
+    @staticmethod
+    def scope(client_sid: str, owner: str) -> str:
+        """A client's session id, checked (400), as the session of its key (workers/session_ids.py)."""
+        if not is_client_id(client_sid):
+            raise ApiError(400, "session id must be 1-128 characters of A-Z a-z 0-9 . _ : -", param="session_id")
+        return scoped_session(owner, client_sid)
 
     async def check_session(self, sid: str, owner: str) -> dict | None:
         return await check_session(self.deps.directory, sid, owner)
@@ -111,16 +116,18 @@ def service_routes(ctx: RouterContext) -> APIRouter:
 
     @api.get("/v1/sessions/{session_id}", responses=SESSION_ERRORS)
     async def session(owner: Owner, session_id: str = SESSION_PATH):
-        await ctx.check_session(session_id, owner)
-        info = await deps.backend.session_info(session_id, owner)
+        sid = ctx.scope(session_id, owner)
+        await ctx.check_session(sid, owner)
+        info = await deps.backend.session_info(sid, owner)
         if info is None:
             raise ApiError(404, f"session {session_id!r} not found", "not_found_error", "session_not_found")
-        return info
+        return {**info, "id": session_id}
 
     @api.delete("/v1/sessions/{session_id}", responses=SESSION_ERRORS)
     async def delete_session(owner: Owner, session_id: str = SESSION_PATH):
-        entry = await ctx.check_session(session_id, owner)
-        existed = await deps.backend.delete_session(session_id, owner)
+        sid = ctx.scope(session_id, owner)
+        entry = await ctx.check_session(sid, owner)
+        existed = await deps.backend.delete_session(sid, owner)
         if not existed and entry is None:
             raise ApiError(404, f"session {session_id!r} not found", "not_found_error", "session_not_found")
         return {"id": session_id, "object": "session.deleted", "deleted": True}

@@ -91,9 +91,11 @@ class FakeDirectory:
 
 
 def check(directory: FakeDirectory, sid: str, owner: str):
-    from lessserve.cluster.router import check_session
+    """The router's two checks of a client's id: well formed (scoped as in open mode, where the id is
+    the session's), then not another owner's."""
+    from lessserve.cluster.router import RouterContext, check_session
 
-    return asyncio.run(check_session(directory, sid, owner))
+    return asyncio.run(check_session(directory, RouterContext.scope(sid, "anonymous"), owner))
 
 
 @pytest.mark.parametrize("sid", ["", "a" * 129, "a b", "x/y", "s\n", "ü", "a;b", "../etc"])

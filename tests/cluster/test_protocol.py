@@ -22,6 +22,7 @@ from lessserve.cluster.protocol import (
     namespace,
     private_session,
     response_session,
+    scoped_session,
 )
 from lessserve.cluster.responses_types import response_id
 
@@ -38,6 +39,22 @@ def test_three_namespaces_no_client_can_reach_the_other_two():
         with pytest.raises(ValueError):
             namespace(bad)
     assert CHAT_PATTERN is SESSION_ID_PATTERN  # one definition
+
+
+def test_a_client_id_under_a_key_is_its_own_durable_session():
+    from lessserve.cluster.auth import owner_of
+    from lessserve.cluster.protocol import client_id
+
+    a, b = owner_of("Bearer k1", {"k1"}), owner_of("Bearer k2", {"k2"})
+    for cid in ("s", "A-z_0.9:x", "with-dashes-in-it", "x" * 128):
+        sa, sb = scoped_session(a, cid), scoped_session(b, cid)
+        assert sa != sb and namespace(sa) == namespace(sb) == "keyed" and is_durable(sa)
+        assert client_id(sa) == client_id(sb) == cid and not is_client_id(sa)  # no client can name it
+        assert TurnRequest(session_id=sa, owner=a, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert scoped_session("anonymous", "s") == "s"  # open mode: ids are the sessions' own
+    for bad in ("~k-", "~k-abc", "~k-abc-", "~k-abc-a b"):
+        with pytest.raises(ValueError):
+            namespace(bad)
 
 
 def test_a_turn_request_names_no_private_session():

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from lessserve.cluster.auth import owner_of
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.http_errors import ApiError, HttpError
-from lessserve.cluster.protocol import TurnRequest, response_session
+from lessserve.cluster.protocol import TurnRequest, response_session, scoped_session
 from lessserve.cluster.router import build_router_app
 from lessserve.testing.fake_backend import FakeBackend, StaticHealth, fake_deps
 from tests.cluster.bad_requests import BAD_RESPONSES
@@ -320,11 +320,17 @@ def test_keys_come_first_and_sessions_belong_to_their_key():
               chat(client, [user("x")], headers={"Authorization": "Bearer wrong"})):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"  # before the body
     assert chat(client, [user("x")], sid="s", headers=a).status_code == 200
-    deps.directory.entries["s"] = {"worker": "fake-worker", "owner": owner_of(a["Authorization"], {KEY_A})}
-    assert chat(client, [user("x")], sid="s", headers=b).status_code == 404
+    # each key has its own session ids: B's "s" is another session, and B cannot tell A has one
     assert client.get("/v1/sessions/s", headers=b).status_code == 404
     assert client.delete("/v1/sessions/s", headers=b).status_code == 404
-    assert client.get("/v1/sessions/s", headers=a).json()["turns"] == 1  # untouched for its owner
+    r = chat(client, [user("y"), user("z")], sid="s", headers=b)
+    assert r.status_code == 200 and r.headers["x-session-id"] == "s"
+    assert client.get("/v1/sessions/s", headers=b).json()["id"] == "s"
+    assert client.get("/v1/sessions/s", headers=a).json()["turns"] == 1  # untouched by B's turn
+    assert client.delete("/v1/sessions/s", headers=b).status_code == 200
+    assert client.get("/v1/sessions/s", headers=a).json()["turns"] == 1  # nor by B's delete
+    sid_a = scoped_session(owner_of(a["Authorization"], {KEY_A}), "s")
+    assert sid_a != "s" and sid_a.endswith("-s")  # what the workers hold: the id under A's key
     rid = client.post("/v1/responses", json={"model": MODEL, "input": "x"}, headers=a).json()["id"]
     assert client.get(f"/v1/responses/{rid}", headers=b).status_code == 404
     r = client.post("/v1/responses", json={"model": MODEL, "input": "y", "previous_response_id": rid}, headers=b)

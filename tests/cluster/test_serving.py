@@ -89,12 +89,15 @@ def test_auth_and_isolation(cluster):
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     s = sid()
     assert httpx.post(url, json=body, headers={**H, "X-Session-Id": s}, timeout=120).status_code == 200
+    # session ids belong to their key: B can neither see, squat nor delete A's "s"; its own "s" is another
     assert info(cluster, s, KEY_B).status_code == 404
-    r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY_B}", "X-Session-Id": s}, timeout=60)
-    assert r.status_code == 404
-    assert httpx.delete(f"{cluster['url']}/v1/sessions/{s}", headers={"Authorization": f"Bearer {KEY_B}"},
-                        timeout=60).status_code == 404
-    assert info(cluster, s).status_code == 200  # untouched for its owner
+    b = {"Authorization": f"Bearer {KEY_B}"}
+    assert httpx.delete(f"{cluster['url']}/v1/sessions/{s}", headers=b, timeout=60).status_code == 404
+    r = httpx.post(url, json=body, headers={**b, "X-Session-Id": s}, timeout=120)
+    assert r.status_code == 200 and r.headers["x-session-id"] == s
+    assert info(cluster, s, KEY_B).json()["turns"] == 1 and info(cluster, s).json()["turns"] == 1
+    assert httpx.delete(f"{cluster['url']}/v1/sessions/{s}", headers=b, timeout=60).status_code == 200
+    assert info(cluster, s).status_code == 200 and info(cluster, s, KEY_B).status_code == 404  # A's untouched
 
 
 BAD = [
