@@ -24,6 +24,10 @@ class QueueTimeoutError(CapacityError):
     """No slot freed within the queue's wait limit."""
 
 
+class SessionBusyError(CapacityError):
+    """The session's previous turn still ran when the turn's wait limit passed."""
+
+
 class TurnGate:
     def __init__(self, slots: int, depth: int, max_wait_s: float):
         self.slots, self.depth, self.max_wait_s = slots, depth, max_wait_s
@@ -34,8 +38,14 @@ class TurnGate:
         self.wait_seconds_total = 0.0
         self.rejected_total = 0
 
+    def deadline(self) -> float:
+        """The latest loop time a turn arriving now may start: its waits (for its session's previous
+        turn, then for a slot) share the one limit, max_wait_s."""
+        return asyncio.get_running_loop().time() + self.max_wait_s
+
     @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    async def admit(self, deadline: float | None = None) -> AsyncIterator[None]:
+        wait_s = self.max_wait_s if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.0)
         if self._sem.locked() or self.waiting:
             if self.waiting >= self.depth:
                 self.rejected_total += 1
@@ -45,7 +55,7 @@ class TurnGate:
             self.waits_total += 1
             t0 = time.monotonic()
             try:
-                await asyncio.wait_for(self._sem.acquire(), self.max_wait_s)
+                await asyncio.wait_for(self._sem.acquire(), wait_s)
             except TimeoutError:
                 self.rejected_total += 1
                 raise QueueTimeoutError(f"no session slot freed within {self.max_wait_s:g} s; retry shortly") from None

@@ -1,10 +1,12 @@
 """Session-affine request routing for the worker deployment (Ray Serve custom RequestRouter).
 
-For a request carrying a session id: the worker the directory names (if it is alive) ranks
-first; otherwise the replicas ranked by rendezvous hashing of (session id, replica id), so any
-router (restarted or not) picks the same worker, and adding or removing a worker only moves the
-sessions that hashed to it. Later ranks are the fallback when the preferred worker is saturated.
-Requests without a session id go to the less loaded of two random replicas.
+For a request carrying a session id: the worker the directory names, if it is alive, and only
+that one: a session's turns never run on two workers at once (a turn that finds its worker
+saturated waits for it, and on it for the session's previous turn; cluster/worker.py). Otherwise
+(a new session, or its worker is gone) the replicas ranked by rendezvous hashing of (session id,
+replica id), so any router (restarted or not) picks the same worker and adding or removing a
+worker only moves the sessions that hashed to it; later ranks are the fallback when the first is
+saturated. Requests without a session id go to the less loaded of two random replicas.
 """
 
 from __future__ import annotations
@@ -68,9 +70,7 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
         if not sid:
             return await super().choose_replicas(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        order = rendezvous_rank(sid, list(by_id))
         preferred = await self._preferred(sid)
-        if preferred in by_id:
-            order.remove(preferred)
-            order.insert(0, preferred)
-        return [[by_id[rid]] for rid in order]
+        if preferred in by_id:  # the worker that holds the session: no fallback, it may be mid-turn
+            return [[by_id[preferred]]]
+        return [[by_id[rid]] for rid in rendezvous_rank(sid, list(by_id))]

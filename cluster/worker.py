@@ -26,7 +26,7 @@ import uuid
 
 from ray import serve
 
-from lessserve.cluster.admission import TurnGate
+from lessserve.cluster.admission import SessionBusyError, TurnGate
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import DirectoryUnavailableError, SessionDirectory, WriteBehind
 from lessserve.cluster.http_errors import http_error
@@ -50,12 +50,23 @@ class SessionLocks:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, sid: str):
+    async def hold(self, sid: str, deadline: float | None = None):
+        """`deadline` (loop time): past it while waiting, SessionBusyError (a 503 with Retry-After)."""
         lock, users = self._locks.get(sid, (asyncio.Lock(), 0))
         self._locks[sid] = (lock, users + 1)
         try:
-            async with lock:
+            if deadline is None:
+                await lock.acquire()
+            else:
+                try:
+                    await asyncio.wait_for(lock.acquire(), max(deadline - asyncio.get_running_loop().time(), 0))
+                except TimeoutError:
+                    raise SessionBusyError(f"session {sid!r}: its previous turn is still running; "
+                                           "retry shortly") from None
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[sid]
             if users == 1:
@@ -107,21 +118,23 @@ class LessWorker:
         """One turn. `req.fork_from`: the new session starts as a copy of that one's cache (a response
         continuing another, cluster/responses_api.py); `req.ephemeral`: forget the session afterwards."""
         sid = req.session_id or private_session("oneoff", uuid.uuid4().hex)
-        async with self.locks.hold(sid):  # turns of one session run in arrival order
-            try:
-                async with self.gate.admit():  # at most max_slots turns at once; the rest wait, bounded
-                    if req.fork_from:
-                        async with self.locks.hold(req.fork_from):  # never copy a slot mid-turn
-                            await self.sessions.fork(req.fork_from, sid, req.owner)
-                    async for ev in self._turn(sid, req):
-                        yield ev
-            except LessServeError as e:  # the gate's CapacityError: answered from the one table
-                yield ErrorEvent(http_error(e))
-            finally:
-                if req.session_id is None or req.ephemeral:
-                    await settle(self.sessions.delete(sid))
-                if req.ephemeral:
-                    await settle(self.directory.forget(sid))
+        deadline = self.gate.deadline()  # the session's lock and a slot: one wait limit, queue_max_wait_s
+        try:
+            async with self.locks.hold(sid, deadline):  # turns of one session run in arrival order
+                try:
+                    async with self.gate.admit(deadline):  # at most max_slots turns at once; the rest wait
+                        if req.fork_from:
+                            async with self.locks.hold(req.fork_from, deadline):  # never copy a slot mid-turn
+                                await self.sessions.fork(req.fork_from, sid, req.owner)
+                        async for ev in self._turn(sid, req):
+                            yield ev
+                finally:
+                    if req.session_id is None or req.ephemeral:
+                        await settle(self.sessions.delete(sid))
+                    if req.ephemeral:
+                        await settle(self.directory.forget(sid))
+        except LessServeError as e:  # a CapacityError of the waits: answered from the one table
+            yield ErrorEvent(http_error(e))
 
     async def _turn(self, sid: str, req: TurnRequest):
         try:

@@ -44,6 +44,44 @@ def test_gate_admits_queues_and_refuses():
         assert h.status == 503 and h.retry_after
 
 
+def test_a_sessions_lock_wait_and_slot_wait_share_one_limit():
+    """A turn waits for its session's previous turn, then for a slot: both within max_wait_s in all
+    (a lock wait used to be unbounded and outside the gate's limit)."""
+    from lessserve.cluster.admission import SessionBusyError
+    from lessserve.cluster.worker import SessionLocks
+
+    async def main():
+        gate, locks = TurnGate(slots=1, depth=4, max_wait_s=0.3), SessionLocks()
+        loop = asyncio.get_running_loop()
+
+        async def turn(sid, hold):
+            deadline = gate.deadline()
+            async with locks.hold(sid, deadline), gate.admit(deadline):
+                await asyncio.sleep(hold)
+
+        first = asyncio.create_task(turn("s", 1.0))
+        await asyncio.sleep(0.01)
+        t0 = loop.time()
+        with pytest.raises(SessionBusyError) as busy:
+            await turn("s", 0)  # the same session: its previous turn runs past the limit
+        waited_lock = loop.time() - t0
+        t0 = loop.time()
+        with pytest.raises(QueueTimeoutError):
+            await turn("other", 0)  # another session: the slot stays busy past the limit
+        waited_slot = loop.time() - t0
+        await first
+        second = asyncio.create_task(turn("s", 0.2))
+        await asyncio.sleep(0.01)
+        await turn("s", 0)  # a previous turn that ends in time: this one runs after it
+        await second
+        return busy.value, waited_lock, waited_slot, len(locks)
+
+    busy, waited_lock, waited_slot, held = asyncio.run(main())
+    assert 0.25 < waited_lock < 0.6 and 0.25 < waited_slot < 0.6 and held == 0
+    h = http_error(busy)
+    assert h.status == 503 and h.retry_after and "previous turn" in h.message
+
+
 class FlakyDirectory:
     """A directory backend that is down until `up` is set (records what reached it)."""
 
