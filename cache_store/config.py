@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lessserve.errors.tree import ConfigError
 
 
 class StoreConfig(BaseModel):
@@ -17,6 +20,8 @@ class StoreConfig(BaseModel):
                                   "(the embedded default)")
     redis_password: str | None = Field(None, repr=False, description="Redis AUTH password (requirepass), when "
                                        "the URL carries none (e.g. from LESSSERVE_STORE__REDIS_PASSWORD)")
+    redis_password_file: str | None = Field(None, description="File holding the Redis AUTH password (a mounted "
+                                            "Secret; one line), when neither the URL nor redis_password gives one")
     redis_prefix: str = Field("lessserve:kv", description="Key prefix of the session caches and transcripts "
                               "this store writes in the shared state (Redis or the cluster-state actor)")
     ttl_s: int | None = Field(24 * 3600, ge=1, description="Expiry of a session cache in Redis (None = never)")
@@ -39,6 +44,19 @@ class StoreConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_password(self):
-        if self.redis_password is not None and self.redis_url and urlsplit(self.redis_url).password:
-            raise ValueError("store.redis_password is set and store.redis_url carries a password too: give it once")
+        given = [name for name, on in (("store.redis_password", self.redis_password is not None),
+                                       ("store.redis_password_file", self.redis_password_file is not None),
+                                       ("store.redis_url's password",
+                                        bool(self.redis_url and urlsplit(self.redis_url).password))) if on]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are both set: give the Redis password once")
         return self
+
+    def password(self) -> str | None:
+        """The Redis password from redis_password or redis_password_file (None: the URL's, or none)."""
+        if self.redis_password_file is None:
+            return self.redis_password
+        try:
+            return Path(self.redis_password_file).read_text().strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"store.redis_password_file: cannot read {self.redis_password_file}: {e}") from e

@@ -1,7 +1,7 @@
 """RedisKV: the shared-state interface (kv.py) over one redis-py asyncio client.
 
 `make_client(config)` is the one place this package connects to Redis: URL (redis://, rediss://
-for TLS, unix://), password (in the URL or `redis_password`), a blocking connection pool of
+for TLS, unix://), password (in the URL, `redis_password` or `redis_password_file`), a blocking connection pool of
 `redis_pool_size`, socket timeouts and one retry after a dropped connection (a restarted server
 costs a reconnect, not a failed call). Each call is also bounded by `asyncio.wait_for` at
 `redis_timeout_s`: a server that hangs (SIGSTOP, a stuck network) fails the call then, instead of
@@ -37,7 +37,8 @@ def make_client(config: StoreConfig) -> aioredis.Redis:
     if not config.redis_url:
         raise TierUnavailableError("no Redis configured (StoreConfig.redis_url is None)")
     t = config.redis_timeout_s
-    kw = {"password": config.redis_password} if config.redis_password is not None else {}
+    password = config.password()
+    kw = {"password": password} if password is not None else {}
     pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url, max_connections=config.redis_pool_size, timeout=t, socket_timeout=t,
         socket_connect_timeout=t, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1), **kw)

@@ -61,6 +61,16 @@ def redis_url(values: dict, release: str = RELEASE) -> str | None:
     return None
 
 
+def redis_auth(values: dict) -> bool:
+    """Whether the app reads a Redis password from the chart's Secret: the in-chart Redis with auth on
+    (the chart's Secret or an existing one), or an external Redis with an existing Secret."""
+    redis = values["redis"]
+    auth = redis.get("auth") or {}
+    if redis["external"].get("url"):
+        return bool(auth.get("existingSecret"))
+    return bool(redis.get("enabled") and auth.get("enabled"))
+
+
 def serve_config(values: dict, release: str = RELEASE) -> ServeConfig:
     """The app's ServeConfig for these chart values (raises pydantic.ValidationError on bad values)."""
     args = copy.deepcopy(values.get("serve") or {})
@@ -68,6 +78,9 @@ def serve_config(values: dict, release: str = RELEASE) -> ServeConfig:
     url = redis_url(values, release)
     if url:
         args.setdefault("store", {})["redis_url"] = url
+    if redis_auth(values):
+        auth = values["redis"]["auth"]
+        args.setdefault("store", {})["redis_password_file"] = f"{auth['mountPath']}/{auth['secretKey']}"
     keys = values["apiKeys"]
     if keys.get("existingSecret") or keys.get("keys"):
         args["api_keys_file"] = f"{keys['mountPath']}/{keys['secretKey']}"
@@ -79,7 +92,7 @@ def serve_config_v2(values: dict, release: str = RELEASE) -> dict:
 
 
 CHART_OWNED = ("host", "port", "api_keys", "api_keys_file")  # and store.redis_url: set from `redis` / `apiKeys`
-STORE_CHART_OWNED = ("redis_url", "redis_password")  # a password belongs in a Secret (env), never in values
+STORE_CHART_OWNED = ("redis_url", "redis_password", "redis_password_file")  # a password lives in a Secret
 
 
 def values_schema() -> dict:
@@ -119,9 +132,18 @@ def values_schema() -> dict:
                 "mountPath": {"type": "string", "pattern": "^/"}}},
             "redis": {"type": "object", "properties": {
                 "enabled": {"type": "boolean"}, "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "maxmemoryPolicy": {"enum": ["noeviction"]},  # never evicts a response record or transcript
+                "auth": {"type": "object", "properties": {
+                    "enabled": {"type": "boolean"}, "existingSecret": {"type": "string"},
+                    "secretKey": {"type": "string", "minLength": 1}, "mountPath": {"type": "string", "pattern": "^/"}}},
                 "external": {"type": "object", "properties": {"url": {"type": "string",
                                                                        "pattern": "^$|^(redis|rediss|unix)://"}}}}},
             "service": {"type": "object", "properties": {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}}},
+            "networkPolicy": {"type": "object", "properties": {
+                "enabled": {"type": "boolean"}, "serveFrom": {"type": "array"}, "metricsFrom": {"type": "array"},
+                "operator": {"type": "object"}}},
+            "head": {"type": "object", "properties": {
+                "dashboardHost": {"type": "string", "pattern": "^[0-9.]+$"}}},
         },
         "$defs": defs,
     }

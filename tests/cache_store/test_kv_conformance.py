@@ -282,7 +282,7 @@ def test_a_dead_redis_fails_typed_and_a_restart_changes_the_epoch(own_redis, ns)
     asyncio.run(main())
 
 
-def test_requirepass_from_the_config_or_the_url(ns):
+def test_requirepass_from_the_config_the_url_or_a_file(ns, tmp_path):
     from pydantic import ValidationError
 
     from lessserve.cache_store.errors import TierUnavailableError
@@ -295,6 +295,11 @@ def test_requirepass_from_the_config_or_the_url(ns):
             url = server.url.replace("redis://", "redis://:s3cr%3At%40pw@")
             in_url = RedisKV.from_config(StoreConfig(redis_url=url))
             assert await in_url.get(ns + "a") == b"1"
+            secret = tmp_path / "redis-password"  # a mounted Secret (the chart's store.redis_password_file)
+            secret.write_text("s3cr:t@pw\n")
+            from_file = RedisKV.from_config(StoreConfig(redis_url=server.url, redis_password_file=str(secret)))
+            assert await from_file.get(ns + "a") == b"1"
+            await from_file.close()
             for cfg in (StoreConfig(redis_url=server.url), StoreConfig(redis_url=server.url, redis_password="no")):
                 bad = RedisKV.from_config(cfg)
                 with pytest.raises(TierUnavailableError, match="(?i)auth"):
@@ -305,8 +310,14 @@ def test_requirepass_from_the_config_or_the_url(ns):
 
         asyncio.run(main())
         assert "s3cr" not in repr(StoreConfig(redis_url=server.url, redis_password="s3cr:t@pw"))
-        with pytest.raises(ValidationError, match="give it once"):
+        with pytest.raises(ValidationError, match="give the Redis password once"):
             StoreConfig(redis_url=server.url.replace("//", "//:pw@"), redis_password="pw")
+        with pytest.raises(ValidationError, match="give the Redis password once"):
+            StoreConfig(redis_url=server.url, redis_password="pw", redis_password_file="/x")
+        from lessserve.errors.tree import ConfigError
+
+        with pytest.raises(ConfigError, match="redis_password_file"):  # a missing file: one line, named
+            StoreConfig(redis_url=server.url, redis_password_file=str(tmp_path / "missing")).password()
 
 
 def test_tls_through_a_rediss_url(ns, tmp_path):

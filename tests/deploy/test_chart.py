@@ -34,9 +34,10 @@ def test_helm_lint(helm, values):
 @pytest.mark.parametrize("values", render.VALUES_FILES)
 def test_renders_expected_kinds(rendered, values):
     kinds = sorted(d["kind"] for d in rendered[values])
-    redis = [] if values == "values-external-redis.yaml" else ["Service", "StatefulSet"]
+    # the in-chart Redis: its Service, StatefulSet, generated password Secret and NetworkPolicy
+    redis = [] if values == "values-external-redis.yaml" else ["Service", "StatefulSet", "Secret", "NetworkPolicy"]
     monitor = ["Service", "ServiceMonitor"] if values == "values-gpu.yaml" else []
-    assert kinds == sorted(["RayService", *redis, *monitor])  # no shipped values file puts keys in the chart
+    assert kinds == sorted(["RayService", "NetworkPolicy", *redis, *monitor])  # no API keys in a shipped file
 
 
 @pytest.mark.parametrize("values", render.VALUES_FILES)
@@ -106,6 +107,68 @@ def test_redis_is_wired(rendered, values):
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
 
 
+def _peers(rule: dict) -> list[dict]:
+    return rule.get("from", [])
+
+
+@pytest.mark.parametrize("values", render.VALUES_FILES)
+def test_network_policies_open_the_api_only(rendered, values):
+    """From outside the release only port 8000 (and the operator's dashboard ports, the metrics port
+    in-cluster); Redis only from the release's Ray pods."""
+    docs = rendered[values]
+    pols = {p["metadata"]["name"].rsplit("-", 1)[1]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
+    ray = pols["ray"]
+    assert ray["policyTypes"] == ["Ingress"]
+    components = next(e for e in ray["podSelector"]["matchExpressions"] if e["key"] == "app.kubernetes.io/component")
+    assert sorted(components["values"]) == ["ray-head", "ray-worker"]
+    by_port = {}
+    for rule in ray["ingress"]:
+        for p in rule.get("ports", [{"port": "any"}]):
+            by_port[p["port"]] = _peers(rule)
+    assert by_port[8000] == []  # the REST API: anyone (serveFrom empty)
+    assert by_port[8265] == by_port[52365] and len(by_port[8265]) == 1
+    assert by_port[8265][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    assert by_port[8080] == [{"namespaceSelector": {}}]  # in-cluster scrapers, nothing outside
+    (own,) = by_port["any"]  # every other port: the release's own pods
+    assert own == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "lessserve",
+                                                   "app.kubernetes.io/instance": "lessserve"}}}
+    assert set(by_port) == {8000, 8265, 52365, 8080, "any"}
+    head = rayservice(docs)["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # reachable by the operator, fenced above
+    if values == "values-external-redis.yaml":
+        assert "redis" not in pols
+        return
+    redis = pols["redis"]
+    ((rule,),) = [redis["ingress"]]
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    ((peer,),) = [rule["from"]]
+    expr = {e["key"]: e["values"] for e in peer["podSelector"]["matchExpressions"]}
+    assert expr["app.kubernetes.io/component"] == ["ray-head", "ray-worker"]
+
+
+@pytest.mark.parametrize("values", ["values.yaml", "values-cpu.yaml"])
+def test_redis_requires_a_password_from_a_secret_the_app_reads(rendered, values):
+    docs = rendered[values]
+    (sts,) = by_kind(docs, "StatefulSet")
+    (secret,) = by_kind(docs, "Secret")
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": secret["metadata"]["name"],
+                                                             "key": "redis-password"}
+    assert len(secret["data"]["redis-password"]) >= 40  # 32 random characters, base64
+    store = yaml.safe_load(rayservice(docs)["spec"]["serveConfigV2"])["applications"][0]["args"]["store"]
+    assert store["redis_password_file"] == render.serve_config(render.load_values(values)).store.redis_password_file
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        vol = next(v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == secret["metadata"]["name"])
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == vol["name"])
+        assert store["redis_password_file"] == f"{mount['mountPath']}/redis-password"
+
+
 def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     import base64
 
@@ -115,7 +178,7 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     for doc in docs:
         if doc["kind"] not in CRD_KINDS:
             _validate(doc)
-    (secret,) = by_kind(docs, "Secret")
+    (secret,) = [d for d in by_kind(docs, "Secret") if "redis" not in d["metadata"]["name"]]
     (ingress,) = by_kind(docs, "Ingress")
     rs = rayservice(docs)
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {
@@ -146,6 +209,7 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     (("--set", "rayService.upgradeStrategy=Blue"), "upgradeStrategy"),
     (("--set", "rayService.autoscaler.idleTimeoutSeconds=30"), "shorter than a replica's drain budget 70"),
     (("--set", "rayService.autoscaler.enabled=maybe"), "enabled"),
+    (("--set", "redis.maxmemoryPolicy=allkeys-lru"), "maxmemoryPolicy"),  # would evict response records
 ])
 def test_bad_values_are_rejected(helm, bad, message):
     with pytest.raises(RuntimeError, match=message):

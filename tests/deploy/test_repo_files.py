@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _leaves(d: dict, prefix: str = ""):
-    """Dotted paths of every value a user sets (mappings like `resources` count as one value)."""
+    """Dotted paths of every value a user sets (mappings like `resources` or a NetworkPolicy peer count as one)."""
     for k, v in d.items():
         path = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k not in ("resources", "nodeSelector", "affinity", "annotations"):
+        if isinstance(v, dict) and v and k not in ("resources", "nodeSelector", "affinity", "annotations", "operator"):
             yield from _leaves(v, path + ".")
         else:
             yield path

@@ -39,6 +39,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* Redis AUTH: the app reads a password when the in-chart Redis has auth on, or an external Redis
+has an existing Secret (the Python twin: lessserve.deploy.render.redis_auth). */}}
+{{- define "lessserve.redisAuth" -}}
+{{- if .Values.redis.external.url -}}
+{{- if .Values.redis.auth.existingSecret -}}true{{- end -}}
+{{- else if and .Values.redis.enabled .Values.redis.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "lessserve.redisSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "lessserve.fullname" .)) -}}
+{{- end -}}
+
 {{- define "lessserve.apiKeysSecret" -}}
 {{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "lessserve.fullname" .)) -}}
 {{- end -}}
@@ -50,7 +62,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/*
 The application's arguments: `.Values.serve` (field names identical to
 lessserve.cluster.config.ServeConfig) with what the chart owns filled in: bind address and port
-(KubeRay's serve service targets 8000), the Redis URL, and the mounted API-key file.
+(KubeRay's serve service targets 8000), the Redis URL and password file, and the mounted API-key file.
 */}}
 {{- define "lessserve.serveArgs" -}}
 {{- $args := deepCopy .Values.serve -}}
@@ -60,6 +72,9 @@ lessserve.cluster.config.ServeConfig) with what the chart owns filled in: bind a
 {{- $redis := include "lessserve.redisURL" . -}}
 {{- if $redis -}}
 {{- $_ := set $store "redis_url" $redis -}}
+{{- end -}}
+{{- if include "lessserve.redisAuth" . -}}
+{{- $_ := set $store "redis_password_file" (printf "%s/%s" .Values.redis.auth.mountPath .Values.redis.auth.secretKey) -}}
 {{- end -}}
 {{- if $store -}}
 {{- $_ := set $args "store" $store -}}
