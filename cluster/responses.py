@@ -1,13 +1,19 @@
 """Response records: a response id names a point in a conversation, owned by the API key that
 created it. A view over the shared KV (Redis when configured, else the cluster-state actor;
 cluster/shared_state.py), one JSON value per record, `lessserve:resp:<id>`, expiring after its TTL
-(and, in the actor, at most `max_records` of them, the oldest written dropped first). A record
-holds the conversation's whole history up to that response, so any worker can continue it, from
-a cache or from scratch.
+(and, in the actor, at most `max_records` of them, the oldest written dropped first).
 
-Record: {"id", "owner", "session", "created_at", "model", "messages", "output_text", "finish",
-"usage", "previous_response_id", "instructions", "metadata", "temperature", "top_p",
-"max_output_tokens", "store"}.
+A record holds its own turn (the new input messages and the reply) and a pointer to its parent
+(`previous_response_id`), not the whole history: a chain of n responses costs O(n) bytes, not
+O(n^2). Every SNAPSHOT_EVERY-th response of a chain (`depth` 0, 16, 32, ...) also keeps the whole
+history up to it (`messages`), so rebuilding a conversation (`history`) reads at most
+SNAPSHOT_EVERY records. A conversation whose earlier response was deleted or has expired cannot be
+continued past it (404 naming it). Records written before this format carry `messages` only: they
+read as snapshots.
+
+Record: {"id", "owner", "session", "created_at", "model", "turn", "depth", ("messages"),
+"output_text", "finish", "usage", "previous_response_id", "instructions", "metadata", "temperature",
+"top_p", "max_output_tokens", "store"}.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from lessserve.cache_store.kv import KV
 from lessserve.errors.tree import DependencyUnavailableError, NotFoundError
 
 PREFIX = "lessserve:resp:"
+SNAPSHOT_EVERY = 16
 
 
 class ResponseNotFoundError(NotFoundError):
@@ -56,6 +63,23 @@ class ResponseStore:
         if rec is None or rec.get("owner") != owner:
             raise not_found(rid)
         return rec
+
+    async def history(self, rid: str, owner: str) -> tuple[list[dict], dict]:
+        """(the conversation's messages up to and including response `rid`, its record): its turn
+        after its ancestors', back to the nearest snapshot (at most SNAPSHOT_EVERY reads)."""
+        rec = await self.get(rid, owner)
+        chain = [rec]
+        while "messages" not in chain[-1] and chain[-1].get("previous_response_id"):
+            prev = chain[-1]["previous_response_id"]
+            try:
+                chain.append(await self.get(prev, owner))
+            except ResponseNotFoundError:
+                raise ResponseNotFoundError(f"response {rid!r} cannot be continued: an earlier response of its "
+                                            f"conversation ({prev}) was deleted or has expired") from None
+        messages = list(chain[-1].get("messages") or chain[-1]["turn"])
+        for r in reversed(chain[:-1]):
+            messages += r["turn"]
+        return messages, rec
 
     async def delete(self, rid: str, owner: str) -> dict:
         rec = await self.get(rid, owner)

@@ -17,6 +17,7 @@ from lessserve.cluster.http_edge import Owner
 from lessserve.cluster.http_errors import HttpError
 from lessserve.cluster.openapi import ERRORS, RESPONSES_EXTRA
 from lessserve.cluster.protocol import TurnRequest, response_session
+from lessserve.cluster.responses import SNAPSHOT_EVERY
 from lessserve.cluster.responses_types import (
     RESPONSE_ID_PATTERN,
     EventStream,
@@ -60,7 +61,10 @@ async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome) -> None:
     """The record completed with the turn's output, kept unless `store` is false."""
     rec.update(output_text=turn.text, finish=turn.finish_reason,
                usage=response_usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled))
-    rec["messages"] = [*rec["messages"], {"role": "assistant", "content": turn.text}]
+    reply = {"role": "assistant", "content": turn.text}
+    rec["turn"] = [*rec["turn"], reply]
+    if "messages" in rec:  # a snapshot: the whole history up to this response
+        rec["messages"] = [*rec["messages"], reply]
     if rec["store"]:
         await ctx.deps.responses.put(rec)
 
@@ -74,18 +78,20 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
         t0 = time.perf_counter()
         max_tokens = body.max_output_tokens or ctx.cfg.default_max_tokens
         ctx.check_request(body.model, max_tokens, "max_output_tokens")
-        history, parent = [], None
+        history, parent, depth = [], None, 0
         if body.previous_response_id:
-            prev = await ctx.deps.responses.get(body.previous_response_id, owner)
-            history, parent = prev["messages"], prev["session"]
+            history, prev = await ctx.deps.responses.history(body.previous_response_id, owner)
+            parent, depth = prev["session"], prev.get("depth", 0) + 1
         new = body.messages()
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         rid = response_id()
         sid = response_session(rid)  # one session per response: its cache is the conversation at that point
         rec = {"id": rid, "owner": owner, "session": sid, "created_at": now(), "model": ctx.cfg.model_name,
-               "messages": [*history, *new], "previous_response_id": body.previous_response_id,
+               "turn": new, "depth": depth, "previous_response_id": body.previous_response_id,
                "instructions": body.instructions, "metadata": body.metadata, "temperature": body.temperature,
                "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store}
+        if depth % SNAPSHOT_EVERY == 0:
+            rec["messages"] = [*history, *new]
         req = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
                           temperature=body.temperature, top_p=body.top_p, fork_from=parent, ephemeral=not body.store)
         turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0)

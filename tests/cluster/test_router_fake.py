@@ -5,6 +5,7 @@ error events and backend errors -> status codes with Retry-After, keys and isola
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -147,6 +148,33 @@ def test_instructions_belong_to_one_response(app):
     first, second = deps.backend.requests
     assert first.messages[0] == {"role": "system", "content": "answer in French"}
     assert all(m["role"] != "system" for m in second.messages)
+
+
+def test_a_long_chain_of_responses_stores_each_turn_once(app):
+    """Records point to their parent: 40 follow-ups store O(n) bytes (each its own turn, every 16th a
+    snapshot), and every follow-up still sends the worker the whole conversation."""
+    from lessserve.cluster.responses import SNAPSHOT_EVERY
+
+    client, deps = app
+    store, rid, sizes = deps.responses, None, []
+    for i in range(40):
+        r = create(client, input=f"question number {i}", **({"previous_response_id": rid} if rid else {}))
+        rid = r.json()["id"]
+        sizes.append(len(asyncio.run(store.kv.get(store.prefix + rid))))
+    want = []
+    for i, req in enumerate(deps.backend.requests):  # the history the worker got: every earlier turn
+        want += [user(f"question number {i}")]
+        assert req.messages == want
+        want += [{"role": "assistant", "content": f"echo question number {i} "}]  # the fake echoes word by word
+    messages, rec = asyncio.run(store.history(rid, "anonymous"))
+    assert messages == want and rec["depth"] == 39
+    deltas = [n for i, n in enumerate(sizes) if i % SNAPSHOT_EVERY]
+    assert max(deltas) < 1.2 * min(deltas)  # a follow-up's record does not grow with the conversation
+    assert sum(sizes) < 40 * sizes[1] * 4  # vs the whole history in every record: ~20x the first's
+    # an earlier response deleted: the chain cannot be rebuilt past it, and the message says why
+    assert client.delete(f"/v1/responses/{rec['previous_response_id']}").status_code == 200
+    r = create(client, input="and?", previous_response_id=rid)
+    assert r.status_code == 404 and "earlier response" in r.json()["error"]["message"]
 
 
 def test_store_false_keeps_nothing(app):
