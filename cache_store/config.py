@@ -40,6 +40,10 @@ class StoreConfig(BaseModel):
     keep_redis_copy: bool = Field(True, description="After a restore from Redis keep the Redis copy as a "
                                   "durable fallback (refreshed by the next offload, expires with ttl_s) "
                                   "instead of deleting it on the request path")
+    state_max_bytes: int | None = Field(1 << 30, ge=1 << 20, description="Without Redis: most bytes of values the "
+                                        "cluster-state actor keeps as the shared state; past it the shared tier's "
+                                        "least recently written cache copies go (those sessions rebuild from their "
+                                        "transcripts), then writes are refused like a full Redis (None = no cap)")
     quantize: bool = Field(False, description="Offload k/v as int8 + per-token scales (lossy, ~4x smaller in fp32)")
 
     @model_validator(mode="after")

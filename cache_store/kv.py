@@ -26,6 +26,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
+from lessserve.cache_store.errors import TierUnavailableError
+
 Value = bytes | bytearray | memoryview | str
 KEYS_LIMIT = 100_000  # the most keys one `keys` / `used` call lists
 
@@ -96,13 +98,28 @@ class KV(abc.ABC):
         """Release connections."""
 
 
-class KVMap:
-    """Bytes by key with expiry, byte accounting and per-prefix key caps: the synchronous map
-    behind MemoryKV and the cluster-state actor (ActorKV). Expired keys are dropped when read and
-    by a sweep on writes (a heap of expiry times), so memory never holds them long."""
+class KVFullError(TierUnavailableError):
+    """A capped in-process map is full of values it may not evict (a write refused, as Redis'
+    noeviction refuses it): the caller degrades as when Redis is down."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+
+class KVMap:
+    """Bytes by key with expiry, byte accounting, per-prefix key caps and an optional byte cap: the
+    synchronous map behind MemoryKV and the cluster-state actor (ActorKV). Expired keys are dropped
+    when read and by a sweep on writes (a heap of expiry times), so memory never holds them long.
+
+    `max_bytes`: values beyond it first evict the least recently written keys that `evictable(key)`
+    allows (the shared tier's cache copies: a session whose copy goes is rebuilt from its
+    transcript), and a write that still does not fit is refused (KVFullError); transcripts,
+    directory entries and response records are never evicted."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_bytes: int | None = None,
+                 evictable: Callable[[str], bool] = lambda key: False):
         self.clock = clock
+        self.max_bytes, self.evictable = max_bytes, evictable
+        self._lru: OrderedDict[str, None] = OrderedDict()  # evictable keys, least recently written first
+        self._lru_bytes = 0  # bytes of their values
+        self.evicted_keys = self.evicted_bytes = self.refused_writes = 0
         self.epoch = uuid.uuid4().hex
         self._d: dict[str, bytes] = {}
         self._expiry: dict[str, float] = {}
@@ -126,6 +143,9 @@ class KVMap:
         if v is not None:
             self.bytes -= len(v)
         self._expiry.pop(key, None)
+        if key in self._lru:
+            del self._lru[key]
+            self._lru_bytes -= len(v or b"")
         for _, order in self._caps.values():
             order.pop(key, None)
         return v
@@ -146,11 +166,34 @@ class KVMap:
     def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
         return [self.get(k) for k in keys]
 
+    def _make_room(self, key: str, grow: int) -> None:
+        """Evict least recently written evictable keys until `grow` more bytes fit (KVFullError if not)."""
+        if self.max_bytes is None or self.bytes + grow <= self.max_bytes:
+            return
+        others = self._lru_bytes - (len(self._d.get(key, b"")) if key in self._lru else 0)
+        if self.bytes + grow - others > self.max_bytes:  # evicting every copy would not do: evict none
+            self.refused_writes += 1
+            raise KVFullError(f"the shared state is full ({self.bytes} of {self.max_bytes} bytes, "
+                              f"{others} of them evictable): {key!r} not written")
+        while self.bytes + grow > self.max_bytes:
+            victim = next(k for k in self._lru if k != key)
+            self.evicted_bytes += len(self._d.get(victim, b""))
+            self.evicted_keys += 1
+            self._drop(victim)
+
     def set(self, key: str, value: Value, ttl_s: float | None = None) -> None:
         self._sweep()
         v = as_bytes(value)
-        self.bytes += len(v) - len(self._d.get(key, b""))
+        old = len(self._d.get(key, b""))
+        self._make_room(key, len(v) - old)
+        self.bytes += len(v) - old
         self._d[key] = v
+        if key in self._lru:
+            self._lru_bytes -= old
+        if self.evictable(key):
+            self._lru[key] = None
+            self._lru.move_to_end(key)
+            self._lru_bytes += len(v)
         if ttl_s is None:
             self._expiry.pop(key, None)
         else:

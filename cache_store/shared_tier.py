@@ -13,7 +13,9 @@ Backend failures raise TierUnavailableError; a pointer whose parts are gone rais
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
+from collections.abc import Callable
 
 from lessserve.cache_store.codec import Blob
 from lessserve.cache_store.errors import CacheMissError, TierUnavailableError, TruncatedError
@@ -21,6 +23,14 @@ from lessserve.cache_store.kv import KV
 from lessserve.cache_store.tier import Tier, TierStats
 
 PTR = ":ptr"
+_CACHE_KEY = re.compile(r"(:ptr|:[0-9a-f]{16}:\d+)$")
+
+
+def cache_keys(prefix: str) -> Callable[[str], bool]:
+    """Whether a key is one of this tier's cache keys under `prefix` (a pointer or a part, never a
+    transcript): what a capped map may evict, since a session whose copy is gone is rebuilt."""
+    head = f"{prefix}:"
+    return lambda key: key.startswith(head) and _CACHE_KEY.search(key) is not None
 
 
 def _parse_ptr(raw: bytes) -> tuple[str, int, int]:

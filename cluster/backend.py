@@ -116,7 +116,7 @@ class StateMetrics:
 
 def cluster_deps(cfg: ServeConfig, worker) -> RouterDeps:
     """The router's deps in a replica: `worker` is the LessWorker deployment's handle."""
-    state = get_state()
+    state = get_state(cfg.store)
     metrics = StateMetrics(state)
     kv = shared_kv(cfg.store)  # the directory and the Responses records: views over one KV
     directory = SessionDirectory(kv)

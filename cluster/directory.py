@@ -1,7 +1,9 @@
 """Where each session's cache lives and who owns it: a view over the shared KV (Redis when
 configured, else the cluster-state actor; cluster/shared_state.py), one JSON entry per session,
-`lessserve:directory:<sid>` -> {"worker", "owner", "turns", "t"}. Every backend failure is one
-typed error, DirectoryUnavailableError; `WriteBehind` keeps a worker's writes through an outage."""
+`lessserve:directory:<sid>` -> {"worker", "owner", "turns", "t"}, expiring with the session's
+transcript (every claim refreshes it), so entries of sessions nobody continues are collected.
+Every backend failure is one typed error, DirectoryUnavailableError; `WriteBehind` keeps a
+worker's writes through an outage."""
 
 from __future__ import annotations
 

@@ -93,6 +93,15 @@ class ClusterCollector:
         yield GaugeMetricFamily("lessserve_queue_depth", "Turns waiting or running on workers",
                                 value=sum(int(w.get("queue_depth", 0)) for w in workers))
         yield GaugeMetricFamily("lessserve_workers", "Live workers", value=len(workers))
+        kv = getattr(st, "kv", None)  # the shared state the state actor keeps without Redis
+        if kv is not None:
+            yield GaugeMetricFamily("lessserve_state_kv_bytes", "Bytes of values in the state actor's shared map",
+                                    value=kv.bytes)
+            yield GaugeMetricFamily("lessserve_state_kv_keys", "Keys in the state actor's shared map", value=len(kv))
+            yield CounterMetricFamily("lessserve_state_kv_evicted_bytes", "Cache copies evicted by the byte cap",
+                                      value=kv.evicted_bytes)
+            yield CounterMetricFamily("lessserve_state_kv_refused_writes", "Writes refused: the map was full of "
+                                      "values it may not evict", value=kv.refused_writes)
 
 
 def cluster_registry(state) -> CollectorRegistry:

@@ -19,4 +19,4 @@ from lessserve.cluster.state import get_state
 def shared_kv(store: StoreConfig) -> KV:
     if store.redis_url:
         return RedisKV.from_config(store)
-    return ActorKV(get_state(), store.redis_timeout_s)
+    return ActorKV(get_state(store), store.redis_timeout_s)

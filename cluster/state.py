@@ -10,7 +10,9 @@ from collections.abc import Mapping
 
 import ray
 
+from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.kv import KEYS_LIMIT, KVMap
+from lessserve.cache_store.shared_tier import cache_keys
 from lessserve.cluster.metrics import Histogram, cluster_registry, exposition
 
 STATE_ACTOR = "lessserve-cluster-state"
@@ -20,8 +22,10 @@ HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
 
 @ray.remote(num_cpus=0)
 class ClusterState:
-    def __init__(self):
-        self.kv = KVMap()
+    def __init__(self, max_bytes: int | None = None, cache_prefix: str = "lessserve:kv"):
+        """`max_bytes`: the shared map's byte cap; the shared tier's cache copies under `cache_prefix`
+        are what it may evict (KVMap)."""
+        self.kv = KVMap(max_bytes=max_bytes, evictable=cache_keys(cache_prefix))
         self.workers: dict[str, dict] = {}  # worker id -> latest stats + "t"
         self.ttft = Histogram()
         self.itl = Histogram()
@@ -108,9 +112,13 @@ class ClusterState:
         return exposition(self.registry)
 
 
-def get_state():
+def get_state(store: StoreConfig | None = None):
     """The cluster's state actor, created on first use (detached so routers can restart), on the
     head node: a worker node that goes away must not take the directory and the metrics with it
-    (placed by Ray's choice, it once sat on the node a test removed, and /metrics failed after)."""
+    (placed by Ray's choice, it once sat on the node a test removed, and /metrics failed after).
+    `store`: its shared map's byte cap and cache prefix, taken by whoever creates it first (every
+    caller passes the application's one StoreConfig)."""
+    store = store or StoreConfig()
     return ClusterState.options(name=STATE_ACTOR, namespace=NAMESPACE, get_if_exists=True,
-                                lifetime="detached", resources={HEAD_RESOURCE: 0.001}).remote()
+                                lifetime="detached", resources={HEAD_RESOURCE: 0.001}).remote(
+        store.state_max_bytes, store.redis_prefix)

@@ -104,8 +104,9 @@ class LessWorker:
         self.sessions = SessionStore(self.engine, self.cfg.store, kv=kv, run_local=self.scheduler.run_exclusive)
         self.worker_id = _replica_id()
         self.node_id = _node_id()
-        self.directory = WriteBehind(SessionDirectory(kv))
-        self.state = get_state()
+        # an entry outlives its session by no more than its transcript does
+        self.directory = WriteBehind(SessionDirectory(kv, ttl_s=self.cfg.store.transcript_ttl_s))
+        self.state = get_state(self.cfg.store)
         self.locks = SessionLocks()
         self.gate = TurnGate(self.cfg.engine.max_slots, self.cfg.queue_depth, self.cfg.queue_max_wait_s)
         self.draining = False

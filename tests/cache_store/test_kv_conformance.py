@@ -342,3 +342,34 @@ def test_tls_through_a_rediss_url(ns, tmp_path):
             await plain.close()
 
         asyncio.run(main())
+
+
+def test_a_byte_capped_map_evicts_cache_copies_first_then_refuses():
+    """The state actor's map without Redis: past max_bytes the least recently written cache copies go
+    (their sessions rebuild from transcripts); transcripts, directory entries and response records
+    never do: a write that cannot fit is refused, typed, and nothing else changes."""
+    from lessserve.cache_store.kv import KVFullError, KVMap
+    from lessserve.cache_store.shared_tier import cache_keys
+
+    part = lambda sid, g: f"p:{sid}:{g * 16}:0"  # noqa: E731 - a cache part's key
+    evictable = cache_keys("p")
+    assert evictable(part("s", "a")) and evictable("p:s:ptr") and evictable(part("a:b:ts", "c"))
+    assert not evictable("p:s:ts") and not evictable("p:x:ptr:ts") and not evictable("lessserve:resp:r")
+    m = KVMap(max_bytes=1000, evictable=evictable)
+    m.set("p:s1:ts", b"t" * 300)
+    m.set("lessserve:resp:r1", b"r" * 300)
+    m.set(part("s1", "a"), b"c" * 200)
+    m.set("p:s1:ptr", b"x")
+    m.set(part("s2", "b"), b"c" * 199)
+    assert m.bytes == 1000 and m.evicted_keys == 0
+    m.set("lessserve:directory:s", b"d" * 150)  # over by 150: the oldest cache copy goes
+    assert m.get(part("s1", "a")) is None and m.get("p:s1:ts") == b"t" * 300
+    assert m.evicted_keys == 1 and m.evicted_bytes == 200 and m.bytes == 950
+    m.set(part("s2", "b"), b"c" * 250)  # a copy rewritten: the most recent now; the old pointer goes for it
+    assert m.get("p:s1:ptr") is None and m.get(part("s2", "b")) == b"c" * 250 and m.bytes == 1000
+    with pytest.raises(KVFullError, match="not written"):
+        m.set("lessserve:resp:r2", b"r" * 300)  # evicting every copy would not make room: refused at once
+    assert m.get("lessserve:resp:r2") is None and m.refused_writes == 1
+    assert m.get(part("s2", "b")) == b"c" * 250 and m.bytes == 1000  # nothing evicted for nothing
+    m.set("lessserve:resp:r2", b"r" * 200)  # fits once the copy goes
+    assert m.get(part("s2", "b")) is None and m.get("lessserve:resp:r1") == b"r" * 300 and m.bytes == 950

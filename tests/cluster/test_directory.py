@@ -93,3 +93,24 @@ def test_concurrent_claims_on_redis_keep_the_latest_turn(redis_server):
             await kv.close()
 
     asyncio.run(main())
+
+
+def test_entries_expire_with_their_ttl_and_every_claim_refreshes_it():
+    import time as _time
+
+    async def main():
+        d = SessionDirectory(MemoryKV(), prefix="dir:", ttl_s=0.3)
+        await d.place("s", "w1", "o", 1)
+        await asyncio.sleep(0.2)
+        await d.place("s", "w1", "o", 2)  # a new turn: the entry lives another ttl
+        await asyncio.sleep(0.2)
+        assert (await d.lookup("s"))["turns"] == 2
+        await d.place("t", "w1", "o", 1)
+        assert await d.leave("w1") == 2  # leaving keeps the ttl too
+        t0 = _time.monotonic()
+        while await d.lookup("t") is not None:
+            await asyncio.sleep(0.05)
+            assert _time.monotonic() - t0 < 2
+        return await d.lookup("s")
+
+    assert asyncio.run(main()) is None  # collected: nobody continued it

@@ -40,6 +40,13 @@ CONTRACT = {
     "lessserve_queue_depth": ("gauge", ()),
     "lessserve_workers": ("gauge", ()),
 }
+# added since: the state actor's shared map (the shared state without Redis) and its byte cap
+ADDED = {
+    "lessserve_state_kv_bytes": ("gauge", ()),
+    "lessserve_state_kv_keys": ("gauge", ()),
+    "lessserve_state_kv_evicted_bytes_total": ("counter", ()),
+    "lessserve_state_kv_refused_writes_total": ("counter", ()),
+}
 SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("",), "gauge": ("",)}
 TIERS = {"device": {"sessions": 2, "bytes": 100, "hits": 1, "misses": 0, "restores": 0, "recomputes": 0},
          "host": {"sessions": 1, "bytes": 50, "hits": 0, "misses": 1, "restores": 1, "recomputes": 0,
@@ -89,7 +96,7 @@ def samples(text: str) -> dict[str, float]:
 
 
 def test_names_types_and_labels_are_the_old_exposition_s(state):
-    assert families(state.prometheus()) == CONTRACT
+    assert families(state.prometheus()) == {**CONTRACT, **ADDED}
 
 
 def test_numbers_are_the_state_s_and_the_workers_sums(state):
@@ -116,8 +123,26 @@ def test_numbers_are_the_state_s_and_the_workers_sums(state):
     assert {f.name for f in text_string_to_metric_families(text)}  # a Prometheus parser reads it
 
 
+def test_the_state_maps_bytes_evictions_and_refusals_are_exported():
+    from lessserve.cache_store.kv import KVFullError, KVMap
+    from lessserve.cache_store.shared_tier import cache_keys
+
+    s = ClusterState.__ray_actor_class__(max_bytes=1 << 20, cache_prefix="p")
+    assert isinstance(s.kv, KVMap) and s.kv.max_bytes == 1 << 20
+    s.kv_set("p:s:" + "a" * 16 + ":0", b"c" * (600 << 10), None)
+    s.kv_set("p:s:ts", b"t" * (300 << 10), None)
+    s.kv_set("lessserve:resp:r", b"r" * (300 << 10), None)  # the copy goes for it
+    with pytest.raises(KVFullError):
+        s.kv_set("lessserve:resp:q", b"r" * (600 << 10), None)
+    got = samples(s.prometheus())
+    assert got["lessserve_state_kv_bytes"] == 600 << 10 and got["lessserve_state_kv_keys"] == 2
+    assert got["lessserve_state_kv_evicted_bytes_total"] == 600 << 10
+    assert got["lessserve_state_kv_refused_writes_total"] == 1
+    assert cache_keys("p")("p:s:ptr")
+
+
 def test_a_fresh_state_has_no_tier_families_yet():
     text = ClusterState.__ray_actor_class__().prometheus()
     assert {n: k for n, (k, _) in families(text).items()} == {
-        n: k for n, (k, _) in CONTRACT.items() if not n.startswith("lessserve_tier_")}
+        n: k for n, (k, _) in {**CONTRACT, **ADDED}.items() if not n.startswith("lessserve_tier_")}
     assert samples(text)["lessserve_workers"] == 0
