@@ -120,10 +120,11 @@ def cluster_deps(cfg: ServeConfig, worker) -> RouterDeps:
     metrics = StateMetrics(state)
     kv = shared_kv(cfg.store)  # the directory and the Responses records: views over one KV
     directory = SessionDirectory(kv)
+    responses = ResponseStore(kv, cfg.responses_ttl_s, cfg.responses_max_records)
     return RouterDeps(
         backend=ServeBackend(worker, cfg.turn_retries, metrics),
         metrics=metrics,
         directory=directory,
-        responses=ResponseStore(kv, cfg.responses_ttl_s, cfg.responses_max_records),
+        responses=responses,
         health=Health(directory, state, kv.name == "redis", worker_stale_s=3 * cfg.maintain_interval_s + 10),
     )

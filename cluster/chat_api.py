@@ -72,12 +72,12 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
         ctx.check_request(body.model, max_tokens, "max_tokens")
         client_sid = request.headers.get("x-session-id") or body.session_id
         sid = ctx.scope(client_sid, owner) if client_sid else None  # each API key has its own session ids
-        if sid:
-            await ctx.check_session(sid, owner)
+        if sid and await ctx.check_session(sid, owner) is None:  # a new session (or the directory is down)
+            await ctx.quotas.new_session(owner)
         req = TurnRequest(session_id=sid, owner=owner, messages=[m.plain() for m in body.messages],
                           max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                           stop=body.stop_list())
-        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0)
+        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0, guard=ctx.quotas.guard)
         cid, model = completion_id(), ctx.cfg.model_name
         if body.stream:
             frames = ChatFrames(cid, model, bool(body.stream_options and body.stream_options.include_usage))

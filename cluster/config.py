@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from lessserve.cache_store.config import StoreConfig
+from lessserve.cluster.quotas import QuotaConfig
 from lessserve.workers.config import EngineConfig
 
 IMPORT_PATH = "lessserve.cluster.app:build_app"
@@ -86,6 +87,7 @@ class ServeConfig(BaseModel):
                                  "(POST /v1/responses, store: true)")
     responses_max_records: int = Field(100_000, ge=1, description="Most response records kept without Redis "
                                        "(oldest dropped first)")
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig, description="Per API key limits (cluster/quotas.py)")
     turn_retries: int = Field(2, ge=0, le=10, description="Times the router retries a turn on another worker "
                               "when its worker died before the first token")
     maintain_interval_s: float = Field(5.0, gt=0, description="Worker tier-maintenance period")

@@ -67,6 +67,11 @@ class SessionDirectory:
                     return e
         raise DirectoryUnavailableError(f"directory entry of {sid!r} changed under {CAS_TRIES} claims in a row")
 
+    async def count(self, sid_prefix: str) -> tuple[int, int]:
+        """(entries, bytes) of the sessions whose ids start with `sid_prefix` (one bounded scan)."""
+        with unavailable_as(DirectoryUnavailableError):
+            return await self.kv.used(self.prefix + sid_prefix)
+
     async def forget(self, sid: str) -> None:
         with unavailable_as(DirectoryUnavailableError):
             await self.kv.delete(self.prefix + sid)
@@ -100,6 +105,11 @@ class WriteBehind:
     async def place(self, sid: str, worker: str, owner: str | None, turns: int | None = None,
                     if_newer: bool = False) -> None:
         await self._write(sid, ("place", worker, owner, turns, if_newer))
+
+    async def count(self, sid_prefix: str) -> tuple[int, int]:
+        """(entries, bytes) of the sessions whose ids start with `sid_prefix` (one bounded scan)."""
+        with unavailable_as(DirectoryUnavailableError):
+            return await self.kv.used(self.prefix + sid_prefix)
 
     async def forget(self, sid: str) -> None:
         await self._write(sid, ("forget",))

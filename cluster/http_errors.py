@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from ray.exceptions import RayTaskError
 
+from lessserve.cluster.quotas import RETRY_AFTER_S as QUOTA_RETRY_AFTER_S
+from lessserve.cluster.quotas import HardQuotaError, RateQuotaError
 from lessserve.errors.tree import (
     AuthError,
     CapacityError,
@@ -55,6 +57,8 @@ class HttpError:
 TABLE: list[tuple[type[BaseException], int, str, str | None, bool]] = [
     (ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded", False),
     (AuthError, 401, "authentication_error", "invalid_api_key", False),
+    (RateQuotaError, 429, "rate_limit_error", "rate_limit_exceeded", True),
+    (HardQuotaError, 403, "permission_error", "quota_exceeded", False),
     (NotFoundError, 404, "not_found_error", "not_found", False),
     (RequestError, 400, "invalid_request_error", None, False),
     (ConfigError, 400, "invalid_request_error", None, False),
@@ -78,5 +82,6 @@ def http_error(e: BaseException) -> HttpError | None:
         return HttpError(e.status, e.type, e.code, str(e), e.param, e.retry_after)
     for cls, status, type_, code, retry in TABLE:
         if isinstance(e, cls):
-            return HttpError(status, type_, code, str(e), retry_after=RETRY_AFTER_S if retry else None)
+            wait = QUOTA_RETRY_AFTER_S if status == 429 else RETRY_AFTER_S
+            return HttpError(status, type_, code, str(e), retry_after=wait if retry else None)
     return None

@@ -21,8 +21,11 @@ def _error(description: str, retry: bool = False) -> dict:
 ERRORS = {
     400: _error("bad input: malformed JSON, a wrong type or value (the message names the field), too long"),
     401: _error("missing or invalid API key (when the server has keys)"),
+    403: _error("the API key holds as many sessions or stored responses (or bytes) as its quota allows"),
     404: _error("unknown model or session (another key's session is reported the same way)"),
     413: _error("request body over the server's limit"),
+    429: _error("the API key has as many turns in flight as its quota allows: retry after Retry-After",
+                retry=True),
     503: _error("busy (every session slot in use) or a dependency down: retry after Retry-After", retry=True),
 }
 SESSION_HEADER = {"name": "X-Session-Id", "in": "header", "required": False,

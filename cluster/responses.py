@@ -1,6 +1,9 @@
 """Response records: a response id names a point in a conversation, owned by the API key that
 created it. A view over the shared KV (Redis when configured, else the cluster-state actor;
-cluster/shared_state.py), one JSON value per record, `lessserve:resp:<id>`, expiring after its TTL
+cluster/shared_state.py), one JSON value per record, `lessserve:resp:<owner>:<id>` (a key's records
+under its own prefix: another key's lookup names another key, and `usage` counts a key's records
+and bytes in one scan; records written before carry no owner in their key and are still read),
+expiring after its TTL
 (and, in the actor, at most `max_records` of them, the oldest written dropped first).
 
 A record holds its own turn (the new input messages and the reply) and a pointer to its parent
@@ -49,20 +52,36 @@ class ResponseStore:
         self.kv, self.ttl_s, self.max_records, self.prefix = kv, ttl_s, max_records, prefix
         self._capped = False
 
+    def _key(self, rid: str, owner: str) -> str:
+        return f"{self.prefix}{owner}:{rid}"
+
     async def put(self, rec: dict) -> None:
         with unavailable_as(ResponseStoreUnavailableError):
             if not self._capped:
                 await self.kv.cap(self.prefix, self.max_records)
                 self._capped = True
-            await self.kv.set(self.prefix + rec["id"], json.dumps(rec), self.ttl_s)
+            await self.kv.set(self._key(rec["id"], rec["owner"]), json.dumps(rec), self.ttl_s)
+
+    async def _raw(self, rid: str, owner: str) -> tuple[str, bytes | None]:
+        key = self._key(rid, owner)
+        with unavailable_as(ResponseStoreUnavailableError):
+            raw = await self.kv.get(key)
+            if raw is None:  # written before records were keyed by owner
+                key = self.prefix + rid
+                raw = await self.kv.get(key)
+        return key, raw
 
     async def get(self, rid: str, owner: str) -> dict:
-        with unavailable_as(ResponseStoreUnavailableError):
-            raw = await self.kv.get(self.prefix + rid)
+        _, raw = await self._raw(rid, owner)
         rec = json.loads(raw) if raw else None
         if rec is None or rec.get("owner") != owner:
             raise not_found(rid)
         return rec
+
+    async def usage(self, owner: str) -> tuple[int, int]:
+        """(records, bytes) this key stores (one bounded scan of its prefix)."""
+        with unavailable_as(ResponseStoreUnavailableError):
+            return await self.kv.used(f"{self.prefix}{owner}:")
 
     async def history(self, rid: str, owner: str) -> tuple[list[dict], dict]:
         """(the conversation's messages up to and including response `rid`, its record): its turn
@@ -82,7 +101,10 @@ class ResponseStore:
         return messages, rec
 
     async def delete(self, rid: str, owner: str) -> dict:
-        rec = await self.get(rid, owner)
+        key, raw = await self._raw(rid, owner)
+        rec = json.loads(raw) if raw else None
+        if rec is None or rec.get("owner") != owner:
+            raise not_found(rid)
         with unavailable_as(ResponseStoreUnavailableError):
-            await self.kv.delete(self.prefix + rid)
+            await self.kv.delete(key)
         return rec

@@ -83,6 +83,8 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
             history, prev = await ctx.deps.responses.history(body.previous_response_id, owner)
             parent, depth = prev["session"], prev.get("depth", 0) + 1
         new = body.messages()
+        if body.store:  # the record's size is known once the reply is: its input counts now
+            await ctx.quotas.new_response(owner, nbytes=sum(len(m["content"].encode()) for m in new))
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         rid = response_id()
         sid = response_session(rid)  # one session per response: its cache is the conversation at that point
@@ -94,7 +96,7 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
             rec["messages"] = [*history, *new]
         req = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
                           temperature=body.temperature, top_p=body.top_p, fork_from=parent, ephemeral=not body.store)
-        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0)
+        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0, guard=ctx.quotas.guard)
         if body.stream:
             return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec), ctx.deps.metrics, rid),
                                      media_type="text/event-stream")

@@ -25,6 +25,7 @@ from lessserve.cluster.http_errors import ApiError
 from lessserve.cluster.metrics import MetricsSink
 from lessserve.cluster.openapi import ERRORS, install_openapi
 from lessserve.cluster.protocol import SESSION_ID_PATTERN, TurnBackend, is_client_id, scoped_session
+from lessserve.cluster.quotas import KeyQuotas, QuotaConfig
 from lessserve.cluster.responses import ResponseStore
 from lessserve.cluster.responses_api import responses_routes
 
@@ -36,6 +37,10 @@ SESSION_ERRORS = {k: ERRORS[k] for k in (400, 401, 404, 503)}
 class SessionLookup(Protocol):
     async def lookup(self, sid: str) -> dict | None:
         """{"worker", "owner", ...} or None; DirectoryUnavailableError when unreachable."""
+        ...
+
+    async def count(self, sid_prefix: str) -> tuple[int, int]:
+        """(entries, bytes) of the sessions whose ids start with `sid_prefix`."""
         ...
 
 
@@ -52,6 +57,12 @@ class RouterDeps:
     directory: SessionLookup
     responses: ResponseStore
     health: HealthProbe
+
+
+def key_quotas(cfg: QuotaConfig, directory: SessionLookup, responses: ResponseStore) -> KeyQuotas:
+    """The quotas over the router's views of the shared state: a key's sessions are the directory
+    entries under its scoped ids, its records those under its prefix."""
+    return KeyQuotas(cfg, lambda owner: directory.count(scoped_session(owner, "")), responses.usage)
 
 
 async def check_session(directory: SessionLookup, sid: str, owner: str) -> dict | None:
@@ -73,6 +84,7 @@ class RouterContext:
 
     def __init__(self, cfg: ServeConfig, deps: RouterDeps):
         self.cfg, self.deps = cfg, deps
+        self.quotas = key_quotas(cfg.quotas, deps.directory, deps.responses)
 
     def check_request(self, model: str, max_tokens: int, param: str) -> None:
         """The served model, and the token limit (`param`: the field that set it)."""

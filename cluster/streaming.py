@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,11 +55,15 @@ class TurnOutcome:
         metrics.record_request(self.timer.ttft, self.timer.itls, self.completion_tokens, self.start.prefilled)
 
 
-async def open_turn(backend: TurnBackend, req: TurnRequest, *, stream: bool,
-                    t0: float) -> tuple[TurnOutcome, AsyncIterator[Event]]:
+async def open_turn(backend: TurnBackend, req: TurnRequest, *, stream: bool, t0: float,
+                    guard: Callable[[str, AsyncIterator[Event]], AsyncIterator[Event]] | None = None,
+                    ) -> tuple[TurnOutcome, AsyncIterator[Event]]:
     """Start the turn and read its first event: the start (-> the outcome and the events after
-    it), or an error, raised as the ApiError it names."""
+    it), or an error, raised as the ApiError it names. `guard(owner, events)`: the key's quota of
+    turns in flight (KeyQuotas.guard), held until the events end or are closed."""
     events = backend.turn(req, stream=stream)
+    if guard is not None:
+        events = guard(req.owner, events)
     first = await anext(events)
     if isinstance(first, ErrorEvent):
         if hasattr(events, "aclose"):

@@ -48,6 +48,10 @@ class CapacityError(LessServeError):
     """No room right now (session slots, a full tier, a full queue): retrying later can succeed."""
 
 
+class QuotaError(LessServeError):
+    """An API key is over one of its quotas (cluster/quotas.py)."""
+
+
 class DependencyUnavailableError(LessServeError):
     """A backend this service depends on (Redis, the cluster-state actor, a tool) is unreachable."""
 

@@ -45,6 +45,7 @@ class FakeBackend:
         self.sessions: dict[str, FakeSession] = {}
         self.requests: list[TurnRequest] = []  # every turn the router asked for, in order
         self.faults: list[tuple[int, HttpError]] = []  # (tokens first, error) for the next turns
+        self.hold: asyncio.Event | None = None  # when set to an Event: turns wait for it after their start
 
     def fail_next(self, error: HttpError, after_tokens: int = 0) -> None:
         """The next turn reports `error`: instead of its start (0), or after that many tokens."""
@@ -70,6 +71,8 @@ class FakeBackend:
         cached = len(held) if prompt[:len(held)] == held else 0
         reply = echo(req)[:req.max_tokens]
         yield StartEvent(prompt_tokens=len(prompt), prefilled=len(prompt) - cached)
+        if self.hold is not None:
+            await self.hold.wait()
         for i, piece in enumerate(reply):
             if fault and fault[0] == i:
                 yield ErrorEvent(fault[1])
@@ -119,13 +122,21 @@ class MemoryMetrics:
 
 
 class MemoryDirectory:
-    """session id -> {"worker", "owner"}; the fake backend's sessions are entered by the test."""
+    """session id -> {"worker", "owner"}, entered by the test; `count` also sees the sessions the
+    fake backend holds (`sessions`), as the real directory sees every placed session."""
 
-    def __init__(self, entries: dict | None = None):
+    def __init__(self, entries: dict | None = None, sessions: dict | None = None):
         self.entries = entries if entries is not None else {}
+        self.sessions = sessions if sessions is not None else {}
 
     async def lookup(self, sid: str) -> dict | None:
-        return self.entries.get(sid)
+        if sid in self.entries:
+            return self.entries[sid]
+        held = self.sessions.get(sid)
+        return None if held is None else {"worker": "fake-worker", "owner": held.owner}
+
+    async def count(self, sid_prefix: str) -> tuple[int, int]:
+        return sum(1 for sid in {*self.entries, *self.sessions} if sid.startswith(sid_prefix)), 0
 
 
 class StaticHealth:
@@ -137,5 +148,6 @@ class StaticHealth:
 
 
 def fake_deps(backend: FakeBackend | None = None) -> RouterDeps:
-    return RouterDeps(backend=backend or FakeBackend(), metrics=MemoryMetrics(), directory=MemoryDirectory(),
+    backend = backend or FakeBackend()
+    return RouterDeps(backend=backend, metrics=MemoryMetrics(), directory=MemoryDirectory(sessions=backend.sessions),
                       responses=ResponseStore(MemoryKV(), ttl_s=3600, max_records=1000), health=StaticHealth())

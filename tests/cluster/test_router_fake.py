@@ -160,7 +160,7 @@ def test_a_long_chain_of_responses_stores_each_turn_once(app):
     for i in range(40):
         r = create(client, input=f"question number {i}", **({"previous_response_id": rid} if rid else {}))
         rid = r.json()["id"]
-        sizes.append(len(asyncio.run(store.kv.get(store.prefix + rid))))
+        sizes.append(len(asyncio.run(store.kv.get(f"{store.prefix}anonymous:{rid}"))))  # keyed by owner
     want = []
     for i, req in enumerate(deps.backend.requests):  # the history the worker got: every earlier turn
         want += [user(f"question number {i}")]
@@ -400,6 +400,6 @@ def test_the_document_comes_from_the_request_models(app):
     assert schemas["ChatCompletionRequest"]["properties"]["model"]["enum"] == [MODEL]
     assert {"ChatMessage", "TextPart", "InputMessage", "ErrorResponse"} <= set(schemas)
     assert [p["name"] for p in chat_op["parameters"]] == ["X-Session-Id"]
-    assert set(chat_op["responses"]) == {"200", "400", "401", "404", "413", "503"}
+    assert set(chat_op["responses"]) == {"200", "400", "401", "403", "404", "413", "429", "503"}  # quotas: 403, 429
     assert all("422" not in op["responses"] for path in doc["paths"].values() for op in path.values())
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"

@@ -73,7 +73,7 @@ def test_every_known_error_answers_without_a_500():
     for cls in all_error_classes():
         h = http_error(instance(cls))
         assert h is not None and h.status != 500 and 400 <= h.status < 600, (cls, h)
-        assert (h.retry_after is not None) == (h.status == 503), (cls, h)
+        assert (h.retry_after is not None) == (h.status in (429, 503)), (cls, h)  # a retry later can succeed
         assert h.message, cls
 
 
@@ -86,6 +86,8 @@ def test_every_known_error_answers_without_a_500():
     ("lessserve.workers.errors:LessWeightsMissingError", 400, False),
     ("lessserve.errors.tree:AuthError", 401, False),
     ("lessserve.cache_store.errors:CacheMissError", 404, False),
+    ("lessserve.cluster.quotas:RateQuotaError", 429, True),
+    ("lessserve.cluster.quotas:HardQuotaError", 403, False),
 ])
 def test_categories_map_to_their_status(name, status, retry):
     from lessserve.cluster.http_errors import http_error
