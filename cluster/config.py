@@ -69,6 +69,10 @@ class ServeConfig(BaseModel):
     router_max_queued_requests: int = Field(1024, ge=-1, description="Requests that may wait for a router "
                                             "replica beyond those (Serve's max_queued_requests; more: 503; -1: "
                                             "unbounded)")
+    router_max_turns: int = Field(480, ge=1, description="Turns (POST /v1 requests, streams until they end) one "
+                                  "router replica serves at once; more: 503 with Retry-After. Below "
+                                  "router_max_ongoing_requests, so health checks, metrics and lookups never queue "
+                                  "behind turns")
     worker_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per worker replica")
     worker_num_gpus: float | None = Field(None, ge=0, description="GPUs per worker (None: 1 if the cluster has any)")
     worker_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each worker "
@@ -91,6 +95,13 @@ class ServeConfig(BaseModel):
     turn_retries: int = Field(2, ge=0, le=10, description="Times the router retries a turn on another worker "
                               "when its worker died before the first token")
     maintain_interval_s: float = Field(5.0, gt=0, description="Worker tier-maintenance period")
+
+    @model_validator(mode="after")
+    def _room_for_probes(self):
+        if self.router_max_turns >= self.router_max_ongoing_requests:
+            raise ValueError(f"router_max_turns {self.router_max_turns} must be below router_max_ongoing_requests "
+                             f"{self.router_max_ongoing_requests}: probes and metrics need room beside the turns")
+        return self
 
     @property
     def model_name(self) -> str:

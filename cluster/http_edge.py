@@ -20,7 +20,7 @@ from lessserve.cluster.auth import owner_of
 from lessserve.cluster.http_errors import ApiError, HttpError, http_error
 from lessserve.cluster.metrics import MetricsSink
 from lessserve.cluster.openai_types import error_body
-from lessserve.errors.tree import LessServeError
+from lessserve.errors.tree import CapacityError, LessServeError
 
 log = logging.getLogger("ray.serve")
 API_PREFIX = "/v1/"  # every path under it needs a key (when the server has keys)
@@ -87,14 +87,22 @@ def _owner(request: Request) -> str:
 Owner = Annotated[str, Depends(_owner)]  # the key's owner (cluster/auth.py), as Edge found it
 
 
+class RouterBusyError(CapacityError):
+    """This router replica serves as many turns as it may (router_max_turns)."""
+
+
 class Edge:
     """ASGI middleware, outermost: the request id (the client's x-request-id, or a fresh one, on
     every response and in request.state), the owner of a /v1 request (request.state.owner; 401
-    without a valid key) and, for a POST, the body read up to `max_body_bytes` (413 past it) and
-    handed on. All before FastAPI parses anything, in that order."""
+    without a valid key) and, for a POST, a place among the replica's `max_turns` turns (503 with
+    Retry-After past it, held until the response, a stream included, ends) and the body read up to
+    `max_body_bytes` (413 past it) and handed on. All before FastAPI parses anything, in that
+    order. Probes, metrics and GETs take no place: they never wait behind turns."""
 
-    def __init__(self, app: ASGIApp, keys: set[str], max_body_bytes: int, metrics: MetricsSink):
+    def __init__(self, app: ASGIApp, keys: set[str], max_body_bytes: int, metrics: MetricsSink,
+                 max_turns: int | None = None):
         self.app, self.keys, self.max_body_bytes, self.metrics = app, keys, max_body_bytes, metrics
+        self.max_turns, self.turns = max_turns, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,17 +118,26 @@ class Edge:
                 message = {**message, "headers": [*kept, (b"x-request-id", rid.encode("latin-1"))]}
             await send(message)
 
+        turn = scope["path"].startswith(API_PREFIX) and scope["method"] == "POST"
         try:
             if scope["path"].startswith(API_PREFIX):
                 state["owner"] = owner_of(headers.get("authorization"), self.keys)
-                if scope["method"] == "POST":
+                if turn:
+                    if self.max_turns is not None and self.turns >= self.max_turns:
+                        raise RouterBusyError(f"this router serves {self.turns} turns, its limit; retry shortly")
                     body = await self._body(headers, receive)
                     if body is None:  # the client left while sending
                         return
                     receive = _replay(body, receive)
         except LessServeError as e:
             return await answer(http_error(e), self.metrics)(scope, receive, send_with_id)
-        await self.app(scope, receive, send_with_id)
+        if not turn:
+            return await self.app(scope, receive, send_with_id)
+        self.turns += 1
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.turns -= 1
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         try:

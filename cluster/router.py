@@ -111,7 +111,8 @@ def build_router_app(cfg: ServeConfig, deps: RouterDeps) -> FastAPI:
                   description="OpenAI-compatible multi-turn chat over LESS-compressed session caches")
     ctx = RouterContext(cfg, deps)
     install_error_handlers(app, deps.metrics)
-    app.add_middleware(Edge, keys=cfg.keys(), max_body_bytes=cfg.max_body_bytes, metrics=deps.metrics)
+    app.add_middleware(Edge, keys=cfg.keys(), max_body_bytes=cfg.max_body_bytes, metrics=deps.metrics,
+                       max_turns=cfg.router_max_turns)
     for routes in (chat_routes(ctx), responses_routes(ctx), service_routes(ctx)):
         app.include_router(routes)
     install_openapi(app, sorted({cfg.model_name, cfg.engine.model}))

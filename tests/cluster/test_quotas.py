@@ -138,3 +138,30 @@ def test_open_mode_has_no_quotas():
         return [(await chat(c, {}, sid=f"s{i}")).status_code for i in range(3)]
 
     assert run(asgi, body) == [200, 200, 200]
+
+
+def test_a_router_at_its_turn_limit_answers_503_and_probes_never_wait():
+    backend = FakeBackend()
+    backend.hold = asyncio.Event()
+    cfg = ServeConfig.model_validate({"router_max_turns": 2, "router_max_ongoing_requests": 8})
+    asgi = build_router_app(cfg, fake_deps(backend))
+
+    async def body(c):
+        running = [asyncio.create_task(chat(c, {}, stream=True)) for _ in range(2)]
+        while len(backend.requests) < 2:
+            await asyncio.sleep(0.001)
+        busy = await chat(c, {})
+        health = await c.get("/healthz")
+        models = await c.get("/v1/models")
+        backend.hold.set()
+        done = [r.status_code for r in await asyncio.gather(*running)]
+        return busy, health.status_code, models.status_code, done, (await chat(c, {})).status_code
+
+    busy, health, models, done, after = run(asgi, body)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "2" and "2 turns" in busy.text
+    assert (health, models, done, after) == (200, 200, [200, 200], 200)
+
+
+def test_the_turn_limit_leaves_room_for_probes():
+    with pytest.raises(ValueError, match="below router_max_ongoing_requests"):
+        ServeConfig.model_validate({"router_max_turns": 512, "router_max_ongoing_requests": 512})
