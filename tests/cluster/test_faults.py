@@ -14,6 +14,8 @@ import uuid
 import httpx
 import pytest
 
+from lessserve.cluster.auth import owner_of
+from lessserve.cluster.protocol import scoped_session
 from lessserve.testing.local_redis import LocalRedis
 from tests.cluster.conftest import KEY_A, deploy
 
@@ -121,9 +123,10 @@ def test_redis_down_then_back_empty_every_conversation_continues(faulty):
     fresh.turn(0)  # a new session is served locally
     redis.start()  # back, empty: the workers re-publish directory entries and transcripts
     wait_for(lambda: httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok")
-    probe = redis.client()
-    wait_for(lambda: all(probe.exists(f"lessserve:directory:{cv.sid}") and probe.exists(f"lessserve:kv:{cv.sid}:ts")
-                         for cv in [*convs, fresh]), timeout=30)
+    probe, owner = redis.client(), owner_of(H["Authorization"], {KEY_A})
+    held = [scoped_session(owner, cv.sid) for cv in [*convs, fresh]]  # the ids under the key, as workers hold them
+    wait_for(lambda: all(probe.exists(f"lessserve:directory:{s}") and probe.exists(f"lessserve:kv:{s}:ts")
+                         for s in held), timeout=30)
     for cv in [*convs, fresh]:
         cv.turn(2 if cv is not fresh else 1)
     for cv in convs:
