@@ -17,6 +17,7 @@ import errno
 import ipaddress
 import json
 import socket
+import sys
 from pathlib import Path
 
 from lessserve.cli.flags import CliError
@@ -182,7 +183,8 @@ def check_less_weights(engine: EngineConfig, model_id: str) -> None:
     """A `+less` policy has LESS weights: the file given, or shipped ones for this model and policy
     (found the way the worker finds them), and they load."""
     from lessserve.workers.compression import Policy
-    from lessserve.workers.less_weights import LessWeights, shipped_weights_path
+    from lessserve.workers.less_weights import LessWeights, check_bound, model_fingerprint, shipped_weights_path
+    from lessserve.workers.model_loader import load_checkpoint
 
     policy = Policy.parse(engine.policy)
     if not policy.less:
@@ -190,7 +192,10 @@ def check_less_weights(engine: EngineConfig, model_id: str) -> None:
     field = "engine.less_weights" if engine.less_weights else blame("engine.policy")
     try:
         path = engine.less_weights or shipped_weights_path(model_id, policy.base, engine.budget)
-        LessWeights.load(path)
+        ckpt = load_checkpoint(engine.model)  # config only: the weights stay on disk
+        note = check_bound(LessWeights.load(path), model_fingerprint(ckpt.args, ckpt.folder), model_id, engine.budget)
+        if note:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
     except LessServeError as e:
         raise CliError(field, str(e)) from None
     except Exception as e:  # noqa: BLE001 - a corrupt file: safetensors raises its own types

@@ -5,10 +5,33 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from lessserve.lab.output import progress
+from lessserve.workers.compression import Policy
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.engine import Engine, pick_device
+from lessserve.workers.errors import LessWeightsMissingError
+from lessserve.workers.less_weights import SHIPPED_DIR, shipped_weights_path
 from lessserve.workers.model_loader import load_checkpoint, load_tokenizer
+
+
+def less_weights_for(model_id: str, policy: str, budget: int) -> Path | None:
+    """The LESS weights a study of `policy` at `budget` runs with, chosen explicitly: those shipped
+    for this budget, else the policy's shipped weights of another budget (said on stderr, and the
+    engine records it: `Engine.less_note`). None for a policy without LESS. Serving never does this:
+    there a missing budget is an error (workers/less_weights.py)."""
+    p = Policy.parse(policy)
+    if not p.less:
+        return None
+    try:
+        return shipped_weights_path(model_id, p.base, budget)
+    except LessWeightsMissingError:
+        others = sorted(SHIPPED_DIR.glob(f"{model_id}-{p.base}-b*.safetensors"))
+        if not others:
+            raise
+        progress(f"note: {policy} at budget {budget} runs with {others[0].name} (no weights shipped for it)")
+        return others[0]
 
 
 def row_key(**parts) -> str:
@@ -29,6 +52,9 @@ class EngineFactory:
         self._first: Engine | None = None
 
     def make(self, policy: str, budget: int, max_slots: int = 1, **cfg) -> Engine:
+        if not self.base.less_weights and "less_weights" not in cfg:
+            chosen = less_weights_for(self.ckpt.model_id, policy, budget)
+            cfg["less_weights"] = str(chosen) if chosen else None
         cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots, **cfg})
         if self._first is None:
             self._first = Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer)

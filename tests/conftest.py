@@ -12,6 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lessserve.lab.engines import less_weights_for  # noqa: E402
 from lessserve.testing.local_redis import LocalRedis  # noqa: E402
 from lessserve.workers.model_loader import LoadedCheckpoint, ModelArgs  # noqa: E402
 
@@ -51,6 +52,14 @@ def default_ckpt():
     return load_checkpoint("smollm2-135m-instruct")
 
 
+def with_less_weights(cfg, model_id: str):
+    """Tests of +less at any budget run the shipped weights, chosen explicitly (lab.less_weights_for)."""
+    if cfg.less_weights:
+        return cfg
+    chosen = less_weights_for(model_id, cfg.policy, cfg.budget)
+    return cfg.model_copy(update={"less_weights": str(chosen) if chosen else None})
+
+
 @pytest.fixture(scope="session")
 def default_engine_factory(default_ckpt):
     """Builds engines over the real default model, sharing one copy of the weights."""
@@ -60,7 +69,7 @@ def default_engine_factory(default_ckpt):
     first: dict = {}
 
     def make(**cfg) -> Engine:
-        c = EngineConfig(**{"max_slots": 2, "max_context": 1024, **cfg})
+        c = with_less_weights(EngineConfig(**{"max_slots": 2, "max_context": 1024, **cfg}), default_ckpt.model_id)
         if not first:
             first["e"] = Engine(c, checkpoint=default_ckpt)
             return first["e"]
@@ -124,6 +133,7 @@ def default_engine(default_model):
     def make(**cfg):
         c = EngineConfig(**{"policy": "h2o", "budget": 16, "max_slots": 2, "prefill_chunk": 16, "device": "cpu",
                             "dtype": "float32", **cfg})
+        c = with_less_weights(c, ckpt.model_id)
         return Engine(c, checkpoint=ckpt, tokenizer=first.tokenizer, model=first.model)
 
     return make

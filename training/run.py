@@ -19,7 +19,7 @@ from lessserve.training.e2e import run_finetune
 from lessserve.training.layerwise import policy_spec, run_training
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.engine import pick_device
-from lessserve.workers.less_weights import SHIPPED_DIR, LessWeights
+from lessserve.workers.less_weights import SHIPPED_DIR, LessWeights, model_fingerprint
 from lessserve.workers.model import LlamaModel
 from lessserve.workers.model_loader import cache_root, load_checkpoint, load_tokenizer
 
@@ -90,7 +90,8 @@ def train_less(cfg: TrainLessConfig, command: str) -> Path:
         weights.manifest["dev"] = {k: v for k, v in ft["val_best"].items() if k not in ("train_kl", "lr")}
         weights.manifest["dev_tokens_per_text"] = dev.tokens()
     weights.manifest.update({"budget": cfg.budget, "command": command, "data_sources": sources,
-                             "split_rule": SPLIT_RULE, "tokens": tokens})
+                             "split_rule": SPLIT_RULE, "tokens": tokens,
+                             "model_fingerprint": model_fingerprint(ckpt.args, ckpt.folder)})
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.save(out)
     for s in weights.manifest.get("layers", []):

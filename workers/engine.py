@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,11 +23,18 @@ from lessserve.workers.compression import Policy, eviction_spec, less_state_toke
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.cuda_graphs import DecodeGraphs, EagerReplay, backend_for, buckets
 from lessserve.workers.errors import ConfigError, ContextOverflowError
-from lessserve.workers.less_weights import LessWeights, shipped_weights_path
+from lessserve.workers.less_weights import (
+    LessWeights,
+    check_bound,
+    model_fingerprint,
+    shipped_rank,
+    shipped_weights_path,
+)
 from lessserve.workers.model import LlamaModel
 from lessserve.workers.model_loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
 from lessserve.workers.slots import SlotSlab
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -73,7 +81,8 @@ class Engine:
         self.impl = resolve(cfg.kernels, self.device)
         ckpt = checkpoint or load_checkpoint(cfg.model)
         self.dtype = _DTYPES.get(cfg.dtype) or auto_dtype(self.device, ckpt.stored_dtype)
-        self.model_id, self.args = ckpt.model_id, ckpt.args
+        self.model_id, self.args, self.folder = ckpt.model_id, ckpt.args, ckpt.folder
+        self.less_note: str | None = None  # LESS weights chosen at another budget than served
         self.tokenizer = tokenizer if tokenizer is not None else (
             load_tokenizer(ckpt.folder) if (ckpt.folder / "tokenizer_config.json").is_file() else None
         )
@@ -128,15 +137,15 @@ class Engine:
                 or less.layers[0].w1k.shape[0] != a.num_kv_heads:
             raise ConfigError(f"LESS weights (manifest model {less.manifest.get('model')!r}) do not fit "
                               f"{self.model_id}: {a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads")
+        note = check_bound(less, model_fingerprint(a, self.folder), self.model_id, self.cfg.budget)
+        if note:  # only a file given explicitly can differ: shipped weights match the budget
+            log.warning("%s", note)
+            self.less_note = note
         return less.to(self.device, torch.float32)
 
     def _plus_rank(self) -> int:
-        """Rank of the LESS state the `+` baseline matches in memory (shipped kernels, else 8)."""
-        try:
-            return int(LessWeights.load(shipped_weights_path(self.model_id, self.policy.base, self.cfg.budget))
-                       .manifest["rank"])
-        except ConfigError:
-            return 8
+        """Rank of the LESS state the `+` baseline matches in memory (the shipped weights', else 8)."""
+        return shipped_rank(self.model_id, self.policy.base) or 8
 
     @property
     def less_digest(self) -> str:

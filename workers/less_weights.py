@@ -1,11 +1,15 @@
 """LESS weights (phi/psi weights per layer): a safetensors file plus a JSON manifest.
 
 Layout: tensors `layers.{i}.{w1q,w2q,w1k,w2k,wint,s1,s2}`; manifest `<file>.json` with at least
-{"model", "policy", "budget", "rank", "hidden"}. Shipped kernels live in `less_weights/`.
+{"model", "policy", "budget", "rank", "hidden"}, and `model_fingerprint` (`model_fingerprint`: the
+architecture, shapes and tokenizer they were trained on). Shipped weights live in `less_weights/`,
+one file per (model, policy, budget): an engine at another budget finds none there and must be
+given a file explicitly (`--less-weights`); nothing falls back to another budget silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -87,16 +91,54 @@ class LessWeights:
         return cls(layers, manifest)
 
 
+def model_fingerprint(args, folder: Path) -> str:
+    """A hash of what LESS weights are bound to: the decoder's shape as this package reads it
+    (ModelArgs: architecture, sizes, norms, RoPE) and the tokenizer's vocabulary and merges, both
+    canonicalised, so another transformers or tokenizers version writing the same model's files
+    differently gives the same fingerprint."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(args), sort_keys=True, default=str).encode())
+    tok = Path(folder) / "tokenizer.json"
+    if tok.is_file():
+        model = json.loads(tok.read_text()).get("model", {})
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+        h.update(json.dumps({"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges},
+                            sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def check_bound(less: LessWeights, fingerprint: str, model_id: str, budget: int) -> str | None:
+    """ConfigError when `less` was trained for another model (its manifest's fingerprint differs);
+    returns a note when it was trained at another budget than `budget` (chosen explicitly)."""
+    bound = less.manifest.get("model_fingerprint")
+    if bound is not None and bound != fingerprint:
+        raise ConfigError(f"LESS weights trained for model {less.manifest.get('model')!r} (fingerprint {bound}) "
+                          f"do not fit {model_id!r} (fingerprint {fingerprint}): train weights for this model")
+    trained = int(less.manifest.get("budget", budget))
+    return None if trained == budget else f"LESS weights trained at budget {trained}, serving budget {budget}"
+
+
 def shipped_weights_path(model_id: str, base_policy: str, budget: int) -> Path:
-    """Prefer kernels trained at this budget; else any budget for the model and policy."""
+    """The weights shipped for this model, policy and budget; LessWeightsMissingError (naming the
+    budgets shipped, and how to choose one) when there are none."""
     exact = SHIPPED_DIR / f"{model_id}-{base_policy}-b{budget}.safetensors"
     if exact.is_file():
         return exact
     others = sorted(SHIPPED_DIR.glob(f"{model_id}-{base_policy}-b*.safetensors"))
     if others:
-        return others[0]
+        trained = ", ".join(p.stem.rsplit("-b", 1)[1] for p in others)
+        raise LessWeightsMissingError(
+            f"policy {base_policy}+less at budget {budget}: LESS weights for {model_id!r} are shipped for budget "
+            f"{trained} only. Serve that budget, pass one of them explicitly (--less-weights {others[0]}), or "
+            f"train weights for this budget (`lessserve train-less --policy {base_policy} --budget {budget}`)")
     raise LessWeightsMissingError(
         f"policy {base_policy}+less needs trained LESS weights for model {model_id!r}; none shipped. "
         f"Train them with `lessserve train-less --model {model_id} --policy {base_policy}` "
         f"and pass --less-weights FILE"
     )
+
+
+def shipped_rank(model_id: str, base_policy: str) -> int | None:
+    """The rank of the LESS state shipped for this model and policy (any budget), None if none."""
+    for path in sorted(SHIPPED_DIR.glob(f"{model_id}-{base_policy}-b*.json")):
+        return int(json.loads(path.read_text())["rank"])
+    return None
