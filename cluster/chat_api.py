@@ -56,6 +56,10 @@ class ChatFrames:
                                     h.type if h else "server_error", code=h.code if h else "stream_interrupted")),
                 DONE]
 
+    async def aborted(self) -> None:
+        """Nothing to undo: a chat turn cut short keeps what its cache consumed (the worker closes
+        the turn with exactly those tokens)."""
+
 
 def turn_usage(turn: TurnOutcome) -> dict:
     return usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled)

@@ -6,6 +6,7 @@ follow-ups to one response are two branches. Records: cluster/responses.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING
@@ -56,6 +57,17 @@ class ResponseFrames:
     def error(self, h: HttpError | None, e: BaseException) -> list[str]:
         return [self.events.error(h.code if h else "stream_interrupted", h.message if h else type(e).__name__)]
 
+    async def aborted(self) -> None:
+        await forget_unstored(self.ctx, self.rec)
+
+
+async def forget_unstored(ctx: RouterContext, rec: dict) -> None:
+    """A response that ended before its record was stored names a session nobody can reach: forget
+    it now rather than leave it to expire (best effort; its TTLs collect it otherwise)."""
+    if rec["store"] and not rec.get("stored"):
+        with contextlib.suppress(Exception):
+            await ctx.deps.backend.delete_session(rec["session"], rec["owner"])
+
 
 async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome) -> None:
     """The record completed with the turn's output, kept unless `store` is false."""
@@ -67,6 +79,7 @@ async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome) -> None:
         rec["messages"] = [*rec["messages"], reply]
     if rec["store"]:
         await ctx.deps.responses.put(rec)
+        rec["stored"] = True
 
 
 def responses_routes(ctx: RouterContext) -> APIRouter:
@@ -100,8 +113,11 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
         if body.stream:
             return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec), ctx.deps.metrics, rid),
                                      media_type="text/event-stream")
-        await collect(turn, events)
-        await finish(ctx, rec, turn)
+        try:
+            await collect(turn, events)
+            await finish(ctx, rec, turn)
+        finally:
+            await asyncio.shield(forget_unstored(ctx, rec))  # no-op once stored
         turn.record(ctx.deps.metrics)
         return JSONResponse(response_object(rec))
 

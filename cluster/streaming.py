@@ -4,6 +4,7 @@ anything was generated is raised, so it becomes an HTTP status), `collect` reads
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -98,24 +99,34 @@ class SseFrames(Protocol):
         """The in-band report of an error after the stream started (`h` None: not a known one)."""
         ...
 
+    async def aborted(self) -> None:
+        """The stream ended before its closing frames (an error, or the client went away): undo
+        what only a completed turn should leave behind."""
+        ...
+
 
 async def sse(turn: TurnOutcome, events: AsyncIterator[Event], frames: SseFrames, metrics: MetricsSink,
               label: str) -> AsyncIterator[str]:
     """The stream of a started turn: opening frames, one delta per token, then the closing frames
     and the turn recorded in the metrics, or an in-band error that ends the stream."""
-    for chunk in frames.opening():
-        yield chunk
+    closing = None
     try:
-        async for ev in events:
-            text = turn.add(ev)
-            if text is not None:
-                yield frames.delta(text)
-        closing = await frames.closing(turn)
-    except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
-        log.warning("stream %s ended by %s: %s", label, type(e).__name__, e)
-        for chunk in frames.error(http_error(e), e):
+        for chunk in frames.opening():
             yield chunk
-        return
+        try:
+            async for ev in events:
+                text = turn.add(ev)
+                if text is not None:
+                    yield frames.delta(text)
+            closing = await frames.closing(turn)
+        except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
+            log.warning("stream %s ended by %s: %s", label, type(e).__name__, e)
+            for chunk in frames.error(http_error(e), e):
+                yield chunk
+            return
+    finally:
+        if closing is None:  # an error, or the client went away (cancelled): undone, whatever cancels it
+            await asyncio.shield(frames.aborted())
     turn.record(metrics)
     for chunk in closing:
         yield chunk

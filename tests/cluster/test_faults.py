@@ -66,13 +66,16 @@ def faulty(cluster):
     """Deploy a variant of the cluster's config; the cluster's own config comes back afterwards."""
     made: list[LocalRedis] = []
 
-    def make(redis_persist: bool | None = True, **over) -> dict:
+    def make(redis_persist: bool | None = True, redis_password_file: str | None = None, **over) -> dict:
         cfg = json.loads(json.dumps(cluster["cfg"]))
         if redis_persist is None:
             cfg["store"]["redis_url"] = None
         else:
-            made.append(LocalRedis(persist=redis_persist).start())
+            password = open(redis_password_file).read().strip() if redis_password_file else None
+            made.append(LocalRedis(persist=redis_persist, password=password).start())
             cfg["store"]["redis_url"] = made[-1].url
+            if redis_password_file:
+                cfg["store"]["redis_password_file"] = redis_password_file
         for dotted, v in over.items():
             *path, last = dotted.split("__")
             d = cfg
@@ -134,6 +137,28 @@ def test_redis_down_then_back_empty_every_conversation_continues(faulty):
         assert all(s == 200 for s in cv.statuses), cv.statuses
     assert fresh.turns_recorded() == 2
     report("Redis killed with 4 conversations resident, a new one started, Redis back empty", [*convs, fresh])
+
+
+def test_a_redis_with_requirepass_serves_end_to_end_from_a_password_file(faulty, tmp_path):
+    """The chart's wiring, through the real cluster: Redis AUTH from a mounted file (a Secret);
+    sessions are placed, transcripts and caches reach Redis, health is ok, not degraded."""
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cr:t@pw-" + uuid.uuid4().hex + "\n")
+    c = faulty(redis_persist=False, redis_password_file=str(secret), store__device_idle_s=0.5,
+               store__host_idle_s=0.5, store__host_bytes=0)
+    url, redis = c["url"], c["redis"]
+    convs = [Conversation(url) for _ in range(2)]
+    for i in range(2):
+        for cv in convs:
+            cv.turn(i)
+    assert httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    probe, owner = redis.client(), owner_of(H["Authorization"], {KEY_A})
+    held = [scoped_session(owner, cv.sid) for cv in convs]
+    wait_for(lambda: all(probe.exists(f"lessserve:directory:{s}") and probe.exists(f"lessserve:kv:{s}:ts")
+                         and probe.exists(f"lessserve:kv:{s}:ptr") for s in held), timeout=60)  # caches offloaded
+    for cv in convs:
+        cv.turn(2)  # restored from the password-protected Redis
+        assert cv.turns_recorded() == 3 and all(st == 200 for st in cv.statuses), cv.statuses
 
 
 def test_offloaded_caches_restore_from_redis_aof_after_a_crash(faulty):

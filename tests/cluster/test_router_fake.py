@@ -237,6 +237,32 @@ def test_an_error_after_the_first_token_is_reported_in_band(app):
     assert r.status_code == 503 and r.headers["retry-after"] == "2"
 
 
+def test_a_response_that_ends_before_its_record_is_kept_leaves_no_session(app, monkeypatch):
+    """The response's session is forgotten at once when its record is never stored (an error
+    mid-stream or mid-collect; a client gone mid-stream takes the same path), and kept otherwise."""
+    client, deps = app
+    forgotten = []
+    real = deps.backend.delete_session
+
+    async def spy(session_id, owner):
+        forgotten.append(session_id)
+        return await real(session_id, owner)
+
+    monkeypatch.setattr(deps.backend, "delete_session", spy)
+    busy = HttpError(503, "service_unavailable", "session_unavailable", "tier lost", retry_after=2)
+    deps.backend.fail_next(busy, after_tokens=2)
+    evs = events(create(client, input="a b c", stream=True).text)
+    assert evs[-1]["type"] == "error"
+    deps.backend.fail_next(busy, after_tokens=2)
+    assert create(client, input="a b c").status_code == 503
+    first, second = (r.session_id for r in deps.backend.requests)
+    assert forgotten == [first, second]
+    kept = create(client, input="a b c", stream=True)
+    assert events(kept.text)[-1]["type"] == "response.completed" and len(forgotten) == 2
+    assert create(client, input="x y").status_code == 200 and len(forgotten) == 2
+    assert create(client, input="x y", store=False).status_code == 200 and len(forgotten) == 2  # ephemeral anyway
+
+
 def test_backend_errors_and_bugs(app, monkeypatch):
     client, deps = app
 
