@@ -75,6 +75,9 @@ def serve_config(values: dict, release: str = RELEASE) -> ServeConfig:
     """The app's ServeConfig for these chart values (raises pydantic.ValidationError on bad values)."""
     args = copy.deepcopy(values.get("serve") or {})
     args["host"], args["port"] = "0.0.0.0", SERVE_PORT
+    model = values.get("model") or {}
+    if model.get("path") and (model.get("existingClaim") or model.get("hostPath")):
+        args.setdefault("engine", {})["model"] = f"{model['mountPath'].rstrip('/')}/{model['path'].lstrip('/')}"
     url = redis_url(values, release)
     if url:
         args.setdefault("store", {})["redis_url"] = url
@@ -139,6 +142,9 @@ def values_schema() -> dict:
                 "external": {"type": "object", "properties": {"url": {"type": "string",
                                                                        "pattern": "^$|^(redis|rediss|unix)://"}}}}},
             "service": {"type": "object", "properties": {"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}}},
+            "model": {"type": "object", "properties": {
+                "existingClaim": {"type": "string"}, "hostPath": {"type": "string", "pattern": "^$|^/"},
+                "mountPath": {"type": "string", "pattern": "^/"}, "path": {"type": "string"}}},
             "networkPolicy": {"type": "object", "properties": {
                 "enabled": {"type": "boolean"}, "serveFrom": {"type": "array"}, "metricsFrom": {"type": "array"},
                 "operator": {"type": "object"}}},

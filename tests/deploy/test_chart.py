@@ -169,6 +169,28 @@ def test_redis_requires_a_password_from_a_secret_the_app_reads(rendered, values)
         assert store["redis_password_file"] == f"{mount['mountPath']}/redis-password"
 
 
+@pytest.mark.parametrize("source", [("existingClaim", "models"), ("hostPath", "/srv/models")])
+def test_a_model_volume_is_mounted_where_the_app_loads_the_model(helm, source):
+    key, value = source
+    extra = ("--set", f"model.{key}={value}", "--set", "model.path=Llama-3.2-1B-Instruct")
+    docs = render.documents(render.helm_template(helm=helm, extra_args=extra))
+    rs = rayservice(docs)
+    model = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["engine"]["model"]
+    vals = render.merge(render.load_values(), {"model": {key: value, "path": "Llama-3.2-1B-Instruct"}})
+    assert model == "/models/Llama-3.2-1B-Instruct" == render.serve_config(vals).engine.model  # the Python twin
+    cluster = rs["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        _validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": group["template"]})
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "model"]
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model"]
+        assert mount == {"name": "model", "mountPath": "/models", "readOnly": True}
+        if key == "existingClaim":
+            assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+        else:
+            assert vol["hostPath"] == {"path": "/srv/models", "type": "Directory"}
+
+
 def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     import base64
 
@@ -210,6 +232,8 @@ def test_api_keys_secret_mounted_where_the_app_reads_it(helm, tmp_path):
     (("--set", "rayService.autoscaler.idleTimeoutSeconds=30"), "shorter than a replica's drain budget 70"),
     (("--set", "rayService.autoscaler.enabled=maybe"), "enabled"),
     (("--set", "redis.maxmemoryPolicy=allkeys-lru"), "maxmemoryPolicy"),  # would evict response records
+    (("--set", "model.path=m"), "model.path needs a volume"),
+    (("--set", "model.existingClaim=a", "--set", "model.hostPath=/b"), "not both"),
 ])
 def test_bad_values_are_rejected(helm, bad, message):
     with pytest.raises(RuntimeError, match=message):

@@ -51,6 +51,11 @@ has an existing Secret (the Python twin: lessserve.deploy.render.redis_auth). */
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "lessserve.fullname" .)) -}}
 {{- end -}}
 
+{{/* A model volume (a PVC or a hostPath) is mounted on the Ray pods. */}}
+{{- define "lessserve.modelVolume" -}}
+{{- if or .Values.model.existingClaim .Values.model.hostPath -}}true{{- end -}}
+{{- end -}}
+
 {{- define "lessserve.apiKeysSecret" -}}
 {{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "lessserve.fullname" .)) -}}
 {{- end -}}
@@ -66,6 +71,11 @@ lessserve.cluster.config.ServeConfig) with what the chart owns filled in: bind a
 */}}
 {{- define "lessserve.serveArgs" -}}
 {{- $args := deepCopy .Values.serve -}}
+{{- if and (include "lessserve.modelVolume" .) .Values.model.path -}}
+{{- $engine := $args.engine | default dict -}}
+{{- $_ := set $engine "model" (printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) (trimPrefix "/" .Values.model.path)) -}}
+{{- $_ := set $args "engine" $engine -}}
+{{- end -}}
 {{- $_ := set $args "host" "0.0.0.0" -}}
 {{- $_ := set $args "port" 8000 -}}
 {{- $store := $args.store | default dict -}}
