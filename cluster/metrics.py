@@ -56,13 +56,14 @@ class Histogram:
 
 class ClusterCollector:
     """A prometheus_client collector over a ClusterState's numbers: `ttft` and `itl` (Histogram),
-    `counters` (name -> count), `t0` (start, epoch seconds) and `workers` (id -> latest report)."""
+    `counters` (name -> count), `t0` (start, epoch seconds) and `live_reports()` (the live workers'
+    latest reports)."""
 
     def __init__(self, state):
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        st, workers = self.state, list(self.state.workers.values())
+        st, workers = self.state, self.state.live_reports()
         yield st.ttft.family("lessserve_ttft_seconds", "Time to first token")
         yield st.itl.family("lessserve_inter_token_latency_seconds", "Time between streamed tokens")
         for k, v in st.counters.items():

@@ -18,6 +18,7 @@ from lessserve.cluster.metrics import Histogram, cluster_registry, exposition
 STATE_ACTOR = "lessserve-cluster-state"
 NAMESPACE = "lessserve"
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
+REPORT_STALE_S = 60.0  # a worker reports every maintain_interval_s (5 s); silent this long, it is gone
 
 
 @ray.remote(num_cpus=0)
@@ -86,6 +87,14 @@ class ClusterState:
         """Workers that reported within the last `stale_s` seconds."""
         now = time.time()
         return sum(1 for w in self.workers.values() if now - w["t"] <= stale_s)
+
+    def live_reports(self) -> list[dict]:
+        """The latest report of every worker heard from within REPORT_STALE_S; older ones (a worker
+        killed without leaving) are dropped, so /metrics never sums a dead worker's numbers."""
+        now = time.time()
+        for worker in [w for w, r in self.workers.items() if now - r["t"] > REPORT_STALE_S]:
+            del self.workers[worker]
+        return list(self.workers.values())
 
     def report_worker(self, worker: str, stats: dict) -> None:
         self.workers[worker] = {**stats, "t": time.time()}

@@ -123,6 +123,20 @@ def test_numbers_are_the_state_s_and_the_workers_sums(state):
     assert {f.name for f in text_string_to_metric_families(text)}  # a Prometheus parser reads it
 
 
+def test_a_worker_silent_past_the_staleness_limit_no_longer_counts(state, monkeypatch):
+    """A worker killed without leaving stops reporting: after REPORT_STALE_S its numbers (a turn it was
+    running, its sessions) leave /metrics, and it no longer counts as live."""
+    import time as _time
+
+    from lessserve.cluster import state as state_mod
+
+    state.workers["w1"]["t"] -= state_mod.REPORT_STALE_S + 1  # w1 went silent a while ago
+    got = samples(state.prometheus())
+    assert got["lessserve_workers"] == 1 and got["lessserve_turns_running"] == 0 and got["lessserve_queue_depth"] == 1
+    assert got['lessserve_tier_sessions{tier="device"}'] == 3 and "w1" not in state.workers
+    assert _time.time() - state.workers["w2"]["t"] < 5
+
+
 def test_the_state_maps_bytes_evictions_and_refusals_are_exported():
     from lessserve.cache_store.kv import KVFullError, KVMap
     from lessserve.cache_store.shared_tier import cache_keys
