@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from lessserve.cache_store.codec import read_header
+from lessserve.cache_store.codec import Blob, read_header
 from lessserve.cache_store.config import StoreConfig
 from lessserve.cache_store.errors import (
     CacheMissError,
@@ -171,8 +171,8 @@ class TieredCacheStore:
             self._set_loc(sid, None)
             self.dropped_total += 1
 
-    def _move_local(self, sid: str, src: str, dst: str) -> None:
-        blob = self.local[src].get(sid)
+    def _move_local(self, sid: str, src: str, dst: str, blob: Blob | None = None) -> None:
+        blob = self.local[src].get(sid) if blob is None else blob
         self._host_room(len(blob), sid)
         self.local[dst].put(sid, blob)  # a failure here leaves the source copy in place
         self.local[src].delete(sid)
@@ -377,8 +377,16 @@ class TieredCacheStore:
         return self.lru[tier].victims(self._pins)
 
     def _try_local(self, sid: str, src: str) -> int:
+        """An idle copy down one tier: to the host, or, when it is bigger than the whole host tier
+        (host_bytes 0: host storage off), straight out as a spill for the shared tier."""
+        blob = self.local[src].get(sid)
+        if self.shared and len(blob) > self.host.capacity:
+            self._spills.append(Spill(sid, bytes(blob)))
+            self.local[src].delete(sid)
+            self._set_loc(sid, None)
+            return 1
         try:
-            self._move_local(sid, src, "host")
+            self._move_local(sid, src, "host", blob)
             return 1
         except TierFullError:
             return 0

@@ -144,20 +144,22 @@ def test_a_redis_with_requirepass_serves_end_to_end_from_a_password_file(faulty,
     sessions are placed, transcripts and caches reach Redis, health is ok, not degraded."""
     secret = tmp_path / "redis-password"
     secret.write_text("s3cr:t@pw-" + uuid.uuid4().hex + "\n")
-    c = faulty(redis_persist=False, redis_password_file=str(secret), store__device_idle_s=0.5,
-               store__host_idle_s=0.5, store__host_bytes=0)
+    c = faulty(redis_persist=False, redis_password_file=str(secret), store__device_idle_s=1.0,
+               store__host_idle_s=1.0)
     url, redis = c["url"], c["redis"]
     convs = [Conversation(url) for _ in range(2)]
     for i in range(2):
         for cv in convs:
             cv.turn(i)
     assert httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    info = lambda cv: httpx.get(f"{url}/v1/sessions/{cv.sid}", headers=H, timeout=60).json()  # noqa: E731
+    wait_for(lambda: all(info(cv)["tier"] == "redis" for cv in convs), timeout=60)  # caches offloaded there
     probe, owner = redis.client(), owner_of(H["Authorization"], {KEY_A})
-    held = [scoped_session(owner, cv.sid) for cv in convs]
-    wait_for(lambda: all(probe.exists(f"lessserve:directory:{s}") and probe.exists(f"lessserve:kv:{s}:ts")
-                         and probe.exists(f"lessserve:kv:{s}:ptr") for s in held), timeout=60)  # caches offloaded
+    for held in (scoped_session(owner, cv.sid) for cv in convs):  # read back with the password
+        assert probe.exists(f"lessserve:directory:{held}", f"lessserve:kv:{held}:ts", f"lessserve:kv:{held}:ptr") == 3
     for cv in convs:
-        cv.turn(2)  # restored from the password-protected Redis
+        body = cv.turn(2)  # restored from the password-protected Redis: only the new message prefilled
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 20, body["usage"]
         assert cv.turns_recorded() == 3 and all(st == 200 for st in cv.statuses), cv.statuses
 
 

@@ -169,3 +169,26 @@ def test_a_cache_without_its_transcript_is_refused(default_engine, redis_server,
         assert ss.device.free_slots == 0  # t and u: no slot leaked
     finally:
         ss.close()
+
+
+def test_without_host_storage_idle_caches_go_straight_to_the_shared_tier(default_engine):
+    """host_bytes 0 turns the host tier's storage off: an idle device copy then goes to the shared tier
+    (it stayed on the device forever, found through a requirepass cluster test), and comes back."""
+    import time
+
+    from lessserve.cache_store.kv import MemoryKV
+
+    ss = LocalSessions(default_engine(max_slots=2), StoreConfig(host_bytes=0, device_idle_s=0.05, host_idle_s=0.05),
+                       kv=MemoryKV())
+    try:
+        msgs = next_messages([], 0)
+        list(ss.turn("s", msgs, max_new_tokens=3))
+        time.sleep(0.1)
+        assert ss.maintain() == 1 and ss.where("s") == "memory"
+        assert ss.engine.slab.free_slots == 2  # the device slot was given back
+        hist = ss.transcript("s").messages
+        list(ss.turn("s", next_messages(hist, 1), max_new_tokens=3))
+        st = ss.stats()
+        assert st["memory"]["restores"] == 1 and st["total"]["recomputes"] == 0
+    finally:
+        ss.close()
