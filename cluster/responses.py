@@ -71,12 +71,16 @@ class ResponseStore:
                 raw = await self.kv.get(key)
         return key, raw
 
-    async def get(self, rid: str, owner: str) -> dict:
-        _, raw = await self._raw(rid, owner)
+    async def _owned(self, rid: str, owner: str) -> tuple[str, dict]:
+        """(key, record) of `owner`'s response `rid`; ResponseNotFoundError for anyone else's or none."""
+        key, raw = await self._raw(rid, owner)
         rec = json.loads(raw) if raw else None
         if rec is None or rec.get("owner") != owner:
             raise not_found(rid)
-        return rec
+        return key, rec
+
+    async def get(self, rid: str, owner: str) -> dict:
+        return (await self._owned(rid, owner))[1]
 
     async def usage(self, owner: str) -> tuple[int, int]:
         """(records, bytes) this key stores (one bounded scan of its prefix)."""
@@ -101,10 +105,7 @@ class ResponseStore:
         return messages, rec
 
     async def delete(self, rid: str, owner: str) -> dict:
-        key, raw = await self._raw(rid, owner)
-        rec = json.loads(raw) if raw else None
-        if rec is None or rec.get("owner") != owner:
-            raise not_found(rid)
+        key, rec = await self._owned(rid, owner)
         with unavailable_as(ResponseStoreUnavailableError):
             await self.kv.delete(key)
         return rec

@@ -39,6 +39,14 @@ def row_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def with_less_weights(cfg: EngineConfig, model_id: str) -> EngineConfig:
+    """`cfg` with its LESS weights chosen explicitly (less_weights_for) unless it names a file."""
+    if cfg.less_weights:
+        return cfg
+    chosen = less_weights_for(model_id, cfg.policy, cfg.budget)
+    return cfg.model_copy(update={"less_weights": str(chosen) if chosen else None})
+
+
 @dataclass
 class EngineFactory:
     """Loads the checkpoint once; `make(policy, budget)` returns an engine sharing its weights."""
@@ -52,10 +60,9 @@ class EngineFactory:
         self._first: Engine | None = None
 
     def make(self, policy: str, budget: int, max_slots: int = 1, **cfg) -> Engine:
-        if not self.base.less_weights and "less_weights" not in cfg:
-            chosen = less_weights_for(self.ckpt.model_id, policy, budget)
-            cfg["less_weights"] = str(chosen) if chosen else None
-        cfg = self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots, **cfg})
+        cfg = with_less_weights(
+            self.base.model_copy(update={"policy": policy, "budget": budget, "max_slots": max_slots, **cfg}),
+            self.ckpt.model_id)
         if self._first is None:
             self._first = Engine(cfg, checkpoint=self.ckpt, tokenizer=self.tokenizer)
             return self._first

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lessserve.lab.engines import less_weights_for  # noqa: E402
+from lessserve.lab.engines import with_less_weights  # noqa: E402  (tests of +less at any budget)
 from lessserve.testing.local_redis import LocalRedis  # noqa: E402
 from lessserve.workers.model_loader import LoadedCheckpoint, ModelArgs  # noqa: E402
 
@@ -50,14 +50,6 @@ def default_ckpt():
     from lessserve.workers.model_loader import load_checkpoint
 
     return load_checkpoint("smollm2-135m-instruct")
-
-
-def with_less_weights(cfg, model_id: str):
-    """Tests of +less at any budget run the shipped weights, chosen explicitly (lab.less_weights_for)."""
-    if cfg.less_weights:
-        return cfg
-    chosen = less_weights_for(model_id, cfg.policy, cfg.budget)
-    return cfg.model_copy(update={"less_weights": str(chosen) if chosen else None})
 
 
 @pytest.fixture(scope="session")
