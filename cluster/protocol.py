@@ -3,7 +3,10 @@ namespaces, and the engine protocol (`TurnBackend`) the router serves through.
 
 A turn is one `TurnRequest` in and a stream of events out:
 
-    StartEvent(prompt_tokens, prefilled)  TokenEvent(text) ...  EndEvent(finish_reason, completion_tokens)
+    StartEvent(prompt_tokens, prefilled) [PromptEvent] TokenEvent(text) ... EndEvent(finish_reason, completion_tokens)
+
+With n > 1 choices, TokenEvents and EndEvents carry their choice's `index` (one EndEvent each);
+PromptEvent (the prompt's tokens and logprobs, for /v1/completions' `echo`) comes only when asked.
 
 or an `ErrorEvent` instead of the start (nothing was generated) or after some tokens (the stream
 reports it in-band). Events are small frozen dataclasses; they cross Ray as pickled objects, one per
@@ -21,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lessserve.cluster.http_errors import HttpError
 from lessserve.workers.session_ids import (
@@ -39,8 +42,8 @@ from lessserve.workers.session_ids import (
 )
 
 __all__ = ["PRIVATE_PREFIX", "RESERVED", "RESPONSE_PREFIX", "SESSION_ID_PATTERN", "EndEvent", "ErrorEvent", "Event",
-           "StartEvent", "TokenEvent", "TurnBackend", "TurnRequest", "is_client_id", "is_durable", "namespace",
-           "private_session", "response_session", "scoped_session", "client_id"]
+           "PromptEvent", "StartEvent", "TokenEvent", "TokenLogprob", "TurnBackend", "TurnRequest", "is_client_id",
+           "is_durable", "namespace", "private_session", "response_session", "scoped_session", "client_id"]
 
 
 class TurnRequest(BaseModel):
@@ -51,14 +54,30 @@ class TurnRequest(BaseModel):
 
     session_id: str | None = Field(None, description="client or response session; None: a one-off turn")
     owner: str
-    messages: list[dict[str, str]] = Field(..., min_length=1, description='the whole history, {"role", "content"}')
-    max_tokens: int = Field(..., ge=1)
+    messages: list[dict[str, str]] = Field(default_factory=list,
+                                           description='the whole history, {"role", "content"} (a chat turn)')
+    prompt: str | list[int] | None = Field(None, description="raw text or token ids, no chat template (a completion)")
+    max_tokens: int = Field(..., ge=0, description="0: only the prompt (its logprobs)")
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     fork_from: str | None = Field(None, description="start as a copy of this session's cache (a response's parent)")
     ephemeral: bool = Field(False, description="forget the session after the turn (store: false)")
+    n: int = Field(1, ge=1, description="choices, prefilled once and forked (the session keeps choice 0)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each token's logprob and this many alternatives")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="the prompt's logprobs (a PromptEvent)")
+    echo: bool = Field(False, description="send a PromptEvent with the prompt's text and tokens")
+    grammar: str | None = Field(None, description="an llguidance grammar the reply must follow (structured output)")
+    tools: list[dict] | None = Field(None, description="function tools, rendered by the chat template")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if bool(self.messages) == (self.prompt is not None):
+            raise ValueError("a turn has either messages (chat) or a prompt (completion)")
+        if self.prompt is not None and self.session_id is not None and namespace(self.session_id) != "private":
+            raise ValueError("a completion has no session")
+        return self
 
     @field_validator("session_id", "fork_from")
     @classmethod
@@ -80,9 +99,23 @@ class StartEvent:
     type: ClassVar[str] = "start"
 
 
+# One token's logprob for the client: (its text, logprob, its UTF-8 bytes, ((alternative, logprob), ...))
+TokenLogprob = tuple[str, float, tuple[int, ...], tuple[tuple[str, float], ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptEvent:
+    text: str  # the prompt as the model saw it (token ids decoded)
+    tokens: tuple[str, ...]  # each prompt token's text
+    logprobs: tuple[TokenLogprob | None, ...] = ()  # when asked for; the first token has none
+    type: ClassVar[str] = "prompt"
+
+
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     text: str
+    index: int = 0  # the choice (n > 1)
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens behind this text, when asked for
     type: ClassVar[str] = "token"
 
 
@@ -90,6 +123,7 @@ class TokenEvent:
 class EndEvent:
     finish_reason: str  # "stop" or "length"
     completion_tokens: int
+    index: int = 0
     type: ClassVar[str] = "end"
 
 
@@ -99,7 +133,7 @@ class ErrorEvent:
     type: ClassVar[str] = "error"
 
 
-Event = StartEvent | TokenEvent | EndEvent | ErrorEvent
+Event = StartEvent | PromptEvent | TokenEvent | EndEvent | ErrorEvent
 
 
 class TurnBackend(Protocol):

@@ -27,16 +27,17 @@ import uuid
 from ray import serve
 
 from lessserve.cluster.admission import SessionBusyError, TurnGate
+from lessserve.cluster.choices import TokenTexts, choice_events, sampling_params
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import DirectoryUnavailableError, SessionDirectory, WriteBehind
 from lessserve.cluster.http_errors import http_error
-from lessserve.cluster.protocol import EndEvent, ErrorEvent, StartEvent, TokenEvent, TurnRequest, private_session
+from lessserve.cluster.protocol import ErrorEvent, StartEvent, TurnRequest, private_session
 from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.engine import Engine
-from lessserve.workers.reply import Reply
-from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from lessserve.workers.errors import ContextOverflowError
+from lessserve.workers.scheduler import BatchScheduler
 from lessserve.workers.session_store import SessionStore, settle
 from lessserve.workers.threads import reserve_compute_threads
 
@@ -100,6 +101,7 @@ class LessWorker:
         threads = reserve_compute_threads()  # before the model loads: only the scheduler thread has a team
         self.engine = Engine(self.cfg.engine)
         self.scheduler = BatchScheduler(self.engine, threads=threads)  # the one thread that touches the engine
+        self.texts = TokenTexts(self.engine)
         kv = shared_kv(self.cfg.store)  # Redis or the cluster-state actor: one client, on this loop
         self.sessions = SessionStore(self.engine, self.cfg.store, kv=kv, run_local=self.scheduler.run_exclusive)
         self.worker_id = _replica_id()
@@ -139,31 +141,40 @@ class LessWorker:
 
     async def _turn(self, sid: str, req: TurnRequest):
         try:
-            async with self.sessions.turn(sid, req.messages, req.max_tokens, req.owner) as (session, new_ids, tokens):
-                async for ev in self._generate(sid, req, session, new_ids, tokens):
-                    yield ev
+            prompt_ids = self._prompt_ids(req)
+            constraint = await asyncio.to_thread(self.engine.grammars.constraint, req.grammar) if req.grammar else None
+            async with self.sessions.turn(sid, req.messages, req.max_tokens, req.owner, prompt_ids) as opened:
+                forks = await self.sessions.borrow_slots(req.n - 1)  # the other choices' slots, for this turn
+                try:
+                    async for ev in self._generate(sid, req, *opened, constraint, forks):
+                        yield ev
+                finally:
+                    await settle(self.sessions.return_slots(forks))
         except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
             yield ErrorEvent(http_error(e))
 
-    async def _generate(self, sid: str, req: TurnRequest, session, new_ids: list[int], tokens: list[int]):
-        """The opened turn's events; `tokens` receives every sampled token (the turn closes with them)."""
+    def _prompt_ids(self, req: TurnRequest) -> list[int] | None:
+        if req.prompt is None:
+            return None
+        if isinstance(req.prompt, str):
+            return self.engine.tokenizer(req.prompt)["input_ids"]  # with the tokenizer's own special tokens
+        vocab = self.engine.args.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt):
+            raise ContextOverflowError(f"prompt: token ids must lie in [0, {vocab})")
+        return list(req.prompt)
+
+    async def _generate(self, sid: str, req: TurnRequest, session, new_ids: list[int], tokens: list[int],
+                        constraint, forks: list[int]):
+        """The opened turn's events; `tokens` receives every sampled token of choice 0 (the turn
+        closes with them)."""
         if req.session_id is not None:  # this worker serves the latest turn: it holds the current copy
             await self.directory.place(sid, self.worker_id, req.owner, sum(m["role"] == "user" for m in req.messages))
         prefilled = len(new_ids)  # what this turn computes, a rebuild's or a new prompt's included: not cached
         yield StartEvent(prompt_tokens=len(session.transcript.ids), prefilled=prefilled)
-        params = SamplingParams(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                seed=req.seed, stop_ids=self.engine.stop_ids)
-        reply = Reply(self.engine.tokenizer, self.engine.stop_ids, req.stop)
-        async for t in self.scheduler.generate(session.slot, new_ids, params, tokens, session.marks):
-            piece, done = reply.push(t)
-            if piece:
-                yield TokenEvent(piece)
-            if done:
-                break
-        if tail := reply.flush():
-            yield TokenEvent(tail)
-        completion = len([t for t in tokens if t not in self.engine.stop_ids])
-        yield EndEvent(finish_reason=reply.finish, completion_tokens=completion)
+        params = sampling_params(self.engine, req, constraint, forks)
+        async for ev in choice_events(self.engine, self.scheduler, self.texts, req, session.slot, new_ids, params,
+                                      tokens, session.marks):
+            yield ev
 
     # --- sessions ---------------------------------------------------------------------------
     async def session_info(self, session_id: str, owner: str | None = None) -> dict | None:

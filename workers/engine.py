@@ -21,6 +21,7 @@ from lessserve.kernels.dispatch import resolve
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
+from lessserve.workers.constraints import Grammars
 from lessserve.workers.cuda_graphs import DecodeGraphs, EagerReplay, backend_for, buckets
 from lessserve.workers.errors import ConfigError, ContextOverflowError
 from lessserve.workers.less_weights import (
@@ -97,6 +98,7 @@ class Engine:
         if cfg.chat_template and self.tokenizer is not None:
             self.tokenizer.chat_template = read_chat_template(cfg.chat_template)
         self.stop_ids = stop_ids(ckpt.folder, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.stop_ids)  # structured outputs, token bytes
         self.policy = Policy.parse(cfg.policy)
         self.less = self._load_less(less)
         rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)

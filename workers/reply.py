@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from tokenizers.decoders import DecodeStream
 
+from lessserve.workers.sampling import Sampled
+
 
 class Detokenizer:
     """Incremental decode of a reply: the text of `tokenizer.decode(ids, skip_special_tokens=True)`,
@@ -96,12 +98,13 @@ class Reply:
         """What is still held back once the tokens end (nothing after a stop string)."""
         return "" if self._hit else self.stops.flush()
 
-    def pieces(self, tokens: Iterable[int]) -> Iterator[str]:
-        """The text of a synchronous token stream (BatchScheduler.stream), closed when the reply ends."""
+    def pieces(self, tokens: Iterable[int | Sampled]) -> Iterator[str]:
+        """The text of a synchronous stream of one choice (BatchScheduler.stream, or token ids),
+        closed when the reply ends."""
         it = iter(tokens)
         try:
-            for t in it:
-                piece, done = self.push(t)
+            for s in it:
+                piece, done = self.push(s if isinstance(s, int) else s.token)
                 if piece:
                     yield piece
                 if done:

@@ -39,7 +39,7 @@ from lessserve.cache_store.errors import (
 from lessserve.cache_store.kv import KV
 from lessserve.cache_store.store import RunLocal, TieredCacheStore, run_inline
 from lessserve.errors.tree import LessServeError
-from lessserve.workers.chat_session import ChatSession, Transcript, encode, plan_turn, render
+from lessserve.workers.chat_session import ChatSession, Transcript, TurnPlan, encode, plan_turn, render
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import ContextOverflowError, SessionNotFoundError
@@ -120,12 +120,13 @@ class SessionStore:
     # --- the turn ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
-                   owner: str | None = None) -> AsyncIterator[tuple[ChatSession, list[int], list[int]]]:
+                   owner: str | None = None,
+                   prompt_ids: list[int] | None = None) -> AsyncIterator[tuple[ChatSession, list[int], list[int]]]:
         """open_turn ... close_turn as one resource: yields (session, ids to prefill, tokens), the
         caller appends every generated token to `tokens`; the turn is closed with exactly those on
         every exit path, cancellation included (a cancelled open is closed once it finishes)."""
         tokens: list[int] = []
-        opening = asyncio.ensure_future(self.open_turn(session_id, messages, max_new_tokens, owner))
+        opening = asyncio.ensure_future(self.open_turn(session_id, messages, max_new_tokens, owner, prompt_ids))
         try:
             opened = await settle(opening)
         except asyncio.CancelledError:  # cancelled while opening: the open finished, so close it
@@ -138,11 +139,14 @@ class SessionStore:
             await settle(self.close_turn(session_id, messages, tokens))
 
     async def open_turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
-                        owner: str | None = None) -> tuple[ChatSession, list[int]]:
+                        owner: str | None = None, prompt_ids: list[int] | None = None) -> tuple[ChatSession, list[int]]:
         """First half of a turn driven by an external scheduler: bring the session to the device
         (pinned), check the owner and that the turn fits, and return it with the token ids to
         prefill. Pair with `close_turn`, which must be called whatever happens (also after an
-        error here: it is then a no-op). A session another owner created is SessionNotFoundError."""
+        error here: it is then a no-op). A session another owner created is SessionNotFoundError.
+        `prompt_ids`: a completion's prompt (no chat template), in a new session of its own."""
+        if prompt_ids is not None:
+            return await self.store.local_call(lambda: self._local_open_raw(session_id, prompt_ids, max_new_tokens))
         self._check_prompt(messages)  # before anything is prefilled, a shared system prompt included
         local = self.store.local_call
         out = await local(lambda: self._local_open(session_id, messages, max_new_tokens, owner, None))
@@ -174,6 +178,40 @@ class SessionStore:
             self.store.unpin(sid)
             self._abandon_pending(sid)
             raise
+
+    def _local_open_raw(self, sid: str, ids: list[int], max_new_tokens: int) -> tuple[ChatSession, list[int]]:
+        if not ids:
+            raise ContextOverflowError("the prompt is empty")
+        plan = TurnPlan(True, list(ids), "")
+        self.store.pin(sid)
+        try:
+            self.store.free_device_slots(1)
+            chat = self.sessions[sid] = ChatSession(self.engine, slot=self.device.new_slot(sid))
+            self.store.admit(sid)
+            self._check_fits(chat, plan, max_new_tokens)
+            chat.before = Transcript()
+            return chat, chat.begin_turn([], plan)
+        except BaseException:
+            self.store.unpin(sid)
+            raise
+
+    async def borrow_slots(self, k: int) -> list[int]:
+        """k empty device slots outside any session (n > 1: the forked choices), idle sessions moved
+        off the device to make room; CapacityError when every slot is pinned. Give them back with
+        `return_slots`."""
+        def take() -> list[int]:
+            self.store.free_device_slots(k)
+            return [self.engine.alloc() for _ in range(k)]
+
+        return await self.store.local_call(take) if k else []
+
+    async def return_slots(self, slots: list[int]) -> None:
+        def give() -> None:
+            for s in slots:
+                self.engine.free(s)
+
+        if slots:
+            await self.store.local_call(give)
 
     def _abandon_pending(self, sid: str) -> None:
         """A rebuilt session whose turn does not run: its slot never consumed the pending ids, so

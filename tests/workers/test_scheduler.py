@@ -22,7 +22,7 @@ def test_concurrent_sessions_match_sequential_generation(tiny_ckpt):
 
     async def one(p):
         s = eng.alloc()
-        return [t async for t in sched.generate(s, p, SamplingParams(max_new_tokens=12))]
+        return [t.token async for t in sched.generate(s, p, SamplingParams(max_new_tokens=12))]
 
     async def main():
         return await asyncio.gather(*(one(p) for p in prompts))
@@ -46,7 +46,7 @@ def test_a_failure_after_the_last_prefill_chunk_reaches_its_caller(tiny_ckpt, mo
     monkeypatch.setattr(mod, "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("sampling broke")))
 
     async def one():
-        return [t async for t in sched.generate(eng.alloc(), [3, 4, 5], SamplingParams(max_new_tokens=4))]
+        return [t.token async for t in sched.generate(eng.alloc(), [3, 4, 5], SamplingParams(max_new_tokens=4))]
 
     async def main():
         return await asyncio.wait_for(one(), timeout=60)
@@ -66,7 +66,7 @@ def test_min_tokens_keeps_stop_ids_out_until_reached(tiny_ckpt):
     sched = BatchScheduler(eng)
 
     async def one(params):
-        return [t async for t in sched.generate(eng.alloc(), [3, 4, 5, 6], params)]
+        return [t.token async for t in sched.generate(eng.alloc(), [3, 4, 5, 6], params)]
 
     try:
         plain = asyncio.run(one(SamplingParams(max_new_tokens=12, stop_ids=(stop,))))
@@ -87,7 +87,7 @@ def test_marks_end_a_chunk_run_once_and_fail_only_their_own_request(tiny_ckpt):
         a, b = sched.call(eng.alloc), sched.call(eng.alloc)
         ids = list(range(3, 23))
         marks = {5: lambda: seen_at.append(eng.slab.seen[a]), 99: lambda: seen_at.append(-1)}
-        got = list(sched.stream(a, ids, SamplingParams(max_new_tokens=3), marks=marks))
+        got = [t.token for t in sched.stream(a, ids, SamplingParams(max_new_tokens=3), marks=marks)]
         assert seen_at == [5] and len(got) == 3  # a chunk ended at 5; a mark past the ids never runs
 
         def broken():
@@ -117,7 +117,7 @@ def test_a_stopped_scheduler_fails_waiting_work_and_refuses_new_work(tiny_ckpt):
 
     def consume():
         try:
-            out.extend(sched.stream(slot, [3, 4, 5], SamplingParams(max_new_tokens=500)))
+            out.extend(t.token for t in sched.stream(slot, [3, 4, 5], SamplingParams(max_new_tokens=500)))
         except SchedulerStoppedError as e:
             out.append(e)
 
