@@ -66,9 +66,16 @@ def test_a_turn_request_names_no_private_session():
         with pytest.raises(ValidationError):
             TurnRequest(**{field: private_session("prefix", "x")}, **base)
     with pytest.raises(ValidationError):
-        TurnRequest(**{**base, "max_tokens": 0})
+        TurnRequest(**{**base, "max_tokens": -1})
     with pytest.raises(ValidationError):
-        TurnRequest(**base, tools=[])  # extra="forbid": a field the worker would ignore is a router bug
+        TurnRequest(**base, best_of=2)  # extra="forbid": a field the worker would ignore is a router bug
+    with pytest.raises(ValidationError, match="either messages"):
+        TurnRequest(**base, prompt="both")
+    with pytest.raises(ValidationError, match="either messages"):
+        TurnRequest(owner="o", max_tokens=1)
+    with pytest.raises(ValidationError, match="no session"):
+        TurnRequest(owner="o", max_tokens=0, prompt=[1, 2], session_id="s")
+    assert TurnRequest(owner="o", max_tokens=0, prompt=[1, 2]).prompt == [1, 2]
     assert pickle.loads(pickle.dumps(req)) == req
 
 
