@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lessserve.cluster.http_edge import Owner
-from lessserve.cluster.http_errors import HttpError
+from lessserve.cluster.http_errors import ApiError, HttpError
 from lessserve.cluster.openai_types import (
     ChatCompletionRequest,
+    chat_logprobs,
     chunk_body,
     completion_body,
     completion_id,
@@ -21,8 +22,10 @@ from lessserve.cluster.openai_types import (
     usage,
 )
 from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS
-from lessserve.cluster.protocol import TurnRequest
-from lessserve.cluster.streaming import TurnOutcome, collect, open_turn, sse, sse_data
+from lessserve.cluster.protocol import TokenEvent, TurnRequest
+from lessserve.cluster.streaming import Choice, TurnOutcome, collect, open_turn, sse, sse_data
+from lessserve.cluster.structured import response_format_grammar, tool_calls, tool_grammar
+from lessserve.workers.constraints import GrammarError
 
 if TYPE_CHECKING:
     from lessserve.cluster.router import RouterContext
@@ -31,20 +34,34 @@ DONE = "data: [DONE]\n\n"
 
 
 class ChatFrames:
-    """chat.completion.chunk events: the role, one delta per token, the finish reason, the usage
-    when asked for, then `data: [DONE]`."""
+    """chat.completion.chunk events: the role, one delta per token (with its logprobs when asked
+    for), each choice's finish reason, the usage when asked for, then `data: [DONE]`. A forced tool
+    call is sent as one tool_calls delta when its choice ends."""
 
-    def __init__(self, cid: str, model: str, include_usage: bool):
+    def __init__(self, cid: str, model: str, include_usage: bool, n: int, logprobs: bool, calls: bool):
         self.cid, self.model, self.include_usage = cid, model, include_usage
+        self.n, self.logprobs, self.calls = n, logprobs, calls
 
     def opening(self) -> list[str]:
-        return [sse_data(chunk_body(self.cid, self.model, {"role": "assistant", "content": ""}))]
+        return [sse_data(chunk_body(self.cid, self.model, {"role": "assistant", "content": ""}, index=i))
+                for i in range(self.n)]
 
-    def delta(self, text: str) -> str:
-        return sse_data(chunk_body(self.cid, self.model, {"content": text}))
+    def delta(self, ev: TokenEvent) -> str:
+        if self.calls or not (ev.text or ev.logprobs):
+            return ""
+        lps = chat_logprobs(ev.logprobs) if self.logprobs else None
+        return sse_data(chunk_body(self.cid, self.model, {"content": ev.text}, index=ev.index, logprobs=lps))
 
     async def closing(self, turn: TurnOutcome) -> list[str]:
-        out = [sse_data(chunk_body(self.cid, self.model, {}, turn.finish_reason))]
+        out = []
+        for i, c in enumerate(turn.ordered()):
+            msg, finish = choice_message(c, self.calls)
+            if self.calls and msg.get("tool_calls"):
+                calls = [{"index": 0, **call} for call in msg["tool_calls"]]
+                out.append(sse_data(chunk_body(self.cid, self.model, {"tool_calls": calls}, index=i)))
+            elif self.calls:
+                out.append(sse_data(chunk_body(self.cid, self.model, {"content": c.text}, index=i)))
+            out.append(sse_data(chunk_body(self.cid, self.model, {}, finish, index=i)))
         if self.include_usage:
             body = chunk_body(self.cid, self.model, {}, use=turn_usage(turn))
             body["choices"] = []
@@ -61,6 +78,13 @@ class ChatFrames:
         the turn with exactly those tokens)."""
 
 
+def choice_message(c: Choice, calls: bool) -> tuple[dict, str]:
+    """A choice's assistant message and finish reason; a forced call that completed is tool_calls."""
+    if calls and c.finish_reason == "stop" and (parsed := tool_calls(c.text)):
+        return {"role": "assistant", "content": None, "tool_calls": parsed}, "tool_calls"
+    return {"role": "assistant", "content": c.text}, c.finish_reason
+
+
 def turn_usage(turn: TurnOutcome) -> dict:
     return usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled)
 
@@ -74,21 +98,49 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
         t0 = time.perf_counter()
         max_tokens = body.max_completion_tokens or body.max_tokens or ctx.cfg.default_max_tokens
         ctx.check_request(body.model, max_tokens, "max_tokens")
+        grammar, calls = structured(body)
         client_sid = request.headers.get("x-session-id") or body.session_id
         sid = ctx.scope(client_sid, owner) if client_sid else None  # each API key has its own session ids
         if sid and await ctx.check_session(sid, owner) is None:  # a new session (or the directory is down)
             await ctx.quotas.new_session(owner)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         req = TurnRequest(session_id=sid, owner=owner, messages=[m.plain() for m in body.messages],
-                          max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=body.stop_list())
-        turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0, guard=ctx.quotas.guard)
+                          max_tokens=max_tokens, temperature=body.temperature or 0.0,
+                          top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop_list(),
+                          n=body.n or 1, logprobs=body.logprobs_k(), grammar=grammar, tools=tools)
+        turn, events = await open_turn(ctx.deps.backend, req, stream=bool(body.stream), t0=t0,
+                                       guard=ctx.quotas.guard)
         cid, model = completion_id(), ctx.cfg.model_name
         if body.stream:
-            frames = ChatFrames(cid, model, bool(body.stream_options and body.stream_options.include_usage))
+            frames = ChatFrames(cid, model, bool(body.stream_options and body.stream_options.include_usage),
+                                req.n, body.logprobs_k() is not None, calls)
             return StreamingResponse(sse(turn, events, frames, ctx.deps.metrics, cid), media_type="text/event-stream")
         await collect(turn, events)
         turn.record(ctx.deps.metrics)
-        return JSONResponse(completion_body(cid, model, turn.text, turn.finish_reason, turn_usage(turn)),
+        choices = []
+        for c in turn.ordered():
+            msg, finish = choice_message(c, calls)
+            choices.append({"message": msg, "finish_reason": finish,
+                            "logprobs": chat_logprobs(c.logprobs) if req.logprobs is not None else None})
+        return JSONResponse(completion_body(cid, model, choices, turn_usage(turn)),
                             headers={"x-session-id": client_sid} if client_sid else None)
 
     return api
+
+
+def structured(body: ChatCompletionRequest) -> tuple[str | None, bool]:
+    """(the grammar the reply follows, whether it is a forced tool call); a schema that cannot be
+    enforced is a 400 naming its field."""
+    try:
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+        grammar, calls = tool_grammar(tools, choice)
+    except GrammarError as e:
+        raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
+    if calls:
+        return grammar, True
+    try:
+        fmt = body.response_format.as_dict() if body.response_format else None
+        return response_format_grammar(fmt), False
+    except GrammarError as e:
+        raise ApiError(400, f"response_format: {e}", param="response_format") from None

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from lessserve.cluster.http_edge import Owner
 from lessserve.cluster.http_errors import HttpError
 from lessserve.cluster.openapi import ERRORS, RESPONSES_EXTRA
-from lessserve.cluster.protocol import TurnRequest, response_session
+from lessserve.cluster.protocol import TokenEvent, TurnRequest, response_session
 from lessserve.cluster.responses import SNAPSHOT_EVERY
 from lessserve.cluster.responses_types import (
     RESPONSE_ID_PATTERN,
@@ -47,8 +47,8 @@ class ResponseFrames:
     def opening(self) -> list[str]:
         return self.events.opening()
 
-    def delta(self, text: str) -> str:
-        return self.events.delta(text)
+    def delta(self, ev: TokenEvent) -> str:
+        return self.events.delta(ev.text)
 
     async def closing(self, turn: TurnOutcome) -> list[str]:
         await finish(self.ctx, self.rec, turn)

@@ -35,9 +35,22 @@ class InputMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class TextFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"] = Field(..., description="only plain text on /v1/responses for now (json_schema: 400)")
+
+
+class TextConfig(BaseModel):
+    model_config = STRICT
+
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = Field(None, description="only the default")
+
+
 class ResponsesRequest(BaseModel):
-    """The body of POST /v1/responses. Unused OpenAI fields are accepted and ignored; `tools` is
-    refused (not supported); wrong types are a 400 naming the field."""
+    """The body of POST /v1/responses. Every OpenAI field is served or refused with a 400 naming it
+    (docs/serving.md); an unknown field is a 400 too."""
 
     model_config = STRICT
 
@@ -53,7 +66,16 @@ class ResponsesRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     metadata: dict[str, str] | None = Field(None, description="up to 16 string pairs, returned as given")
-    tools: list | None = Field(None, description="not supported: a non-empty list is refused")
+    tools: list | None = Field(None, description="not supported yet: a non-empty list is refused")
+    tool_choice: Literal["none"] | None = Field(None, description="only 'none' (tools are not supported yet)")
+    parallel_tool_calls: bool | None = Field(None, description="no tool calls are made either way")
+    include: list[str] | None = Field(None, max_length=0, description="only empty: no extra output is included")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="a conversation is never truncated: its history is compressed into the session")
+    text: TextConfig | None = None
+    user: str | None = Field(None, max_length=256, description="an end-user id; no effect on the reply")
+    safety_identifier: str | None = Field(None, max_length=256, description="an end-user id; no effect")
+    service_tier: Literal["auto", "default"] | None = Field(None, description="one tier (others: 400)")
 
     @field_validator("input")
     @classmethod

@@ -13,32 +13,28 @@ from typing import Protocol
 
 from lessserve.cluster.http_errors import HttpError, http_error
 from lessserve.cluster.metrics import MetricsSink, TokenTimer
-from lessserve.cluster.protocol import EndEvent, ErrorEvent, Event, StartEvent, TokenEvent, TurnBackend, TurnRequest
+from lessserve.cluster.protocol import (
+    EndEvent,
+    ErrorEvent,
+    Event,
+    PromptEvent,
+    StartEvent,
+    TokenEvent,
+    TokenLogprob,
+    TurnBackend,
+    TurnRequest,
+)
 
 log = logging.getLogger("ray.serve")
 
 
 @dataclass
-class TurnOutcome:
-    """What a turn produced so far, and its timing."""
+class Choice:
+    """One choice's output so far (n > 1: one per choice)."""
 
-    start: StartEvent
-    timer: TokenTimer
     pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     end: EndEvent | None = None
-
-    def add(self, ev: Event) -> str | None:
-        """Take one event after the start; returns a token's text. An error event raises."""
-        match ev:
-            case TokenEvent(text=text):
-                self.timer.tick()
-                self.pieces.append(text)
-                return text
-            case EndEvent():
-                self.end = ev
-            case ErrorEvent(error=h):
-                raise h.api_error()
-        return None
 
     @property
     def text(self) -> str:
@@ -48,9 +44,52 @@ class TurnOutcome:
     def finish_reason(self) -> str:
         return self.end.finish_reason if self.end else "length"
 
+
+@dataclass
+class TurnOutcome:
+    """What a turn produced so far, and its timing."""
+
+    start: StartEvent
+    timer: TokenTimer
+    choices: dict[int, Choice] = field(default_factory=dict)
+    prompt: PromptEvent | None = None
+
+    def choice(self, i: int) -> Choice:
+        if (c := self.choices.get(i)) is None:
+            c = self.choices[i] = Choice()
+        return c
+
+    def add(self, ev: Event) -> TokenEvent | None:
+        """Take one event after the start; returns a token event. An error event raises."""
+        match ev:
+            case TokenEvent():
+                self.timer.tick()
+                c = self.choice(ev.index)
+                c.pieces.append(ev.text)
+                c.logprobs += ev.logprobs
+                return ev
+            case EndEvent():
+                self.choice(ev.index).end = ev
+            case PromptEvent():
+                self.prompt = ev
+            case ErrorEvent(error=h):
+                raise h.api_error()
+        return None
+
+    def ordered(self) -> list[Choice]:
+        return [self.choices[i] for i in sorted(self.choices)] or [Choice()]
+
+    @property
+    def text(self) -> str:
+        return self.choice(0).text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choice(0).finish_reason
+
     @property
     def completion_tokens(self) -> int:
-        return self.end.completion_tokens if self.end else 0
+        return sum(c.end.completion_tokens for c in self.choices.values() if c.end)
 
     def record(self, metrics: MetricsSink) -> None:
         metrics.record_request(self.timer.ttft, self.timer.itls, self.completion_tokens, self.start.prefilled)
@@ -89,7 +128,9 @@ class SseFrames(Protocol):
 
     def opening(self) -> list[str]: ...
 
-    def delta(self, text: str) -> str: ...
+    def delta(self, ev: TokenEvent) -> str:
+        """The frame of a token event ("" for none: a forced tool call is sent whole at the end)."""
+        ...
 
     async def closing(self, turn: TurnOutcome) -> list[str]:
         """After the turn ended well; may finish work that can still fail (it is reported in-band)."""
@@ -115,9 +156,9 @@ async def sse(turn: TurnOutcome, events: AsyncIterator[Event], frames: SseFrames
             yield chunk
         try:
             async for ev in events:
-                text = turn.add(ev)
-                if text is not None:
-                    yield frames.delta(text)
+                tok = turn.add(ev)
+                if tok is not None and (frame := frames.delta(tok)):
+                    yield frame
             closing = await frames.closing(turn)
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band, then end it
             log.warning("stream %s ended by %s: %s", label, type(e).__name__, e)

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 
 from lessserve.cache_store.kv import MemoryKV
 from lessserve.cluster.http_errors import HttpError
-from lessserve.cluster.protocol import EndEvent, ErrorEvent, Event, StartEvent, TokenEvent, TurnRequest
+from lessserve.cluster.protocol import (
+    EndEvent,
+    ErrorEvent,
+    Event,
+    PromptEvent,
+    StartEvent,
+    TokenEvent,
+    TokenLogprob,
+    TurnRequest,
+)
 from lessserve.cluster.responses import ResponseStore
 from lessserve.cluster.router import RouterDeps
 
@@ -29,8 +38,14 @@ def words(messages: list[dict]) -> list[str]:
 
 
 def echo(req: TurnRequest) -> list[str]:
-    """The fake model's reply: "echo" and the last user message's words, as tokens."""
-    return [f"{w} " for w in ["echo", *req.messages[-1]["content"].split()]]
+    """The fake model's reply: "echo" and the last user message's (or the prompt's) words, as tokens."""
+    last = req.messages[-1]["content"] if req.messages else str(req.prompt)
+    return [f"{w} " for w in ["echo", *last.split()]]
+
+
+def fake_logprob(piece: str, k: int) -> TokenLogprob:
+    """A word's made-up logprob: -1, and k alternatives below it."""
+    return piece, -1.0, tuple(piece.encode()), tuple((f"alt{j} ", -2.0 - j) for j in range(k))
 
 
 @dataclass
@@ -66,11 +81,15 @@ class FakeBackend:
             parent = self.sessions[req.fork_from]
             known = FakeSession(req.owner, list(parent.history), parent.turns)
         known = known or FakeSession(req.owner)
-        prompt = words(req.messages)
+        prompt = words(req.messages) if req.messages else str(req.prompt).split()
         held = words(known.history)
         cached = len(held) if prompt[:len(held)] == held else 0
         reply = echo(req)[:req.max_tokens]
         yield StartEvent(prompt_tokens=len(prompt), prefilled=len(prompt) - cached)
+        if req.echo:
+            k = req.prompt_logprobs
+            yield PromptEvent(" ".join(prompt), tuple(prompt), () if k is None else
+                              (None, *(fake_logprob(w, k) for w in prompt[1:])))
         if self.hold is not None:
             await self.hold.wait()
         for i, piece in enumerate(reply):
@@ -78,13 +97,16 @@ class FakeBackend:
                 yield ErrorEvent(fault[1])
                 return
             await asyncio.sleep(0)
-            yield TokenEvent(piece)
+            for c in range(req.n):  # every choice says the same (the fake samples nothing)
+                lps = () if req.logprobs is None else (fake_logprob(piece, req.logprobs),)
+                yield TokenEvent(piece, c, lps)
         text = "".join(reply)
         if sid and not req.ephemeral:
             known.history = [*req.messages, {"role": "assistant", "content": text}]
             known.turns += 1
             self.sessions[sid] = known
-        yield EndEvent("length" if len(reply) < len(echo(req)) else "stop", len(reply))
+        for c in range(req.n):
+            yield EndEvent("length" if len(reply) < len(echo(req)) else "stop", len(reply), c)
 
     async def session_info(self, session_id: str, owner: str) -> dict | None:
         s = self.sessions.get(session_id)

@@ -15,13 +15,20 @@ def parse(**over):
     return ChatCompletionRequest.model_validate_json(json.dumps({**BASE, **over}), strict=True)
 
 
-def test_openai_fields_this_server_does_not_use_are_ignored():
-    r = parse(logit_bias={"1": 2}, frequency_penalty=0.5, response_format={"type": "text"}, parallel_tool_calls=False)
-    assert r.model == "m" and not hasattr(r, "logit_bias")
+def test_openai_fields_are_served_at_their_neutral_values_and_unknown_fields_refused():
+    r = parse(logit_bias={}, frequency_penalty=0.0, presence_penalty=0, response_format={"type": "text"},
+              parallel_tool_calls=False, store=False, service_tier="auto", modalities=["text"], user="u",
+              metadata={"a": "b"}, n=2, logprobs=True, top_logprobs=3)
+    assert r.model == "m" and r.n == 2 and r.logprobs_k() == 3
+    for bad in ({"frequency_penalty": 0.5}, {"logit_bias": {"1": 2}}, {"store": True}, {"best_of": 2},
+                {"function_call": "auto"}, {"prediction": {"type": "content", "content": "x"}}):
+        with pytest.raises(ValidationError) as e:
+            parse(**bad)
+        assert next(iter(bad)) in str(e.value)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", "0.5"), ("max_tokens", 5.5), ("max_tokens", "5"),
-                                         ("stream", "yes"), ("top_p", 0), ("n", 2), ("messages", []),
+                                         ("stream", "yes"), ("top_p", 0), ("n", 17), ("messages", []),
                                          ("stop", ["a", "b", "c", "d", "e"]), ("seed", 2**64)])
 def test_wrong_types_and_values_are_refused(field, value):
     with pytest.raises(ValidationError) as e:
