@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI, Path
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lessserve.cluster.chat_api import chat_routes
+from lessserve.cluster.completions_api import completions_routes
 from lessserve.cluster.config import ServeConfig
 from lessserve.cluster.directory import DirectoryUnavailableError
 from lessserve.cluster.http_edge import Edge, Owner, install_error_handlers
@@ -113,7 +114,7 @@ def build_router_app(cfg: ServeConfig, deps: RouterDeps) -> FastAPI:
     install_error_handlers(app, deps.metrics)
     app.add_middleware(Edge, keys=cfg.keys(), max_body_bytes=cfg.max_body_bytes, metrics=deps.metrics,
                        max_turns=cfg.router_max_turns)
-    for routes in (chat_routes(ctx), responses_routes(ctx), service_routes(ctx)):
+    for routes in (chat_routes(ctx), completions_routes(ctx), responses_routes(ctx), service_routes(ctx)):
         app.include_router(routes)
     install_openapi(app, sorted({cfg.model_name, cfg.engine.model}))
     return app

@@ -39,8 +39,13 @@ def words(messages: list[dict]) -> list[str]:
 
 def echo(req: TurnRequest) -> list[str]:
     """The fake model's reply: "echo" and the last user message's (or the prompt's) words, as tokens."""
-    last = req.messages[-1]["content"] if req.messages else str(req.prompt)
+    last = req.messages[-1]["content"] if req.messages else prompt_text(req.prompt)
     return [f"{w} " for w in ["echo", *last.split()]]
+
+
+def prompt_text(prompt: str | list[int]) -> str:
+    """A completion's prompt as words (token ids are words of digits)."""
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
 
 
 def fake_logprob(piece: str, k: int) -> TokenLogprob:
@@ -81,7 +86,7 @@ class FakeBackend:
             parent = self.sessions[req.fork_from]
             known = FakeSession(req.owner, list(parent.history), parent.turns)
         known = known or FakeSession(req.owner)
-        prompt = words(req.messages) if req.messages else str(req.prompt).split()
+        prompt = words(req.messages) if req.messages else prompt_text(req.prompt).split()
         held = words(known.history)
         cached = len(held) if prompt[:len(held)] == held else 0
         reply = echo(req)[:req.max_tokens]

@@ -451,3 +451,50 @@ def test_the_document_comes_from_the_request_models(app):
     assert set(chat_op["responses"]) == {"200", "400", "401", "403", "404", "413", "429", "503"}  # quotas: 403, 429
     assert all("422" not in op["responses"] for path in doc["paths"].values() for op in path.values())
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_completions_echo_prompt_logprobs_and_choices_per_prompt(app):
+    """The legacy API as lm-evaluation-harness calls it: token-id prompts in a batch, echo,
+    logprobs, one generated token; choice i * n + j is prompt i's choice j."""
+    client, deps = app
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 1,
+                                             "logprobs": 1, "echo": True, "temperature": 0, "n": 2, "seed": 1234})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3] and body["object"] == "text_completion"
+    first = body["choices"][0]["logprobs"]
+    assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None
+    assert len(first["token_logprobs"]) == 3 + 1 and all(v == -1.0 for v in first["token_logprobs"][1:])
+    assert first["tokens"][:3] == ["5", "6", "7"] and len(first["top_logprobs"][1]) == 1
+    assert body["choices"][2]["text"].startswith("8 9")  # echoed
+    reqs = deps.backend.requests
+    assert [q.prompt for q in reqs] == [[5, 6, 7], [8, 9]] and all(q.prompt_logprobs == 1 and q.n == 2 for q in reqs)
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"prompt": []}, "prompt"),
+    ({"prompt": ["a", "b"], "stream": True}, "stream"), ({"logprobs": 21}, "logprobs"),
+    ({"max_tokens": -1}, "max_tokens"), ({"echo": "yes"}, "echo"), ({"guided_json": {}}, "guided_json"),
+])
+def test_a_bad_completions_field_is_400_naming_it(app, over, field):
+    client, deps = app
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", **over})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), r.text
+    assert deps.backend.requests == []
+
+
+def test_chat_n_and_logprobs_reach_the_worker_and_come_back_per_choice(app):
+    client, deps = app
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [user("hi there")], "n": 2,
+                                                  "logprobs": True, "top_logprobs": 2})
+    body = r.json()
+    assert r.status_code == 200 and [c["index"] for c in body["choices"]] == [0, 1]
+    content = body["choices"][1]["logprobs"]["content"]
+    assert [e["token"] for e in content] == ["echo ", "hi ", "there "] and len(content[0]["top_logprobs"]) == 2
+    assert deps.backend.requests[-1].n == 2 and deps.backend.requests[-1].logprobs == 2
+    with client.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": [user("a b")], "n": 2,
+                                                            "stream": True, "logprobs": True}) as s:
+        frames = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    ends = [f["choices"][0]["index"] for f in frames if f["choices"] and f["choices"][0]["finish_reason"]]
+    assert sorted(ends) == [0, 1]
+    assert all(f["choices"][0]["logprobs"] for f in frames if f["choices"] and f["choices"][0]["delta"].get("content"))
