@@ -27,9 +27,26 @@ class GrammarError(RequestError):
     """A grammar (response_format schema, tool parameters) that cannot be compiled or enforced."""
 
 
+def closed(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that does not say otherwise
+    (xgrammar's strict mode does the same): an object ends once its properties are written, so a
+    small model cannot ramble on with properties of its own invention until max_tokens."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """A JSON schema -> llguidance grammar text (compact JSON, no free whitespace: the model cannot
-    pad its answer with newlines). GrammarError names what is wrong with the schema."""
+    pad its answer with newlines; objects closed, `closed`). GrammarError names what is wrong."""
+    if not isinstance(schema, dict):
+        raise GrammarError("the JSON schema must be an object")
+    schema = closed(schema)
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             schema, defaults={"whitespace_flexible": False, "whitespace_pattern": None})
@@ -46,7 +63,7 @@ def check_grammar(grammar: str) -> None:
         raise GrammarError(f"the schema cannot be enforced: {messages[0] if messages else 'invalid grammar'}")
 
 
-ANY_JSON_OBJECT = json.dumps({"type": "object"})
+ANY_JSON_OBJECT = json.dumps({"type": "object", "additionalProperties": True})
 
 
 class Constraint:
