@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 from tests.cluster.conftest import KEY_A
 
 MODEL = "smollm2-135m-instruct"

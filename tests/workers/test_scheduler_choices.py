@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 from lessserve.workers.sampling import PromptLogprobs, Sampled
+from lessserve.workers.scheduler import BatchScheduler, SamplingParams
 from tests.workers.replay import feed
 
 
