@@ -18,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (table + JSON)")
     bsub = p.add_subparsers(dest="bench", required=True)
     for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak,
-                _register_forks, _register_interference, _register_chunking, _register_capacity):
+                _register_forks, _register_interference, _register_chunking, _register_capacity,
+                _register_structured):
         reg(bsub)
 
 
@@ -256,6 +257,26 @@ def cmd_forks(args) -> int:
     from lessserve.bench.forks import run_forks
 
     return _emit(run_forks(engine_config(args), histories, args.prompt_tokens, args.repeats), args)
+
+
+def _register_structured(bsub) -> None:
+    p = bsub.add_parser("structured", help="constrained decoding's cost per decode step (free vs regex vs JSON schema)")
+    p.add_argument("--batches", default="1,8", help="sessions decoded together")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: step time by batch and mode")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_structured)
+
+
+def cmd_structured(args) -> int:
+    batches = parse_ints("--batches", args.batches, lo=1, hi=256)
+    in_range("--tokens", args.tokens, 1, 4096)
+    in_range("--repeats", args.repeats, 1, 100)
+    from lessserve.bench.structured import run_structured
+
+    return _emit(run_structured(engine_config(args), batches, args.tokens, args.repeats), args)
 
 
 def _register_interference(bsub) -> None:

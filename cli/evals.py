@@ -1,4 +1,4 @@
-"""`lessserve eval {ppl,passkey,report}`: quality under each policy and budget."""
+"""`lessserve eval {ppl,passkey,report,harness}`: quality under each policy and budget."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("eval", help="quality evaluations (perplexity, passkey, the quality report)")
     esub = p.add_subparsers(dest="eval", required=True)
-    for reg in (_register_ppl, _register_passkey, _register_report):
+    for reg in (_register_ppl, _register_passkey, _register_report, _register_harness):
         reg(esub)
 
 
@@ -171,3 +171,37 @@ def eval_engine_config(args, **over):
     from lessserve.evals.ppl import EVAL_CHUNK
 
     return engine_config(args, **({"prefill_chunk": EVAL_CHUNK} if args.chunk is None else {}), **over)
+
+
+def _register_harness(esub) -> None:
+    from lessserve.lab.corpus import TEXTS
+
+    p = esub.add_parser("harness", help="lm-evaluation-harness through the server (/v1/completions), per policy")
+    p.add_argument("--policies", default="full,h2o,h2o+less")
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--text", choices=sorted(TEXTS), default="brown", help="which shared text the tasks use")
+    p.add_argument("--part", choices=["train", "dev", "test"], default="test")
+    p.add_argument("--docs", type=int, default=12, help="lines of the part the tasks are made of")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    p.add_argument("--port", type=int, default=8123, help="the embedded server's port on 127.0.0.1")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: bits per byte per policy")
+    p.set_defaults(func=cmd_harness)
+
+
+def cmd_harness(args) -> int:
+    policies = parse_policies("--policies", args.policies)
+    in_range("--budget", args.budget, 2, 65536)
+    in_range("--docs", args.docs, 2, 10000)
+    in_range("--port", args.port, 1024, 65535)
+    if args.limit is not None:
+        in_range("--limit", args.limit, 1, 100000)
+    from lessserve.evals.harness import bar_plot, run_harness
+    from lessserve.lab.output import markdown_table, write_json
+
+    rows = run_harness(policies, args.budget, args.text, args.part, args.docs, args.limit, args.port)
+    print(markdown_table([{k: v for k, v in r.items() if k != "rolling_ll"} for r in rows]))
+    write_json(args.json, rows)
+    if args.plot:
+        bar_plot(rows, args.plot)
+    return 0

@@ -11,9 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from lessserve.cluster.http_edge import Owner
-from lessserve.cluster.http_errors import ApiError, HttpError
+from lessserve.cluster.http_errors import HttpError
 from lessserve.cluster.openai_types import (
     ChatCompletionRequest,
+    NamedToolChoice,
     chat_logprobs,
     chunk_body,
     completion_body,
@@ -24,8 +25,7 @@ from lessserve.cluster.openai_types import (
 from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS
 from lessserve.cluster.protocol import TokenEvent, TurnRequest
 from lessserve.cluster.streaming import Choice, TurnOutcome, collect, open_turn, sse, sse_data
-from lessserve.cluster.structured import response_format_grammar, tool_calls, tool_grammar
-from lessserve.workers.constraints import GrammarError
+from lessserve.cluster.structured import plan, tool_calls
 
 if TYPE_CHECKING:
     from lessserve.cluster.router import RouterContext
@@ -129,18 +129,9 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
 
 
 def structured(body: ChatCompletionRequest) -> tuple[str | None, bool]:
-    """(the grammar the reply follows, whether it is a forced tool call); a schema that cannot be
-    enforced is a 400 naming its field."""
-    try:
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
-        grammar, calls = tool_grammar(tools, choice)
-    except GrammarError as e:
-        raise ApiError(400, str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-    if calls:
-        return grammar, True
-    try:
-        fmt = body.response_format.as_dict() if body.response_format else None
-        return response_format_grammar(fmt), False
-    except GrammarError as e:
-        raise ApiError(400, f"response_format: {e}", param="response_format") from None
+    """(the grammar the reply follows, whether it is a forced tool call)."""
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    choice = body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    fmt = body.response_format.as_dict() if body.response_format else None
+    return plan(functions, None if named else choice, named, fmt, "response_format")

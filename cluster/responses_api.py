@@ -29,6 +29,7 @@ from lessserve.cluster.responses_types import (
     response_usage,
 )
 from lessserve.cluster.streaming import TurnOutcome, collect, open_turn, sse
+from lessserve.cluster.structured import call_id, parsed_call
 
 if TYPE_CHECKING:
     from lessserve.cluster.router import RouterContext
@@ -41,18 +42,18 @@ class ResponseFrames:
     """Responses API events, numbered: response.created ... one output_text.delta per token ...
     response.completed once the record is kept."""
 
-    def __init__(self, ctx: RouterContext, rec: dict):
-        self.ctx, self.rec, self.events = ctx, rec, EventStream(rec)
+    def __init__(self, ctx: RouterContext, rec: dict, calls: bool):
+        self.ctx, self.rec, self.events, self.calls = ctx, rec, EventStream(rec), calls
 
     def opening(self) -> list[str]:
-        return self.events.opening()
+        return self.events.opening(self.calls)
 
     def delta(self, ev: TokenEvent) -> str:
-        return self.events.delta(ev.text)
+        return "" if self.calls or not ev.text else self.events.delta(ev.text)
 
     async def closing(self, turn: TurnOutcome) -> list[str]:
-        await finish(self.ctx, self.rec, turn)
-        return self.events.closing(self.rec)
+        await finish(self.ctx, self.rec, turn, self.calls)
+        return self.events.closing(self.rec, self.calls)
 
     def error(self, h: HttpError | None, e: BaseException) -> list[str]:
         return [self.events.error(h.code if h else "stream_interrupted", h.message if h else type(e).__name__)]
@@ -69,10 +70,12 @@ async def forget_unstored(ctx: RouterContext, rec: dict) -> None:
             await ctx.deps.backend.delete_session(rec["session"], rec["owner"])
 
 
-async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome) -> None:
-    """The record completed with the turn's output, kept unless `store` is false."""
+async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome, calls: bool) -> None:
+    """The record completed with the turn's output (a forced call's, parsed), kept unless `store` is false."""
     rec.update(output_text=turn.text, finish=turn.finish_reason,
                usage=response_usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled))
+    if calls and turn.finish_reason == "stop" and (call := parsed_call(turn.text)):
+        rec["call"] = {"call_id": call_id(), "name": call[0], "arguments": call[1]}
     reply = {"role": "assistant", "content": turn.text}
     rec["turn"] = [*rec["turn"], reply]
     if "messages" in rec:  # a snapshot: the whole history up to this response
@@ -96,6 +99,7 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
             history, prev = await ctx.deps.responses.history(body.previous_response_id, owner)
             parent, depth = prev["session"], prev.get("depth", 0) + 1
         new = body.messages()
+        grammar, calls = body.structured()
         if body.store:  # the record's size is known once the reply is: its input counts now
             await ctx.quotas.new_response(owner, nbytes=sum(len(m["content"].encode()) for m in new))
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -104,18 +108,23 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
         rec = {"id": rid, "owner": owner, "session": sid, "created_at": now(), "model": ctx.cfg.model_name,
                "turn": new, "depth": depth, "previous_response_id": body.previous_response_id,
                "instructions": body.instructions, "metadata": body.metadata, "temperature": body.temperature,
-               "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store}
+               "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "store": body.store,
+               "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+               "tool_choice": body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump")
+               else body.tool_choice, "format": body.text.format.model_dump(by_alias=True, exclude_none=True)
+               if body.text and body.text.format else None}
         if depth % SNAPSHOT_EVERY == 0:
             rec["messages"] = [*history, *new]
         req = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
-                          temperature=body.temperature, top_p=body.top_p, fork_from=parent, ephemeral=not body.store)
+                          temperature=body.temperature or 0.0, top_p=1.0 if body.top_p is None else body.top_p,
+                          fork_from=parent, ephemeral=not body.store, grammar=grammar)
         turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0, guard=ctx.quotas.guard)
         if body.stream:
-            return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec), ctx.deps.metrics, rid),
+            return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec, calls), ctx.deps.metrics, rid),
                                      media_type="text/event-stream")
         try:
             await collect(turn, events)
-            await finish(ctx, rec, turn)
+            await finish(ctx, rec, turn, calls)
         finally:
             await asyncio.shield(forget_unstored(ctx, rec))  # no-op once stored
         turn.record(ctx.deps.metrics)

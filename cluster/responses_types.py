@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from lessserve.cluster.openai_types import STRICT
+from lessserve.cluster.openai_types import STRICT, FunctionCall, ToolCall, call_text
+from lessserve.cluster.structured import plan
 
 RESPONSE_ID_PATTERN = r"^resp_[0-9a-f]{24}$"
 
@@ -22,23 +23,68 @@ class InputText(BaseModel):
 
 
 class InputMessage(BaseModel):
-    """A message of `input`: `content` a string or text parts; non-text parts are refused."""
+    """A message of `input` (`type` may be left out): `content` a string or text parts; non-text
+    parts are refused."""
 
     model_config = STRICT
 
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputText] = Field(..., max_length=1000)
+    id: str | None = Field(None, max_length=256, description="an earlier output item's id")
+    status: str | None = Field(None, max_length=32)
 
     def plain(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionCallItem(BaseModel):
+    """An earlier response's function call, sent back as input (rendered as the model wrote it)."""
+
+    model_config = STRICT
+
+    type: Literal["function_call"]
+    call_id: str = Field(..., max_length=256)
+    name: str = Field(..., max_length=64)
+    arguments: str = Field(..., max_length=200_000)
+    id: str | None = Field(None, max_length=256)
+    status: str | None = Field(None, max_length=32)
+
+    def plain(self) -> dict:
+        return {"role": "assistant", "content": call_text(ToolCall(id=self.call_id, function=FunctionCall(
+            name=self.name, arguments=self.arguments)))}
+
+
+class FunctionCallOutput(BaseModel):
+    """A function call's result, as input: a tool message."""
+
+    model_config = STRICT
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(..., max_length=256)
+    output: str = Field(..., max_length=200_000)
+    id: str | None = Field(None, max_length=256)
+    status: str | None = Field(None, max_length=32)
+
+    def plain(self) -> dict:
+        return {"role": "tool", "content": self.output}
+
+
+InputItem = InputMessage | FunctionCallItem | FunctionCallOutput
+
+
 class TextFormat(BaseModel):
     model_config = STRICT
 
-    type: Literal["text"] = Field(..., description="only plain text on /v1/responses for now (json_schema: 400)")
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = Field(None, description="the schema is always enforced")
+    description: str | None = Field(None, max_length=10_000)
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "json_schema": {"name": self.name, "schema": self.schema_}}
 
 
 class TextConfig(BaseModel):
@@ -48,6 +94,23 @@ class TextConfig(BaseModel):
     verbosity: Literal["medium"] | None = Field(None, description="only the default")
 
 
+class FunctionTool(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict | None = None
+    strict: bool | None = Field(None, description="arguments are always enforced by the schema")
+
+
+class NamedFunctionChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    name: str = Field(..., max_length=64)
+
+
 class ResponsesRequest(BaseModel):
     """The body of POST /v1/responses. Every OpenAI field is served or refused with a 400 naming it
     (docs/serving.md); an unknown field is a 400 too."""
@@ -55,20 +118,20 @@ class ResponsesRequest(BaseModel):
     model_config = STRICT
 
     model: str = Field(..., max_length=256)
-    input: str | list[InputMessage] = Field(..., description="new input: a user message, or messages")
+    input: str | list[InputItem] = Field(..., description="new input: a user message, or items")
     instructions: str | None = Field(None, max_length=200_000,
                                      description="a system message for this response (not carried to follow-ups)")
     previous_response_id: str | None = Field(None, pattern=RESPONSE_ID_PATTERN,
                                              description="continue (or fork) the conversation at that response")
     store: bool = Field(True, description="keep the response, so that it can be retrieved and continued")
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(0.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     metadata: dict[str, str] | None = Field(None, description="up to 16 string pairs, returned as given")
-    tools: list | None = Field(None, description="not supported yet: a non-empty list is refused")
-    tool_choice: Literal["none"] | None = Field(None, description="only 'none' (tools are not supported yet)")
-    parallel_tool_calls: bool | None = Field(None, description="no tool calls are made either way")
+    tools: list[FunctionTool] | None = Field(None, max_length=128, description="function tools (others: 400)")
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="a response makes at most one call either way")
     include: list[str] | None = Field(None, max_length=0, description="only empty: no extra output is included")
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="a conversation is never truncated: its history is compressed into the session")
@@ -80,10 +143,14 @@ class ResponsesRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _input(cls, v):
-        msgs = [InputMessage(role="user", content=v)] if isinstance(v, str) else v
-        if not msgs or msgs[-1].role != "user" or not msgs[-1].plain()["content"].strip():
-            raise ValueError("the input must end with a non-empty user message")
-        return msgs
+        items = [InputMessage(role="user", content=v)] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("the input is empty")
+        last = items[-1]
+        if not (isinstance(last, FunctionCallOutput) or (isinstance(last, InputMessage) and last.role == "user"
+                                                         and last.plain()["content"].strip())):
+            raise ValueError("the input must end with a non-empty user message or a function call's output")
+        return items
 
     @field_validator("metadata")
     @classmethod
@@ -92,19 +159,32 @@ class ResponsesRequest(BaseModel):
             raise ValueError("at most 16 pairs, keys up to 64 and values up to 512 characters")
         return v
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tool calling is not supported by this server")
-        return v
-
     def messages(self) -> list[dict]:
         return [m.plain() for m in self.input]
+
+    def structured(self) -> tuple[str | None, bool]:
+        """(the grammar the reply follows, whether it is a forced function call)."""
+        functions = [t.model_dump(exclude={"type", "strict"}, exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice
+        named = choice.name if isinstance(choice, NamedFunctionChoice) else None
+        fmt = self.text.format.as_dict() if self.text and self.text.format else None
+        return plan(functions or None, None if named else choice, named, fmt, "text.format")
 
 
 def response_id() -> str:
     return "resp_" + uuid.uuid4().hex[:24]
+
+
+def output_items(rec: dict, done: bool) -> list[dict]:
+    """The response's output: its message, or the function call a forced tool_choice made."""
+    if not done:
+        return []
+    if rec.get("call"):
+        c = rec["call"]
+        return [{"id": "fc_" + rec["id"][5:], "type": "function_call", "status": "completed", "call_id": c["call_id"],
+                 "name": c["name"], "arguments": c["arguments"]}]
+    return [{"id": "msg_" + rec["id"][5:], "type": "message", "status": "completed", "role": "assistant",
+             "content": [{"type": "output_text", "text": rec.get("output_text", ""), "annotations": []}]}]
 
 
 def response_object(rec: dict, status: str | None = None) -> dict:
@@ -112,16 +192,15 @@ def response_object(rec: dict, status: str | None = None) -> dict:
     `incomplete` when max_output_tokens cut it; `in_progress` before its output exists (streaming)."""
     status = status or ("incomplete" if rec.get("finish") == "length" else "completed")
     done = status != "in_progress"
-    item = {"id": "msg_" + rec["id"][5:], "type": "message", "status": "completed", "role": "assistant",
-            "content": [{"type": "output_text", "text": rec.get("output_text", ""), "annotations": []}]}
     return {
         "id": rec["id"], "object": "response", "created_at": rec["created_at"], "status": status,
-        "model": rec["model"], "output": [item] if done else [],
+        "model": rec["model"], "output": output_items(rec, done),
         "instructions": rec.get("instructions"), "previous_response_id": rec.get("previous_response_id"),
         "metadata": rec.get("metadata") or {}, "temperature": rec["temperature"], "top_p": rec["top_p"],
         "max_output_tokens": rec.get("max_output_tokens"), "store": rec["store"], "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
+        "parallel_tool_calls": False, "tool_choice": rec.get("tool_choice") or "none", "tools": rec.get("tools") or [],
+        "text": {"format": rec.get("format") or {"type": "text"}},
         "truncation": "disabled", "usage": rec.get("usage") if done else None,
     }
 
@@ -145,11 +224,14 @@ class EventStream:
         self.n += 1
         return f"event: {type_}\ndata: {json.dumps(body)}\n\n"
 
-    def opening(self) -> list[str]:
+    def opening(self, calls: bool = False) -> list[str]:
+        """`calls`: the output is a forced function call, sent whole by `closing`."""
         pending = response_object(self.rec, "in_progress")
+        out = [self.event("response.created", response=pending), self.event("response.in_progress", response=pending)]
+        if calls:
+            return out
         item = {"id": self.item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-        return [self.event("response.created", response=pending), self.event("response.in_progress", response=pending),
-                self.event("response.output_item.added", output_index=0, item=item),
+        return [*out, self.event("response.output_item.added", output_index=0, item=item),
                 self.event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
                            part={"type": "output_text", "text": "", "annotations": []})]
 
@@ -157,9 +239,20 @@ class EventStream:
         return self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0,
                           delta=text)
 
-    def closing(self, rec: dict) -> list[str]:
+    def closing(self, rec: dict, calls: bool = False) -> list[str]:
         done = response_object(rec)
-        part = done["output"][0]["content"][0]
+        item = done["output"][0]
+        if item["type"] == "function_call":
+            return [self.event("response.output_item.added", output_index=0, item={**item, "status": "in_progress"}),
+                    self.event("response.function_call_arguments.done", item_id=item["id"], output_index=0,
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=0, item=item),
+                    self.event("response.completed", response=done)]
+        if calls:  # a forced call that did not complete: its text, as a message
+            return [self.event("response.output_item.added", output_index=0, item={**item, "status": "in_progress"}),
+                    self.event("response.output_item.done", output_index=0, item=item),
+                    self.event("response.completed", response=done)]
+        part = item["content"][0]
         return [self.event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
                            text=part["text"]),
                 self.event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0,

@@ -6,7 +6,6 @@ over tasks defined on ../shared/data. No data set or model is fetched."""
 from __future__ import annotations
 
 import json
-import os
 
 from tests.cluster.conftest import KEY_A
 
@@ -114,31 +113,62 @@ def test_litellm_openai_provider_chat_stream_and_json(cluster, monkeypatch):
     City.model_validate_json(r.choices[0].message.content)
 
 
-def test_lm_eval_harness_scores_through_the_server(cluster, tmp_path, monkeypatch):
-    """lm-evaluation-harness's own `local-completions` model, on tasks over ../shared/data: its
-    rolling loglikelihood equals the sum of the server's echoed prompt logprobs (the same numbers
-    `lessserve eval ppl` sums), and generation and multiple choice run."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("OPENAI_API_KEY", KEY_A)
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+def test_lm_eval_harness_scores_through_the_server(cluster, monkeypatch):
+    """lm-evaluation-harness's own `local-completions` model (evals/harness.py), on tasks over the
+    test part of a shared text: rolling loglikelihood, a two-way choice and generation all run."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY_A)  # the harness's bearer token
+    import tempfile
+    from pathlib import Path
 
+    from lessserve.evals.harness import evaluate, score_row
+    from lessserve.evals.harness_tasks import part_lines, write_tasks
     from lessserve.workers.config import EngineConfig
     from lessserve.workers.model_loader import load_checkpoint
-    from tests.cluster.lm_eval_tasks.build import TASKS, shared_lines, write_tasks
 
     folder = load_checkpoint(EngineConfig().model).folder
-    tm = TaskManager(include_path=str(write_tasks(tmp_path, shared_lines("brown.txt", 6))), include_defaults=False)
-    out = lm_eval.simple_evaluate(
-        model="local-completions", tasks=list(TASKS), task_manager=tm, limit=3, log_samples=True,
-        model_args=f"base_url={cluster['url']}/v1/completions,model={MODEL},tokenizer_backend=huggingface,"
-                   f"tokenizer={folder},tokenized_requests=True,num_concurrent=1,max_retries=1")
-    res = out["results"]
-    assert 0 < res["lessserve_rolling"]["bits_per_byte,none"] < 10
-    assert 0 <= res["lessserve_choice"]["acc,none"] <= 1 and "exact_match,none" in res["lessserve_gen"]
-    os.environ.pop("OPENAI_API_KEY", None)
-    sample = out["samples"]["lessserve_rolling"][0]
-    ll = sample["resps"][0][0]  # the harness's loglikelihood of the first document
-    ll = ll[0] if isinstance(ll, (list, tuple)) else ll
-    assert ll < 0
+    lines = part_lines("brown", "test", 4)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = evaluate(cluster["url"], MODEL, folder, write_tasks(Path(tmp), lines), limit=3)
+    row = score_row("h2o", 48, out, [20] * 4)
+    assert row["docs"] == 3 and all(ll < 0 for ll in row["rolling_ll"])
+    assert 0 < row["bits_per_byte"] < 10 and 0 <= row["choice_acc"] <= 1 and 0 <= row["gen_exact_match"] <= 1
+
+
+def test_openai_agents_sdk_function_tool_then_a_follow_up_on_the_responses_api(cluster):
+    """The OpenAI Agents SDK on /v1/responses: an agent whose one function tool is forced
+    (tool_choice required; the SDK runs the tool and stops on its result), then a second agent
+    continuing that conversation with previous_response_id. (tool_choice 'auto', which the SDK
+    sends once a tool has run, is refused by this server: docs/serving.md.)"""
+    import asyncio
+
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    model = OpenAIResponsesModel(model=MODEL, openai_client=AsyncOpenAI(base_url=cluster["url"] + "/v1",
+                                                                       api_key=KEY_A, max_retries=0, timeout=300))
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        cities.append(city)
+        return f"Sunny in {city}"
+
+    agent = Agent(name="weather", instructions="Use the tool.", model=model, tools=[get_weather],
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=40),
+                  tool_use_behavior="stop_on_first_tool")
+
+    async def main():
+        first = await Runner.run(agent, "What is the weather in Paris?")
+        chat = Agent(name="chat", instructions="Be brief.", model=model, model_settings=ModelSettings(max_tokens=12))
+        second = await Runner.run(chat, "Thank you. Say goodbye.", previous_response_id=first.last_response_id)
+        streamed = Runner.run_streamed(chat, "And once more.", previous_response_id=second.last_response_id)
+        async for _ in streamed.stream_events():
+            pass
+        return first, second, streamed
+
+    first, second, streamed = asyncio.run(main())
+    assert len(cities) == 1 and first.final_output == f"Sunny in {cities[0]}"
+    assert second.final_output and second.last_response_id != first.last_response_id
+    assert streamed.final_output

@@ -309,6 +309,7 @@ CHAT_BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", None),
     ({"tool_choice": "required"}, "tool_choice", None),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", None),  # the default: auto
     ({"logprobs": "yes"}, "logprobs", None),
     ({"top_logprobs": 2}, "top_logprobs", None),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", None),
@@ -498,3 +499,24 @@ def test_chat_n_and_logprobs_reach_the_worker_and_come_back_per_choice(app):
     ends = [f["choices"][0]["index"] for f in frames if f["choices"] and f["choices"][0]["finish_reason"]]
     assert sorted(ends) == [0, 1]
     assert all(f["choices"][0]["logprobs"] for f in frames if f["choices"] and f["choices"][0]["delta"].get("content"))
+
+
+def test_responses_forced_function_call_round_trip(app):
+    """A forced call comes back as a function_call output item; its output, sent back as input
+    (with the call, as the Agents SDK does), renders as the call's text and a tool message."""
+    client, deps = app
+    tool = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}, "strict": True}
+    r = create(client, input="find it", tools=[tool], tool_choice="required", include=[], truncation="auto")
+    assert r.status_code == 200, r.text
+    assert deps.backend.requests[-1].grammar is not None
+    out = r.json()["output"][0]
+    # the fake echoes words, not JSON: the call did not complete, so the text comes back as a message
+    assert out["type"] == "message" and r.json()["tools"][0]["name"] == "lookup"
+    items = [{"role": "user", "content": "find it"},
+             {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{\"q\": 1}",
+              "id": "fc_1", "status": "completed"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "found"}]
+    r = create(client, input=items, tools=[tool], tool_choice="none")
+    assert r.status_code == 200, r.text
+    assert deps.backend.requests[-1].messages[-2:] == [
+        {"role": "assistant", "content": '{"name":"lookup","arguments":{"q":1}}'}, {"role": "tool", "content": "found"}]

@@ -1,12 +1,13 @@
-"""Tiny lm-eval tasks over local text, so `lm_eval.simple_evaluate` downloads no dataset.
+"""lm-evaluation-harness tasks over the project's own texts, so `lm_eval.simple_evaluate` downloads
+no dataset (`lessserve eval harness`, evals/harness.py).
 
 The YAMLs here name their data as `__DATA_DIR__/<name>.jsonl`; `write_tasks(out_dir, lines)`
 writes those jsonl files from the text it is given and copies the YAMLs into `out_dir` with the
 placeholder replaced, so `out_dir` is what `TaskManager(include_path=out_dir)` scans. The text
-comes from `../shared/data` beside the checkout at test time (`shared_lines`); none is committed.
+comes from a part (train/dev/test, lab/corpus.py) of `../shared/data` (`part_lines`); none is committed.
 
     from lm_eval.tasks import TaskManager
-    tm = TaskManager(include_path=str(write_tasks(tmp_path, shared_lines("brown.txt", 12))),
+    tm = TaskManager(include_path=str(write_tasks(tmp_path, part_lines("brown", "test", 12))),
                      include_defaults=False)
     lm_eval.simple_evaluate(model="local-completions", model_args=..., tasks=list(TASKS),
                             task_manager=tm, limit=4)
@@ -19,22 +20,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lessserve.lab.corpus import DATA_DIR, TEXTS, read_part
+
 HERE = Path(__file__).resolve().parent
-DATA_DIR = HERE.parents[2] / ".." / "shared" / "data"  # beside the checkout, as lab/corpus.py
 TASKS = ("lessserve_rolling", "lessserve_gen", "lessserve_choice")
 PLACEHOLDER = "__DATA_DIR__"
 
 
-def shared_lines(name: str = "brown.txt", n: int = 12, min_words: int = 8) -> list[str]:
-    """The first `n` lines of `../shared/data/<name>` with at least `min_words` words."""
+def part_lines(text: str = "brown", part: str = "test", n: int = 12, min_words: int = 8) -> list[str]:
+    """The first `n` lines of at least `min_words` words of `part` of a shared text (lab/corpus.py)."""
     out = []
-    with open(DATA_DIR / name, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if len(line.split()) >= min_words:
-                out.append(line)
-                if len(out) == n:
-                    break
+    for line in read_part(DATA_DIR / TEXTS[text], part).splitlines():
+        line = line.strip()
+        if len(line.split()) >= min_words:
+            out.append(line)
+            if len(out) == n:
+                break
     return out
 
 
@@ -61,7 +62,7 @@ def write_tasks(out_dir: str | Path, lines: list[str]) -> Path:
     }
     for name, docs in rows.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
-    for yaml_file in HERE.glob("*.yaml"):
+    for yaml_file in sorted(HERE.glob("*.yaml")):
         text = yaml_file.read_text(encoding="utf-8").replace(PLACEHOLDER, str(out.resolve()))
         (out / yaml_file.name).write_text(text, encoding="utf-8")
     return out
