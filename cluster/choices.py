@@ -12,6 +12,7 @@ from lessserve.workers.engine import Engine
 from lessserve.workers.reply import Reply
 from lessserve.workers.sampling import PromptLogprobs, TopLogprobs
 from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+from lessserve.workers.tool_parsers import parser_for
 
 
 class TokenTexts:
@@ -48,7 +49,16 @@ async def choice_events(engine: Engine, scheduler: BatchScheduler, texts: TokenT
     that choice), its grammar's end or max_tokens."""
     n, stop_ids = 1 + len(params.forks), set(engine.stop_ids)
     replies = [Reply(engine.tokenizer, engine.stop_ids, req.stop) for _ in range(n)]
-    generated, ended = [0] * n, set()
+    generated, ended, texts_of = [0] * n, set(), [[] for _ in range(n)]
+    parser = parser_for(engine.tokenizer.chat_template) if req.auto_tools else None
+
+    def end(i: int, finish: str, count: int) -> EndEvent:
+        if parser is not None:
+            content, calls = parser.parse("".join(texts_of[i]))
+            if calls:
+                return EndEvent("tool_calls", count, i, tuple(calls), content)
+        return EndEvent(finish, count, i)
+
     if req.echo:
         prompt_text = engine.tokenizer.decode(ids, skip_special_tokens=False)
         if req.prompt_logprobs is None:
@@ -67,14 +77,15 @@ async def choice_events(engine: Engine, scheduler: BatchScheduler, texts: TokenT
         lps = (texts.logprob(item.token, item.logprob, item.top),) \
             if item.logprob is not None and item.token not in stop_ids else ()
         if piece or lps:
+            texts_of[i].append(piece)
             yield TokenEvent(piece, i, lps)
         if done:
             ended.add(i)
-            yield EndEvent(replies[i].finish, generated[i] - (item.token in stop_ids), i)
+            yield end(i, replies[i].finish, generated[i] - (item.token in stop_ids))
             if len(ended) == n:
                 break
     for i in sorted(set(range(n)) - ended):  # max_tokens or its grammar's end (a complete answer: "stop")
         if tail := replies[i].flush():
+            texts_of[i].append(tail)
             yield TokenEvent(tail, i)
-        finish = "length" if generated[i] >= req.max_tokens else "stop"
-        yield EndEvent(finish, generated[i], i)
+        yield end(i, "length" if generated[i] >= req.max_tokens else "stop", generated[i])

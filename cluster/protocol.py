@@ -70,6 +70,7 @@ class TurnRequest(BaseModel):
     echo: bool = Field(False, description="send a PromptEvent with the prompt's text and tokens")
     grammar: str | None = Field(None, description="an llguidance grammar the reply must follow (structured output)")
     tools: list[dict] | None = Field(None, description="function tools, rendered by the chat template")
+    auto_tools: bool = Field(False, description="tool_choice auto: the model's own calls are parsed from its reply")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -121,9 +122,11 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class EndEvent:
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "tool_calls" (auto_tools: calls were parsed)
     completion_tokens: int
     index: int = 0
+    tool_calls: tuple[tuple[str, str], ...] = ()  # auto_tools: (name, arguments JSON) in order
+    content: str = ""  # auto_tools with calls: the reply's text outside them
     type: ClassVar[str] = "end"
 
 

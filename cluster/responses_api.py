@@ -42,8 +42,8 @@ class ResponseFrames:
     """Responses API events, numbered: response.created ... one output_text.delta per token ...
     response.completed once the record is kept."""
 
-    def __init__(self, ctx: RouterContext, rec: dict, calls: bool):
-        self.ctx, self.rec, self.events, self.calls = ctx, rec, EventStream(rec), calls
+    def __init__(self, ctx: RouterContext, rec: dict, mode: str):
+        self.ctx, self.rec, self.events, self.mode, self.calls = ctx, rec, EventStream(rec), mode, bool(mode)
 
     def opening(self) -> list[str]:
         return self.events.opening(self.calls)
@@ -52,7 +52,7 @@ class ResponseFrames:
         return "" if self.calls or not ev.text else self.events.delta(ev.text)
 
     async def closing(self, turn: TurnOutcome) -> list[str]:
-        await finish(self.ctx, self.rec, turn, self.calls)
+        await finish(self.ctx, self.rec, turn, self.mode)
         return self.events.closing(self.rec, self.calls)
 
     def error(self, h: HttpError | None, e: BaseException) -> list[str]:
@@ -70,12 +70,17 @@ async def forget_unstored(ctx: RouterContext, rec: dict) -> None:
             await ctx.deps.backend.delete_session(rec["session"], rec["owner"])
 
 
-async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome, calls: bool) -> None:
-    """The record completed with the turn's output (a forced call's, parsed), kept unless `store` is false."""
+async def finish(ctx: RouterContext, rec: dict, turn: TurnOutcome, mode: str) -> None:
+    """The record completed with the turn's output (a call, forced or the model's own, parsed),
+    kept unless `store` is false."""
     rec.update(output_text=turn.text, finish=turn.finish_reason,
                usage=response_usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled))
-    if calls and turn.finish_reason == "stop" and (call := parsed_call(turn.text)):
+    end = turn.choice(0).end
+    call = end.tool_calls[0] if mode == "auto" and end is not None and end.tool_calls else \
+        parsed_call(turn.text) if mode == "forced" and turn.finish_reason == "stop" else None
+    if call:
         rec["call"] = {"call_id": call_id(), "name": call[0], "arguments": call[1]}
+        rec["finish"] = "stop"
     reply = {"role": "assistant", "content": turn.text}
     rec["turn"] = [*rec["turn"], reply]
     if "messages" in rec:  # a snapshot: the whole history up to this response
@@ -99,7 +104,7 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
             history, prev = await ctx.deps.responses.history(body.previous_response_id, owner)
             parent, depth = prev["session"], prev.get("depth", 0) + 1
         new = body.messages()
-        grammar, calls = body.structured()
+        grammar, mode = await asyncio.to_thread(body.structured)  # a large schema: off the loop
         if body.store:  # the record's size is known once the reply is: its input counts now
             await ctx.quotas.new_response(owner, nbytes=sum(len(m["content"].encode()) for m in new))
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -117,14 +122,15 @@ def responses_routes(ctx: RouterContext) -> APIRouter:
             rec["messages"] = [*history, *new]
         req = TurnRequest(session_id=sid, owner=owner, messages=[*system, *history, *new], max_tokens=max_tokens,
                           temperature=body.temperature or 0.0, top_p=1.0 if body.top_p is None else body.top_p,
-                          fork_from=parent, ephemeral=not body.store, grammar=grammar)
+                          fork_from=parent, ephemeral=not body.store, grammar=grammar,
+                          tools=body.chat_tools(), auto_tools=mode == "auto")
         turn, events = await open_turn(ctx.deps.backend, req, stream=body.stream, t0=t0, guard=ctx.quotas.guard)
         if body.stream:
-            return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec, calls), ctx.deps.metrics, rid),
+            return StreamingResponse(sse(turn, events, ResponseFrames(ctx, rec, mode), ctx.deps.metrics, rid),
                                      media_type="text/event-stream")
         try:
             await collect(turn, events)
-            await finish(ctx, rec, turn, calls)
+            await finish(ctx, rec, turn, mode)
         finally:
             await asyncio.shield(forget_unstored(ctx, rec))  # no-op once stored
         turn.record(ctx.deps.metrics)

@@ -162,8 +162,13 @@ class ResponsesRequest(BaseModel):
     def messages(self) -> list[dict]:
         return [m.plain() for m in self.input]
 
-    def structured(self) -> tuple[str | None, bool]:
-        """(the grammar the reply follows, whether it is a forced function call)."""
+    def chat_tools(self) -> list[dict] | None:
+        """The tools as chat templates take them (the chat API's nested form)."""
+        return [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
+                for t in self.tools] if self.tools else None
+
+    def structured(self) -> tuple[str | None, str]:
+        """(the grammar the reply follows, the tool mode: "forced", "auto" or "")."""
         functions = [t.model_dump(exclude={"type", "strict"}, exclude_none=True) for t in self.tools or []]
         choice = self.tool_choice
         named = choice.name if isinstance(choice, NamedFunctionChoice) else None

@@ -5,9 +5,10 @@ worker enforces (workers/constraints.py), and a forced call's JSON becomes the c
     response_format {"type": "json_schema", "json_schema"}  that schema (strict or not: always enforced)
     tool_choice "required" / {"type": "function", ...}      {"name": <one of the tools>, "arguments": <its parameters>}
 
-`tool_choice: "auto"` (OpenAI's default when tools are sent) needs a chat template that renders
-tools and a parser for the model family's call syntax; this server does not have one yet, so tools
-without tool_choice, or with "auto", are refused by name (400); with "none" no call is made."""
+`tool_choice: "auto"` (OpenAI's default when tools are sent): the tools are rendered by the chat
+template and the model's own calls parsed from its reply (workers/tool_parsers.py); a model whose
+template renders no tools, or whose call syntax has no parser here, gets a 400 naming tool_choice
+from the worker. With "none" no call is made."""
 
 from __future__ import annotations
 
@@ -44,33 +45,32 @@ def tool_call_schema(functions: list[dict], name: str | None) -> dict[str, Any]:
     return one(chosen[0]) if len(chosen) == 1 else {"anyOf": [one(f) for f in chosen]}
 
 
-def tool_grammar(functions: list[dict] | None, choice: str | None, named: str | None = None) -> tuple[str | None, bool]:
+def tool_grammar(functions: list[dict] | None, choice: str | None, named: str | None = None) -> tuple[str | None, str]:
     """functions: {"name", "parameters", ...}; choice: "none" / "auto" / "required" / None, or
-    `named` (a function's name) -> (the grammar of a forced call or None, whether the reply is a call)."""
+    `named` (a function's name) -> (the grammar of a forced call or None, the mode: "forced",
+    "auto" (the model may call; its reply is parsed) or "" (no call))."""
     if not functions or (choice == "none" and named is None):
-        return None, False
+        return None, ""
     if choice in (None, "auto") and named is None:  # OpenAI's default with tools is "auto"
-        raise GrammarError("tool_choice 'auto' (the default with tools): this server cannot yet parse a model's "
-                           "own tool calls; send tool_choice 'required' or name the function (enforced by a "
-                           "grammar), or 'none'")
-    return json_schema_grammar(tool_call_schema(functions, named)), True
+        return None, "auto"
+    return json_schema_grammar(tool_call_schema(functions, named)), "forced"
 
 
 def plan(functions: list[dict] | None, choice: str | None, named: str | None, fmt: dict | None,
-         fmt_field: str) -> tuple[str | None, bool]:
-    """(the grammar the reply follows, whether it is a forced tool call); what cannot be enforced
-    is a 400 naming its field (`fmt_field`: where the API keeps its response format)."""
+         fmt_field: str) -> tuple[str | None, str]:
+    """(the grammar the reply follows, the tool mode of tool_grammar); what cannot be enforced is a
+    400 naming its field (`fmt_field`: where the API keeps its response format)."""
     from lessserve.cluster.http_errors import ApiError
 
     try:
-        grammar, calls = tool_grammar(functions, choice, named)
+        grammar, mode = tool_grammar(functions, choice, named)
     except GrammarError as e:
         raise ApiError(400, f"{'tool_choice' if 'tool_choice' in str(e) else 'tools'}: {e}",
                        param="tool_choice" if "tool_choice" in str(e) else "tools") from None
-    if calls:
-        return grammar, True
+    if mode == "forced":
+        return grammar, mode
     try:
-        return response_format_grammar(fmt), False
+        return response_format_grammar(fmt), mode
     except GrammarError as e:
         raise ApiError(400, f"{fmt_field}: {e}", param=fmt_field) from None
 

@@ -35,11 +35,13 @@ from lessserve.cluster.protocol import ErrorEvent, StartEvent, TurnRequest, priv
 from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
+from lessserve.workers.chat_session import ChatMessages, supports_tools
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import ContextOverflowError
+from lessserve.workers.errors import ContextOverflowError, ToolChoiceError
 from lessserve.workers.scheduler import BatchScheduler
 from lessserve.workers.session_store import SessionStore, settle
 from lessserve.workers.threads import reserve_compute_threads
+from lessserve.workers.tool_parsers import parser_for
 
 log = logging.getLogger("ray.serve")
 
@@ -142,8 +144,10 @@ class LessWorker:
     async def _turn(self, sid: str, req: TurnRequest):
         try:
             prompt_ids = self._prompt_ids(req)
+            self._check_tools(req)
             constraint = await asyncio.to_thread(self.engine.grammars.constraint, req.grammar) if req.grammar else None
-            async with self.sessions.turn(sid, req.messages, req.max_tokens, req.owner, prompt_ids) as opened:
+            messages = ChatMessages(req.messages, req.tools) if req.tools else req.messages
+            async with self.sessions.turn(sid, messages, req.max_tokens, req.owner, prompt_ids) as opened:
                 forks = await self.sessions.borrow_slots(req.n - 1)  # the other choices' slots, for this turn
                 try:
                     async for ev in self._generate(sid, req, *opened, constraint, forks):
@@ -152,6 +156,15 @@ class LessWorker:
                     await settle(self.sessions.return_slots(forks))
         except LessServeError as e:  # a known condition: answered from the one table (cluster/http_errors.py)
             yield ErrorEvent(http_error(e))
+
+    def _check_tools(self, req: TurnRequest) -> None:
+        template = getattr(self.engine.tokenizer, "chat_template", None)
+        if req.auto_tools and parser_for(template) is None:
+            why = "renders no tools" if not supports_tools(self.engine.tokenizer) \
+                else "uses a call syntax with no parser here"
+            raise ToolChoiceError(f"tool_choice: 'auto' (the default with tools) needs a chat template that renders "
+                                  f"tools and a parser of the model's calls; this model's template {why}. Send "
+                                  "tool_choice 'required' or name a function (enforced by a grammar), or 'none'")
 
     def _prompt_ids(self, req: TurnRequest) -> list[int] | None:
         if req.prompt is None:

@@ -82,6 +82,10 @@ class FakeBackend:
         if fault and fault[0] == 0:
             yield ErrorEvent(fault[1])
             return
+        if req.auto_tools:  # the fake's chat template renders no tools, as the default model's
+            yield ErrorEvent(HttpError(400, "invalid_request_error", None, "tool_choice: 'auto' needs a chat "
+                                       "template that renders tools; this model's renders none"))
+            return
         if known is None and req.fork_from in self.sessions and self.sessions[req.fork_from].owner == req.owner:
             parent = self.sessions[req.fork_from]
             known = FakeSession(req.owner, list(parent.history), parent.turns)

@@ -39,7 +39,25 @@ class TurnPlan:
     prompt_text: str
 
 
+class ChatMessages(list):
+    """A conversation's messages and the function tools its chat template renders with them
+    (`tools`, OpenAI's function definitions; None: no tools). A list, so every path that takes
+    messages takes these unchanged."""
+
+    def __init__(self, messages, tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
+def supports_tools(tokenizer) -> bool:
+    """The chat template renders `tools` (Qwen2.5/3, Llama 3.1+, Mistral, Hermes templates do)."""
+    return "tools" in (getattr(tokenizer, "chat_template", None) or "")
+
+
 def render(tokenizer, messages: list[dict]) -> str:
+    tools = getattr(messages, "tools", None)
+    if tools:
+        return tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=True, tokenize=False)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

@@ -16,7 +16,6 @@ import json
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import numpy as np
 import torch
 
@@ -110,6 +109,8 @@ class Grammars:
             if self.tokenizer is None or getattr(self.tokenizer, "backend_tokenizer", None) is None:
                 raise GrammarError("constrained decoding needs a tokenizer with a `tokenizers` backend; "
                                    "this model has none")
+            import llguidance.hf  # imports transformers: only once a grammar or token bytes are needed
+
             self._ll = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=list(self.stop_ids) or None)
         return self._ll
 

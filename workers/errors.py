@@ -42,3 +42,7 @@ class ContextOverflowError(RequestError):
 
 class SessionNotFoundError(NotFoundError):
     """No such session for this owner (another owner's session is reported the same way)."""
+
+
+class ToolChoiceError(RequestError):
+    """tool_choice 'auto' on a model whose chat template renders no tools or whose calls cannot be parsed."""

@@ -3,7 +3,6 @@ and the real cluster's."""
 
 BAD_RESPONSES = [
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-    ({"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": "auto"}, "tool_choice"),
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include"),
     ({"input": "x", "reasoning": {"effort": "low"}}, "reasoning"),
     ({"input": "x", "background": True}, "background"),

@@ -144,6 +144,11 @@ def test_openai_agents_sdk_function_tool_then_a_follow_up_on_the_responses_api(c
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
     from openai import AsyncOpenAI
 
+    from pydantic import BaseModel, Field
+
+    class Farewell(BaseModel):
+        message: str = Field(max_length=40)
+
     set_tracing_disabled(True)
     model = OpenAIResponsesModel(model=MODEL, openai_client=AsyncOpenAI(base_url=cluster["url"] + "/v1",
                                                                        api_key=KEY_A, max_retries=0, timeout=300))
@@ -156,19 +161,21 @@ def test_openai_agents_sdk_function_tool_then_a_follow_up_on_the_responses_api(c
         return f"Sunny in {city}"
 
     agent = Agent(name="weather", instructions="Use the tool.", model=model, tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", max_tokens=40),
+                  model_settings=ModelSettings(tool_choice="required", max_tokens=120),
                   tool_use_behavior="stop_on_first_tool")
 
     async def main():
         first = await Runner.run(agent, "What is the weather in Paris?")
-        chat = Agent(name="chat", instructions="Be brief.", model=model, model_settings=ModelSettings(max_tokens=12))
+        # a structured final output (text.format json_schema, enforced): the 135M model ends its answer
+        chat = Agent(name="chat", instructions="Be brief.", model=model, output_type=Farewell,
+                     model_settings=ModelSettings(max_tokens=80))
         second = await Runner.run(chat, "Thank you. Say goodbye.", previous_response_id=first.last_response_id)
-        streamed = Runner.run_streamed(chat, "And once more.", previous_response_id=second.last_response_id)
-        async for _ in streamed.stream_events():
+        streamed = Runner.run_streamed(agent, "And in Rome?", previous_response_id=second.last_response_id)
+        async for _ in streamed.stream_events():  # the forced call, streamed whole when it completes
             pass
         return first, second, streamed
 
     first, second, streamed = asyncio.run(main())
-    assert len(cities) == 1 and first.final_output == f"Sunny in {cities[0]}"
-    assert second.final_output and second.last_response_id != first.last_response_id
-    assert streamed.final_output
+    assert len(cities) == 2 and first.final_output == f"Sunny in {cities[0]}"
+    assert isinstance(second.final_output, Farewell) and second.last_response_id != first.last_response_id
+    assert streamed.final_output == f"Sunny in {cities[1]}"

@@ -120,9 +120,10 @@ def test_bad_responses_requests_are_400_naming_the_field(cluster, body, field):
     assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
 
 
-@pytest.mark.parametrize("extra,field", [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                                         ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "logprobs"),
-                                         ({"n": 2}, "n")])
+@pytest.mark.parametrize("extra,field", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # auto: the worker's template
+    ({"top_logprobs": 2}, "top_logprobs"), ({"n": 17}, "n"), ({"top_k": 5}, "top_k"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty")])
 def test_chat_fields_the_server_cannot_honour_are_refused_not_ignored(cluster, extra, field):
     r = httpx.post(cluster["url"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY_A}"},
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}, timeout=60)

@@ -305,11 +305,9 @@ CHAT_BAD = [
     ({"n": 17}, "n", None),
     ({"n": 0}, "n", None),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", None),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tool_choice", None),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", None),
     ({"tool_choice": "required"}, "tool_choice", None),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", None),  # the default: auto
     ({"logprobs": "yes"}, "logprobs", None),
     ({"top_logprobs": 2}, "top_logprobs", None),
     ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", None),
@@ -520,3 +518,20 @@ def test_responses_forced_function_call_round_trip(app):
     assert r.status_code == 200, r.text
     assert deps.backend.requests[-1].messages[-2:] == [
         {"role": "assistant", "content": '{"name":"lookup","arguments":{"q":1}}'}, {"role": "tool", "content": "found"}]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto",
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "function", "name": "f"}]}),
+])
+def test_tool_choice_auto_reaches_the_worker_which_refuses_it_without_a_tool_template(app, path, body):
+    """"auto" (also OpenAI's default with tools) is the worker's call: it knows the chat template.
+    A template that renders no tools (the fake's, the default model's) is a 400 naming tool_choice."""
+    client, deps = app
+    r = client.post(path, json={"model": MODEL, **body})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("tool_choice"), r.text
+    req = deps.backend.requests[-1]
+    assert req.auto_tools and req.tools[0]["function"]["name"] == "f"
