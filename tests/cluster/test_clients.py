@@ -143,7 +143,6 @@ def test_openai_agents_sdk_function_tool_then_a_follow_up_on_the_responses_api(c
 
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
     from openai import AsyncOpenAI
-
     from pydantic import BaseModel, Field
 
     class Farewell(BaseModel):
