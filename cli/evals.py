@@ -181,7 +181,8 @@ def _register_harness(esub) -> None:
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--text", choices=sorted(TEXTS), default="brown", help="which shared text the tasks use")
     p.add_argument("--part", choices=["train", "dev", "test"], default="test")
-    p.add_argument("--docs", type=int, default=12, help="lines of the part the tasks are made of")
+    p.add_argument("--docs", type=int, default=12, help="documents of the part the tasks are made of")
+    p.add_argument("--chars", type=int, default=2000, help="characters of context per document (about 4 per token)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--port", type=int, default=8123, help="the embedded server's port on 127.0.0.1")
     p.add_argument("--json", default=None)
@@ -193,13 +194,14 @@ def cmd_harness(args) -> int:
     policies = parse_policies("--policies", args.policies)
     in_range("--budget", args.budget, 2, 65536)
     in_range("--docs", args.docs, 2, 10000)
+    in_range("--chars", args.chars, 0, 100000)
     in_range("--port", args.port, 1024, 65535)
     if args.limit is not None:
         in_range("--limit", args.limit, 1, 100000)
     from lessserve.evals.harness import bar_plot, run_harness
     from lessserve.lab.output import markdown_table, write_json
 
-    rows = run_harness(policies, args.budget, args.text, args.part, args.docs, args.limit, args.port)
+    rows = run_harness(policies, args.budget, args.text, args.part, args.docs, args.chars, args.limit, args.port)
     print(markdown_table([{k: v for k, v in r.items() if k != "rolling_ll"} for r in rows]))
     write_json(args.json, rows)
     if args.plot:

@@ -8,6 +8,7 @@ decode batches many sessions of different lengths in one forward.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -95,7 +96,8 @@ class Engine:
             raise ConfigError(f"max_model_len {cfg.max_model_len} exceeds the model's context of {ctx} tokens "
                               f"({self.model_id}: {self._context_reason()})")
         self.max_model_len = cfg.max_model_len or ctx
-        if cfg.chat_template and self.tokenizer is not None:
+        if cfg.chat_template and self.tokenizer is not None:  # on a copy: a tokenizer passed in may be shared
+            self.tokenizer = copy.copy(self.tokenizer)
             self.tokenizer.chat_template = read_chat_template(cfg.chat_template)
         self.stop_ids = stop_ids(ckpt.folder, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.stop_ids)  # structured outputs, token bytes

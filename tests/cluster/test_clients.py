@@ -121,14 +121,14 @@ def test_lm_eval_harness_scores_through_the_server(cluster, monkeypatch):
     from pathlib import Path
 
     from lessserve.evals.harness import evaluate, score_row
-    from lessserve.evals.harness_tasks import part_lines, write_tasks
+    from lessserve.evals.harness_tasks import part_docs, write_tasks
     from lessserve.workers.config import EngineConfig
     from lessserve.workers.model_loader import load_checkpoint
 
     folder = load_checkpoint(EngineConfig().model).folder
-    lines = part_lines("brown", "test", 4)
+    docs = part_docs("brown", "test", 4, chars=400)
     with tempfile.TemporaryDirectory() as tmp:
-        out = evaluate(cluster["url"], MODEL, folder, write_tasks(Path(tmp), lines), limit=3)
+        out = evaluate(cluster["url"], MODEL, folder, write_tasks(Path(tmp), docs), limit=3)
     row = score_row("h2o", 48, out, [20] * 4)
     assert row["docs"] == 3 and all(ll < 0 for ll in row["rolling_ll"])
     assert 0 < row["bits_per_byte"] < 10 and 0 <= row["choice_acc"] <= 1 and 0 <= row["gen_exact_match"] <= 1
