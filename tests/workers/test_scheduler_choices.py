@@ -112,7 +112,7 @@ def test_json_schema_output_parses_and_validates_for_every_seed(default_engine):
     with BatchScheduler(eng) as sched:
         slot, forks = sched.call(eng.alloc), tuple(sched.call(eng.alloc) for _ in range(3))
         outs = []
-        for seed in range(5):  # 5 requests x 4 choices = 20 samples
+        for seed in range(0, 20, 4):  # 5 requests x 4 choices: seeds 0-19, each once (choice i uses seed + i)
             c = eng.grammars.constraint(grammar)
             got, _ = run(sched, slot, ids, SamplingParams(max_new_tokens=60, temperature=1.0, seed=seed,
                                                           stop_ids=eng.stop_ids, constraint=c, forks=forks))
@@ -122,7 +122,7 @@ def test_json_schema_output_parses_and_validates_for_every_seed(default_engine):
         obj = json.loads(text)
         assert set(obj) == {"name", "age"} and isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
         assert isinstance(obj["name"], str) and len(obj["name"]) <= 12
-    assert len(set(outs)) > 1
+    assert len(outs) == 20 and len(set(outs)) > 1
 
 
 def test_a_grammar_error_fails_only_its_request(tiny_engine_factory):
