@@ -104,7 +104,7 @@ def chat_routes(ctx: RouterContext) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request, owner: Owner):
         t0 = time.perf_counter()
         max_tokens = body.max_completion_tokens or body.max_tokens or ctx.cfg.default_max_tokens
-        ctx.check_request(body.model, max_tokens, "max_tokens")
+        ctx.check_request(body.model, max_tokens, "max_tokens", body.n or 1)
         grammar, mode = await asyncio.to_thread(structured, body)  # a large schema: off the loop
         client_sid = request.headers.get("x-session-id") or body.session_id
         sid = ctx.scope(client_sid, owner) if client_sid else None  # each API key has its own session ids

@@ -150,7 +150,7 @@ def completions_routes(ctx: RouterContext) -> APIRouter:
     async def completions(body: CompletionRequest, owner: Owner):
         t0 = time.perf_counter()
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        ctx.check_request(body.model, max_tokens, "max_tokens")
+        ctx.check_request(body.model, max_tokens, "max_tokens", body.n or 1)
         n, k = body.n or 1, body.logprobs
 
         def request(prompt) -> TurnRequest:

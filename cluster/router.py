@@ -87,8 +87,11 @@ class RouterContext:
         self.cfg, self.deps = cfg, deps
         self.quotas = key_quotas(cfg.quotas, deps.directory, deps.responses)
 
-    def check_request(self, model: str, max_tokens: int, param: str) -> None:
-        """The served model, and the token limit (`param`: the field that set it)."""
+    def check_request(self, model: str, max_tokens: int, param: str, n: int = 1) -> None:
+        """The served model, the token limit (`param`: the field that set it), and `n` choices
+        within one worker's slots (each choice decodes in a slot of its own)."""
+        if n > self.cfg.engine.max_slots:
+            raise ApiError(400, f"n {n} is over this server's {self.cfg.engine.max_slots} slots per worker", param="n")
         if model not in (self.cfg.model_name, self.cfg.engine.model):
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.cfg.model_name!r}",
                            "not_found_error", "model_not_found", "model")

@@ -303,6 +303,7 @@ CHAT_BAD = [
     ({"max_tokens": 65}, "max_tokens", "max_tokens 65 is over this server's limit 64"),
     ({"stream": "yes"}, "stream", None),
     ({"n": 17}, "n", None),
+    ({"n": 9}, "n", "n 9 is over this server's 8 slots per worker"),
     ({"n": 0}, "n", None),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", None),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
