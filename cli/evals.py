@@ -1,4 +1,4 @@
-"""`lessserve eval {ppl,passkey,report,harness}`: quality under each policy and budget."""
+"""`lessserve eval {ppl,passkey,recall,report,harness}`: quality under each policy and budget."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("eval", help="quality evaluations (perplexity, passkey, the quality report)")
     esub = p.add_subparsers(dest="eval", required=True)
-    for reg in (_register_ppl, _register_passkey, _register_report, _register_harness):
+    for reg in (_register_ppl, _register_passkey, _register_recall, _register_report, _register_harness):
         reg(esub)
 
 
@@ -104,6 +104,58 @@ def cmd_passkey(args) -> int:
         for r in rows:
             r["series"] = f"{r['policy']}@{r['budget']}"
         line_plot(rows, "length", "accuracy", "series", args.plot, "Passkey accuracy vs length")
+    return 0
+
+
+def _register_recall(esub) -> None:
+    p = esub.add_parser("recall", help="multi-turn recall: a fact stated turns before the question")
+    p.add_argument("--policies", default="full,h2o,lambda,floor",
+                   help="engine policies, plus `floor` (the full cache without the fact)")
+    p.add_argument("--budgets", default="128")
+    p.add_argument("--lengths", default="512,1024,2048", help="history lengths in tokens")
+    p.add_argument("--cases", type=int, default=6, help="conversations per length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", choices=["plain", "chat"], default="plain",
+                   help="plain: User:/Assistant: lines and a completion cue; chat: the model's chat template")
+    p.add_argument("--part", choices=["train", "dev", "test"], default="test",
+                   help="part of the shared texts the filler turns come from (choose on dev, report test)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: accuracy vs length per policy@budget")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_recall)
+
+
+def cmd_recall(args) -> int:
+    from lessserve.evals.recall import FLOOR
+
+    names = [v.strip() for v in args.policies.split(",") if v.strip()]
+    engine_policies = [n for n in names if n != FLOOR]
+    parsed = iter(parse_policies("--policies", ",".join(engine_policies)) if engine_policies else [])
+    policies = [n if n == FLOOR else next(parsed) for n in names]
+    if not policies:
+        raise CliError("--policies", "no policy given")
+    budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
+    lengths = parse_ints("--lengths", args.lengths, lo=128, hi=65536)
+    in_range("--cases", args.cases, 1, 1000)
+    if args.format == "plain" and args.chat_template:
+        raise CliError("--chat-template", "the plain format renders with its own template; use --format chat")
+    from lessserve.evals.recall import eval_recall
+    from lessserve.evals.recall_cases import PLAIN_TEMPLATE
+    from lessserve.lab.engines import EngineFactory
+    from lessserve.lab.output import markdown_table, write_json
+    from lessserve.lab.plots import line_plot
+
+    over = {"chat_template": PLAIN_TEMPLATE} if args.format == "plain" else {}
+    factory = EngineFactory(eval_engine_config(args, max_context=max(lengths) + 64, max_slots=1, **over))
+    if max(lengths) > factory.ckpt.args.context_len:
+        raise CliError("--lengths", f"longer than the model's context of {factory.ckpt.args.context_len} tokens")
+    rows = eval_recall(factory, policies, budgets, lengths, args.cases, args.seed, args.format, args.part)
+    print(markdown_table(rows))
+    write_json(args.json, rows)
+    if args.plot:
+        for r in rows:
+            r["series"] = r["policy"] if r["policy"] in ("full", FLOOR) else f"{r['policy']}@{r['budget']}"
+        line_plot(rows, "length", "accuracy", "series", args.plot, f"Multi-turn recall ({args.format} turns)")
     return 0
 
 
