@@ -20,19 +20,24 @@ from lessserve.cluster.openai_types import (
     chunk_body,
     completion_body,
     completion_id,
-    error_body,
-    usage,
 )
 from lessserve.cluster.openapi import CHAT_EXTRA, ERRORS
 from lessserve.cluster.protocol import TokenEvent, TurnRequest
-from lessserve.cluster.streaming import Choice, TurnOutcome, collect, open_turn, sse, sse_data
+from lessserve.cluster.streaming import (
+    DONE,
+    Choice,
+    TurnOutcome,
+    collect,
+    open_turn,
+    sse,
+    sse_data,
+    sse_error,
+    turn_usage,
+)
 from lessserve.cluster.structured import call_id, plan, tool_calls
 
 if TYPE_CHECKING:
     from lessserve.cluster.router import RouterContext
-
-DONE = "data: [DONE]\n\n"
-
 
 class ChatFrames:
     """chat.completion.chunk events: the role, one delta per token (with its logprobs when asked
@@ -71,9 +76,7 @@ class ChatFrames:
         return [*out, DONE]
 
     def error(self, h: HttpError | None, e: BaseException) -> list[str]:
-        return [sse_data(error_body(f"generation failed: {h.message if h else type(e).__name__}",
-                                    h.type if h else "server_error", code=h.code if h else "stream_interrupted")),
-                DONE]
+        return sse_error(h, e)
 
     async def aborted(self) -> None:
         """Nothing to undo: a chat turn cut short keeps what its cache consumed (the worker closes
@@ -90,10 +93,6 @@ def choice_message(c: Choice, mode: str) -> tuple[dict, str]:
     if mode == "forced" and c.finish_reason == "stop" and (parsed := tool_calls(c.text)):
         return {"role": "assistant", "content": None, "tool_calls": parsed}, "tool_calls"
     return {"role": "assistant", "content": c.text}, c.finish_reason
-
-
-def turn_usage(turn: TurnOutcome) -> dict:
-    return usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled)
 
 
 def chat_routes(ctx: RouterContext) -> APIRouter:

@@ -17,15 +17,14 @@ from pydantic import BaseModel, Field, model_validator
 
 from lessserve.cluster.http_edge import Owner
 from lessserve.cluster.http_errors import HttpError
-from lessserve.cluster.openai_types import STRICT, StreamOptions, error_body, usage
+from lessserve.cluster.openai_types import STRICT, StreamOptions, usage
 from lessserve.cluster.openapi import ERRORS
 from lessserve.cluster.protocol import TokenEvent, TokenLogprob, TurnRequest
-from lessserve.cluster.streaming import TurnOutcome, collect, open_turn, sse, sse_data
+from lessserve.cluster.streaming import DONE, TurnOutcome, collect, open_turn, sse, sse_data, sse_error, turn_usage
 
 if TYPE_CHECKING:
     from lessserve.cluster.router import RouterContext
 
-DONE = "data: [DONE]\n\n"
 MAX_PROMPTS = 64
 
 
@@ -129,14 +128,11 @@ class CompletionFrames:
         out = [self.chunk([{"index": i, "text": "", "logprobs": None, "finish_reason": c.finish_reason}])
                for i, c in enumerate(turn.ordered())]
         if self.include_usage:
-            out.append(self.chunk([], use=usage(turn.start.prompt_tokens, turn.completion_tokens,
-                                                turn.start.prefilled)))
+            out.append(self.chunk([], use=turn_usage(turn)))
         return [*out, DONE]
 
     def error(self, h: HttpError | None, e: BaseException) -> list[str]:
-        return [sse_data(error_body(f"generation failed: {h.message if h else type(e).__name__}",
-                                    h.type if h else "server_error", code=h.code if h else "stream_interrupted")),
-                DONE]
+        return sse_error(h, e)
 
     async def aborted(self) -> None:
         """Nothing to undo: a completion is a one-off."""

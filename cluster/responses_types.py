@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from lessserve.cluster.openai_types import STRICT, FunctionCall, ToolCall, call_text
+from lessserve.cluster.openai_types import STRICT, FunctionCall, FunctionDef, ToolCall, call_text
 from lessserve.cluster.structured import plan
 
 RESPONSE_ID_PATTERN = r"^resp_[0-9a-f]{24}$"
@@ -94,14 +94,10 @@ class TextConfig(BaseModel):
     verbosity: Literal["medium"] | None = Field(None, description="only the default")
 
 
-class FunctionTool(BaseModel):
-    model_config = STRICT
+class FunctionTool(FunctionDef):
+    """A function tool in the Responses API's flat form: the chat API's function with its `type`."""
 
     type: Literal["function"]
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = Field(None, max_length=10_000)
-    parameters: dict | None = None
-    strict: bool | None = Field(None, description="arguments are always enforced by the schema")
 
 
 class NamedFunctionChoice(BaseModel):

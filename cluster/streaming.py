@@ -13,6 +13,7 @@ from typing import Protocol
 
 from lessserve.cluster.http_errors import HttpError, http_error
 from lessserve.cluster.metrics import MetricsSink, TokenTimer
+from lessserve.cluster.openai_types import error_body, usage
 from lessserve.cluster.protocol import (
     EndEvent,
     ErrorEvent,
@@ -121,6 +122,21 @@ async def collect(turn: TurnOutcome, events: AsyncIterator[Event]) -> TurnOutcom
 
 def sse_data(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"  # the end of an OpenAI-style (chat, completions) stream
+
+
+def sse_error(h: HttpError | None, e: BaseException) -> list[str]:
+    """The in-band error of an OpenAI-style stream that has started (`h` None: not a known error), then DONE."""
+    return [sse_data(error_body(f"generation failed: {h.message if h else type(e).__name__}",
+                                h.type if h else "server_error", code=h.code if h else "stream_interrupted")),
+            DONE]
+
+
+def turn_usage(turn: TurnOutcome) -> dict:
+    """The OpenAI usage of a turn: its history once, every choice's tokens, the part served from the cache."""
+    return usage(turn.start.prompt_tokens, turn.completion_tokens, turn.start.prefilled)
 
 
 class SseFrames(Protocol):
