@@ -37,7 +37,7 @@ from lessserve.cluster.state import get_state
 from lessserve.errors.tree import LessServeError
 from lessserve.workers.chat_session import ChatMessages, supports_tools
 from lessserve.workers.engine import Engine
-from lessserve.workers.errors import ContextOverflowError, ToolChoiceError
+from lessserve.workers.errors import RequestError, ToolChoiceError
 from lessserve.workers.scheduler import BatchScheduler
 from lessserve.workers.session_store import SessionStore, settle
 from lessserve.workers.threads import reserve_compute_threads
@@ -173,7 +173,7 @@ class LessWorker:
             return self.engine.tokenizer(req.prompt)["input_ids"]  # with the tokenizer's own special tokens
         vocab = self.engine.args.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt):
-            raise ContextOverflowError(f"prompt: token ids must lie in [0, {vocab})")
+            raise RequestError(f"prompt: token ids must lie in [0, {vocab})")
         return list(req.prompt)
 
     async def _generate(self, sid: str, req: TurnRequest, session, new_ids: list[int], tokens: list[int],
