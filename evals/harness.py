@@ -10,19 +10,17 @@ generation (exact match)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from lessserve.evals.harness_tasks import TASKS, part_docs, write_tasks
 from lessserve.lab.output import progress
+from lessserve.lab.served import ServeProcess
 
 
 def evaluate(url: str, model_name: str, tokenizer_folder: Path, task_dir: Path, limit: int | None) -> dict:
@@ -61,44 +59,6 @@ def score_row(policy: str, budget: int, out: dict, tokens: list[int]) -> dict:
             "rolling_ll": lls}
 
 
-class Server:
-    """`lessserve serve` as a process of its own (its own local Ray, the default in-process tiers)
-    on 127.0.0.1, stopped by SIGTERM to the PID started here."""
-
-    def __init__(self, policy: str, budget: int, port: int, log: Path):
-        self.url, self.log = f"http://127.0.0.1:{port}", log
-        cmd = [sys.executable, "-m", "lessserve.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--policy", policy, "--budget", str(budget)]
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"the server at {self.url} did not become ready in {timeout_s:.0f} s: {self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-1500:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(150)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def run_harness(policies: list[str], budget: int, text: str, part: str, docs: int, chars: int, limit: int | None,
                 port: int) -> list[dict]:
     from lessserve.cluster.config import load_config
@@ -115,12 +75,14 @@ def run_harness(policies: list[str], budget: int, text: str, part: str, docs: in
         for i, policy in enumerate(policies):
             progress(f"[{i + 1}/{len(policies)}] {policy}: starting the server ...")
             t0 = time.time()
-            server = Server(policy, budget, port, Path(tmp) / f"serve-{i}.log")
+            server = ServeProcess(port, ["--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                                         "--budget", str(budget)], Path(tmp) / f"serve-{i}.log")
             try:
                 server.wait_ready()
                 out = evaluate(server.url, cfg.model_name, folder, task_dir, limit)
             finally:
-                server.stop()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # killed past its budget: go on
+                    server.stop()
             row = score_row(policy, budget, out, tokens)
             rows.append(row)
             progress(f"[{i + 1}/{len(policies)}] {policy}: token ppl {row['token_ppl']:.3f}, bits/byte "

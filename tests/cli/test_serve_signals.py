@@ -4,38 +4,21 @@ same Redis continues the conversation from the offloaded cache. Real CLI subproc
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from lessserve.lab.served import ServeProcess
 from lessserve.testing.local_redis import LocalRedis, free_port
 
 MODEL = "smollm2-135m-instruct"
 
 
-def serve(port: int, redis_url: str, log) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    return subprocess.Popen([sys.executable, "-m", "lessserve.cli.main", "serve", "--port", str(port),
-                             "--redis-url", redis_url, "--max-slots", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 240) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("server not ready")
+def serve(port: int, redis_url: str, log: Path) -> ServeProcess:
+    return ServeProcess(port, ["--port", str(port), "--redis-url", redis_url, "--max-slots", "2"], log)
 
 
 def chat(port: int, messages: list[dict]) -> dict:
@@ -45,14 +28,10 @@ def chat(port: int, messages: list[dict]) -> dict:
     return r.json()
 
 
-def stop(proc: subprocess.Popen, sig: int, budget_s: float) -> tuple[int, float]:
-    t0 = time.time()
-    proc.send_signal(sig)
+def stop(server: ServeProcess, sig: int, budget_s: float) -> tuple[int, float]:
     try:
-        return proc.wait(budget_s), time.time() - t0
+        return server.stop(sig, budget_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
         pytest.fail(f"{signal.Signals(sig).name}: not stopped within {budget_s} s")
 
 
@@ -61,23 +40,21 @@ def test_sigterm_and_sigint_drain_exit_0_and_the_conversation_continues(tmp_path
     with LocalRedis() as redis:
         msgs = [{"role": "user", "content": "Name a colour."}]
         logs = [tmp_path / "a.log", tmp_path / "b.log"]
-        with logs[0].open("w") as log:
-            proc = serve(port, redis.url, log)
-            try:
-                wait_ready(proc, port)
-                first = chat(port, msgs)
-            finally:
-                rc, took = stop(proc, signal.SIGTERM, budget_s=120)  # drain_timeout_s 60 + Ray shutdown
+        server = serve(port, redis.url, logs[0])
+        try:
+            server.wait_ready(240)
+            first = chat(port, msgs)
+        finally:
+            rc, took = stop(server, signal.SIGTERM, budget_s=120)  # drain_timeout_s 60 + Ray shutdown
         assert rc == 0 and took < 120, (rc, took)
         msgs += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "Why that one?"}]
-        with logs[1].open("w") as log:
-            proc = serve(port, redis.url, log)
-            try:
-                wait_ready(proc, port)
-                second = chat(port, msgs)
-            finally:
-                rc2, _ = stop(proc, signal.SIGINT, budget_s=120)
+        server = serve(port, redis.url, logs[1])
+        try:
+            server.wait_ready(240)
+            second = chat(port, msgs)
+        finally:
+            rc2, _ = stop(server, signal.SIGINT, budget_s=120)
         assert rc2 == 0
     # the fresh server restored the drained cache: only the new messages were prefilled
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
