@@ -34,7 +34,7 @@ from lessserve.cluster.http_errors import http_error
 from lessserve.cluster.protocol import ErrorEvent, StartEvent, TurnRequest, private_session
 from lessserve.cluster.shared_state import shared_kv
 from lessserve.cluster.state import get_state
-from lessserve.errors.tree import LessServeError
+from lessserve.errors.tree import DependencyUnavailableError, LessServeError
 from lessserve.workers.chat_session import ChatMessages, supports_tools
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import RequestError, ToolChoiceError
@@ -135,11 +135,20 @@ class LessWorker:
                             yield ev
                 finally:
                     if req.session_id is None or req.ephemeral:
-                        await settle(self.sessions.delete(sid))
-                    if req.ephemeral:
-                        await settle(self.directory.forget(sid))
+                        await self._forget_after_turn(sid, req.ephemeral)
         except LessServeError as e:  # a CapacityError of the waits: answered from the one table
             yield ErrorEvent(http_error(e))
+
+    async def _forget_after_turn(self, sid: str, ephemeral: bool) -> None:
+        """A one-off (a completion, a chat without a session id) or `store: false` session ends with
+        its turn. Beyond this worker it is best effort: with the shared state down, the local copies
+        are gone and what Redis holds expires with its TTLs; the reply the client has stands."""
+        try:
+            await settle(self.sessions.delete(sid))
+            if ephemeral:
+                await settle(self.directory.forget(sid))
+        except DependencyUnavailableError as e:
+            log.warning("worker %s: session %s forgotten locally only: %s", self.worker_id, sid, e)
 
     async def _turn(self, sid: str, req: TurnRequest):
         try:

@@ -559,9 +559,11 @@ class SessionStore:
         existed = await self.info(session_id, owner) is not None
         if not existed and owner is not None and await self.run_local(lambda: session_id in self.sessions):
             return False  # someone else's
-        await self.store.delete(session_id)
-        self.unsaved.discard(session_id)
-        await self.run_local(lambda: self.sessions.pop(session_id, None))
+        try:  # the local copies go first; a shared tier that is down raises after them
+            await self.store.delete(session_id)
+        finally:  # whatever the shared tier did, this worker forgets the session
+            self.unsaved.discard(session_id)
+            await self.run_local(lambda: self.sessions.pop(session_id, None))
         return existed
 
     async def drain(self) -> int:

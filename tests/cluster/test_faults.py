@@ -124,6 +124,10 @@ def test_redis_down_then_back_empty_every_conversation_continues(faulty):
         assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     fresh = Conversation(url)
     fresh.turn(0)  # a new session is served locally
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "Once upon a", "max_tokens": 2, "echo": True, "logprobs": 1})):
+        r = httpx.post(url + path, headers=H, json={"model": MODEL, **body}, timeout=120)  # one-offs: no Redis needed
+        assert r.status_code == 200, r.text
     redis.start()  # back, empty: the workers re-publish directory entries and transcripts
     wait_for(lambda: httpx.get(url + "/healthz", timeout=30).json()["status"] == "ok")
     probe, owner = redis.client(), owner_of(H["Authorization"], {KEY_A})
