@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lessserve.kernels.fast_attention import attend_slots, full_attention_views, gather_cat, valid_rows
-from lessserve.kernels.reference.evict import EvictionSpec
+from lessserve.kernels.reference.evict import PIN_SCORE, EvictionSpec
 from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
 
 
@@ -54,6 +54,8 @@ def evict_cat(
         if spec.mode == "lambda":
             protected = protected | (mi < spec.sink)
     prio.masked_fill_(protected[:, None, :], float("inf"))
+    if spec.mode == "lambda":  # pinned (recalled) entries: kept like the sinks
+        prio.masked_fill_(scat >= PIN_SCORE, float("inf"))
     prio.masked_fill_(~valid[:, None, :], float("-inf"))
     order = prio.sort(dim=-1, descending=True, stable=True).indices  # [n, Hkv, Lk]
     keep = order[..., :W]

@@ -1,5 +1,8 @@
 """Policy names -> eviction specs. `h2o+less` adds the LESS state; `h2o+` is the equal-memory
-baseline whose budget grows by the LESS state's size in tokens."""
+baseline whose budget grows by the LESS state's size in tokens; `+recall` (h2o or lambda, with or
+without `+less`) keeps every token's K/V in a host-side history and brings the pages the new
+message asks for back into the slot at each turn (workers/history.py, kernels/reference/recall.py):
+part of the budget (`reserve` tokens) is set aside for them."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from lessserve.kernels.reference.evict import EvictionSpec
 from lessserve.workers.errors import ConfigError
 
 BASES = ("full", "h2o", "lambda")
-POLICY_NAMES = ("full", "h2o", "lambda", "h2o+less", "lambda+less", "h2o+", "lambda+")
+POLICY_NAMES = ("full", "h2o", "lambda", "h2o+less", "lambda+less", "h2o+", "lambda+",
+                "h2o+recall", "lambda+recall", "h2o+less+recall", "lambda+less+recall")
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class Policy:
     base: Literal["full", "h2o", "lambda"]
     less: bool = False
     plus: bool = False  # equal-memory baseline
+    recall: bool = False  # evicted history kept off-device and recalled at each turn
 
     @classmethod
     def parse(cls, name: str) -> Policy:
@@ -26,11 +31,13 @@ class Policy:
         if name not in POLICY_NAMES:
             raise ConfigError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
         base, _, extra = name.partition("+")
-        return cls(base=base, less=extra == "less", plus=name.endswith("+"))  # type: ignore[arg-type]
+        mods = extra.split("+")
+        return cls(base=base, less="less" in mods, plus=name.endswith("+"),  # type: ignore[arg-type]
+                   recall="recall" in mods)
 
     @property
     def name(self) -> str:
-        return self.base + ("+less" if self.less else "+" if self.plus else "")
+        return self.base + ("+less" if self.less else "+" if self.plus else "") + ("+recall" if self.recall else "")
 
 
 def less_state_tokens(rank: int, head_dim: int, cache_dtype_bytes: int) -> int:
@@ -41,8 +48,12 @@ def less_state_tokens(rank: int, head_dim: int, cache_dtype_bytes: int) -> int:
 
 
 def eviction_spec(
-    policy: Policy, budget: int, recent: int | None, sink: int, max_context: int, extra_tokens: int = 0
+    policy: Policy, budget: int, recent: int | None, sink: int, max_context: int, extra_tokens: int = 0,
+    reserve: int = 0,
 ) -> EvictionSpec:
+    """`reserve`: entries of the budget set aside for recalled pages (`+recall`): lambda's recent
+    window shrinks by it (with nothing recalled, the most recent tokens fill it: lambda as before);
+    h2o's heavy-hitter part must hold it."""
     if policy.base == "full":
         return EvictionSpec(mode="full", budget=max_context, recent=max_context, sink=0)
     if budget < 2:
@@ -52,7 +63,13 @@ def eviction_spec(
         r = b // 2 if recent is None else recent + (b - budget) // 2
         if not 0 < r < b:
             raise ConfigError(f"h2o recent window {r} must be in (0, budget={b})")
+        if r + reserve > b:
+            raise ConfigError(f"recall pages ({reserve} tokens) do not fit beside h2o's recent window {r} "
+                              f"in budget {b}")
         return EvictionSpec(mode="h2o", budget=b, recent=r, sink=0)
     if not 0 < sink < b:
         raise ConfigError(f"lambda sink {sink} must be in (0, budget={b})")
-    return EvictionSpec(mode="lambda", budget=b, recent=b - sink, sink=sink)
+    if sink + reserve >= b:
+        raise ConfigError(f"recall pages ({reserve} tokens) and {sink} sink tokens leave no recent window in "
+                          f"budget {b}")
+    return EvictionSpec(mode="lambda", budget=b, recent=b - sink - reserve, sink=sink)

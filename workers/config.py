@@ -43,6 +43,15 @@ class EngineConfig(BaseModel):
                           "compile per batch-size bucket at start-up (torch kernels, compressed policies; one "
                           "extra pad slot; pays with a LESS state on CPU, docs/bench_decode.md)")
 
+    recall_pages: int = Field(4, ge=1, le=4096, description="+recall: history pages brought back per layer and KV "
+                              "head at each turn (pages x page tokens of the budget are set aside for them)")
+    recall_page: int = Field(16, ge=1, le=4096, description="+recall: tokens per history page")
+    recall_queries: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
+                                "queries score the history pages")
+    history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "
+                               "the device may take; past it the oldest pages of the least recently used sessions "
+                               "are dropped (they degrade to plain eviction)")
+
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:

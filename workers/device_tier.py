@@ -6,12 +6,17 @@ Triton pack on CUDA), wrapped in the codec's checked envelope (cache_store/codec
 "slot", with {"quant", "dtype", "seen"} under meta["slot"]. `get` packs a slot, `put` unpacks a
 record into a slot (allocating one), `delete` frees the slot. The header meta also carries whatever
 `meta_fn(sid)` returns (the session's transcript), so a cache always travels with the exact token
-ids it consumed. A cache in any other layout (older releases wrote named tensors) is an
-IncompatibleCacheError: the store rebuilds that session from its transcript.
+ids it consumed. A `+recall` engine's session also carries its history (workers/history.py) as the
+tensors "history_k" / "history_v" with {"base", "n", "page", "recalled"} under meta["history"], so
+the history goes wherever the slot goes (host, Redis, another worker); a cache without one restores
+with an empty history (that session recalls nothing older than its restore). A cache in any other
+layout (older releases wrote named tensors) is an IncompatibleCacheError: the store rebuilds that
+session from its transcript.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -24,9 +29,12 @@ from lessserve.kernels.errors import PackError
 from lessserve.kernels.reference.pack import QUANT_MODES, PackLayout, section_view
 from lessserve.workers.engine import Engine
 from lessserve.workers.errors import SlotsExhaustedError
+from lessserve.workers.history import HISTORY_FIELDS, History
 from lessserve.workers.slots import SlotSlab
 
 SLOT = "slot"  # the codec tensor holding the packed record
+HISTORY = "history"  # meta key of a +recall session's history
+log = logging.getLogger(__name__)
 
 
 def engine_identity(engine: Engine) -> CacheIdentity:
@@ -106,7 +114,12 @@ class EngineDeviceTier(DeviceTier):
         ids = torch.tensor([slot], dtype=torch.long, device=slab.k.device)
         record = ops.pack_slots(*slab_fields(slab), ids, self.quant)[0]  # uint8 [record_bytes], one pass
         info = {"quant": self.quant, "dtype": str(slab.k.dtype).removeprefix("torch."), "seen": slab.seen[slot]}
-        return encode({SLOT: record}, self.identity, {**self.meta_fn(sid), SLOT: info})
+        tensors, meta = {SLOT: record}, {**self.meta_fn(sid), SLOT: info}
+        hist = self.engine.histories
+        if hist is not None and slot in hist.by_slot:
+            t, meta[HISTORY] = hist.by_slot[slot].export()
+            tensors.update(t)
+        return encode(tensors, self.identity, meta)
 
     def put(self, sid: str, blob: Blob) -> None:
         slab = self.engine.slab
@@ -122,6 +135,15 @@ class EngineDeviceTier(DeviceTier):
                 self.engine.free(self.slots.pop(sid))
             raise IncompatibleCacheError(f"cache does not fit this engine's slots: {e}") from e
         slab.seen[slot] = seen
+        hist = self.engine.histories
+        if hist is not None and HISTORY in cache.meta and all(f in cache.tensors for f in HISTORY_FIELDS):
+            try:
+                h = History.restore(hist.shape, hist.dtype, cache.tensors, cache.meta[HISTORY])
+            except (ValueError, TypeError) as e:  # the slot is good: the session goes on without recall
+                log.warning("session %s: history not restored (%s); it recalls nothing older", sid, e)
+            else:
+                if h.n == seen:
+                    hist.put(slot, h)
 
     def delete(self, sid: str) -> bool:
         slot = self.slots.pop(sid, None)

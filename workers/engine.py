@@ -19,12 +19,14 @@ import torch
 
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
+from lessserve.kernels.reference.recall import group_queries, recall_layer_ref
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.constraints import Grammars
 from lessserve.workers.cuda_graphs import DecodeGraphs, EagerReplay, backend_for, buckets
 from lessserve.workers.errors import ConfigError, ContextOverflowError
+from lessserve.workers.history import Histories
 from lessserve.workers.less_weights import (
     LessWeights,
     check_bound,
@@ -106,7 +108,8 @@ class Engine:
         rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)
         extra = less_state_tokens(rank, self.args.head_dim, self.dtype.itemsize) if rank else 0
         self.less_state_tokens = extra
-        self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra)
+        reserve = cfg.recall_pages * cfg.recall_page if self.policy.recall else 0
+        self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra, reserve)
         self.scale = self.args.head_dim ** -0.5
         backend, self.graphs_off = backend_for(self.device) if cfg.cuda_graphs else (None, "cuda_graphs is off")
         self.compiled, self.compile_off = compiled_attend(cfg.compile, self.impl, self.spec,
@@ -116,6 +119,11 @@ class Engine:
         self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
                              cfg.max_slots + (backend is not None), self.spec.budget,
                              self.less.rank if self.less else 0, self.device, self.dtype)
+        self.histories: Histories | None = None
+        if self.policy.recall:
+            self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
+                                                             self.args.head_dim, self.dtype, cfg.recall_page,
+                                                             cfg.history_bytes)
         self.graphs: DecodeGraphs | None = None
         if backend is not None:  # one extra slot, never handed out: the buckets' padding rows point at it
             step = lambda t, s, p: self._step(t, s, p, last_only=True, bucketed=True)[:, -1]  # noqa: E731
@@ -163,8 +171,12 @@ class Engine:
         self.slab.free(slot)
 
     def stats(self, slot: int) -> dict:
-        return {"cached_tokens": self.slab.cached_tokens(slot), "tokens_seen": self.slab.seen[slot],
-                "cache_bytes": self.slab.slot_bytes()}
+        out = {"cached_tokens": self.slab.cached_tokens(slot), "tokens_seen": self.slab.seen[slot],
+               "cache_bytes": self.slab.slot_bytes()}
+        if self.histories is not None:
+            h = self.histories.get(slot)
+            out.update(history_bytes=h.nbytes(), history_tokens=h.held, recalled_entries=h.recalled)
+        return out
 
     # --- the step ---------------------------------------------------------------------------
     def _check_step(self, slots: Sequence[int], C: int) -> None:
@@ -181,8 +193,11 @@ class Engine:
                     f"is max_context={self.spec.budget}")
 
     @torch.inference_mode()
-    def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V])."""
+    def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False,
+                recall: bool = False) -> torch.Tensor:
+        """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V]). `recall` (a `+recall`
+        engine, the last chunk of a turn's prompt): before each layer attends, the chunk's last
+        `recall_queries` queries bring the session's best history pages back into its slot."""
         n, C = tokens.shape
         self._check_step(slots, C)
         slots = list(slots)
@@ -193,18 +208,31 @@ class Engine:
         # a slot holds at most `seen` entries: the host knows a bound on every length without a device sync
         max_len = min(max(seen), self.slab.capacity)
         host = (slots, seen) if self.spec.mode == "full" else None  # full policy: length == seen
-        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host)
+        hist = None
+        if self.histories is not None:
+            hist = [self.histories.touch(s) for s in slots]
+            for h in hist:
+                h.reserve(C)
+        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
+                            history=(slots, seen, hist, recall) if hist is not None else None)
         for s in slots:
             self.slab.seen[s] += C
+        if hist is not None:
+            for h in hist:
+                h.advance(C)
+            self.histories.enforce()
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
               last_only: bool, max_len: int | None = None,
-              host: tuple[list[int], list[int]] | None = None, bucketed: bool = False) -> torch.Tensor:
+              host: tuple[list[int], list[int]] | None = None, bucketed: bool = False,
+              history: tuple | None = None) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
-        bucket's step (graph or compiled), whose shapes must not depend on them."""
+        bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (slots,
+        seen, Histories rows, recall) of a `+recall` engine's eager step: each layer's chunk K/V is
+        recorded, and with recall the pages come back before the layer attends."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
             functools.partial(ops.attend_evict, impl=self.impl)
@@ -213,6 +241,8 @@ class Engine:
         def attend(layer: int, q, k, v):
             nonlocal new_length
             lw = less.layers[layer] if less else None
+            if history is not None:
+                self._record_and_recall(layer, q, k, v, lw, *history)
             out, new_length = attend_evict(
                 q, k, v, slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
                 positions, self.scale, spec, H=slab.H[layer] if lw is not None else None,
@@ -223,6 +253,33 @@ class Engine:
         logits = self.model(tokens, positions, attend, last_only=last_only)
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
+
+    def _record_and_recall(self, layer: int, q, k, v, lw, slots: list[int], seen: list[int], hist: list,
+                           recall: bool) -> None:
+        """One layer of a `+recall` step: recall into each slot first (with the history before this
+        chunk), then record the chunk's K/V [n, Hkv, C, D] in its history."""
+        slab, cfg = self.slab, self.cfg
+        for i, (s, h) in enumerate(zip(slots, hist, strict=True)):
+            if recall:
+                h.recalled += int(recall_layer_ref(
+                    slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
+                    int(slab.length[s]), group_queries(q[i, :, -cfg.recall_queries:], self.args.num_kv_heads),
+                    h.keys(layer), h.values(layer), h.base, cfg.recall_page, cfg.recall_pages, self.spec.recent,
+                    self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
+                    z=slab.z[layer, s] if lw is not None else None, psi=lw, summaries=h.summaries(layer)).sum())
+            h.write(layer, seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
+
+    def record_decoded(self, slots: Sequence[int]) -> None:
+        """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its
+        last entry at every layer and head (the recent window keeps it), copied into its history."""
+        for s in slots:
+            h = self.histories.touch(s)
+            h.reserve(1)
+            last = int(self.slab.length[s]) - 1
+            h.k[:, :, h.held] = self.slab.k[:, s, :, last].to("cpu", h.dtype)
+            h.v[:, :, h.held] = self.slab.v[:, s, :, last].to("cpu", h.dtype)
+            h.advance(1)
+        self.histories.enforce()
 
     def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
         """(offset, size) pieces of `count` tokens starting at absolute position `start`, cut at
@@ -265,6 +322,8 @@ class Engine:
             if out is not None:
                 for s in slots:
                     self.slab.seen[s] += 1
+                if self.histories is not None:
+                    self.record_decoded(slots)
                 return out.clone()  # the graph's output buffer is overwritten by the next replay
         t = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]
         return self.forward(slots, t, last_only=True)[:, -1]

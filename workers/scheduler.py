@@ -324,9 +324,15 @@ class BatchScheduler:
         eng, p = self.engine, r.params
         _, size = next(eng.chunks(eng.slab.seen[r.slot], len(r.ids) - r.offset))
         size = min([size, *(m - r.offset for m in r.marks if m > r.offset)])  # a chunk ends at every mark
+        left = len(r.ids) - r.offset
+        recall = eng.histories is not None
+        if recall and size < left and not any(r.offset < m < len(r.ids) for m in r.marks):
+            # +recall: the prompt's last chunk holds its last recall_queries tokens, whose queries score the pages
+            size = left if left <= eng.cfg.prefill_chunk else max(1, min(size, left - eng.cfg.recall_queries))
         t0 = time.perf_counter()
         chunk = torch.tensor(r.ids[r.offset : r.offset + size], dtype=torch.long)[None]
-        logits = eng.forward([r.slot], chunk, last_only=p.prompt_logprobs is None)[0]  # [size or 1, V]
+        logits = eng.forward([r.slot], chunk, last_only=p.prompt_logprobs is None,
+                             recall=recall and size == left)[0]  # [size or 1, V]
         if p.prompt_logprobs is not None:  # position j predicts ids[offset + j + 1], within the prompt
             m = min(size, len(r.ids) - 1 - r.offset)
             targets = torch.tensor(r.ids[r.offset + 1 : r.offset + 1 + m], dtype=torch.long)

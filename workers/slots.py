@@ -53,6 +53,7 @@ class SlotSlab:
         self.seen = [0] * S
         self._free = list(range(S - 1, -1, -1))
         self._used: set[int] = set()
+        self.histories = None  # workers/history.Histories of a `+recall` engine: follows resets, forks, frees
 
     # --- allocation -------------------------------------------------------------------------
     def alloc(self) -> int:
@@ -67,6 +68,8 @@ class SlotSlab:
         self.check(slot)
         self._used.discard(slot)
         self._free.append(slot)
+        if self.histories is not None:
+            self.histories.reset(slot)
 
     def check(self, slot: int) -> None:
         if slot not in self._used:
@@ -82,6 +85,8 @@ class SlotSlab:
         fill(self.pos[:, slot], -1)
         self.length[slot] = 0
         self.seen[slot] = 0
+        if self.histories is not None:
+            self.histories.reset(slot)
 
     # --- accounting -------------------------------------------------------------------------
     def slot_bytes(self) -> int:
@@ -114,6 +119,8 @@ class SlotSlab:
             t[:, dst].copy_(t[:, src])
         self.length[dst] = self.length[src]
         self.seen[dst] = self.seen[src]
+        if self.histories is not None:
+            self.histories.copy(src, dst)
 
     def load(self, slot: int, state: dict[str, torch.Tensor]) -> None:
         """Scatter an exported state into an allocated slot (shapes must match exactly)."""

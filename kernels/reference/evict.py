@@ -6,6 +6,9 @@ absolute position, and compaction preserves it, so "recent" = the last entries.
   h2o:    keep the last `recent` entries + the highest accumulated scores among the rest.
   lambda: keep the first `sink` entries + the last `budget - sink`.
   full:   keep everything (the caller guarantees it fits).
+Entries whose score is at least PIN_SCORE (pages a `+recall` turn brought back) are kept by every
+policy until the next recall round unpins them: h2o keeps them as its highest scores, lambda
+protects them like its sinks. The policy's spec leaves room for them (compression.eviction_spec).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Literal
 import torch
 
 from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
+
+
+PIN_SCORE = 1e30  # score of a pinned (recalled) entry; accumulated attention mass stays far below it
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ def keep_priority(
         prio = score.clone()
     else:  # lambda, full: plain recency
         prio = j.expand_as(score).to(score.dtype).clone()
-        protected = protected | (j < spec.sink) if spec.mode == "lambda" else protected
+        protected = protected | (j < spec.sink) | (score >= PIN_SCORE) if spec.mode == "lambda" else protected
     prio = prio.masked_fill(protected, float("inf"))
     return prio.masked_fill(j >= tot, float("-inf"))
 

@@ -15,6 +15,7 @@ Merged order j in [0, total): the slot's L cached entries, then the chunk's C ne
 import triton
 import triton.language as tl
 
+PIN_SCORE = tl.constexpr(1e30)  # kernels/reference/evict.PIN_SCORE: a pinned (recalled) entry
 INVALID = tl.constexpr(-(1 << 30))  # a constexpr: a plain global does not compile for a GPU (AOT-tested)
 
 
@@ -42,8 +43,9 @@ def evict_select_kernel(
         prio = tl.where(j < L, sc + mc, mn)
     else:
         prio = j.to(tl.float32)
-        if MODE == 2:
-            protected = protected | (j < sink)
+        if MODE == 2:  # the sinks, and pinned (recalled) entries: score >= PIN_SCORE
+            sc = tl.load(sc_ptr + slot * ssc0 + h * ssc1 + j, mask=j < L, other=0.0)
+            protected = protected | (j < sink) | (sc >= PIN_SCORE)
     cand = valid & ~protected
     victim = j < 0  # all False
     n_victims = tl.maximum(total - B, 0)
