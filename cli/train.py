@@ -1,5 +1,6 @@
 """`lessserve train-less` (old name `train-kernels`): train the learned LESS weights (phi/psi) of a
-model, policy and budget. Flags are the fields of TrainLessConfig, defaults read from it."""
+model, policy and budget (`--stream-tokens N`: the streaming per-layer stage, for one or several
+`--policies`). Flags are the fields of TrainLessConfig, defaults read from it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from lessserve.cli.flags import existing_file, from_validation, help_of
 _TYPES = {"budget": int, "rank": int, "hidden": int, "epochs": int, "seq_len": int, "num_seqs": int, "batch": int,
           "lr": float, "query_chunks": int, "chunk": int, "recent": int, "sink": int, "seed": int, "threads": int,
           "finetune_steps": int, "finetune_lr": float, "finetune_seqs": int, "finetune_eval_every": int,
-          "finetune_warmup": int, "finetune_dropout": float, "finetune_patience": int, "dev_seqs": int}
+          "finetune_warmup": int, "finetune_dropout": float, "finetune_patience": int, "dev_seqs": int,
+          "stream_tokens": int, "stream_warmup": int, "stream_lr_floor": float, "stream_eval_every": int,
+          "stream_checkpoint_every": int, "stream_export_every": int, "stream_dev_chunks": int}
 _SWITCHES = ("resume", "finetune_bf16")
 OLD_NAME = "train-kernels"
 
@@ -51,7 +54,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-LOCATION_FLAGS = ("--work-dir", "--out", "--stage1-out", "--threads", "--device")  # where/how fast, not what is learned
+LOCATION_FLAGS = ("--work-dir", "--out", "--stage1-out", "--threads", "--device", "--stream-checkpoint-every",
+                  "--stream-export-every")  # where/how fast/how often saved, not what is learned
 
 
 def recorded_command(argv: list[str]) -> str:
@@ -84,7 +88,11 @@ def run(args) -> int:
     if args.command == OLD_NAME:
         print(f"lessserve: `{OLD_NAME}` is deprecated and will be removed; use `train-less`", file=sys.stderr)
     cfg = config_from_args(args)
-    from lessserve.training.run import train_less
+    from lessserve.training.run import train_less, train_stream_less
 
+    if cfg.stream_tokens:
+        for path in train_stream_less(cfg, recorded_command(sys.argv[1:])):
+            print(path)
+        return 0
     print(train_less(cfg, recorded_command(sys.argv[1:])))
     return 0

@@ -1,7 +1,9 @@
 """One LESS-weights training run (`lessserve train-less`): read the train part of every file, load
 the frozen model, run the per-layer stage (or start from `init`), then the end-to-end stage
-validated on the dev parts, and save the weights. A stage never overwrites its input: the
-per-layer weights are saved apart (`stage1_out`), and `out` may not be `init`."""
+validated on the dev parts, and save the weights. With `stream_tokens` the run is the streaming
+per-layer stage alone (training/stream.py), for one or several policies (`train_stream_less`).
+A stage never overwrites its input: the per-layer weights are saved apart (`stage1_out`), and
+`out` may not be `init`."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from lessserve.training.config import TrainLessConfig
 from lessserve.training.data import TrainingDataError, dev_blocks, mixture_blocks, read_corpus
 from lessserve.training.e2e import run_finetune
 from lessserve.training.layerwise import policy_spec, run_training
+from lessserve.training.stream import train_stream
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.engine import pick_device
 from lessserve.workers.less_weights import SHIPPED_DIR, LessWeights, model_fingerprint
@@ -98,3 +101,43 @@ def train_less(cfg: TrainLessConfig, command: str) -> Path:
         print(f"layer {s['layer']:2d}: val {s['val_loss']:.4g}  sparse-only {s['sparse_val_loss']:.4g}  "
               f"(best epoch {s['best_epoch']})", file=sys.stderr)
     return out
+
+
+def stream_outputs(cfg: TrainLessConfig, model_id: str) -> dict[str, Path]:
+    """Where each policy's weights go: --out as given for one policy, FILE-<policy>.safetensors for
+    several; by default the shipped location of each."""
+    pols = cfg.stream_policies()
+    if not cfg.out:
+        return {p: SHIPPED_DIR / f"{model_id}-{p}-b{cfg.budget}.safetensors" for p in pols}
+    out = Path(cfg.out)
+    return {p: out if len(pols) == 1 else out.with_name(f"{out.stem}-{p}{out.suffix or '.safetensors'}") for p in pols}
+
+
+def train_stream_less(cfg: TrainLessConfig, command: str) -> list[Path]:
+    """The streaming per-layer stage (`--stream-tokens`): train, save and return each policy's weights file."""
+    torch.set_num_threads(cfg.threads)
+    ckpt = load_checkpoint(cfg.model)
+    outs = stream_outputs(cfg, ckpt.model_id)
+    tok = load_tokenizer(ckpt.folder)
+    train, dev = read_corpus(cfg.data, "train", tok), read_corpus(cfg.data, "dev", tok)
+    model = LlamaModel(ckpt.args)
+    model.load_hf_state_dict(ckpt.state_dict)
+    model.float().eval()
+    scfg = cfg.stream(ckpt.model_id, train.digest(), dev.digest())
+    work = Path(cfg.work_dir) if cfg.work_dir else cache_root() / "train-less"
+    run_dir = work / f"stream-{'+'.join(scfg.policies)}-b{cfg.budget}"
+    sources = {"data": train.paths, "texts": train.names, "sha256": train.sha256, "split_rule": SPLIT_RULE,
+               "train_tokens_available": train.tokens()}
+    meta = {"command": command, "split_rule": SPLIT_RULE, "data_sources": sources, "dev_tokens_per_text": dev.tokens(),
+            "model_fingerprint": model_fingerprint(ckpt.args, ckpt.folder), "run_dir": run_dir.name}
+    print(f"streaming stage: {scfg.windows} windows of {scfg.seq_len} tokens, policies {','.join(scfg.policies)}, "
+          f"run directory {run_dir}", file=sys.stderr)
+    weights = train_stream(model, train, dev, scfg, run_dir, resume=cfg.resume, device=pick_device(cfg.device),
+                           meta=meta)
+    for p, path in outs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights[p].save(path)
+        m = weights[p].manifest
+        print(f"{p}: {path}  dev/sparse-only {m['dev']['ratio']:.3f} (mean over layers), "
+              f"{m['tokens']['per_layer']:,} tokens per layer", file=sys.stderr)
+    return list(outs.values())
