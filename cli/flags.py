@@ -16,7 +16,8 @@ from lessserve.errors.tree import ConfigError
 ENGINE_FLAGS = {"--model": "model", "--policy": "policy", "--budget": "budget", "--recent": "recent",
                 "--sink": "sink", "--less-weights": "less_weights", "--chunk": "prefill_chunk",
                 "--device": "device", "--dtype": "dtype", "--kernels": "kernels", "--max-model-len": "max_model_len",
-                "--chat-template": "chat_template"}
+                "--chat-template": "chat_template", "--recall-pages": "recall_pages", "--recall-page": "recall_page",
+                "--recall-queries": "recall_queries", "--history-bytes": "history_bytes", "--kv-bits": "kv_bits"}
 
 
 class CliError(ConfigError):
@@ -134,6 +135,9 @@ def add_engine_flags(p: argparse.ArgumentParser, policy_default: str | None = No
                    help=help_of(E, "kernels", "; env LESSSERVE_KERNELS"))
     p.add_argument("--max-model-len", type=int, default=None, help=help_of(E, "max_model_len"))
     p.add_argument("--chat-template", default=None, help=help_of(E, "chat_template"))
+    p.add_argument("--kv-bits", default=None, metavar="{native,8,4}", help=help_of(E, "kv_bits"))
+    for flag in ("--recall-pages", "--recall-page", "--recall-queries", "--history-bytes"):
+        p.add_argument(flag, type=int, default=None, help=help_of(E, ENGINE_FLAGS[flag]))
 
 
 def engine_config(args: argparse.Namespace, **over):

@@ -37,20 +37,32 @@ class EngineConfig(BaseModel):
         "a float32 checkpoint there; float32 on the CPU)")
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "
                                                         "(auto: Triton on CUDA, torch elsewhere)")
+    kv_bits: Literal["native", "8", "4"] = Field(
+        "native", description="Bits per cached key / value element: native (the model dtype), 8 or 4 (codes with "
+        "an fp16 scale and zero per entry and group of 32 channels, keys less a per-channel center each slot takes "
+        "from its first chunk: kernels/reference/kv_quant.py; a slot holds 1.7-6.7x the tokens in the same bytes; "
+        "not with +recall)")
     cuda_graphs: bool = Field(False, description="Decode steps through CUDA graphs captured per batch-size bucket "
                               "(CUDA only; one extra pad slot; a bucket that cannot be captured runs eagerly)")
     compile: bool = Field(False, description="Decode steps' per-layer compressed step through torch.compile, one "
                           "compile per batch-size bucket at start-up (torch kernels, compressed policies; one "
                           "extra pad slot; pays with a LESS state on CPU, docs/bench_decode.md)")
 
-    recall_pages: int = Field(4, ge=1, le=4096, description="+recall: history pages brought back per layer and KV "
-                              "head at each turn (pages x page tokens of the budget are set aside for them)")
-    recall_page: int = Field(16, ge=1, le=4096, description="+recall: tokens per history page")
-    recall_queries: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
-                                "queries score the history pages")
+    recall_pages: int = Field(8, ge=1, le=4096, description="+recall: history pages brought back at each turn, the "
+                              "same for every layer and KV head (pages x page tokens of the budget are set aside "
+                              "for them)")
+    recall_page: int = Field(8, ge=1, le=4096, description="+recall: tokens per history page")
+    recall_queries: int = Field(4, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
+                                "queries choose the history pages (the prompt's last token is prefilled as a chunk "
+                                "of its own: a read-only probe, then the step with the pages back)")
     history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "
                                "the device may take; past it the oldest pages of the least recently used sessions "
                                "are dropped (they degrade to plain eviction)")
+
+    @field_validator("kv_bits", mode="before")
+    @classmethod
+    def _kv_bits(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # 8 and "8" alike
 
     @field_validator("policy")
     @classmethod

@@ -19,7 +19,8 @@ import torch
 
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
-from lessserve.kernels.reference.recall import group_queries, recall_layer_ref
+from lessserve.kernels.reference.attention import chunk_attention_ref
+from lessserve.kernels.reference.recall import choose_pages, group_queries, history_page_mass, recall_layer_ref
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
@@ -104,21 +105,29 @@ class Engine:
         self.stop_ids = stop_ids(ckpt.folder, self.tokenizer)
         self.grammars = Grammars(self.tokenizer, self.stop_ids)  # structured outputs, token bytes
         self.policy = Policy.parse(cfg.policy)
+        if self.policy.recall and cfg.kv_bits != "native":  # recall writes K/V straight into slab.k / slab.v
+            raise ConfigError(f"kv_bits {cfg.kv_bits}: {self.policy.name} needs kv_bits native (+recall writes "
+                              "keys and values straight into the slots)")
         self.less = self._load_less(less)
         rank = self.less.rank if self.less else (self._plus_rank() if self.policy.plus else 0)
-        extra = less_state_tokens(rank, self.args.head_dim, self.dtype.itemsize) if rank else 0
+        extra = less_state_tokens(rank, self.args.head_dim, self.dtype.itemsize, cfg.kv_bits) if rank else 0
         self.less_state_tokens = extra
         reserve = cfg.recall_pages * cfg.recall_page if self.policy.recall else 0
         self.spec = eviction_spec(self.policy, cfg.budget, cfg.recent, cfg.sink, cfg.max_context, extra, reserve)
         self.scale = self.args.head_dim ** -0.5
         backend, self.graphs_off = backend_for(self.device) if cfg.cuda_graphs else (None, "cuda_graphs is off")
         self.compiled, self.compile_off = compiled_attend(cfg.compile, self.impl, self.spec,
-                                                          len(buckets(cfg.max_slots)))
+                                                          len(buckets(cfg.max_slots)), cfg.kv_bits)
+        # evict-and-absorb of quantised slots has no Triton kernel: it runs the torch path (kernels/ops.py)
+        self.evict_impl = ops.QUANT_EVICT_IMPL[self.impl] if cfg.kv_bits != "native" else self.impl
+        if self.evict_impl != self.impl:
+            log.info("kv_bits %s with kernels=%s: attention reads the codes in Triton, evict-and-absorb runs "
+                     "the torch path", cfg.kv_bits, self.impl)
         if backend is None and self.compiled is not None:  # the compiled step runs in the same buckets, eagerly
             backend = EagerReplay()
         self.slab = SlotSlab(self.args.num_layers, self.args.num_kv_heads, self.args.head_dim,
                              cfg.max_slots + (backend is not None), self.spec.budget,
-                             self.less.rank if self.less else 0, self.device, self.dtype)
+                             self.less.rank if self.less else 0, self.device, self.dtype, cfg.kv_bits)
         self.histories: Histories | None = None
         if self.policy.recall:
             self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
@@ -197,7 +206,8 @@ class Engine:
                 recall: bool = False) -> torch.Tensor:
         """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V]). `recall` (a `+recall`
         engine, the last chunk of a turn's prompt): before each layer attends, the chunk's last
-        `recall_queries` queries bring the session's best history pages back into its slot."""
+        `recall_queries` tokens' queries (this chunk's, after those the previous step kept) choose the
+        session's history pages, which come back into its slot before each layer attends."""
         n, C = tokens.shape
         self._check_step(slots, C)
         slots = list(slots)
@@ -208,13 +218,15 @@ class Engine:
         # a slot holds at most `seen` entries: the host knows a bound on every length without a device sync
         max_len = min(max(seen), self.slab.capacity)
         host = (slots, seen) if self.spec.mode == "full" else None  # full policy: length == seen
-        hist = None
+        hist = chosen = None
         if self.histories is not None:
             hist = [self.histories.touch(s) for s in slots]
             for h in hist:
                 h.reserve(C)
+            if recall:
+                chosen = self._choose_pages(slot_ids, tokens.to(self.device), positions, hist, seen)
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
-                            history=(slots, seen, hist, recall) if hist is not None else None)
+                            history=(slots, seen, hist, chosen) if hist is not None else None)
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
@@ -231,8 +243,8 @@ class Engine:
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
         bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (slots,
-        seen, Histories rows, recall) of a `+recall` engine's eager step: each layer's chunk K/V is
-        recorded, and with recall the pages come back before the layer attends."""
+        seen, History per slot, chosen pages per slot or None) of a `+recall` engine's eager step:
+        each layer's chunk K/V is recorded, and chosen pages come back before the layer attends."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
             functools.partial(ops.attend_evict, impl=self.impl)
@@ -243,6 +255,13 @@ class Engine:
             lw = less.layers[layer] if less else None
             if history is not None:
                 self._record_and_recall(layer, q, k, v, lw, *history)
+            if slab.quantised:  # kv_bits 8 / 4: codes and scales (kernels/reference/quant_slots.py)
+                out, new_length = ops.attend_evict_quant(
+                    q, k, v, slab.kv(layer), slab.pos[layer], slab.score[layer], slab.length, slot_ids, positions,
+                    self.scale, spec, H=slab.H[layer] if lw is not None else None,
+                    z=slab.z[layer] if lw is not None else None, phi_q=ops.phi(q, lw) if lw is not None else None,
+                    psi=lw, impl=self.impl, max_len=max_len)
+                return out
             out, new_length = attend_evict(
                 q, k, v, slab.k[layer], slab.v[layer], slab.pos[layer], slab.score[layer], slab.length, slot_ids,
                 positions, self.scale, spec, H=slab.H[layer] if lw is not None else None,
@@ -254,19 +273,56 @@ class Engine:
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
 
+    @torch.inference_mode()
+    def _choose_pages(self, slot_ids: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, hist: list,
+                      seen: list[int]) -> list[torch.Tensor]:
+        """The pages a recall round brings back, per slot [k]. A probe runs the chunk (the prompt's
+        last token) through the model over the slots as they are (read only: the compressed
+        attention, LESS included, nothing evicted or recorded); at every layer its queries and the
+        ones the previous step kept (together the prompt's last `recall_queries` tokens) score every
+        history page (kernels/reference/recall.py); pages eviction keeps anyway are left out."""
+        slab, cfg, less = self.slab, self.cfg, self.less
+        P, Q = cfg.recall_page, cfg.recall_queries
+        score = [torch.zeros(h.pages) for h in hist]
+
+        def attend(layer: int, q, k, v):
+            lw = less.layers[layer] if less else None
+            for i, h in enumerate(hist):
+                if h.pages:
+                    mine = q[i, :, -Q:]  # [Hq, C', D]
+                    if mine.shape[1] < Q and h.queries is not None:
+                        mine = torch.cat([h.queries[layer, :, mine.shape[1] - Q :].to(mine), mine], dim=1)
+                    keys = h.keys(layer)[:, : h.pages * P].to(self.device)
+                    score[i] += history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale,
+                                                  P).cpu()
+            return chunk_attention_ref(q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
+                                       H=slab.H[layer] if lw is not None else None,
+                                       z=slab.z[layer] if lw is not None else None,
+                                       phi_q=ops.phi(q, lw) if lw is not None else None)[0]
+
+        self.model(tokens, positions, attend, last_only=True)
+        out = []
+        for i, h in enumerate(hist):
+            first = h.base + torch.arange(h.pages) * P  # first position of each page
+            skip = (first >= seen[i] - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
+            out.append(choose_pages(score[i], cfg.recall_pages, skip))
+        return out
+
     def _record_and_recall(self, layer: int, q, k, v, lw, slots: list[int], seen: list[int], hist: list,
-                           recall: bool) -> None:
-        """One layer of a `+recall` step: recall into each slot first (with the history before this
-        chunk), then record the chunk's K/V [n, Hkv, C, D] in its history."""
+                           chosen: list[torch.Tensor] | None) -> None:
+        """One layer of a `+recall` step: the chosen pages come back into each slot first (from the
+        history before this chunk), then the chunk's K/V [n, Hkv, C, D] is recorded, and its last
+        queries are kept for the next round's choice."""
         slab, cfg = self.slab, self.cfg
         for i, (s, h) in enumerate(zip(slots, hist, strict=True)):
-            if recall:
+            h.keep_queries(layer, q[i, :, -cfg.recall_queries:])
+            if chosen is not None:
                 h.recalled += int(recall_layer_ref(
                     slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
                     int(slab.length[s]), group_queries(q[i, :, -cfg.recall_queries:], self.args.num_kv_heads),
-                    h.keys(layer), h.values(layer), h.base, cfg.recall_page, cfg.recall_pages, self.spec.recent,
+                    h.keys(layer), h.values(layer), h.base, cfg.recall_page, chosen[i], self.spec.recent,
                     self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
-                    z=slab.z[layer, s] if lw is not None else None, psi=lw, summaries=h.summaries(layer)).sum())
+                    z=slab.z[layer, s] if lw is not None else None, psi=lw).sum())
             h.write(layer, seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
 
     def record_decoded(self, slots: Sequence[int]) -> None:

@@ -5,8 +5,9 @@ brings back into the slot at each new turn.
 A History is append-only from position `base` (a multiple of the page size) to `n` (the tokens
 the session consumed, = the slot's `seen`); pages before `base` were dropped under host pressure
 and can no longer come back (their tokens stay folded into the LESS state, as plain eviction
-leaves them). Full pages carry a summary (per-channel key min / max). Storage grows by doubling,
-so appending a decode token is a copy, not a reallocation.
+leaves them). Storage grows by doubling, so appending a decode token is a copy, not a
+reallocation. Pages carry no summary: the recall round scores every history key exactly (per-page
+key summaries chose worse on dev: docs/recall.md).
 
 Histories is the engine's pool, one History per slot in use: forks copy it, a reset or a freed slot
 drops it, and when the pool holds more than `max_bytes` the oldest pages of the least recently used
@@ -19,8 +20,6 @@ import itertools
 
 import torch
 
-from lessserve.kernels.reference.recall import page_summaries
-
 HISTORY_FIELDS = ("history_k", "history_v")  # the codec tensors a session's history travels as
 
 
@@ -30,11 +29,10 @@ class History:
         L, Hkv, D = self.shape
         self.k = torch.empty(L, Hkv, 0, D, dtype=dtype)  # [L, Hkv, capacity, D] position base + t at t
         self.v = torch.empty(L, Hkv, 0, D, dtype=dtype)
-        self.kmin = torch.empty(L, Hkv, 0, D)  # [L, Hkv, full pages, D] fp32
-        self.kmax = torch.empty(L, Hkv, 0, D)
         self.base = 0  # first position held
         self.n = 0  # tokens consumed: positions [base, n) are held
         self.recalled = 0  # tokens brought back into the slot so far
+        self.queries: torch.Tensor | None = None  # [L, Hq, Q, D] the latest step's last queries (choose pages)
         self.last_used = 0  # the pool's clock at the latest step
 
     # --- size ------------------------------------------------------------------------------
@@ -44,11 +42,11 @@ class History:
 
     @property
     def pages(self) -> int:
-        return self.kmin.shape[2]
+        """Full pages held."""
+        return self.held // self.page
 
     def nbytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size() + \
-            (self.kmin.numel() + self.kmax.numel()) * 4
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     def keys(self, layer: int) -> torch.Tensor:
         return self.k[layer, :, : self.held]  # [Hkv, held, D]
@@ -56,8 +54,12 @@ class History:
     def values(self, layer: int) -> torch.Tensor:
         return self.v[layer, :, : self.held]
 
-    def summaries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kmin[layer], self.kmax[layer]
+    def keep_queries(self, layer: int, q: torch.Tensor) -> None:
+        """q [Hq, Q, D]: one layer's last queries of the step in progress (the next recall round's)."""
+        if self.queries is None or self.queries.shape[2] != q.shape[1]:
+            self.queries = torch.zeros(self.shape[0], q.shape[0], q.shape[1], q.shape[2], dtype=q.dtype,
+                                       device=q.device)
+        self.queries[layer] = q
 
     # --- appending -------------------------------------------------------------------------
     def reserve(self, count: int) -> None:
@@ -79,15 +81,8 @@ class History:
         self.v[layer, :, a : a + v.shape[1]] = v
 
     def advance(self, count: int) -> None:
-        """`count` tokens were written at every layer: they are held now; new full pages get a summary."""
+        """`count` tokens were written at every layer: they are held now."""
         self.n += count
-        full = self.held // self.page
-        if full > self.pages:
-            lo = self.pages * self.page
-            kmin, kmax = page_summaries(self.k[:, :, lo : full * self.page].flatten(0, 1), self.page)
-            L, Hkv = self.shape[:2]
-            self.kmin = torch.cat([self.kmin, kmin.unflatten(0, (L, Hkv))], dim=2)
-            self.kmax = torch.cat([self.kmax, kmax.unflatten(0, (L, Hkv))], dim=2)
 
     # --- dropping, copying, travelling -----------------------------------------------------
     def drop_pages(self, count: int) -> None:
@@ -96,14 +91,13 @@ class History:
         t = count * self.page
         self.k = self.k[:, :, t : max(self.held, t)].clone()
         self.v = self.v[:, :, t : max(self.held, t)].clone()
-        self.kmin, self.kmax = self.kmin[:, :, count:].clone(), self.kmax[:, :, count:].clone()
         self.base += t
 
     def clone(self) -> History:
         h = History(*self.shape, self.dtype, self.page)
         h.k, h.v = self.k[:, :, : self.held].clone(), self.v[:, :, : self.held].clone()
-        h.kmin, h.kmax = self.kmin.clone(), self.kmax.clone()
         h.base, h.n, h.recalled, h.last_used = self.base, self.n, self.recalled, self.last_used
+        h.queries = None if self.queries is None else self.queries.clone()
         return h
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -114,7 +108,7 @@ class History:
     @classmethod
     def restore(cls, shape: tuple[int, int, int], dtype: torch.dtype, tensors: dict[str, torch.Tensor],
                 meta: dict) -> History:
-        """Inverse of export; the summaries are recomputed. Raises ValueError on a malformed record."""
+        """Inverse of export. Raises ValueError on a malformed record."""
         k, v = tensors["history_k"], tensors["history_v"]
         base, n, page = meta.get("base"), meta.get("n"), meta.get("page")
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in (base, n, page)) or page < 1 \

@@ -1,25 +1,26 @@
-"""Recall (torch reference): score a session's history pages with the new message's queries and
-bring the best back into its slot, one layer at a time, keeping the LESS state exact.
+"""Recall (torch reference): choose a session's history pages with the new message's queries and
+bring them back into its slot, one layer at a time, keeping the LESS state exact.
 
 History (workers/history.py): every token the session consumed, post-RoPE K/V per layer and KV
 head, in pages of P tokens aligned to absolute positions (page i holds positions [iP, (i+1)P));
 `base` is the first position still held (older pages were dropped under host pressure).
 
-Page summary: the per-channel min and max of its keys (Quest). For a query q and a page,
-  bound(q, page) = sum_d max(q_d kmin_d, q_d kmax_d) = q+ . kmax + q- . kmin  >=  q . k
-for every key k of the page, so the pages whose bound is highest for some query of the group are
-the ones that may hold its largest logits. A page scores the max bound over the queries of its
-KV head's group (every query head that shares the KV head, every query token used).
+Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer:
+the prompt's last token's, from a read-only probe of it over the slot, and those the step before
+kept) attend over the history; a
+page's score is, summed over layers and KV heads, the largest attention mass any query of the
+head's group puts on it (`history_page_mass`). One set of pages serves every layer and head: a fact
+the answer copies is needed by every layer that reads it, and the sum finds the retrieval heads'
+pages that per-head choices (or per-page key summaries) miss.
 
-One round, per KV head, on a full slot (a slot below budget has evicted nothing):
+One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
   1. unpin the entries the previous round pinned;
-  2. pick the `pages` best-bound pages that are not wholly resident;
-  3. their resident tokens stay where they are, pinned; the others come back, replacing the slot
-     entries least relevant to the queries (max logit over the group), never the protected ones
+  2. the chosen pages' tokens already in the slot stay, pinned; the others come back, replacing
+     the entries least relevant to the queries (max logit over the group), never protected ones
      (lambda's sinks, the recent window);
-  4. LESS: H, z lose every recalled token's psi(k)^T v, psi(k) and gain every replaced entry's,
-     so the state stays the sum over the tokens not in the slot;
-  5. recalled and pinned entries get score PIN_SCORE (eviction keeps them until the next round),
+  3. LESS: H, z lose every recalled token's psi(k)^T v, psi(k) and gain every replaced entry's, so
+     the state stays the sum over the tokens not in the slot;
+  4. recalled and pinned entries get score PIN_SCORE (eviction keeps them until the next round),
      and the head's entries are re-sorted by position, the order eviction relies on.
 """
 
@@ -31,25 +32,26 @@ from lessserve.kernels.reference.evict import PIN_SCORE
 from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
 
 
-def page_summaries(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k [Hkv, T, D] (T a multiple of page) -> (kmin, kmax) [Hkv, T // page, D] fp32."""
-    Hkv, T, D = k.shape
-    p = k.float().view(Hkv, T // page, page, D)
-    return p.amin(2), p.amax(2)
-
-
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """q [Hkv, M, D] (a group's queries), kmin / kmax [Hkv, Np, D] -> [Hkv, Np]: the max over the
-    M queries of the Quest bound, an upper bound on q . k over the page's keys."""
-    q = q.float()
-    bound = q.clamp(min=0) @ kmax.transpose(1, 2) + q.clamp(max=0) @ kmin.transpose(1, 2)  # [Hkv, M, Np]
-    return bound.amax(1)
-
-
 def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """q [Hq, C, D] -> [Hkv, G * C, D]: the queries of the heads sharing each KV head."""
     Hq, C, D = q.shape
     return q.reshape(num_kv_heads, (Hq // num_kv_heads) * C, D)
+
+
+def history_page_mass(q: torch.Tensor, k: torch.Tensor, scale: float, page: int) -> torch.Tensor:
+    """q [Hkv, M, D] (a layer's group queries), k [Hkv, T, D] (history keys, T a multiple of page)
+    -> [T // page]: summed over KV heads, the max over the M queries of the softmax mass (over the
+    history) that falls on each page."""
+    Hkv, T, _ = k.shape
+    p = ((q.float() @ k.float().transpose(1, 2)) * scale).softmax(-1)  # [Hkv, M, T]
+    return p.view(Hkv, p.shape[1], T // page, page).sum(-1).amax(1).sum(0)
+
+
+def choose_pages(score: torch.Tensor, pages: int, skip: torch.Tensor) -> torch.Tensor:
+    """score [Np], skip [Np] bool (pages eviction keeps anyway) -> the best `pages` page indices."""
+    s = score.masked_fill(skip, float("-inf"))
+    top = s.topk(min(pages, len(s))).indices
+    return top[s[top] > float("-inf")]
 
 
 def _absorb(H: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
@@ -68,48 +70,37 @@ def recall_layer_ref(
     pos_slot: torch.Tensor,  # [Hkv, B] int32, ascending within [0, length)
     score_slot: torch.Tensor,  # [Hkv, B] fp32
     length: int,
-    q: torch.Tensor,  # [Hkv, M, D] the group queries that score (post-RoPE)
+    q: torch.Tensor,  # [Hkv, M, D] the group queries that rank the slot's entries (post-RoPE)
     hist_k: torch.Tensor,  # [Hkv, T, D] positions base .. base + T - 1
     hist_v: torch.Tensor,  # [Hkv, T, D]
     base: int,  # a multiple of page
     page: int,
-    pages: int,  # pages recalled per KV head
+    chosen: torch.Tensor,  # [k] history page indices (page i = positions base + iP ..), best first
     recent: int,  # the last `recent` entries are never replaced
     sink: int,  # nor the first `sink` (lambda)
     scale: float,
     H: torch.Tensor | None = None,  # [Hkv, R, D] fp32, written in place
     z: torch.Tensor | None = None,  # [Hkv, R] fp32
     psi: LessLayerWeights | None = None,
-    summaries: tuple[torch.Tensor, torch.Tensor] | None = None,  # page_summaries of hist_k's full pages
 ) -> torch.Tensor:
     """One recall round on one layer of one slot. Returns the tokens brought back per KV head [Hkv]."""
     Hkv, B, D = k_slot.shape
     dev = k_slot.device
     brought = torch.zeros(Hkv, dtype=torch.long)
     score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. the previous round's pins end
-    T = hist_k.shape[1]
-    n_pages = T // page
-    if length < B or n_pages == 0 or pages == 0:
+    if length < B or len(chosen) == 0:
         return brought
-    kmin, kmax = summaries if summaries is not None else page_summaries(hist_k[:, : n_pages * page], page)
-    bound = page_scores(q, kmin.to(dev), kmax.to(dev))  # [Hkv, Np]
-    rel = (q.float() @ k_slot.float().transpose(1, 2)).amax(1) * scale  # [Hkv, B] relevance of each entry
+    want = (chosen.to(dev)[:, None] * page + torch.arange(page, device=dev)[None]).flatten()  # history index
+    want = want[want < hist_k.shape[1]]
     j = torch.arange(B, device=dev)
+    protected_j = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
+    rel = (q.float() @ k_slot.float().transpose(1, 2)).amax(1)  # [Hkv, B] relevance of each entry
     victims_k, victims_v, back_k, back_v, n_back = [], [], [], [], []
     for h in range(Hkv):
-        pos = pos_slot[h].long()  # [B]
-        held = pos - base
-        res = torch.zeros(n_pages * page, dtype=torch.bool, device=dev)  # history index -> in the slot
-        res[held[(held >= 0) & (held < n_pages * page)]] = True
-        per_page = res.view(n_pages, page)
-        s = bound[h].masked_fill(per_page.all(1), float("-inf"))  # 2. wholly resident pages are not candidates
-        top = s.topk(min(pages, n_pages)).indices
-        top = top[s[top] > float("-inf")]
-        want = (top[:, None] * page + torch.arange(page, device=dev)[None]).flatten()  # [pages * P] history index
-        back = want[~res[want]]  # tokens to bring back, best page first
-        pinned = torch.isin(held, want)  # 3. resident tokens of the chosen pages stay, pinned
-        protected = (j >= length - recent) | (j < sink) | pinned
-        free = (~protected).nonzero().flatten()
+        held = pos_slot[h].long() - base  # [B] history index of each entry
+        pinned = torch.isin(held, want)  # 2. chosen tokens already here stay, pinned
+        back = want[~torch.isin(want, held)]  # the others come back, best page first
+        free = (~(protected_j | pinned)).nonzero().flatten()
         back = back[: len(free)]
         out = free[rel[h, free].argsort()[: len(back)]]  # the least relevant entries make room
         victims_k.append(k_slot[h, out].clone())
@@ -122,11 +113,11 @@ def recall_layer_ref(
         pos_slot[h, out] = (back + base).to(pos_slot.dtype)
         score_slot[h, out] = PIN_SCORE
         score_slot[h, pinned] = PIN_SCORE
-        order = pos_slot[h, :length].argsort()  # 5. position order, as eviction expects
+        order = pos_slot[h, :length].argsort()  # 4. position order, as eviction expects
         for t in (k_slot, v_slot, pos_slot, score_slot):
             t[h, :length] = t[h, :length][order]
         brought[h] = len(back)
-    if psi is not None and H is not None and z is not None and max(n_back):  # 4. the LESS state stays exact
+    if psi is not None and H is not None and z is not None and max(n_back):  # 3. the LESS state stays exact
         m = max(n_back)
         used = torch.arange(m, device=dev)[None, :] < torch.tensor(n_back, device=dev)[:, None]  # [Hkv, m]
 
