@@ -1,5 +1,5 @@
-"""`lessserve bench serve`: one multi-turn chat load against three serving configurations, side by
-side in one run, same model, threads and dtype, every loop bounded in count and time:
+"""`lessserve bench serve`: one multi-turn chat load against several serving configurations, side
+by side in one run, same model, threads and dtype, every loop bounded in count and time:
 
 - `sessions`: the product: compressed session slots (the policy, e.g. h2o+less at budget 128),
   fewer device slots than live sessions (the host tier holds the rest: offload and restore run),
@@ -9,14 +9,19 @@ side in one run, same model, threads and dtype, every loop bounded in count and 
   bytes (device + host) are in the JSON beside theirs and never exceed them;
 - `recompute`: no session cache: every turn prefills its whole history in one full-attention SDPA
   forward (full policy, prefill_chunk = max_context: no chunk interleaving), then decodes;
-- `full_sessions`: full-KV session caches (vLLM / SGLang prefix caching): the full policy with
-  session ids, the same device slots as `recompute`, LRU, evicted caches recomputed from the
-  transcript. Its KV memory is at least the `sessions` config's: its device slots alone hold
-  `full_kv_bytes`, against `kv_bytes` (device + host) for `sessions` (both in the JSON).
+- `paged`: the full-KV competitor at equal device KV bytes: a paged full-KV cache (vLLM / SGLang:
+  16-token blocks, bench/paged_kv.py) whose block pool has the bytes of the `sessions`
+  configuration's device slots; sessions keep their blocks between turns, whole idle sessions are
+  evicted LRU when the pool is full, and an evicted session's next turn recomputes its history
+  (bench/paged_sessions.py). A turn longer than the pool is refused (`refused_turns`);
+- `paged_large`: the same paged cache with the full-policy baselines' KV bytes (`slots` full slots of
+  `max_context` tokens): a full-KV server given the memory the recompute server has;
+- `full_sessions` (not run by default: superseded by the paged configurations): the full policy with
+  session ids and fixed max_context slots, LRU, evicted caches recomputed from the transcript.
 
-The configurations run the worker's own serving path in process (SessionStore + BatchScheduler,
-the calls cluster/worker.py makes per turn, a slot gate like its TurnGate) without Ray or HTTP,
-whose cost is the same for all three.
+The configurations run the worker's own serving path in process (BatchScheduler; SessionStore, or
+bench/paged_sessions.py for the paged cache; the calls cluster/worker.py makes per turn, a slot gate
+like its TurnGate) without Ray or HTTP, whose cost is the same for all of them.
 """
 
 from __future__ import annotations
@@ -25,20 +30,24 @@ import asyncio
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lessserve.bench.result import BenchResult
 from lessserve.bench.serve_load import _percentile
 from lessserve.cluster.metrics import TokenTimer
-from lessserve.errors.tree import ConfigError
+from lessserve.errors.tree import ConfigError, RequestError
 from lessserve.lab.output import progress
 
-COLUMNS = ["config", "policy", "turns", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
-           "sessions_held", "device_slots", "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores",
-           "recomputes", "mean_history_tokens", "abandoned_turns", "prefill_tokens", "prefill_tokens_per_s",
-           "decode_batch_mean", "decode_step_ms"]
+COLUMNS = ["config", "policy", "turns", "refused_turns", "turns_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
+           "itl_p50_s", "itl_p99_s", "sessions_held", "sessions_held_max", "device_slots", "kv_blocks",
+           "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores", "recomputes", "evictions",
+           "mean_history_tokens", "abandoned_turns", "prefill_tokens", "prefill_tokens_per_s", "decode_batch_mean",
+           "decode_step_ms"]
 
-CONFIGS = ("sessions", "recompute", "full_sessions")
+CONFIGS = ("sessions", "recompute", "paged", "paged_large", "full_sessions")
+DEFAULT_CONFIGS = ("sessions", "recompute", "paged", "paged_large")
+PAGED = ("paged", "paged_large")
 WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
          "morning engine silver island paper orchard lantern").split()
 
@@ -76,10 +85,12 @@ class Workload:
         return out, starts
 
 
-async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_limit_s: float, tag: str) -> dict:
+async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_limit_s: float, tag: str,
+                held: Callable[[], int] | None = None) -> dict:
     """Every user's turns through the worker's per-turn calls; at most `slots` turns at once (the
     rest wait, as behind the worker's TurnGate). A turn still running at the time limit is
-    abandoned and not counted."""
+    abandoned and not counted; a turn the server refuses (a RequestError: too long for it) ends its
+    user's conversation and is counted. `held()`: sessions cached now, read after every turn."""
     from lessserve.workers.scheduler import SamplingParams
 
     tok = ss.engine.tokenizer
@@ -87,11 +98,11 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
     scripts, starts = load.scripts()
     gate = asyncio.Semaphore(slots)
     ttfts, itls, hist = [], [], []
-    done = 0
+    done = refused = generated = held_max = 0
     deadline = time.perf_counter() + time_limit_s
 
     async def user(i: int):
-        nonlocal done
+        nonlocal done, refused, generated, held_max
         await asyncio.sleep(starts[i])
         msgs: list[dict] = []
         for k, (q, reply_tokens) in enumerate(scripts[i]):
@@ -110,6 +121,9 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
                                                 min_tokens=reply_tokens)
                         async for _ in sched.generate(session.slot, new_ids, params, tokens):
                             timer.tick()
+                except RequestError:
+                    refused += 1
+                    return
                 finally:
                     itls.extend(timer.itls)  # also a turn the time limit cut
                     if not use_sessions:
@@ -117,6 +131,9 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
             msgs.append({"role": "assistant", "content": tok.decode(tokens, skip_special_tokens=True)})
             ttfts.append(timer.ttft)
             done += 1
+            generated += len(tokens)
+            if held is not None:
+                held_max = max(held_max, held())
 
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(user(i)) for i in range(load.users)]
@@ -126,7 +143,8 @@ async def drive(ss, sched, slots: int, load: Workload, use_sessions: bool, time_
     await asyncio.gather(*pending, return_exceptions=True)
     wall = time.perf_counter() - t0
     sched.wait_idle(60)
-    return {"turns": done, "wall_s": wall, "turns_per_s": done / wall, "abandoned_turns": len(pending),
+    return {"turns": done, "refused_turns": refused, "wall_s": wall, "turns_per_s": done / wall,
+            "tokens_per_s": generated / wall, "sessions_held_max": held_max, "abandoned_turns": len(pending),
             "ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
             "itl_p50_s": _percentile(itls, 0.5), "itl_p99_s": _percentile(itls, 0.99),
             "mean_history_tokens": statistics.fmean(hist) if hist else 0.0}
@@ -146,7 +164,9 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     async def measure():
         await warm_up(ss, sched)
         sched.on_step = steps.add  # the timed part only
-        res = await drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name)
+        # sessions cached in the device and host tiers (a len() of each LRU: safe off the scheduler thread)
+        held_now = (lambda: sum(len(lru) for lru in ss.store.lru.values())) if use_sessions else None
+        res = await drive(ss, sched, engine_cfg.max_slots, load, use_sessions, time_limit_s, name, held_now)
         held = [sid for sid in list(ss.sessions) if sid.startswith(name) and await _cached(ss, sid)]
         return res, await ss.stats(), len(held)
 
@@ -158,7 +178,42 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     row = {"config": name, "policy": engine.policy.name, **res, "sessions_held": held,
            "device_slots": engine_cfg.max_slots, "kv_bytes_per_session": engine.slab.slot_bytes(),
            "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
-           "recomputes": st["total"]["recomputes"], **steps.row()}
+           "recomputes": st["total"]["recomputes"], "evictions": st["total"]["dropped"], **steps.row()}
+    return row, engine
+
+
+def run_paged(name: str, base, kv_bytes: int, chunk: int, load: Workload, time_limit_s: float,
+              threads: int) -> tuple[dict, object]:
+    """The paged full-KV cache over `kv_bytes` of blocks (the engine `base`'s model), driven like
+    the others; no slot gate: the pool's blocks bound the turns in flight (bench/paged_sessions.py)."""
+    from lessserve.bench.paged_kv import PagedConfig, PagedEngine
+    from lessserve.bench.paged_sessions import PagedSessions
+    from lessserve.workers.scheduler import BatchScheduler
+
+    engine = PagedEngine(base, PagedConfig(kv_bytes=kv_bytes, prefill_chunk=chunk))
+    steps = StepStats()
+    sched = BatchScheduler(engine, threads=threads)
+    ss = PagedSessions(engine, run_local=sched.run_exclusive)
+
+    async def measure():
+        try:
+            await warm_up(ss, sched)
+        except RequestError:  # a pool smaller than the warm-up turn: it will refuse the load's turns too
+            progress(f"== {name}: the pool cannot hold even the warm-up turn")
+        await sched.run_exclusive(ss.reset_counts)  # the warm-up turn is not the load's
+        sched.on_step = steps.add
+        res = await drive(ss, sched, load.users, load, True, time_limit_s, name, ss.held)
+        return res, await ss.stats()
+
+    try:
+        res, st = asyncio.run(measure())
+    finally:
+        sched.close()
+    pool, held = engine.pool, st["sessions_held"]
+    row = {"config": name, "policy": engine.policy_name, **res, "sessions_held": held,
+           "sessions_held_max": st["sessions_held_max"], "kv_blocks": pool.num_blocks,
+           "kv_bytes_per_session": st["bytes_used"] // held if held else 0, "kv_bytes": pool.total_bytes,
+           "restores": 0, "recomputes": st["recomputes"], "evictions": st["evictions"], **steps.row()}
     return row, engine
 
 
@@ -220,12 +275,14 @@ def slot_bytes(cfg, shared: dict) -> int:
 
 def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
               max_context: int, threads: int = 0, model: str | None = None,
-              session_slots: int | None = None, configs: tuple[str, ...] = CONFIGS,
+              session_slots: int | None = None, configs: tuple[str, ...] = DEFAULT_CONFIGS,
               compile: bool = False) -> BenchResult:
     """`slots`: device slots (concurrent turns) of the full-policy configurations; `session_slots`
     (default `slots`): the sessions configuration's, which must fit in no more KV memory than theirs.
     `configs`: which of CONFIGS run (sessions always: the ratios are its). `compile`: the sessions
-    configuration's engine with its compile switch on (the full policy is never compiled)."""
+    configuration's engine with its compile switch on (the full policy is never compiled). The
+    paged pools get the sessions configuration's device KV bytes (`paged`) and the full slots'
+    (`paged_large`), in whole 16-token blocks."""
     if "sessions" not in configs or not set(configs) <= set(CONFIGS):
         raise ConfigError(f"--configs must name sessions and only {', '.join(CONFIGS)}; got {', '.join(configs)}")
     from lessserve.cache_store.config import StoreConfig
@@ -260,33 +317,52 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
         ("full_sessions", full_cfg, StoreConfig(host_bytes=host_c + session_slots * slot_c, device_idle_s=None,
                                                 host_idle_s=None), True),
     ]
-    for name, ecfg, scfg, use_sessions in (p for p in plans if p[0] in configs):
-        progress(f"== {name}: {ecfg.policy}, {ecfg.max_slots} device slots, chunk {ecfg.prefill_chunk} ...")
-        row, engine = run_config(name, ecfg, scfg, load, use_sessions, time_limit_s, threads=threads, **shared)
-        kv = ecfg.max_slots * row["kv_bytes_per_session"] + (scfg.host_bytes if use_sessions else 0)
-        row["kv_bytes"] = kv
+    paged_bytes = {"paged": session_slots * slot_c, "paged_large": slots * full_c}
+    for name in (c for c in CONFIGS if c in configs):
+        if name in PAGED:
+            progress(f"== {name}: full KV in 16-token blocks over {paged_bytes[name]:,} bytes, chunk "
+                     f"{full_cfg.prefill_chunk} ...")
+            row, engine = run_paged(name, first, paged_bytes[name], full_cfg.prefill_chunk, load, time_limit_s,
+                                    threads)
+            row["kv_budget_bytes"] = paged_bytes[name]
+        else:
+            _, ecfg, scfg, use_sessions = next(p for p in plans if p[0] == name)
+            progress(f"== {name}: {ecfg.policy}, {ecfg.max_slots} device slots, chunk {ecfg.prefill_chunk} ...")
+            row, engine = run_config(name, ecfg, scfg, load, use_sessions, time_limit_s, threads=threads, **shared)
+            row["kv_bytes"] = ecfg.max_slots * row["kv_bytes_per_session"] + (scfg.host_bytes if use_sessions else 0)
+        kv = row["kv_bytes"]
         held = row["sessions_held"]
         row["sessions_per_GB"] = held / (kv / 1e9) if held else 0.0
         rows.append(row)
-        progress(f"== {name}: {row['turns']} turns, {row['turns_per_s']:.3f} turns/s, ttft p50 "
-                 f"{row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s")
+        progress(f"== {name}: {row['turns']} turns ({row['refused_turns']} refused), {row['turns_per_s']:.3f} "
+                 f"turns/s, ttft p50 {row['ttft_p50_s']:.2f}s p99 {row['ttft_p99_s']:.2f}s")
         del engine
     by = {r["config"]: r for r in rows}
     s = by["sessions"]
     notes = []
-    for other in (c for c in ("recompute", "full_sessions") if c in by):
+    for other in (c for c in CONFIGS[1:] if c in by):
         o = by[other]
         tr = s["turns_per_s"] / o["turns_per_s"] if o["turns_per_s"] else float("nan")
         p99 = o["ttft_p99_s"] / s["ttft_p99_s"] if s["ttft_p99_s"] else float("nan")
         s[f"turns_per_s_ratio_vs_{other}"] = tr
         s[f"ttft_p99_ratio_vs_{other}"] = p99
-        notes.append(f"sessions vs {other}: turns/s {tr:.2f}x, p99 TTFT {p99:.2f}x lower")
+        if not o["turns"]:
+            notes.append(f"sessions vs {other}: {other} served no turn ({o['refused_turns']} refused: too long for "
+                         f"its {o['kv_bytes']:,} KV bytes)")
+            continue
+        notes.append(f"sessions vs {other}: turns/s {tr:.2f}x, p99 TTFT " +
+                     (f"{p99:.2f}x lower" if p99 >= 1 else f"{1 / p99:.2f}x higher"))
     meta = {"device": str(first.device), "dtype": str(first.dtype).removeprefix("torch."), "model": first.model_id,
             "torch threads": threads, "users": load.users, "turns": load.turns, "rate": load.rate,
             "device slots (sessions / full policy)": f"{session_slots} / {slots}",
+            "paged KV bytes (paged / paged_large)": f"{paged_bytes['paged']:,} / {paged_bytes['paged_large']:,}",
             "replies": f"{load.short_tokens}/{load.long_tokens} tokens ({load.long_share:.0%} long)",
             "time limit per config s": time_limit_s, "sessions compiled": compile}
     return BenchResult("serve", rows, meta, columns=COLUMNS, notes=notes, figure=draw)
+
+
+COLORS = {"sessions": "tab:green", "recompute": "tab:red", "paged": "tab:blue", "paged_large": "tab:purple",
+          "full_sessions": "tab:orange"}
 
 
 def draw(rows: list[dict], path) -> None:
@@ -300,7 +376,7 @@ def draw(rows: list[dict], path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
     for ax, key, label in ((axes[0], "turns_per_s", "completed turns/s (higher is better)"),
                            (axes[1], "ttft_p99_s", "p99 TTFT s (lower is better)")):
-        ax.bar(names, [r[key] for r in rows], color=["tab:green", "tab:red", "tab:orange"][: len(rows)])
+        ax.bar(names, [r[key] for r in rows], color=[COLORS.get(n, "tab:gray") for n in names])
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

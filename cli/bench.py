@@ -19,7 +19,7 @@ def register(sub) -> None:
     bsub = p.add_subparsers(dest="bench", required=True)
     for reg in (_register_decode, _register_kernels, _register_offload, _register_serve, _register_gpu, _register_soak,
                 _register_forks, _register_interference, _register_chunking, _register_capacity,
-                _register_structured):
+                _register_structured, _register_recall):
         reg(bsub)
 
 
@@ -73,16 +73,18 @@ def cmd_offload(args) -> int:
 
 
 def _register_serve(bsub) -> None:
-    p = bsub.add_parser("serve", help="multi-turn chat load: sessions vs recompute-per-turn vs full-KV sessions")
+    p = bsub.add_parser("serve", help="multi-turn chat load: sessions vs recompute-per-turn vs a paged full-KV "
+                        "cache (vLLM-style blocks, LRU) at equal and at the baselines' KV bytes")
     p.add_argument("--users", type=int, default=6,
                    help="conversations (more than --session-slots: the host tier holds the rest)")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--rate", type=float, default=1.0, help="user arrivals per second (Poisson)")
     p.add_argument("--slots", type=int, default=2,
-                   help="device slots (concurrent turns) of the full-policy configurations, each --max-context long")
+                   help="device slots (concurrent turns) of the full-policy slot configurations, each --max-context "
+                   "long (recompute, full_sessions); paged_large's pool gets their bytes")
     p.add_argument("--session-slots", type=int, default=4,
                    help="device slots of the sessions configuration (its KV memory, device + host, must not "
-                   "exceed the full-policy slots')")
+                   "exceed the full-policy slots'); paged's pool gets the bytes of these device slots")
     p.add_argument("--first-words", type=int, default=1000, help="words of each conversation's first message")
     p.add_argument("--words", type=float, default=250, help="median words of later messages (log-normal)")
     p.add_argument("--short-tokens", type=int, default=16, help="tokens of a short reply")
@@ -93,10 +95,12 @@ def _register_serve(bsub) -> None:
 
     p.add_argument("--chunk", type=int, default=default_of(EngineConfig, "prefill_chunk"),
                    help="prefill chunk of the sessions configuration (default: the engine's, %(default)s)")
-    p.add_argument("--max-context", type=int, default=8192, help="full policy's slot length (recompute, full_sessions)")
+    p.add_argument("--max-context", type=int, default=8192, help="full policy's slot length (recompute, full_sessions) "
+                   "and prefill chunk of the full-KV configurations (at most 8192)")
     p.add_argument("--time-limit", type=float, default=200, help="seconds per configuration, at most")
-    p.add_argument("--configs", default="sessions,recompute,full_sessions",
-                   help="configurations to run (sessions always; e.g. sessions,recompute for a long run)")
+    p.add_argument("--configs", default="sessions,recompute,paged,paged_large",
+                   help="configurations to run, of sessions, recompute, paged, paged_large, full_sessions (sessions "
+                   "always; full_sessions: the fixed-slot full-KV cache the paged ones supersede)")
     p.add_argument("--compile", action="store_true",
                    help="the sessions configuration's engine with its compile switch on (docs/bench_decode.md)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -277,6 +281,48 @@ def cmd_structured(args) -> int:
     from lessserve.bench.structured import run_structured
 
     return _emit(run_structured(engine_config(args), batches, args.tokens, args.repeats), args)
+
+
+def _register_recall(bsub) -> None:
+    p = bsub.add_parser("recall", help="+recall's costs: host bytes per history token, a turn's TTFT with and "
+                        "without recall by history length, perplexity against the base policy")
+    p.add_argument("--lengths", default="1024,4096,8064", help="history lengths in tokens (the history and "
+                   "the turn must fit the model's context)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--context", type=int, default=2048, help="tokens per perplexity window")
+    p.add_argument("--windows", type=int, default=1, help="perplexity windows per test text")
+    p.add_argument("--turn", type=int, default=256, help="tokens per turn when a window is read as a conversation")
+    p.add_argument("--ppl-policies", default="h2o,lambda+less", help="base policies whose +recall perplexity is "
+                   "measured ('' = none)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG: TTFT by history length, perplexity by text")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_recall)
+
+
+def cmd_recall(args) -> int:
+    lengths = parse_ints("--lengths", args.lengths, lo=64, hi=1 << 20)
+    in_range("--repeats", args.repeats, 1, 100)
+    in_range("--context", args.context, 64, 1 << 20)
+    in_range("--windows", args.windows, 1, 1000)
+    in_range("--turn", args.turn, 8, 1 << 20)
+    from lessserve.workers.compression import Policy
+
+    bases = [p.strip() for p in args.ppl_policies.split(",") if p.strip()]
+    for b in bases:
+        if b not in ("h2o", "lambda", "h2o+less", "lambda+less"):
+            raise CliError("--ppl-policies", f"{b!r} is not a base policy (h2o, lambda, h2o+less, lambda+less)")
+    cfg = engine_config(args)
+    base = Policy.parse(cfg.policy)
+    if base.base == "full" or base.plus or base.recall:
+        raise CliError("--policy", f"{cfg.policy!r}: give the base policy (h2o, lambda, optionally +less); "
+                       "its +recall is measured against it")
+    from lessserve.bench.recall import bench_recall
+    from lessserve.lab.engines import EngineFactory
+
+    factory = EngineFactory(cfg.model_copy(update={"max_context": max(max(lengths), args.context) + 512}))
+    return _emit(bench_recall(factory, cfg.policy, cfg.budget, tuple(lengths), args.repeats, args.context,
+                              args.windows, args.turn, tuple(bases)), args)
 
 
 def _register_interference(bsub) -> None:

@@ -16,14 +16,16 @@ def test_workload_is_bounded_seeded_and_mixes_reply_lengths():
 
 
 def test_serve_rows_carry_the_contract_columns():
-    assert {"config", "turns_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
-            "sessions_held"} <= set(COLUMNS)
+    assert {"config", "turns_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
+            "sessions_held", "sessions_held_max", "kv_bytes", "recomputes", "evictions",
+            "refused_turns"} <= set(COLUMNS)
 
 
-def test_three_configurations_run_one_load_with_the_sessions_memory_bounded(one_torch_thread):
-    """A tiny run of the real program (default model): every configuration finishes the same turns,
-    the rows carry the contract, and the sessions configuration holds no more KV memory than the
-    full-policy slots it is compared with."""
+def test_the_configurations_run_one_load_with_the_sessions_memory_bounded(one_torch_thread):
+    """A tiny run of the real program (default model): every configuration finishes the same turns
+    (the paged cache of the sessions' device bytes refuses them: too long for it), the rows carry the
+    contract, and the sessions configuration holds no more KV memory than the full-policy slots it
+    is compared with."""
     import torch
 
     from lessserve.bench.serve import run_serve
@@ -36,13 +38,19 @@ def test_three_configurations_run_one_load_with_the_sessions_memory_bounded(one_
     finally:
         torch.set_num_threads(before)
     by = {r["config"]: r for r in res.rows}
-    assert set(by) == {"sessions", "recompute", "full_sessions"}
-    assert all(r["turns"] == 4 and r["abandoned_turns"] == 0 for r in by.values())
-    s, rc, fs = by["sessions"], by["recompute"], by["full_sessions"]
-    assert s["kv_bytes"] <= rc["kv_bytes"] <= fs["kv_bytes"]
+    assert set(by) == {"sessions", "recompute", "paged", "paged_large"}
+    s, rc, pg, pl = by["sessions"], by["recompute"], by["paged"], by["paged_large"]
+    assert all(r["turns"] == 4 and r["abandoned_turns"] == 0 for r in (s, rc, pl))
+    assert s["kv_bytes"] <= rc["kv_bytes"]
     assert s["restores"] >= 1 and s["sessions_held"] == 2  # 2 users, 1 slot: the host tier held one
     assert rc["sessions_held"] == 0 and rc["prefill_tokens"] > s["prefill_tokens"]  # histories re-prefilled
     assert s["turns_per_s_ratio_vs_recompute"] == s["turns_per_s"] / rc["turns_per_s"]
+    # the paged pools: whole 16-token blocks within their budgets (the sessions' device slots; the full slot)
+    assert pg["kv_bytes"] <= pg["kv_budget_bytes"] == s["kv_bytes"] * 1 // 3  # 1 device slot of 3 (1 + 2 host)
+    assert pl["kv_bytes"] <= pl["kv_budget_bytes"] == rc["kv_bytes"]
+    assert pg["turns"] == 0 and pg["refused_turns"] == 2  # a first turn alone needs more than 2 blocks
+    assert pl["sessions_held"] == pl["sessions_held_max"] == 2 and pl["recomputes"] == 0
+    assert pl["prefill_tokens"] < rc["prefill_tokens"]
 
 
 def test_a_sessions_configuration_larger_than_the_baselines_memory_is_refused():

@@ -1,0 +1,187 @@
+"""`lessserve bench recall`: what `+recall` costs, side by side with its base policy.
+
+  bytes   host bytes per token of history (what a session keeps off-device) in fp32 / bf16 / int8
+          (+ per-token scales), with int8's and bf16's relative error measured on a real history
+  ttft    a turn's time to first token with and without the recall round, on the same session,
+          after histories of each length (the session is forked per repeat, so every repeat sees
+          the same state); median of the repeats
+  ppl     perplexity of `+recall` against its base policy on windows of the test parts, read as a
+          conversation of `turn`-token turns (each turn's last queries choose the pages; the base
+          policy sees the same chunks), so recall's effect on prediction is measured too
+Every row is one (measure, policy, length/text); the PNG draws TTFT against history length.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lessserve.bench.result import BenchResult
+from lessserve.kernels import ops
+from lessserve.lab.corpus import corpus_paths, read_part
+from lessserve.lab.engines import EngineFactory
+from lessserve.lab.output import progress
+from lessserve.lab.text import token_windows
+from lessserve.workers.engine import Engine
+
+QUESTION = " What was the number I gave you at the start? Answer:"
+
+
+def feed(engine: Engine, slot: int, ids: list[int], recall: bool, all_logits: bool = False) -> torch.Tensor:
+    """One turn's prompt as the scheduler feeds it: chunks, then (recall) its last `recall_queries`
+    tokens as a chunk of their own with the recall round. -> logits [T, V] or [V] of the last."""
+    q = engine.cfg.recall_queries if recall else 0
+    body = len(ids) - q
+    t = torch.as_tensor(ids, dtype=torch.long)
+    outs = []
+    for off, size in engine.chunks(engine.slab.seen[slot], body):
+        outs.append(engine.forward([slot], t[None, off : off + size], last_only=not all_logits)[0])
+    if q:
+        outs.append(engine.forward([slot], t[None, body:], last_only=not all_logits, recall=True)[0])
+    return torch.cat(outs) if all_logits else outs[-1][-1]
+
+
+def history_bytes(engine: Engine) -> list[dict]:
+    """Bytes per history token by storage dtype, and the error of the lossy ones on a real history."""
+    a = engine.args
+    per = a.num_layers * a.num_kv_heads * a.head_dim * 2  # K and V elements per token
+    slot = engine.alloc()
+    ids = token_windows(engine.tokenizer, read_part(corpus_paths()["brown"], "test"), 512, 1)[0]
+    feed(engine, slot, ids, recall=False)
+    h = engine.histories.get(slot)
+    kv = torch.cat([h.k[:, :, : h.held], h.v[:, :, : h.held]]).float()  # [2L, Hkv, T, D]
+    measured = h.nbytes() / h.held
+    engine.free(slot)
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x - kv).norm() / kv.norm())
+
+    q, s = ops.quantize_int8(kv)
+    rows = [{"measure": "bytes", "storage": "fp32", "bytes_per_token": per * 4, "rel_error": 0.0},
+            {"measure": "bytes", "storage": "bf16", "bytes_per_token": per * 2,
+             "rel_error": rel(kv.bfloat16().float())},
+            {"measure": "bytes", "storage": "int8", "bytes_per_token": per + 2 * a.num_layers * a.num_kv_heads * 4,
+             "rel_error": rel(ops.dequantize_int8(q, s))}]
+    for r in rows:
+        r["bytes_per_token_measured"] = round(measured) if r["storage"] == str(engine.dtype).removeprefix("torch.") \
+            .replace("float32", "fp32") else None
+    return rows
+
+
+def _timed_turn(engine: Engine, base: int, work: int, ids: list[int], recall: bool) -> float:
+    engine.slab.copy(base, work)  # the same state every repeat (the history is copied too)
+    t0 = time.perf_counter()
+    logits = feed(engine, work, ids, recall)
+    int(logits.argmax())  # the first token
+    return time.perf_counter() - t0
+
+
+def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths: list[int], question: list[int],
+              repeats: int) -> list[dict]:
+    rows = []
+    for eng, recall in ((without, False), (with_recall, True)):
+        base, work = eng.alloc(), eng.alloc()
+        done = 0
+        for L in lengths:
+            feed(eng, base, history[done:L], recall=False)
+            done = L
+            times = [_timed_turn(eng, base, work, question, recall) for _ in range(repeats)]
+            rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L,
+                         "ttft_ms": round(1e3 * statistics.median(times), 2),
+                         "ttft_ms_min": round(1e3 * min(times), 2), "repeats": repeats})
+            progress(f"  ttft {eng.policy.name:18s} history {L:5d}: {rows[-1]['ttft_ms']:.1f} ms")
+        eng.free(base)
+        eng.free(work)
+    for r in rows:
+        if r["policy"] == with_recall.policy.name:
+            plain = next(x for x in rows if x["policy"] == without.policy.name and x["history"] == r["history"])
+            r["x_without"] = round(r["ttft_ms"] / plain["ttft_ms"], 3)
+    return rows
+
+
+@torch.inference_mode()
+def turn_nll(engine: Engine, ids: list[int], turn: int, recall: bool) -> tuple[float, int]:
+    """Next-token NLL of a window read as turns of `turn` tokens (recall round at each turn's end)."""
+    slot = engine.alloc()
+    try:
+        logits = torch.cat([feed(engine, slot, ids[i : i + turn], recall, all_logits=True)
+                            for i in range(0, len(ids), turn)])  # [T, V]
+        nll = F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum")
+        return float(nll), len(ids) - 1
+    finally:
+        engine.free(slot)
+
+
+def ppl_rows(factory: EngineFactory, bases: list[str], budget: int, context: int, windows: int,
+             turn: int) -> list[dict]:
+    rows = []
+    for name, path in corpus_paths().items():
+        wins = token_windows(factory.tokenizer, read_part(path, "test"), context, windows)
+        for base in bases:
+            for policy in (base, base + "+recall"):
+                eng = factory.make(policy, budget)
+                parts = [turn_nll(eng, w, turn, recall="recall" in policy) for w in wins]
+                nll, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                rows.append({"measure": "ppl", "policy": policy, "text": name, "ppl": round(math.exp(nll / n), 4),
+                             "tokens": n, "turn": turn})
+                progress(f"  ppl {name:16s} {policy:20s} {rows[-1]['ppl']:.3f}")
+    return rows
+
+
+def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
+                 lengths: tuple[int, ...] = (1024, 4096, 8192), repeats: int = 3, context: int = 2048,
+                 windows: int = 1, turn: int = 256, ppl_bases: tuple[str, ...] = ("h2o", "lambda+less")) -> BenchResult:
+    with_recall = factory.make(policy + "+recall", budget, max_slots=2)
+    without = factory.make(policy, budget, max_slots=2)
+    tok = factory.tokenizer
+    progress("history bytes per token")
+    rows = history_bytes(with_recall)
+    text = read_part(corpus_paths()["brown"], "test") + read_part(corpus_paths()["python_docs"], "test")
+    history = tok(text, add_special_tokens=False)["input_ids"]
+    if len(history) < max(lengths):
+        raise ValueError(f"the test parts hold {len(history)} tokens, fewer than history {max(lengths)}")
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    progress(f"TTFT of a {len(question)}-token turn after each history length")
+    rows += ttft_rows(with_recall, without, history, sorted(lengths), question, repeats)
+    if ppl_bases:
+        progress(f"perplexity on the test parts, {windows} window(s) of {context} in turns of {turn}")
+        rows += ppl_rows(factory, list(ppl_bases), budget, context, windows, turn)
+    meta = {"model": with_recall.model_id, "device": str(with_recall.device), "dtype": str(with_recall.dtype),
+            "threads": torch.get_num_threads(), "budget": budget, "recall_pages": with_recall.cfg.recall_pages,
+            "recall_page": with_recall.cfg.recall_page, "recall_queries": with_recall.cfg.recall_queries}
+    cols = ["measure", "policy", "storage", "text", "history", "ttft_ms", "ttft_ms_min", "x_without", "ppl", "tokens",
+            "turn", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
+    return BenchResult("recall", rows, meta=meta, columns=cols, figure=figure)
+
+
+def figure(rows: list[dict], path) -> None:
+    """Left: TTFT against history length per policy; right: perplexity per test text and policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    ttft = [r for r in rows if r["measure"] == "ttft"]
+    for pol in dict.fromkeys(r["policy"] for r in ttft):
+        pts = [r for r in ttft if r["policy"] == pol]
+        a.plot([r["history"] for r in pts], [r["ttft_ms"] for r in pts], marker="o", label=pol)
+    a.set(xlabel="history (tokens)", ylabel="TTFT (ms)", title="a turn's time to first token", xscale="log")
+    a.legend()
+    ppl = [r for r in rows if r["measure"] == "ppl"]
+    texts = list(dict.fromkeys(r["text"] for r in ppl))
+    pols = list(dict.fromkeys(r["policy"] for r in ppl))
+    w = 0.8 / max(len(pols), 1)
+    for i, pol in enumerate(pols):
+        vals = [next((r["ppl"] for r in ppl if r["text"] == t and r["policy"] == pol), float("nan")) for t in texts]
+        b.bar([j + i * w for j in range(len(texts))], vals, w, label=pol)
+    b.set_xticks([j + 0.4 - w / 2 for j in range(len(texts))], texts)
+    b.set(ylabel="perplexity", title="test parts, read as turns")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
