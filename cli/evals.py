@@ -31,6 +31,10 @@ def _register_ppl(esub) -> None:
                    help="use only the last fraction of the text (e.g. 0.1 for a held-out split)")
     p.add_argument("--part", choices=["train", "dev", "test"], default=None,
                    help="use only this part of the text under the project's split rule (lab/corpus.py)")
+    p.add_argument("--equal-bytes", type=int, nargs="?", const=0, default=None, metavar="N",
+                   help="run every policy (full left out) at the largest budget whose session slot fits N bytes in "
+                   "the engine's --kv-bits and --dtype, instead of --budgets (no N: the slot of h2o at budget 128 "
+                   "in the engine's dtype); rows report bytes, budget, kv_bits and perplexity")
     p.add_argument("--json", default=None, help="write rows here")
     p.add_argument("--plot", default=None, help="PNG: perplexity vs budget per policy")
     add_engine_flags(p)
@@ -43,9 +47,11 @@ def cmd_ppl(args) -> int:
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
     in_range("--context", args.context, 16, 65536)
     in_range("--windows", args.windows, 1, 1000)
+    if args.equal_bytes is not None:
+        in_range("--equal-bytes", args.equal_bytes, 0, 1 << 40)
     if args.tail_fraction is not None and not 0 < args.tail_fraction <= 1:
         raise CliError("--tail-fraction", "must be in (0, 1]")
-    from lessserve.evals.ppl import eval_ppl, read_text
+    from lessserve.evals.ppl import eval_ppl, eval_ppl_equal_bytes, read_text
     from lessserve.lab.engines import EngineFactory
     from lessserve.lab.output import markdown_table, write_json
     from lessserve.lab.plots import line_plot
@@ -62,9 +68,13 @@ def cmd_ppl(args) -> int:
         text = split_part(text, args.part)
     factory = EngineFactory(eval_engine_config(args, max_context=args.context, max_slots=1))
     try:
-        rows = eval_ppl(factory, text, policies, budgets, args.context, args.windows)
+        if args.equal_bytes is not None:
+            rows = eval_ppl_equal_bytes(factory, text, policies, args.equal_bytes or None, args.context, args.windows)
+        else:
+            rows = eval_ppl(factory, text, policies, budgets, args.context, args.windows)
     except ValueError as e:
-        raise CliError("--text", str(e)) from None
+        raise CliError("--equal-bytes" if args.equal_bytes is not None and "bytes" in str(e) else "--text",
+                       str(e)) from None
     print(markdown_table(rows))
     write_json(args.json, rows)
     if args.plot:

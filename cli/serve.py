@@ -18,7 +18,8 @@ SERVE_FLAGS = {"--host": "host", "--port": "port", "--redis-url": "store.redis_u
                "--kernels": "engine.kernels", "--max-slots": "engine.max_slots", "--workers": "workers.min_workers",
                "--max-workers": "workers.max_workers", "--dtype": "engine.dtype",
                "--max-model-len": "engine.max_model_len", "--served-model-name": "served_model_name",
-               "--chat-template": "engine.chat_template", "--less-weights": "engine.less_weights"}
+               "--chat-template": "engine.chat_template", "--less-weights": "engine.less_weights",
+               "--kv-bits": "engine.kv_bits"}
 
 
 def register(sub) -> None:
@@ -46,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None, help=help_of(ServeConfig, "served_model_name"))
     p.add_argument("--chat-template", default=None, help=help_of(EngineConfig, "chat_template"))
     p.add_argument("--less-weights", default=None, help=help_of(EngineConfig, "less_weights").split(";")[0] + ")")
+    p.add_argument("--kv-bits", default=None, metavar="{native,8,4}", help=help_of(EngineConfig, "kv_bits"))
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,6 @@
-"""Perplexity over text windows processed with continuous eviction (chunked prefill)."""
+"""Perplexity over text windows processed with continuous eviction (chunked prefill), at given budgets or
+at equal bytes (`eval_ppl_equal_bytes`: each policy at the largest budget whose session slot fits N
+bytes, in the engine's kv_bits and dtype)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from lessserve.evals.row_cache import RowCache, digest_ids
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
 from lessserve.lab.text import read_text, token_windows  # noqa: F401  (read_text re-exported)
+from lessserve.workers.compression import Policy
+from lessserve.workers.slots import SlotSlab
 
 # The evaluations' prefill chunk (their protocol; `--chunk` overrides it): each token is predicted
 # with at most 31 tokens of its own chunk uncompressed. Serving prefills in chunks of 256, whose
@@ -35,8 +39,57 @@ def window_nll(engine, ids: list[int]) -> tuple[float, int]:
 def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: list[int], context: int,
              windows: int, cache: RowCache | None = None) -> list[dict]:
     wins = token_windows(factory.tokenizer, text, context, windows)
-    rows = []
     runs = [(p, b) for p in policies for b in (budgets if p != "full" else [budgets[0]])]
+    return _ppl_rows(factory, wins, runs, context, cache)
+
+
+def slot_bytes_at(engine, capacity: int, kv_bits: str | None = None, rank: int | None = None) -> int:
+    """Bytes of one session slot of `engine`'s model and dtype holding `capacity` entries per layer and KV
+    head (by default in the engine's kv_bits and LESS rank), sized on the meta device: nothing allocated."""
+    a = engine.args
+    return SlotSlab(a.num_layers, a.num_kv_heads, a.head_dim, 1, capacity, engine.slab.rank if rank is None else rank,
+                    torch.device("meta"), engine.dtype, kv_bits or engine.slab.kv_bits).slot_bytes()
+
+
+def default_equal_bytes(engine) -> int:
+    """The bytes --equal-bytes compares at by default: an h2o slot at budget 128 in the engine's dtype."""
+    return slot_bytes_at(engine, 128, "native", 0)
+
+
+def equal_bytes_budget(engine, nbytes: int) -> int:
+    """The largest budget whose slot, in `engine`'s configuration (policy, LESS rank, kv_bits, dtype), takes
+    at most `nbytes`: a slot's bytes are linear in its capacity, which is the budget (plus the LESS
+    state's tokens for the `+` baselines)."""
+    base, per = slot_bytes_at(engine, 0), slot_bytes_at(engine, 1) - slot_bytes_at(engine, 0)
+    budget = (nbytes - base) // per - (engine.spec.budget - engine.cfg.budget)
+    if budget < 2:
+        raise ValueError(f"{engine.policy.name}: {nbytes} bytes hold no slot of budget 2 "
+                         f"({base + per * (2 + engine.spec.budget - engine.cfg.budget)} bytes)")
+    return int(budget)
+
+
+def eval_ppl_equal_bytes(factory: EngineFactory, text: str, policies: list[str], nbytes: int | None, context: int,
+                         windows: int, cache: RowCache | None = None) -> list[dict]:
+    """Every policy (full has no budget: left out) at the largest budget whose slot fits `nbytes`
+    (None: default_equal_bytes) in the factory's kv_bits and dtype. Rows add target_bytes."""
+    wins = token_windows(factory.tokenizer, text, context, windows)
+    runs = []
+    for p in policies:
+        if Policy.parse(p).base == "full":
+            progress(f"{p}: no budget to fit in bytes, left out of --equal-bytes")
+            continue
+        probe = factory.make(p, 128)
+        nbytes = nbytes or default_equal_bytes(probe)
+        runs.append((p, equal_bytes_budget(probe, nbytes)))
+    rows = _ppl_rows(factory, wins, runs, context, cache)
+    for r in rows:
+        r["target_bytes"] = nbytes
+    return rows
+
+
+def _ppl_rows(factory: EngineFactory, wins: list[list[int]], runs: list[tuple[str, int]], context: int,
+              cache: RowCache | None) -> list[dict]:
+    rows = []
     cache = cache or RowCache(None)
     for i, (policy, budget) in enumerate(runs):
         engine = factory.make(policy, budget)
@@ -51,7 +104,7 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
             per_nll.append(nll)
             per_tok.append(n)
         row = {"policy": policy, "budget": engine.spec.budget if policy != "full" else context,
-               "nominal_budget": budget,
+               "nominal_budget": budget, "kv_bits": engine.slab.kv_bits,
                "ppl": math.exp(sum(per_nll) / sum(per_tok)), "tokens": sum(per_tok),
                "cache_bytes_per_session": engine.slab.slot_bytes(),
                "window_nll": per_nll, "window_tokens": per_tok}
@@ -59,6 +112,6 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
             row["kernels_budget"] = int(engine.less.manifest.get("budget", -1))
         rows.append(row)
         cache.put(key, row)
-        progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} ppl={row['ppl']:.3f} "
-                 f"({time.time() - t0:.0f}s)")
+        progress(f"[{i + 1}/{len(runs)}] {policy:12s} budget={row['budget']:5d} kv_bits={row['kv_bits']} "
+                 f"bytes={row['cache_bytes_per_session']} ppl={row['ppl']:.3f} ({time.time() - t0:.0f}s)")
     return rows

@@ -27,6 +27,39 @@ import torch.nn.functional as F
 Q_BLOCK = 512  # chunk positions per query block: bounds the score matrix at Hq * 512 * (Lb + C) floats
 
 
+class Fold(NamedTuple):
+    """A quantised slot's rows given by their codes (kernels/reference/kv_quant.py): row i of kcat /
+    vcat holds integer codes u, key i is k_center + zero + scale * u per channel group, value i
+    zero + scale * u. attend_cat folds the parameters into the product instead of dequantising the
+    rows: scores = sum_g scale_g (q_g . u_g) + sum_g zero_g sum(q_g) + q . k_center, and the output
+    sum_g (p * v_scale_g) @ u_g + p @ v_zero_g. NG = channel groups."""
+
+    ks: torch.Tensor  # [n, Hkv, Lb + C, NG]
+    kz: torch.Tensor
+    vs: torch.Tensor
+    vz: torch.Tensor
+    kc: torch.Tensor  # [n, Hkv, D]
+
+
+def _fold_scores(qb: torch.Tensor, K: torch.Tensor, f: Fold, Lkb: int) -> torch.Tensor:
+    """qb [n, Hkv, M, D] queries, K [n, Hkv, Lkb, D] codes -> raw scores [n, Hkv, M, Lkb]."""
+    NG = f.ks.shape[-1]
+    qs = qb.unflatten(-1, (NG, -1)).transpose(2, 3)  # [n, Hkv, NG, M, g]
+    per = torch.matmul(qs, K.unflatten(-1, (NG, -1)).permute(0, 1, 3, 4, 2))  # [n, Hkv, NG, M, Lkb]
+    s = (per * f.ks[:, :, :Lkb].float().permute(0, 1, 3, 2)[:, :, :, None, :]).sum(dim=2)
+    s += torch.matmul(qs.sum(dim=-1).transpose(2, 3), f.kz[:, :, :Lkb].float().transpose(-1, -2))
+    return s + torch.matmul(qb, f.kc[..., None])  # + q . k_center, the same for every key of the head
+
+
+def _fold_values(p: torch.Tensor, V: torch.Tensor, f: Fold, Lkb: int) -> torch.Tensor:
+    """p [n, Hkv, M, Lkb] probabilities, V [n, Hkv, Lkb, D] codes -> out [n, Hkv, M, D]."""
+    NG = f.vs.shape[-1]
+    pv = p[:, :, None] * f.vs[:, :, :Lkb].float().permute(0, 1, 3, 2)[:, :, :, None, :]  # [n, Hkv, NG, M, Lkb]
+    o = torch.matmul(pv, V.unflatten(-1, (NG, -1)).transpose(2, 3))  # [n, Hkv, NG, M, g]
+    o = o + torch.matmul(p, f.vz[:, :, :Lkb].float()).transpose(2, 3)[..., None]
+    return o.transpose(2, 3).flatten(-2)
+
+
 def attend_cat(
     q: torch.Tensor,  # [n, Hq, C, D]
     kcat: torch.Tensor,  # [n, Hkv, Lb + C, D]  cache rows [0, Lb) then the chunk's keys
@@ -37,6 +70,7 @@ def attend_cat(
     z: torch.Tensor | None = None,  # [n, Hkv, R]
     phi_q: torch.Tensor | None = None,  # [n, Hq, C, R]
     q_block: int = Q_BLOCK,
+    fold: Fold | None = None,  # kcat / vcat are a quantised slot's codes, with these parameters
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk over [cache | chunk] in one layout. Returns out [n, Hq, C, D] (q.dtype)
     and mass [n, Hkv, Lb + C] fp32 (sparse-normalised probabilities summed over group and queries)."""
@@ -53,7 +87,9 @@ def attend_cat(
     for c0 in range(0, C, q_block):
         c1 = min(C, c0 + q_block)
         Q, Lkb = c1 - c0, Lb + c1
-        s = torch.matmul(qg[:, :, :, c0:c1].reshape(n, Hkv, G * Q, D), K[:, :, :Lkb].transpose(-1, -2))
+        qb = qg[:, :, :, c0:c1].reshape(n, Hkv, G * Q, D)
+        s = torch.matmul(qb, K[:, :, :Lkb].transpose(-1, -2)) if fold is None else _fold_scores(qb, K[:, :, :Lkb],
+                                                                                               fold, Lkb)
         s = s.mul_(scale).view(n, Hkv, G, Q, Lkb)
         if Lb:
             s[..., :Lb].masked_fill_(inv_cache, float("-inf"))
@@ -65,7 +101,9 @@ def attend_cat(
         den = p.sum(dim=-1, keepdim=True)
         p = p.div_(den)
         mass[..., :Lkb] += p.sum(dim=(2, 3))
-        o = torch.matmul(p.view(n, Hkv, G * Q, Lkb), V[:, :, :Lkb]).view(n, Hkv, G, Q, D)
+        pm = p.view(n, Hkv, G * Q, Lkb)
+        o = (torch.matmul(pm, V[:, :, :Lkb]) if fold is None else _fold_values(pm, V[:, :, :Lkb], fold, Lkb)
+             ).view(n, Hkv, G, Q, D)
         if use_less:
             m2 = m.clamp_min(0.0)
             a, b = den * torch.exp(m - m2), torch.exp(-m2)  # [n, Hkv, G, Q, 1]

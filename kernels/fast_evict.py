@@ -12,6 +12,8 @@ only, at most C rows per (slot, head). No host synchronisation anywhere (CUDA-gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lessserve.kernels.fast_attention import attend_slots, full_attention_views, gather_cat, valid_rows
@@ -36,10 +38,30 @@ def evict_cat(
     psi: LessLayerWeights | None = None,
 ) -> torch.Tensor:
     """Merge, keep `budget` per (slot, head), absorb the victims, compact. Returns new lengths [n] int32."""
-    n, Hkv, Lk, D = kcat.shape
-    C, B = pos_new.shape[1], k_cache.shape[2]
+    return evict_rows(((k_cache, kcat), (v_cache, vcat)), pos_cache, score_cache, slot_ids, ln, pos_new, mass, spec,
+                      H, z, psi, victims=lambda idx: (take_rows(kcat, idx), take_rows(vcat, idx)))
+
+
+def evict_rows(
+    rows: tuple[tuple[torch.Tensor, torch.Tensor], ...],  # (cache [S, Hkv, B, ...], [cache | chunk] [n, Hkv, Lk, ...])
+    pos_cache: torch.Tensor,  # [S, Hkv, B] int32
+    score_cache: torch.Tensor,  # [S, Hkv, B] fp32
+    slot_ids: torch.Tensor,  # [n]
+    ln: torch.Tensor,  # [n] long: lengths before the chunk
+    pos_new: torch.Tensor,  # [n, C]
+    mass: torch.Tensor,  # [n, Hkv, Lk] this step's attention mass in the [cache | chunk] layout
+    spec: EvictionSpec,
+    H: torch.Tensor | None,
+    z: torch.Tensor | None,
+    psi: LessLayerWeights | None,
+    victims: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """evict_cat over any per-entry fields moved together (native k and v, or a quantised slot's codes
+    and scales); `victims(idx [n, Hkv, V])` gives those entries' keys and values for absorption."""
+    n, Hkv, Lk = mass.shape
+    C, B = pos_new.shape[1], pos_cache.shape[2]
     Lb, W = Lk - C, min(Lk, B)
-    dev = kcat.device
+    dev = mass.device
     j = torch.arange(Lk, device=dev)[None, :]  # [1, Lk]
     lnc = ln[:, None]
     valid = (j < lnc) | (j >= Lb)  # [n, Lk]
@@ -68,18 +90,19 @@ def evict_cat(
     if psi is not None and H is not None and z is not None and Lk > W:
         vic = order[..., W:]  # [n, Hkv, Lk - W]: the victims where valid
         used = valid[:, None, :].expand(n, Hkv, Lk).gather(2, vic)
-        f = psi_ref(take_rows(kcat, vic), psi) * used[..., None]
-        vv = take_rows(vcat, vic).float()
-        H[slot_ids] = H[slot_ids] + torch.matmul(f.transpose(-1, -2), vv)
+        vk_rows, vv_rows = victims(vic)
+        f = psi_ref(vk_rows, psi) * used[..., None]
+        H[slot_ids] = H[slot_ids] + torch.matmul(f.transpose(-1, -2), vv_rows.float())
         z[slot_ids] = z[slot_ids] + f.sum(dim=2)
     pcat = torch.cat([pos_cache[slot_ids, :, :Lb], pos_new.to(pos_cache.dtype)[:, None, :].expand(n, Hkv, C)], dim=2)
-    kept = (take_rows(kcat, keep), take_rows(vcat, keep), pcat.gather(2, keep).masked_fill(~filled, -1),
-            scat.gather(2, keep).masked_fill(~filled, 0.0))
-    for cache, rows in zip((k_cache, v_cache, pos_cache, score_cache), kept, strict=True):
+    kept = [(cache, take_rows(cat, keep)) for cache, cat in rows]
+    kept += [(pos_cache, pcat.gather(2, keep).masked_fill(~filled, -1)),
+             (score_cache, scat.gather(2, keep).masked_fill(~filled, 0.0))]
+    for cache, new in kept:
         if W == B:  # whole slots rewritten: one index_copy per field
-            cache.index_copy_(0, slot_ids, rows.to(cache.dtype))
+            cache.index_copy_(0, slot_ids, new.to(cache.dtype))
         else:
-            cache[slot_ids, :, :W] = rows
+            cache[slot_ids, :, :W] = new
     return new_len.to(torch.int32)
 
 
@@ -99,17 +122,26 @@ def append(
     mass: torch.Tensor | None,  # [n, Hkv, Lb + C] or None (scores not accumulated: the full policy)
 ) -> torch.Tensor:
     """Every slot has room: add this step's mass to the cached scores, write the chunk at [len, len + C)."""
-    n, Hkv, C, _ = k_new.shape
-    rows = slot_ids[:, None].expand(n, C)
-    cols = ln[:, None] + torch.arange(C, device=k_new.device)[None, :]  # [n, C]
-    k_cache[rows, :, cols] = k_new.to(k_cache.dtype).permute(0, 2, 1, 3)  # [n, C, Hkv, D]
-    v_cache[rows, :, cols] = v_new.to(v_cache.dtype).permute(0, 2, 1, 3)
-    pos_cache[rows, :, cols] = pos_new.to(pos_cache.dtype)[..., None].expand(n, C, Hkv)
+    return append_rows(((k_cache, k_new), (v_cache, v_new)), pos_cache, score_cache, slot_ids, ln, pos_new, mass)
+
+
+def append_rows(
+    rows: tuple[tuple[torch.Tensor, torch.Tensor], ...],  # (cache [S, Hkv, B, ...], chunk [n, Hkv, C, ...])
+    pos_cache: torch.Tensor, score_cache: torch.Tensor, slot_ids: torch.Tensor, ln: torch.Tensor,
+    pos_new: torch.Tensor, mass: torch.Tensor | None,
+) -> torch.Tensor:
+    """append over any per-entry fields written together."""
+    n, Hkv, C = rows[0][1].shape[:3]
+    at = slot_ids[:, None].expand(n, C)
+    cols = ln[:, None] + torch.arange(C, device=ln.device)[None, :]  # [n, C]
+    for cache, new in rows:
+        cache[at, :, cols] = new.to(cache.dtype).movedim(2, 1)  # [n, C, Hkv, ...]
+    pos_cache[at, :, cols] = pos_new.to(pos_cache.dtype)[..., None].expand(n, C, Hkv)
     if mass is not None:
         Lb = mass.shape[2] - C
         if Lb:
             score_cache[slot_ids, :, :Lb] = score_cache[slot_ids, :, :Lb] + mass[..., :Lb]
-        score_cache[rows, :, cols] = mass[..., Lb:].permute(0, 2, 1)
+        score_cache[at, :, cols] = mass[..., Lb:].permute(0, 2, 1)
     return (ln + C).to(torch.int32)
 
 

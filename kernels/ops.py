@@ -3,7 +3,12 @@
 impl "torch" is the fast torch path (kernels/fast_attention.py, fast_evict.py), checked against the
 reference (kernels/reference/, the specification) by tests/kernels/test_fast.py; "triton" the fused
 Triton kernels. `max_len` (torch only) bounds the cache rows read: an upper bound on every slot's
-length the caller knows without a device sync (None: the whole capacity)."""
+length the caller knows without a device sync (None: the whole capacity).
+
+Quantised slots (kv_bits 8 / 4, kernels/reference/kv_quant.py) go through `attend_evict_quant` and
+`chunk_attention_quant`. Under impl "triton" the attention kernel reads the codes; evict-and-absorb
+of a quantised slot has no Triton kernel and runs the fast torch path (kernels/fast_quant.py),
+on purpose and said so (`QUANT_EVICT_IMPL`), not silently."""
 
 from __future__ import annotations
 
@@ -12,14 +17,18 @@ import torch
 from lessserve.kernels.dispatch import resolve
 from lessserve.kernels.fast_attention import chunk_attention_fast, decode_attention_fast
 from lessserve.kernels.fast_evict import attend_evict_fast, evict_absorb_fast
+from lessserve.kernels.fast_quant import attend_evict_quant_fast, chunk_attention_quant_fast, evict_absorb_quant_fast
 from lessserve.kernels.reference.evict import EvictionSpec
+from lessserve.kernels.reference.kv_quant import QuantKV, QuantRows, quantize_chunk_ref
 from lessserve.kernels.reference.lowrank import LessLayerWeights, phi_ref, psi_ref
 from lessserve.kernels.reference.pack import (
     QUANT_MODES,
     PackLayout,
     dequantize_int8_ref,
+    pack_fields_ref,
     pack_slots_ref,
     quantize_int8_ref,
+    unpack_fields_ref,
     unpack_slot_ref,
 )
 
@@ -28,12 +37,19 @@ __all__ = [
     "EvictionSpec",
     "LessLayerWeights",
     "PackLayout",
+    "QUANT_EVICT_IMPL",
+    "QuantKV",
+    "QuantRows",
     "attend_evict",
+    "attend_evict_quant",
+    "chunk_attention_quant",
     "chunk_attention",
     "decode_attention",
     "dequantize_int8",
     "evict_absorb",
+    "pack_fields",
     "pack_slots",
+    "unpack_fields",
     "quantize_int8",
     "unpack_slot",
     "phi",
@@ -93,6 +109,39 @@ def attend_evict(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ca
                              scale, spec, H=H, z=z, phi_q=phi_q, psi=psi, max_len=max_len, host=host)
 
 
+# evict-and-absorb of a quantised slot per impl: no Triton kernel moves codes yet (docs/kernels.md)
+QUANT_EVICT_IMPL = {"torch": "torch", "triton": "torch"}
+
+
+def chunk_attention_quant(q: torch.Tensor, new: QuantRows, kv: QuantKV, length: torch.Tensor,
+                          slot_ids: torch.Tensor, scale: float, H=None, z=None, phi_q=None,
+                          impl: str | None = "auto", max_len: int | None = None):
+    """Attention over quantised slots (reference/quant_slots.py): out [n, Hq, C, D], mass_cache
+    [n, Hkv, B], mass_new [n, Hkv, C]; `new` is the chunk as its slots will hold it."""
+    if resolve(impl, q.device) == "triton":
+        return _triton().chunk_attention_quant(q, new, kv, length, slot_ids, scale, H, z, phi_q)
+    return chunk_attention_quant_fast(q, new, kv, length, slot_ids, scale, H, z, phi_q, max_len=max_len)
+
+
+def attend_evict_quant(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv: QuantKV,
+                       pos_cache: torch.Tensor, score_cache: torch.Tensor, length: torch.Tensor,
+                       slot_ids: torch.Tensor, pos_new: torch.Tensor, scale: float, spec: EvictionSpec,
+                       H: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                       phi_q: torch.Tensor | None = None, psi: LessLayerWeights | None = None,
+                       impl: str | None = "auto", max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend_evict over a quantised slab layer `kv` (written in place): the chunk is quantised
+    first (empty slots take its key center), attention reads the codes, evict-and-absorb moves
+    codes, scales and zeros as they are. Triton: the attention kernel, then the torch evict
+    (QUANT_EVICT_IMPL) over the whole capacity (no host-known bound: graph-safe)."""
+    if resolve(impl, q.device) == "triton":
+        new = quantize_chunk_ref(k_new, v_new, kv, length, slot_ids)
+        out, mc, mn = _triton().chunk_attention_quant(q, new, kv, length, slot_ids, scale, H, z, phi_q)
+        return out, evict_absorb_quant_fast(kv, pos_cache, score_cache, length, slot_ids, new, pos_new, mc, mn,
+                                            spec, H, z, psi)
+    return attend_evict_quant_fast(q, k_new, v_new, kv, pos_cache, score_cache, length, slot_ids, pos_new, scale,
+                                   spec, H=H, z=z, phi_q=phi_q, psi=psi, max_len=max_len)
+
+
 def phi(q: torch.Tensor, w: LessLayerWeights) -> torch.Tensor:
     return phi_ref(q, w)
 
@@ -128,3 +177,17 @@ def unpack_slot(*args, impl: str | None = "auto", **kw) -> None:
     if resolve(impl, args[1].device) == "triton":
         return _triton().unpack_slot(*args, **kw)
     return unpack_slot_ref(*args, **kw)
+
+
+def pack_fields(fields: dict[str, torch.Tensor], length: torch.Tensor, slot_ids: torch.Tensor,
+                layout: PackLayout) -> torch.Tensor:
+    """A quantised slab's slots -> uint8 [n, record_bytes] (reference/pack.py). Plain section copies,
+    already bandwidth-bound in torch on any device: no Triton kernel (as the Triton pack does for
+    quant "none")."""
+    return pack_fields_ref(fields, length, slot_ids, layout)
+
+
+def unpack_fields(record: torch.Tensor, fields: dict[str, torch.Tensor], length: torch.Tensor, slot: int,
+                  layout: PackLayout) -> None:
+    """One record of a quantised slab -> slot `slot`, in place, byte for byte."""
+    unpack_fields_ref(record.to(length.device), fields, length, slot, layout)

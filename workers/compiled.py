@@ -24,10 +24,13 @@ from lessserve.kernels.reference.evict import EvictionSpec
 _shapes = 0  # compiled-step shapes the engines of this process may ask for (one per bucket)
 
 
-def compiled_attend(enabled: bool, impl: str, spec: EvictionSpec, buckets: int) -> tuple[Callable | None, str | None]:
+def compiled_attend(enabled: bool, impl: str, spec: EvictionSpec, buckets: int,
+                    kv_bits: str = "native") -> tuple[Callable | None, str | None]:
     """(the compiled step, None) or (None, why it is not compiled)."""
     if not enabled:
         return None, "compile is off"
+    if kv_bits != "native":
+        return None, f"compile applies to native slots, not kv_bits {kv_bits} (quantised slots step eagerly)"
     if impl != "torch":
         return None, f"compile applies to the torch kernels, not {impl}"
     if spec.mode == "full":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lessserve.kernels.reference.evict import EvictionSpec
+from lessserve.kernels.reference.kv_quant import bits_of, channel_group
 from lessserve.workers.errors import ConfigError
 
 BASES = ("full", "h2o", "lambda")
@@ -40,11 +41,20 @@ class Policy:
         return self.base + ("+less" if self.less else "+" if self.plus else "") + ("+recall" if self.recall else "")
 
 
-def less_state_tokens(rank: int, head_dim: int, cache_dtype_bytes: int) -> int:
+def token_bytes(head_dim: int, cache_dtype_bytes: int, kv_bits: str = "native") -> int:
+    """Slot bytes of one cached token per KV head: key + value (kv_bits 8 / 4: their codes and an fp16
+    scale and zero per channel group) + position + score. (A quantised slot's key center, D floats
+    per head, is per slot, not per token.)"""
+    bits = bits_of(kv_bits)
+    groups = head_dim // channel_group(head_dim)
+    kv = 2 * head_dim * cache_dtype_bytes if not bits else 2 * (head_dim * bits // 8 + 4 * groups)
+    return kv + 4 + 4
+
+
+def less_state_tokens(rank: int, head_dim: int, cache_dtype_bytes: int, kv_bits: str = "native") -> int:
     """How many cached tokens cost as many bytes as one (H, z) state (fp32) per KV head."""
     state = rank * (head_dim + 1) * 4
-    token = 2 * head_dim * cache_dtype_bytes + 4 + 4  # key + value + position + score
-    return math.ceil(state / token)
+    return math.ceil(state / token_bytes(head_dim, cache_dtype_bytes, kv_bits))
 
 
 def eviction_spec(

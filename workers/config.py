@@ -40,7 +40,7 @@ class EngineConfig(BaseModel):
     kv_bits: Literal["native", "8", "4"] = Field(
         "native", description="Bits per cached key / value element: native (the model dtype), 8 or 4 (codes with "
         "an fp16 scale and zero per entry and group of 32 channels, keys less a per-channel center each slot takes "
-        "from its first chunk: kernels/reference/kv_quant.py; a slot holds 1.7-6.7x the tokens in the same bytes; "
+        "from its first chunk: kernels/reference/kv_quant.py; a slot holds 1.7-5.8x the tokens in the same bytes; "
         "not with +recall)")
     cuda_graphs: bool = Field(False, description="Decode steps through CUDA graphs captured per batch-size bucket "
                               "(CUDA only; one extra pad slot; a bucket that cannot be captured runs eagerly)")

@@ -12,6 +12,11 @@ the history goes wherever the slot goes (host, Redis, another worker); a cache w
 with an empty history (that session recalls nothing older than its restore). A cache in any other
 layout (older releases wrote named tensors) is an IncompatibleCacheError: the store rebuilds that
 session from its transcript.
+
+A quantised slab's slot (kv_bits 8 / 4) travels as it is: its codes, scales, zeros and key center, no
+second quantisation whatever `quantize` says (same bytes in, same bytes out), with meta["slot"]
+["kv_bits"] naming its layout. A record without it is native; a record whose kv_bits is not this
+engine's is an IncompatibleCacheError, so an older (native) record never reaches a quantised slot.
 """
 
 from __future__ import annotations
@@ -43,8 +48,20 @@ def engine_identity(engine: Engine) -> CacheIdentity:
 
 
 def slab_fields(slab: SlotSlab) -> tuple[torch.Tensor, ...]:
-    """The slab tensors in pack / unpack order: k, v, pos, score, H, z, length."""
+    """A native slab's tensors in pack / unpack order: k, v, pos, score, H, z, length."""
     return slab.k, slab.v, slab.pos, slab.score, slab.H, slab.z, slab.length
+
+
+def layout_of(slab: SlotSlab, quant: str) -> PackLayout:
+    """The record layout of this slab's slots (`quant` applies to native slabs only)."""
+    if slab.quantised:
+        return PackLayout.of_quantised(slab.k_codes, slab.k_center, slab.H, slab.kv_bits, slab.dtype)
+    return PackLayout.of(slab.k, slab.H, quant)
+
+
+def quant_fields(slab: SlotSlab) -> dict[str, torch.Tensor]:
+    """A quantised slab's record sections: {name: [L, S, ...]}."""
+    return {f: getattr(slab, f) for f in slab.fields}
 
 
 def checked_record(tensors: dict[str, torch.Tensor], meta: dict, slab: SlotSlab) -> tuple[torch.Tensor, str, int]:
@@ -54,11 +71,17 @@ def checked_record(tensors: dict[str, torch.Tensor], meta: dict, slab: SlotSlab)
     if record is None or not isinstance(info, dict):
         raise IncompatibleCacheError("the cache is not a packed slot record (an older release's layout)")
     quant, dtype, seen = info.get("quant"), info.get("dtype"), info.get("seen")
+    kv_bits = info.get("kv_bits", "native")  # records before quantised slots carry none: native
     if quant not in QUANT_MODES or not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
         raise IncompatibleCacheError(f"bad slot record description {info!r}")
-    if quant == "none" and dtype != str(slab.k.dtype).removeprefix("torch."):
+    if kv_bits != slab.kv_bits:
+        raise IncompatibleCacheError(f"slot record of kv_bits {kv_bits}; this engine's slots hold kv_bits "
+                                     f"{slab.kv_bits}")
+    if slab.quantised and quant != "none":
+        raise IncompatibleCacheError(f"a kv_bits {kv_bits} slot record with quant {quant!r}")
+    if not slab.quantised and quant == "none" and dtype != str(slab.k.dtype).removeprefix("torch."):
         raise IncompatibleCacheError(f"slot record of {dtype} k/v; this engine's slots hold {slab.k.dtype}")
-    layout = PackLayout.of(slab.k, slab.H, quant)
+    layout = layout_of(slab, quant)
     if record.dtype != torch.uint8 or tuple(record.shape) != (layout.record_bytes,):
         raise IncompatibleCacheError(f"slot record of {tuple(record.shape)} {record.dtype}; this engine's "
                                      f"slots pack to uint8 ({layout.record_bytes},)")
@@ -107,13 +130,19 @@ class EngineDeviceTier(DeviceTier):
 
     @property
     def quant(self) -> str:
-        return "int8" if self.quantize else "none"
+        """int8 offload of a native slab's k / v; a quantised slab's slot travels as it is."""
+        return "int8" if self.quantize and not self.engine.slab.quantised else "none"
 
     def get(self, sid: str) -> Blob:
         slab, slot = self.engine.slab, self.slot_of(sid)
-        ids = torch.tensor([slot], dtype=torch.long, device=slab.k.device)
-        record = ops.pack_slots(*slab_fields(slab), ids, self.quant)[0]  # uint8 [record_bytes], one pass
-        info = {"quant": self.quant, "dtype": str(slab.k.dtype).removeprefix("torch."), "seen": slab.seen[slot]}
+        ids = torch.tensor([slot], dtype=torch.long, device=slab.device)
+        if slab.quantised:  # codes, scales, zeros and key center as they are
+            record = ops.pack_fields(quant_fields(slab), slab.length, ids, layout_of(slab, "none"))[0]
+        else:
+            record = ops.pack_slots(*slab_fields(slab), ids, self.quant)[0]  # uint8 [record_bytes], one pass
+        info = {"quant": self.quant, "dtype": str(slab.dtype).removeprefix("torch."), "seen": slab.seen[slot]}
+        if slab.quantised:
+            info["kv_bits"] = slab.kv_bits
         tensors, meta = {SLOT: record}, {**self.meta_fn(sid), SLOT: info}
         hist = self.engine.histories
         if hist is not None and slot in hist.by_slot:
@@ -128,7 +157,10 @@ class EngineDeviceTier(DeviceTier):
         fresh = sid not in self.slots
         slot = self.new_slot(sid)
         try:
-            ops.unpack_slot(record.to(slab.k.device), *slab_fields(slab), slot, quant)
+            if slab.quantised:
+                ops.unpack_fields(record, quant_fields(slab), slab.length, slot, layout_of(slab, quant))
+            else:
+                ops.unpack_slot(record.to(slab.device), *slab_fields(slab), slot, quant)
         except PackError as e:
             slab.reset(slot)
             if fresh:

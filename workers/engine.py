@@ -280,7 +280,8 @@ class Engine:
         last token) through the model over the slots as they are (read only: the compressed
         attention, LESS included, nothing evicted or recorded); at every layer its queries and the
         ones the previous step kept (together the prompt's last `recall_queries` tokens) score every
-        history page (kernels/reference/recall.py); pages eviction keeps anyway are left out."""
+        history page: the attention mass its best query puts on it, summed over layers and KV heads
+        (kernels/reference/recall.py); pages eviction keeps anyway are left out."""
         slab, cfg, less = self.slab, self.cfg, self.less
         P, Q = cfg.recall_page, cfg.recall_queries
         score = [torch.zeros(h.pages) for h in hist]
@@ -293,8 +294,9 @@ class Engine:
                     if mine.shape[1] < Q and h.queries is not None:
                         mine = torch.cat([h.queries[layer, :, mine.shape[1] - Q :].to(mine), mine], dim=1)
                     keys = h.keys(layer)[:, : h.pages * P].to(self.device)
-                    score[i] += history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale,
-                                                  P).cpu()
+                    mass = history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale, P,
+                                             skip=max(0, cfg.sink - h.base))  # [Hkv, Np]
+                    score[i] += mass.sum(0).cpu()
             return chunk_attention_ref(q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
                                        H=slab.H[layer] if lw is not None else None,
                                        z=slab.z[layer] if lw is not None else None,

@@ -53,8 +53,8 @@ class AotResult:
 
 # The default (CI) set, per kernel: (dtype, the constexprs that vary) - a covering subset
 _CI_KEY = {
-    "attn_fwd_kernel": lambda c: (c["FUSED_MASS"], c["BLOCK_M"], c["BLOCK_D"], c["HAS_LESS"]),
-    "attn_mass_kernel": lambda c: c["BLOCK_D"],
+    "attn_fwd_kernel": lambda c: (c["FUSED_MASS"], c["BLOCK_M"], c["BLOCK_D"], c["HAS_LESS"], c["KV_BITS"]),
+    "attn_mass_kernel": lambda c: (c["BLOCK_D"], c["KV_BITS"]),
     "evict_move_kernel": lambda c: (c["WRITE_VICTIMS"], c["BLOCK_D"]),
     "absorb_kernel": lambda c: (c["BLOCK_C"], c["BLOCK_D"]),
     "quantize_int8_kernel": lambda c: c["BLOCK_D"],
@@ -65,10 +65,15 @@ _CI_KEY = {
 }
 _CI = {
     "attn_fwd_kernel": {  # decode at both head dims, every row block, the unfused path; the largest
-        ("bf16", (True, 16, 64, True)), ("bf16", (True, 16, 128, True)), ("bf16", (True, 32, 128, False)),
-        ("bf16", (True, 64, 128, True)), ("bf16", (False, 32, 64, True)), ("fp16", (True, 16, 128, True)),
-        ("fp32", (True, 16, 128, True)), ("fp32", (True, 64, 128, True)), ("fp32", (False, 32, 128, True))},
-    "attn_mass_kernel": {("bf16", 64), ("fp16", 128), ("fp32", 128)},
+        ("bf16", (True, 16, 64, True, 0)), ("bf16", (True, 16, 128, True, 0)), ("bf16", (True, 32, 128, False, 0)),
+        ("bf16", (True, 64, 128, True, 0)), ("bf16", (False, 32, 64, True, 0)), ("fp16", (True, 16, 128, True, 0)),
+        ("fp32", (True, 16, 128, True, 0)), ("fp32", (True, 64, 128, True, 0)), ("fp32", (False, 32, 128, True, 0)),
+        # quantised slots (kv_bits 8 / 4): decode at both head dims (2 and 4 channel groups), the unfused
+        # path, the largest row block, each dtype
+        ("bf16", (True, 16, 64, True, 4)), ("bf16", (True, 16, 128, True, 8)), ("bf16", (False, 32, 128, True, 4)),
+        ("bf16", (True, 64, 128, True, 4)), ("fp16", (True, 16, 128, False, 4)), ("fp32", (True, 16, 64, True, 8))},
+    "attn_mass_kernel": {("bf16", (64, 0)), ("fp16", (128, 0)), ("fp32", (128, 0)), ("bf16", (128, 4)),
+                         ("fp32", (64, 8))},
     "evict_move_kernel": {("bf16", (True, 128)), ("fp16", (False, 64)), ("fp32", (True, 64))},
     "absorb_kernel": {("bf16", (16, 64)), ("fp16", (32, 128)), ("fp32", (32, 128))},
     "quantize_int8_kernel": {("bf16", 128), ("fp16", 64), ("fp32", 128)},

@@ -6,7 +6,7 @@ wrappers launch what these return, and the ahead-of-time compile tests (`tests/k
 through `kernels/triton/aot.py`) compile what `configuration_space()` returns for sm_80 and sm_90,
 so the space compiled in CI is the space the wrappers can launch. Pure Python: no torch, no triton.
 
-Element types use Triton's names: "fp32", "fp16", "bf16", "i8", "i32", "i64".
+Element types use Triton's names: "fp32", "fp16", "bf16", "i8", "u8", "i32", "i64".
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ ATTN_BLOCK_N = 64  # keys per block (fp16 / bf16 tensor-core dots)
 # stack per thread (spills); with 16 it is 68 KB.
 ATTN_BLOCK_N_FP32 = 16
 ATTN_WIDE_ROWS = 32  # from this many rows per block, 8 warps (4 spilled 0.4-1.9 KB per thread at 64 rows)
+# quantised slots (kv_bits 8 / 4: one dot per group of channels, codes unpacked in registers): 32 keys
+# per block and 8 warps. With 64 keys and 4 warps, bf16 decode at head_dim 128 spilled 536 B per thread
+# on sm_80; with 32 and 8 warps, none (64 rows x head_dim 128 still spills 760 B, 1288 B at 64 keys).
+ATTN_BLOCK_N_QUANT = 32
 FUSED_MAX_ROWS = 64  # G*C up to this: one row block, mass fused into the pass
 UNFUSED_BLOCK_M = 32
 EVICT_BLOCK_J = 64
@@ -29,6 +33,8 @@ MAX_MERGED = 1 << 16  # B + C per program, held in one block by the select kerne
 QUANT_BLOCK_R = 16
 EVICT_MODES = {"full": 0, "h2o": 1, "lambda": 2}
 FLOAT_TYPES = ("fp32", "fp16", "bf16")
+KV_CODES = {8: "u8", 4: "u8"}  # a quantised slab's code element type per kv_bits
+KV_GROUP = 32  # channels per scale / zero of a quantised slab (kernels/reference/kv_quant.CHANNEL_GROUP)
 
 
 @dataclass(frozen=True)
@@ -77,33 +83,44 @@ def dot_precision(dtype: str, interpret: bool) -> str:
 
 # --- attention ------------------------------------------------------------------------------------
 def attention_launches(n: int, Hq: int, Hkv: int, C: int, B: int, D: int, R: int, dtype: str, use_less: bool,
-                       interpret: bool = False) -> list[Launch]:
-    """chunk_attention / decode_attention: the pass, and the separate mass kernel when G*C > 64."""
+                       interpret: bool = False, kv_bits: int = 0) -> list[Launch]:
+    """chunk_attention / decode_attention: the pass, and the separate mass kernel when G*C > 64.
+    kv_bits 8 / 4: the slots' and the chunk's rows are a quantised slab's codes (fp16 scales and zeros
+    per group of KV_GROUP channels, fp32 key center); 0 native, where q stands in for those pointers
+    (never read)."""
     G = Hq // Hkv
     GC = G * C
     fused = GC <= FUSED_MAX_ROWS
     BLOCK_M = max(16, pow2(GC)) if fused else UNFUSED_BLOCK_M
     BLOCK_D = pow2(D, 16)
     prec = dot_precision(dtype, interpret)
-    BLOCK_N = ATTN_BLOCK_N_FP32 if dtype == "fp32" else ATTN_BLOCK_N
-    warps = 8 if BLOCK_M >= ATTN_WIDE_ROWS else NUM_WARPS
+    BLOCK_N = ATTN_BLOCK_N_FP32 if dtype == "fp32" else ATTN_BLOCK_N_QUANT if kv_bits else ATTN_BLOCK_N
+    warps = 8 if BLOCK_M >= ATTN_WIDE_ROWS or kv_bits else NUM_WARPS
     less_t = "fp32" if use_less else dtype  # without LESS, q stands in for H / z / phi (never read)
+    codes_t = KV_CODES[kv_bits] if kv_bits else dtype  # the slots' and the chunk's rows
+    param_t, center_t = ("fp16", "fp32") if kv_bits else (dtype, dtype)
+    params = ("kns_ptr", "knz_ptr", "vns_ptr", "vnz_ptr", "kcs_ptr", "kcz_ptr", "vcs_ptr", "vcz_ptr")
+    quant = {**dict.fromkeys(params, param_t), "cen_ptr": center_t}
+    group = min(KV_GROUP, D) if kv_bits else 1
+    qc = dict(KV_BITS=kv_bits, NG=D // group if kv_bits else 1, GROUP=group)
     fwd = Launch(
         "attention_kernels", "attn_fwd_kernel", (n, Hkv, cdiv(GC, BLOCK_M)),
         constexprs=dict(HAS_LESS=use_less, FUSED_MASS=fused, DOT_PREC=prec, BLOCK_M=BLOCK_M,
-                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_R=max(16, pow2(R if use_less else 0))),
-        ptr_types=dict(q_ptr=dtype, kn_ptr=dtype, vn_ptr=dtype, kc_ptr=dtype, vc_ptr=dtype, len_ptr="i32",
-                       slot_ptr="i64", H_ptr=less_t, z_ptr=less_t, phi_ptr=less_t, out_ptr=dtype, m_ptr="fp32",
-                       l_ptr="fp32", logit_ptr="fp32" if fused else dtype, mc_ptr="fp32", mn_ptr="fp32"),
+                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_R=max(16, pow2(R if use_less else 0)), **qc),
+        ptr_types=dict(q_ptr=dtype, kn_ptr=codes_t, vn_ptr=codes_t, kc_ptr=codes_t, vc_ptr=codes_t, len_ptr="i32",
+                       slot_ptr="i64", H_ptr=less_t, z_ptr=less_t, phi_ptr=less_t, **quant, out_ptr=dtype,
+                       m_ptr="fp32", l_ptr="fp32",
+                       logit_ptr="fp32" if fused else dtype, mc_ptr="fp32", mn_ptr="fp32"),
         dtype=dtype, float_args=("scale",), num_warps=warps,
     )
     if fused:
         return [fwd]
     mass = Launch(
         "attention_kernels", "attn_mass_kernel", (n, Hkv, cdiv(B, BLOCK_N) + cdiv(C, BLOCK_N)),
-        constexprs=dict(DOT_PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D),
-        ptr_types=dict(q_ptr=dtype, kn_ptr=dtype, kc_ptr=dtype, len_ptr="i32", slot_ptr="i64", m_ptr="fp32",
-                       l_ptr="fp32", mc_ptr="fp32", mn_ptr="fp32"),
+        constexprs=dict(DOT_PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **qc),
+        ptr_types=dict(q_ptr=dtype, kn_ptr=codes_t, kc_ptr=codes_t, len_ptr="i32", slot_ptr="i64", m_ptr="fp32",
+                       l_ptr="fp32", mc_ptr="fp32", mn_ptr="fp32",
+                       **{k: quant[k] for k in ("kns_ptr", "knz_ptr", "kcs_ptr", "kcz_ptr", "cen_ptr")}),
         dtype=dtype, float_args=("scale",), num_warps=warps,
     )
     return [fwd, mass]
@@ -159,6 +176,7 @@ HEAD_DIMS = (64, 128)  # Llama-2/3 7B-8B and the default model; the wrappers acc
 GQA_GROUPS = (1, 3, 4, 8)  # llama2-7b, smollm2-135m, llama3-8b / -70b, Qwen-style
 CHUNKS = (1, 16, 32, 64, 256)  # decode, prefill chunks (the engine's default is 32)
 LESS_RANKS = (8,)  # the shipped LESS weights' rank (BLOCK_R 16 covers ranks 1-16)
+QUANT_KV_BITS = (8, 4)  # quantised slabs (kv_bits); native is 0
 
 
 def configuration_space() -> list[Launch]:
@@ -176,7 +194,8 @@ def configuration_space() -> list[Launch]:
                 for C in CHUNKS:
                     for use_less in (False, True):
                         for R in LESS_RANKS if use_less else (0,):  # (the budget changes no constexpr)
-                            add(attention_launches(1, G, 1, C, 128, D, R, dt, use_less))
+                            for bits in (0, *QUANT_KV_BITS):
+                                add(attention_launches(1, G, 1, C, 128, D, R, dt, use_less, kv_bits=bits))
             for C in CHUNKS:
                 for use_less in (False, True):
                     add(evict_launches(1, 1, 128, C, D, LESS_RANKS[0], "h2o", dt, use_less))

@@ -25,6 +25,9 @@ SHARED = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "t
     (["eval", "passkey", "--lengths", "0"], "--lengths"),
     (["generate", "--prompt", "hi", "--less-weights", "/no/k.safetensors", "--policy", "h2o+less"],
      "--less-weights"),
+    (["generate", "--prompt", "hi", "--kv-bits", "3"], "--kv-bits"),
+    (["eval", "ppl", "--text", SHARED, "--kv-bits", "int8"], "--kv-bits"),
+    (["serve", "--kv-bits", "16"], "--kv-bits"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as ex:

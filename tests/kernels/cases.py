@@ -47,3 +47,24 @@ EVICT = [
     (8, 16, 64, 32, 8, torch.float32, [32], "lambda", 28, 4),
     (1, 97, 128, 17, 8, torch.float32, [17, 3], "h2o", 8, 0),
 ]
+
+
+def quant_layer(S: int, Hkv: int, B: int, D: int, bits: int, length: torch.Tensor, device):
+    """One layer of a quantised slab (kernels/reference/kv_quant.py) holding random keys with an
+    outlier channel and an offset, and random values; rows past each slot's length hold finite
+    garbage codes, scales and zeros (what a slab keeps there), never to be counted."""
+    from lessserve.kernels.reference.kv_quant import QuantKV, key_center, quantize_rows
+
+    k = torch.randn(S, Hkv, B, D, device=device) + torch.randn(D, device=device)
+    k[..., 1] *= 12  # KIVI's observation: a few key channels are much larger than the rest
+    v = torch.randn(S, Hkv, B, D, device=device)
+    kc = key_center(k[:, :, : max(1, B // 3)])
+    kq, ks, kz = quantize_rows(k, bits, kc)
+    vq, vs, vz = quantize_rows(v, bits)
+    tail = torch.arange(B, device=device)[None, None, :] >= length.to(device)[:, None, None]  # [S, 1, B]
+    tail = tail.expand(S, Hkv, B)
+    for codes in (kq, vq):
+        codes[tail] = torch.randint(0, 256, codes[tail].shape, device=device).to(torch.uint8)
+    for params in (ks, kz, vs, vz):
+        params[tail] = (torch.rand(params[tail].shape, device=device) * 50).half()
+    return QuantKV(kq, ks, kz, vq, vs, vz, kc, bits)

@@ -2,7 +2,8 @@
 
 The compiled configurations are `launch.configuration_space()`: what the wrappers' own launch
 functions return over the shape space (dtypes, head_dim 64/128, GQA groups, chunks, LESS on/off,
-fused and unfused mass, evict modes and budgets, int8 pack/unpack). A real compile rejects what
+fused and unfused mass, native and quantised (kv_bits 8 / 4) slots, evict modes and budgets, int8
+pack/unpack). A real compile rejects what
 the CPU interpreter accepts (it found two evict kernels reading a plain Python global), and decides
 shared memory, registers and whether the dots are tensor-core instructions; all are asserted here.
 
@@ -80,6 +81,11 @@ def test_space_covers_the_wrappers_choices():
     assert {(x.constexprs["FUSED_MASS"], x.constexprs["BLOCK_M"]) for x in fwd} == \
         {(True, 16), (True, 32), (True, 64), (False, 32)}
     assert {x.constexprs["HAS_LESS"] for x in fwd} == {False, True}
+    assert {x.constexprs["KV_BITS"] for x in fwd} == {0, 8, 4}  # native and quantised slots
+    assert {(x.constexprs["KV_BITS"] > 0, x.constexprs["NG"], x.constexprs["GROUP"]) for x in fwd} == \
+        {(False, 1, 1), (True, 2, 32), (True, 4, 32)}  # head_dim 64 / 128: 2 / 4 groups of 32 channels
+    quant = [x for x in fwd if x.constexprs["KV_BITS"]]
+    assert {x.ptr_types["kc_ptr"] for x in quant} == {"u8"} and {x.ptr_types["kcs_ptr"] for x in quant} == {"fp16"}
     assert {x.constexprs["MODE"] for x in FULL if x.kernel == "evict_select_kernel"} == {0, 1, 2}
     blocks_t = {x.constexprs["BLOCK_T"] for x in FULL if x.kernel == "evict_select_kernel"}
     assert blocks_t == {1 << k for k in range(4, 17)}
@@ -102,7 +108,7 @@ def test_space_covers_the_wrappers_choices():
 
 # --- the wrappers launch what launch.py returns ------------------------------------------------------
 _TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
-               torch.int32: "i32", torch.int64: "i64"}
+               torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 
 
 class _Recorder:
@@ -148,11 +154,19 @@ def _same(rec: dict, want: Launch) -> None:
 def test_wrappers_launch_what_launch_py_says(launches, device):
     """Each wrapper's real launches == its launch function's answer; their GPU form is in SPACE."""
     from lessserve.kernels.reference.evict import EvictionSpec
-    from lessserve.kernels.triton import chunk_attention, decode_attention, evict_absorb, pack_slots, unpack_slot
+    from lessserve.kernels.reference.kv_quant import quantize_chunk_ref
+    from lessserve.kernels.triton import (
+        chunk_attention,
+        chunk_attention_quant,
+        decode_attention,
+        evict_absorb,
+        pack_slots,
+        unpack_slot,
+    )
     from lessserve.kernels.triton.checks import interpreting
     from lessserve.kernels.triton.launch import evict_launches, quant_launch
 
-    from .cases import less_state, less_weights, slab_layer, slots
+    from .cases import less_state, less_weights, quant_layer, slab_layer, slots
     from .test_pack import _slab
 
     compiled = {x.key() for x in FULL}
@@ -192,6 +206,15 @@ def test_wrappers_launch_what_launch_py_says(launches, device):
         w = less_weights(Hkv * G, Hkv, D, R, device) if less else None
         evict_absorb(kc, vc, pc, sc, length, slot_ids, kn, vn, pn, mc, mn, EvictionSpec("h2o", B, B // 2), H, z, w)
         check(evict_launches(2, Hkv, B, C, D, R if less else 0, "h2o", tname, less))
+
+    for (Hkv, G, C, dt, bits) in ((3, 3, 1, torch.bfloat16, 4), (1, 8, 17, torch.float32, 8)):  # quantised slots
+        length, slot_ids = slots(S, [17, 0], B, device)
+        kv = quant_layer(S, Hkv, B, D, bits, length, device)
+        q = torch.randn(2, Hkv * G, C, D, device=device).to(dt)
+        new = quantize_chunk_ref(*(torch.randn(2, Hkv, C, D, device=device) for _ in range(2)), kv, length, slot_ids)
+        H, z = less_state(S, Hkv, R, D, device)
+        chunk_attention_quant(q, new, kv, length, slot_ids, D**-0.5, H, z, torch.rand(2, Hkv * G, C, R, device=device))
+        check(attention_launches(2, Hkv * G, Hkv, C, B, D, R, _TYPE_NAMES[dt], True, interp, bits))
 
     L, Hkv = 2, 2
     slab = _slab(L, S, Hkv, B, D, R, torch.float16, device)
