@@ -294,9 +294,8 @@ class Engine:
                     if mine.shape[1] < Q and h.queries is not None:
                         mine = torch.cat([h.queries[layer, :, mine.shape[1] - Q :].to(mine), mine], dim=1)
                     keys = h.keys(layer)[:, : h.pages * P].to(self.device)
-                    mass = history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale, P,
-                                             skip=max(0, cfg.sink - h.base))  # [Hkv, Np]
-                    score[i] += mass.sum(0).cpu()
+                    mass = history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale, P)
+                    score[i] += mass.sum(0).cpu()  # [Np]
             return chunk_attention_ref(q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
                                        H=slab.H[layer] if lw is not None else None,
                                        z=slab.z[layer] if lw is not None else None,

@@ -7,11 +7,10 @@ head, in pages of P tokens aligned to absolute positions (page i holds positions
 
 Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer:
 the prompt's last token's, from a read-only probe of it over the slot, and those the step before
-kept) attend over the history, its first tokens (the attention sinks) left out; a page's score is,
-summed over layers and KV heads, the largest attention mass any query of the head's group puts on
+kept) attend over the history; a page's score is, summed over layers and KV heads, the largest attention mass any query of the head's group puts on
 it (`history_page_mass`, summed in the engine). One set of pages serves every layer and head: a
-fact the answer copies is needed by every layer that reads it. (On dev, the max over heads instead
-of the sum ranked the answer's page first more often but chose worse sets: docs/recall.md.)
+fact the answer copies is needed by every layer that reads it. (What else was tried on dev, and
+lost: docs/recall.md.)
 
 One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
   1. unpin the entries the previous round pinned;
@@ -38,14 +37,12 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.reshape(num_kv_heads, (Hq // num_kv_heads) * C, D)
 
 
-def history_page_mass(q: torch.Tensor, k: torch.Tensor, scale: float, page: int, skip: int = 0) -> torch.Tensor:
+def history_page_mass(q: torch.Tensor, k: torch.Tensor, scale: float, page: int) -> torch.Tensor:
     """q [Hkv, M, D] (a layer's group queries), k [Hkv, T, D] (history keys, T a multiple of page)
     -> [Hkv, T // page]: per KV head, the max over the M queries of the softmax mass (over the
-    history, its first `skip` keys, the attention sinks, left out) that falls on each page."""
+    history) that falls on each page."""
     Hkv, T, _ = k.shape
-    s = (q.float() @ k.float().transpose(1, 2)) * scale  # [Hkv, M, T]
-    s[..., :skip] = float("-inf")
-    p = s.softmax(-1).nan_to_num(0.0)
+    p = ((q.float() @ k.float().transpose(1, 2)) * scale).softmax(-1)  # [Hkv, M, T]
     return p.view(Hkv, p.shape[1], T // page, page).sum(-1).amax(1)
 
 

@@ -101,7 +101,7 @@ def test_the_chosen_pages_are_the_last_queries_best_and_stay_pinned_through_the_
     eng.model.forward = inner
     queries = [torch.cat([kept[layer][:, 1 - QUERIES :], probe_q[layer]], dim=1) for layer in range(len(probe_q))]
     score = sum(history_page_mass(group_queries(queries[layer], eng.args.num_kv_heads), keys[layer], eng.scale,
-                                  PAGE, skip=eng.cfg.sink).sum(0) for layer in range(eng.args.num_layers))
+                                  PAGE).sum(0) for layer in range(eng.args.num_layers))
     first = torch.arange(n_pages) * PAGE
     best = choose_pages(score, PAGES, (first >= seen - eng.spec.recent) | (first + PAGE <= eng.spec.sink))
     want = {int(p) * PAGE + i for p in best for i in range(PAGE)}
@@ -181,14 +181,13 @@ def test_recall_pages_must_fit_beside_the_protected_entries(tiny_ckpt):
     assert engine(tiny_ckpt, "lambda+recall", recall_pages=5, recall_page=2).spec.recent == BUDGET - 4 - 10
 
 
-def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head_without_the_sinks():
+def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     g = torch.Generator().manual_seed(0)
     k, q = torch.randn(3, 64, 8, generator=g), torch.randn(3, 5, 8, generator=g)
-    got = history_page_mass(q, k, 0.5, 4, skip=2)  # [3, 16]
+    got = history_page_mass(q, k, 0.5, 4)  # [3, 16]
     want = torch.zeros(3, 16)
     for h in range(3):
-        p = torch.softmax(q[h] @ k[h, 2:].T * 0.5, -1)  # [5, 62]: keys 0 and 1 left out
-        p = torch.cat([torch.zeros(5, 2), p], dim=1)
+        p = torch.softmax(q[h] @ k[h].T * 0.5, -1)  # [5, 64]
         want[h] = torch.stack([p[:, i * 4 : i * 4 + 4].sum(1).max() for i in range(16)])
     torch.testing.assert_close(got, want)
     skip = torch.zeros(16, dtype=torch.bool)
