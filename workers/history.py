@@ -21,6 +21,7 @@ import itertools
 import torch
 
 HISTORY_FIELDS = ("history_k", "history_v")  # the codec tensors a session's history travels as
+RESTORE_SPARE = 512  # tokens of room a restored history gets beyond what it holds (at least a quarter more)
 
 
 class History:
@@ -94,8 +95,9 @@ class History:
         self.base += t
 
     def clone(self) -> History:
+        """A copy with the same spare capacity (a fork's next step appends without reallocating)."""
         h = History(*self.shape, self.dtype, self.page)
-        h.k, h.v = self.k[:, :, : self.held].clone(), self.v[:, :, : self.held].clone()
+        h.k, h.v = self.k.clone(), self.v.clone()
         h.base, h.n, h.recalled, h.last_used = self.base, self.n, self.recalled, self.last_used
         h.queries = None if self.queries is None else self.queries.clone()
         return h
@@ -119,7 +121,7 @@ class History:
             raise ValueError(f"history of {tuple(k.shape)} {k.dtype}; this engine keeps {want} {dtype}")
         h = cls(*shape, dtype, page)
         h.base = h.n = base
-        h.reserve(n - base)
+        h.reserve(n - base + max(RESTORE_SPARE, (n - base) // 4))  # the next turns append without a copy
         h.k[:, :, : n - base], h.v[:, :, : n - base] = k, v
         h.advance(n - base)
         h.recalled = int(meta.get("recalled", 0))
