@@ -48,8 +48,8 @@ def test_history_travels_through_redis_and_survives_redis_dying(default_engine, 
         a.offload("s", "redis")
         own_redis.kill()  # Redis dies holding the only copy of the slot and its history
         msgs.append({"role": "user", "content": TURNS[2]})
-        reply = "".join(a.turn("s", msgs, max_new_tokens=4))
-        assert reply.strip()  # served: rebuilt from the transcript, no error
+        "".join(a.turn("s", msgs, max_new_tokens=4))  # served (rebuilt from the transcript), no error
+        assert a.transcript("s").turns == 3
         st = a.stats()
         assert st["redis"]["recomputes"] == 1
         rebuilt = history_of(a, "s")
