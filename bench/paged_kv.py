@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
 from lessserve.errors.tree import CapacityError
+from lessserve.workers.engine import prefill_chunks
 from lessserve.workers.errors import ContextOverflowError
 
 BLOCK_TOKENS = 16  # vLLM's default block size
@@ -173,12 +174,7 @@ class PagedEngine:
         return {}
 
     def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
-        """(offset, size) pieces cut at absolute multiples of prefill_chunk (Engine.chunks' rule)."""
-        c, off = self.cfg.prefill_chunk, 0
-        while off < count:
-            size = min(c - (start + off) % c, count - off)
-            yield off, size
-            off += size
+        return prefill_chunks(start, count, self.cfg.prefill_chunk)  # the engine's rule
 
     # --- the step ----------------------------------------------------------------------------
     @torch.inference_mode()

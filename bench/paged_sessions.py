@@ -20,10 +20,9 @@ State lives on the engine's thread: every mutation runs through `run_local` (the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import itertools
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from lessserve.bench.paged_kv import PagedEngine
@@ -31,7 +30,7 @@ from lessserve.cache_store.lru import LRU
 from lessserve.cache_store.store import RunLocal, run_inline
 from lessserve.errors.tree import RequestError
 from lessserve.workers.chat_session import Transcript, plan_turn
-from lessserve.workers.session_store import settle
+from lessserve.workers.session_store import turn_scope
 
 
 class TurnTooLongError(RequestError):
@@ -62,23 +61,11 @@ class PagedSessions:
         self._changed: asyncio.Event | None = None  # set when a turn ends (blocks may be free)
 
     # --- the turn -------------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, messages: list[dict],
-                   max_new_tokens: int = 0) -> AsyncIterator[tuple[PagedSession, list[int], list[int]]]:
-        """Yields (session, ids to prefill, tokens); the caller appends every generated token to
-        `tokens`. The turn is closed with exactly those on every exit path, cancellation included."""
-        tokens: list[int] = []
-        opening = asyncio.ensure_future(self.open_turn(session_id, messages, max_new_tokens))
-        try:
-            opened = await settle(opening)
-        except asyncio.CancelledError:
-            if not opening.cancelled() and opening.exception() is None:
-                await settle(self.close_turn(session_id, messages, tokens))
-            raise
-        try:
-            yield (*opened, tokens)
-        finally:
-            await settle(self.close_turn(session_id, messages, tokens))
+    def turn(self, session_id: str, messages: list[dict],
+             max_new_tokens: int = 0) -> AbstractAsyncContextManager[tuple[PagedSession, list[int], list[int]]]:
+        """Yields (session, ids to prefill, tokens), as SessionStore.turn (`turn_scope`)."""
+        return turn_scope(self.open_turn(session_id, messages, max_new_tokens),
+                          lambda tokens: self.close_turn(session_id, messages, tokens))
 
     async def open_turn(self, sid: str, messages: list[dict], max_new_tokens: int) -> tuple[PagedSession, list[int]]:
         """Admit the turn (reserve its blocks, evicting idle sessions LRU), waiting for turns in

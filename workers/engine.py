@@ -72,6 +72,16 @@ def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
+def prefill_chunks(start: int, count: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(offset, size) pieces of `count` tokens starting at absolute position `start`, cut at
+    absolute multiples of `chunk` so the same transcript always splits the same way."""
+    off = 0
+    while off < count:
+        size = min(chunk - (start + off) % chunk, count - off)
+        yield off, size
+        off += size
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -339,13 +349,7 @@ class Engine:
         self.histories.enforce()
 
     def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
-        """(offset, size) pieces of `count` tokens starting at absolute position `start`, cut at
-        absolute multiples of prefill_chunk so the same transcript always splits the same way."""
-        c, off = self.cfg.prefill_chunk, 0
-        while off < count:
-            size = min(c - (start + off) % c, count - off)
-            yield off, size
-            off += size
+        return prefill_chunks(start, count, self.cfg.prefill_chunk)
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:

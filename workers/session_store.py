@@ -25,7 +25,8 @@ import asyncio
 import contextlib
 import copy
 import hashlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -64,6 +65,26 @@ async def settle(aw: Awaitable[T]) -> T:
     if cancelled:
         raise asyncio.CancelledError
     return result
+
+
+@contextlib.asynccontextmanager
+async def turn_scope(opening: Awaitable[tuple], close: Callable[[list[int]], Awaitable[object]]
+                     ) -> AsyncIterator[tuple]:
+    """A turn's open ... close as one resource: yields (*what `opening` returned, tokens); the caller
+    appends every generated token to `tokens`, and `close(tokens)` runs with exactly those on every
+    exit path, cancellation included (a cancelled open is closed once it finishes)."""
+    tokens: list[int] = []
+    task = asyncio.ensure_future(opening)
+    try:
+        opened = await settle(task)
+    except asyncio.CancelledError:  # cancelled while opening: the open finished, so close it
+        if not task.cancelled() and task.exception() is None:
+            await settle(close(tokens))
+        raise
+    try:
+        yield (*opened, tokens)
+    finally:
+        await settle(close(tokens))
 
 
 def meta_transcript(meta: dict) -> Transcript:
@@ -118,25 +139,13 @@ class SessionStore:
         return {"transcript": self.sessions[sid].transcript.to_dict()}
 
     # --- the turn ---------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
-                   owner: str | None = None,
-                   prompt_ids: list[int] | None = None) -> AsyncIterator[tuple[ChatSession, list[int], list[int]]]:
-        """open_turn ... close_turn as one resource: yields (session, ids to prefill, tokens), the
-        caller appends every generated token to `tokens`; the turn is closed with exactly those on
-        every exit path, cancellation included (a cancelled open is closed once it finishes)."""
-        tokens: list[int] = []
-        opening = asyncio.ensure_future(self.open_turn(session_id, messages, max_new_tokens, owner, prompt_ids))
-        try:
-            opened = await settle(opening)
-        except asyncio.CancelledError:  # cancelled while opening: the open finished, so close it
-            if not opening.cancelled() and opening.exception() is None:
-                await settle(self.close_turn(session_id, messages, tokens))
-            raise
-        try:
-            yield (*opened, tokens)
-        finally:
-            await settle(self.close_turn(session_id, messages, tokens))
+    def turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0, owner: str | None = None,
+             prompt_ids: list[int] | None = None) -> AbstractAsyncContextManager[tuple[ChatSession, list[int],
+                                                                                     list[int]]]:
+        """open_turn ... close_turn as one resource (`turn_scope`): yields (session, ids to prefill,
+        tokens)."""
+        return turn_scope(self.open_turn(session_id, messages, max_new_tokens, owner, prompt_ids),
+                          lambda tokens: self.close_turn(session_id, messages, tokens))
 
     async def open_turn(self, session_id: str, messages: list[dict], max_new_tokens: int = 0,
                         owner: str | None = None, prompt_ids: list[int] | None = None) -> tuple[ChatSession, list[int]]:
