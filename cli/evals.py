@@ -16,7 +16,8 @@ from lessserve.cli.flags import (
 def register(sub) -> None:
     p = sub.add_parser("eval", help="quality evaluations (perplexity, passkey, the quality report)")
     esub = p.add_subparsers(dest="eval", required=True)
-    for reg in (_register_ppl, _register_passkey, _register_recall, _register_report, _register_harness):
+    for reg in (_register_ppl, _register_passkey, _register_recall, _register_report, _register_pareto,
+                _register_harness):
         reg(esub)
 
 
@@ -225,6 +226,69 @@ def cmd_report(args) -> int:
         print(f"{g['text']:16s} {g['policy']:6s} budget {g['budget']:4d}: +less closes {g['gap_closed']:.1%} "
               f"[{g['ci_low']:.1%}, {g['ci_high']:.1%}] of the gap to full" + plus)
     print(f"report written to {args.out}/report.md")
+    return 0
+
+
+def _register_pareto(esub) -> None:
+    from lessserve.lab.corpus import DATA_DIR, TEXTS
+
+    p = esub.add_parser("pareto", help="quality per byte: every policy and --kv-bits at equal bytes per session, "
+                        "with intervals (JSON, markdown, Pareto plot)")
+    p.add_argument("--data-dir", default=str(DATA_DIR), help="folder of the texts")
+    p.add_argument("--texts", default=",".join(TEXTS), help="texts of --data-dir whose --part is evaluated")
+    p.add_argument("--part", choices=["train", "dev", "test"], default="test")
+    p.add_argument("--policies", default="h2o,h2o+less,lambda,lambda+less")
+    p.add_argument("--bits", default="native,8,4", help="kv_bits values compared (native, 8, 4)")
+    p.add_argument("--levels", default="64,128,256",
+                   help="byte levels, each the bytes of a native h2o slot at this budget (must include --reference)")
+    p.add_argument("--reference", type=int, default=128,
+                   help="the level whose native h2o slot every gap is closed from (today's slot: 128)")
+    p.add_argument("--grid", choices=["all", "h2o"], default="all",
+                   help="all: every policy at every level; h2o: every policy at 128, the h2o ones elsewhere")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=4, help="windows per text at most")
+    p.add_argument("--out", default="docs/quality", help="output folder (pareto.json/.md/.png)")
+    p.add_argument("--cache", default=None, help="row cache file (default: <cache dir>/eval-report/rows.jsonl)")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_pareto)
+
+
+def cmd_pareto(args) -> int:
+    from lessserve.lab.corpus import CorpusError, corpus_paths
+
+    try:
+        paths = corpus_paths(args.data_dir, [t.strip() for t in args.texts.split(",") if t.strip()])
+    except CorpusError as e:
+        raise CliError("--texts", str(e)) from None
+    texts = {n: str(existing_file("--data-dir", str(p))) for n, p in paths.items()}
+    policies = parse_policies("--policies", args.policies)
+    if any("recall" in p for p in policies):
+        raise CliError("--policies", "+recall keeps native slots; it has no place in a kv_bits comparison")
+    bits = [b.strip() for b in args.bits.split(",") if b.strip()]
+    if not bits or any(b not in ("native", "8", "4") for b in bits):
+        raise CliError("--bits", f"expected values among native, 8, 4; got {args.bits!r}")
+    levels = parse_ints("--levels", args.levels, lo=2, hi=65536)
+    if args.reference not in levels:
+        raise CliError("--levels", f"must include --reference {args.reference}, the level every gap is closed from")
+    in_range("--context", args.context, 16, 65536)
+    in_range("--windows", args.windows, 1, 1000)
+    from lessserve.evals.pareto import run_pareto
+    from lessserve.evals.row_cache import RowCache
+    from lessserve.lab.engines import EngineFactory
+    from lessserve.workers.model_loader import cache_root
+
+    factory = EngineFactory(eval_engine_config(args, max_context=args.context + 64, max_slots=1))
+    cache = RowCache(args.cache or cache_root() / "eval-report" / "rows.jsonl")
+    command = (f"lessserve eval pareto --texts {','.join(texts)} --part {args.part} --policies {','.join(policies)} "
+               f"--bits {','.join(bits)} --levels {','.join(map(str, levels))} --reference {args.reference} "
+               f"--grid {args.grid} "
+               f"--context {args.context} --windows {args.windows} --out {args.out}")
+    rep = run_pareto(factory, texts, ["full", *policies], bits, levels, args.context, args.windows, args.out, cache,
+                     args.part, args.grid, command, args.reference)
+    for f in rep["frontier"]:
+        print(f"level {f['level']:4d} {f['policy']:12s} kv_bits={f['kv_bits']:6s} budget {f['budget']:5d}: worst "
+              f"text {f['worst_text']} {f['worst_gap_closed']:.1%} (CI low {f['worst_ci_low']:.1%})")
+    print(f"written to {args.out}/pareto.md")
     return 0
 
 

@@ -40,7 +40,7 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
              windows: int, cache: RowCache | None = None) -> list[dict]:
     wins = token_windows(factory.tokenizer, text, context, windows)
     runs = [(p, b) for p in policies for b in (budgets if p != "full" else [budgets[0]])]
-    return _ppl_rows(factory, wins, runs, context, cache)
+    return ppl_rows(factory, wins, runs, context, cache)
 
 
 def slot_bytes_at(engine, capacity: int, kv_bits: str | None = None, rank: int | None = None) -> int:
@@ -81,18 +81,19 @@ def eval_ppl_equal_bytes(factory: EngineFactory, text: str, policies: list[str],
         probe = factory.make(p, 128)
         nbytes = nbytes or default_equal_bytes(probe)
         runs.append((p, equal_bytes_budget(probe, nbytes)))
-    rows = _ppl_rows(factory, wins, runs, context, cache)
+    rows = ppl_rows(factory, wins, runs, context, cache)
     for r in rows:
         r["target_bytes"] = nbytes
     return rows
 
 
-def _ppl_rows(factory: EngineFactory, wins: list[list[int]], runs: list[tuple[str, int]], context: int,
-              cache: RowCache | None) -> list[dict]:
+def ppl_rows(factory: EngineFactory, wins: list[list[int]], runs: list[tuple[str, int]], context: int,
+             cache: RowCache | None, **cfg) -> list[dict]:
+    """One row per (policy, budget) run over the windows; `cfg`: engine config overrides (kv_bits)."""
     rows = []
     cache = cache or RowCache(None)
     for i, (policy, budget) in enumerate(runs):
-        engine = factory.make(policy, budget)
+        engine = factory.make(policy, budget, **cfg)
         key = factory.row_key(engine, "ppl", windows=digest_ids(wins), context=context, per_window=True)
         if (row := cache.get(key)) is not None:
             rows.append(row)
