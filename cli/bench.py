@@ -33,6 +33,9 @@ def _register_decode(bsub) -> None:
     p.add_argument("--plot", default=None, help="PNG: tokens/s by batch")
     p.add_argument("--compile", action="store_true",
                    help="also time the per-layer compressed step through torch.compile (one more row per batch)")
+    p.add_argument("--equal-bytes", default="", metavar="BITS",
+                   help="also time the policy with these --kv-bits (e.g. 8,4) at the largest budget whose slot fits "
+                        "the same bytes as the engine's, in turn with it (one more row per batch and bits)")
     add_engine_flags(p)
     p.set_defaults(func=cmd_decode)
 
@@ -42,9 +45,15 @@ def cmd_decode(args) -> int:
     in_range("--context", args.context, 64, 32768)
     in_range("--steps", args.steps, 1, 10000)
     in_range("--threads", args.threads, 0, 1024)
+    bits = [b.strip() for b in args.equal_bytes.split(",") if b.strip()]
+    if any(b not in ("native", "8", "4") for b in bits):
+        raise CliError("--equal-bytes", f"expected kv_bits among native, 8, 4; got {args.equal_bytes!r}")
+    cfg = engine_config(args)
+    if bits and "recall" in cfg.policy:
+        raise CliError("--equal-bytes", "+recall keeps native slots")
     from lessserve.bench.decode import run_decode
 
-    return _emit(run_decode(engine_config(args), batches, args.context, args.steps, args.threads, args.compile), args)
+    return _emit(run_decode(cfg, batches, args.context, args.steps, args.threads, args.compile, bits), args)
 
 
 def _register_offload(bsub) -> None:
