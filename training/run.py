@@ -98,8 +98,9 @@ def train_less(cfg: TrainLessConfig, command: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     weights.save(out)
     for s in weights.manifest.get("layers", []):
-        print(f"layer {s['layer']:2d}: val {s['val_loss']:.4g}  sparse-only {s['sparse_val_loss']:.4g}  "
-              f"(best epoch {s['best_epoch']})", file=sys.stderr)
+        best = f"best epoch {s['best_epoch']}" if "best_epoch" in s else f"best window {s.get('best_window')}"
+        print(f"layer {s['layer']:2d}: val {s['val_loss']:.4g}  sparse-only {s['sparse_val_loss']:.4g}  ({best})",
+              file=sys.stderr)
     return out
 
 
