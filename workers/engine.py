@@ -169,7 +169,7 @@ class Engine:
             raise ConfigError(f"LESS weights (manifest model {less.manifest.get('model')!r}) do not fit "
                               f"{self.model_id}: {a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads")
         note = check_bound(less, model_fingerprint(a, self.folder), self.model_id, self.cfg.budget)
-        if note:  # only a file given explicitly can differ: shipped weights match the budget
+        if note:  # a file given explicitly, or shipped weights declaring this budget among those they serve
             log.warning("%s", note)
             self.less_note = note
         return less.to(self.device, torch.float32)

@@ -3,8 +3,11 @@
 Layout: tensors `layers.{i}.{w1q,w2q,w1k,w2k,wint,s1,s2}`; manifest `<file>.json` with at least
 {"model", "policy", "budget", "rank", "hidden"}, and `model_fingerprint` (`model_fingerprint`: the
 architecture, shapes and tokenizer they were trained on). Shipped weights live in `less_weights/`,
-one file per (model, policy, budget): an engine at another budget finds none there and must be
-given a file explicitly (`--less-weights`); nothing falls back to another budget silently.
+one file per (model, policy, budget trained at). A shipped file may also declare, in its manifest's
+`serves_budgets` [lo, hi], the budgets it was validated at on the dev split (for example the larger
+budgets that quantised slots of the same bytes hold, docs/quality/equal_bytes.md); an engine at a
+budget no shipped file trained at or declares finds none and must be given a file explicitly
+(`--less-weights`). Nothing falls back to another budget silently.
 """
 
 from __future__ import annotations
@@ -126,15 +129,28 @@ def check_bound(less: LessWeights, fingerprint: str, model_id: str, budget: int)
     return None if trained == budget else f"LESS weights trained at budget {trained}, serving budget {budget}"
 
 
+def serves_budgets(path: Path) -> tuple[int, int]:
+    """The budgets a weights file serves: its manifest's `serves_budgets` [lo, hi], else its training budget."""
+    man = json.loads(path.with_suffix(".json").read_text())
+    lo, hi = man.get("serves_budgets", [man["budget"], man["budget"]])
+    return int(lo), int(hi)
+
+
 def shipped_weights_path(model_id: str, base_policy: str, budget: int) -> Path:
-    """The weights shipped for this model, policy and budget; LessWeightsMissingError (naming the
-    budgets shipped, and how to choose one) when there are none."""
+    """The weights shipped for this model, policy and budget: those trained at it, else one whose
+    manifest declares it among the budgets it serves (`serves_budgets`); LessWeightsMissingError
+    (naming the budgets shipped, and how to choose one) when there are none."""
     exact = SHIPPED_DIR / f"{model_id}-{base_policy}-b{budget}.safetensors"
     if exact.is_file():
         return exact
     others = sorted(SHIPPED_DIR.glob(f"{model_id}-{base_policy}-b*.safetensors"))
+    for p in others:
+        lo, hi = serves_budgets(p)
+        if lo <= budget <= hi:
+            return p
     if others:
-        trained = ", ".join(p.stem.rsplit("-b", 1)[1] for p in others)
+        spans = [serves_budgets(p) for p in others]
+        trained = ", ".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
         raise LessWeightsMissingError(
             f"policy {base_policy}+less at budget {budget}: LESS weights for {model_id!r} are shipped for budget "
             f"{trained} only. Serve that budget, pass one of them explicitly (--less-weights {others[0]}), or "

@@ -1,6 +1,7 @@
 """LESS weights are bound to their model and budget: the manifest records the model's fingerprint, a
 mismatch is a clear error, and no budget falls back to another budget's weights unless a file is
-given explicitly (then the engine says which budget it was trained at)."""
+given explicitly or a shipped manifest declares the budget among those it serves (then the engine
+says which budget it was trained at)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,24 @@ def test_the_fingerprint_reads_the_model_not_how_its_files_were_written(tmp_path
     vocab["zzz-new-token"] = len(vocab)
     (tmp_path / "tokenizer.json").write_text(json.dumps({**tok, "model": {**tok["model"], "vocab": vocab}}))
     assert model_fingerprint(ckpt.args, tmp_path) != base  # another vocabulary
+
+
+def test_a_manifest_declaring_budgets_serves_them_and_no_others(tmp_path, monkeypatch):
+    """serves_budgets [lo, hi] (validated on dev) extends a shipped file to those budgets, said in the
+    engine's note; outside them the error names the span; the exact budget's own file comes first."""
+    from lessserve.workers import less_weights as lw
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(SHIPPED.with_suffix(suffix), tmp_path / f"{MODEL}-h2o-b128{suffix}")
+    man = tmp_path / f"{MODEL}-h2o-b128.json"
+    man.write_text(json.dumps({**json.loads(man.read_text()), "serves_budgets": [128, 768]}))
+    monkeypatch.setattr(lw, "SHIPPED_DIR", tmp_path)
+    assert lw.shipped_weights_path(MODEL, "h2o", 422) == tmp_path / f"{MODEL}-h2o-b128.safetensors"
+    with pytest.raises(LessWeightsMissingError, match="shipped for budget 128-768 only"):
+        lw.shipped_weights_path(MODEL, "h2o", 1024)
+    with pytest.raises(LessWeightsMissingError, match="shipped for budget 128-768 only"):
+        lw.shipped_weights_path(MODEL, "h2o", 64)
+    ckpt = load_checkpoint(MODEL)
+    engine = Engine(EngineConfig(policy="h2o+less", budget=422, kv_bits="8", max_slots=1, device="cpu",
+                                 dtype="float32"), checkpoint=ckpt)
+    assert engine.less_note == "LESS weights trained at budget 128, serving budget 422"
