@@ -39,7 +39,8 @@ from lessserve.cluster.metrics import TokenTimer
 from lessserve.errors.tree import ConfigError, RequestError
 from lessserve.lab.output import progress
 
-COLUMNS = ["config", "policy", "turns", "refused_turns", "turns_per_s", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
+COLUMNS = ["config", "policy", "kv_bits", "budget", "turns", "refused_turns", "turns_per_s", "tokens_per_s",
+           "ttft_p50_s", "ttft_p99_s",
            "itl_p50_s", "itl_p99_s", "sessions_held", "sessions_held_max", "device_slots", "kv_blocks",
            "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores", "recomputes", "evictions",
            "mean_history_tokens", "abandoned_turns", "prefill_tokens", "prefill_tokens_per_s", "decode_batch_mean",
@@ -175,8 +176,9 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
     finally:
         sched.close()
         asyncio.run(ss.close())
-    row = {"config": name, "policy": engine.policy.name, **res, "sessions_held": held,
-           "device_slots": engine_cfg.max_slots, "kv_bytes_per_session": engine.slab.slot_bytes(),
+    row = {"config": name, "policy": engine.policy.name, "kv_bits": engine.slab.kv_bits,
+           "budget": engine.spec.budget, **res, "sessions_held": held, "device_slots": engine_cfg.max_slots,
+           "kv_bytes_per_session": engine.slab.slot_bytes(),
            "restores": sum(t.get("restores") or 0 for k, t in st.items() if k != "total"),
            "recomputes": st["total"]["recomputes"], "evictions": st["total"]["dropped"], **steps.row()}
     return row, engine
@@ -276,11 +278,12 @@ def slot_bytes(cfg, shared: dict) -> int:
 def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s: float, chunk: int,
               max_context: int, threads: int = 0, model: str | None = None,
               session_slots: int | None = None, configs: tuple[str, ...] = DEFAULT_CONFIGS,
-              compile: bool = False) -> BenchResult:
+              compile: bool = False, kv_bits: str = "native") -> BenchResult:
     """`slots`: device slots (concurrent turns) of the full-policy configurations; `session_slots`
     (default `slots`): the sessions configuration's, which must fit in no more KV memory than theirs.
     `configs`: which of CONFIGS run (sessions always: the ratios are its). `compile`: the sessions
-    configuration's engine with its compile switch on (the full policy is never compiled). The
+    configuration's engine with its compile switch on (the full policy is never compiled); `kv_bits`:
+    its slot format (the full-KV baselines keep the engine's dtype, as vLLM's default does). The
     paged pools get the sessions configuration's device KV bytes (`paged`) and the full slots'
     (`paged_large`), in whole 16-token blocks."""
     if "sessions" not in configs or not set(configs) <= set(CONFIGS):
@@ -300,7 +303,7 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     # sessions: every session fits in device + host memory; nothing idles out during the run
     session_slots = session_slots or slots
     sess_cfg = base.model_copy(update={"policy": policy, "budget": budget, "max_slots": session_slots,
-                                       "prefill_chunk": chunk, "compile": compile})
+                                       "prefill_chunk": chunk, "compile": compile, "kv_bits": kv_bits})
     slot_c = slot_bytes(sess_cfg, shared)
     host_c = load.users * slot_c
     full_cfg = base.model_copy(update={"policy": "full", "max_context": max_context, "max_slots": slots,

@@ -100,6 +100,8 @@ def _register_serve(bsub) -> None:
     p.add_argument("--long-tokens", type=int, default=64, help="tokens of a long reply (30%% of turns)")
     p.add_argument("--policy", default="h2o+less", help="policy of the sessions configuration")
     p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--kv-bits", default="native", choices=["native", "8", "4"],
+                   help="slot format of the sessions configuration (docs/quality/equal_bytes.md)")
     from lessserve.workers.config import EngineConfig
 
     p.add_argument("--chunk", type=int, default=default_of(EngineConfig, "prefill_chunk"),
@@ -139,7 +141,8 @@ def cmd_serve(args) -> int:
                     args.long_tokens, seed=args.seed)
     return _emit(run_serve(args.policy, args.budget, load, args.slots, args.time_limit, args.chunk,
                            args.max_context, args.threads, args.model, args.session_slots,
-                           tuple(c.strip() for c in args.configs.split(",") if c.strip()), args.compile), args)
+                           tuple(c.strip() for c in args.configs.split(",") if c.strip()), args.compile,
+                           args.kv_bits), args)
 
 
 def _register_kernels(bsub) -> None:

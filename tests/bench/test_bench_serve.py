@@ -53,6 +53,23 @@ def test_the_configurations_run_one_load_with_the_sessions_memory_bounded(one_to
     assert pl["prefill_tokens"] < rc["prefill_tokens"]
 
 
+def test_the_sessions_configuration_serves_quantised_slots(one_torch_thread):
+    """--kv-bits 8: the sessions configuration's slots hold 8-bit codes (fewer bytes at the same budget)
+    and every turn finishes, through the host tier and back."""
+    from lessserve.bench.serve import run_serve
+
+    load = Workload(users=2, turns=2, first_words=40, words_median=8, short_tokens=2, long_tokens=4, rate=20.0)
+    rows = {}
+    for bits in ("native", "8"):
+        res = run_serve("h2o", 32, load, slots=1, time_limit_s=120, chunk=64, max_context=512, threads=1,
+                        session_slots=1, configs=("sessions",), kv_bits=bits)
+        rows[bits] = res.rows[0]
+    q, n = rows["8"], rows["native"]
+    assert q["kv_bits"] == "8" and n["kv_bits"] == "native" and q["budget"] == n["budget"] == 32
+    assert q["turns"] == 4 and q["abandoned_turns"] == 0 and q["restores"] >= 1
+    assert q["kv_bytes_per_session"] < n["kv_bytes_per_session"] / 2
+
+
 def test_a_sessions_configuration_larger_than_the_baselines_memory_is_refused():
     import pytest
 
