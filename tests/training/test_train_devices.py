@@ -48,3 +48,25 @@ def test_both_stages_train_on_the_device_and_serve_there(tmp_path, monkeypatch, 
     slot = engine.alloc()
     logits = engine.prefill(slot, list(range(3, 3 + 3 * BUDGET)), all_logits=True)
     assert logits.device.type == device and torch.isfinite(logits).all()
+
+
+def test_dev_learning_curve_counts_every_stage_of_the_weights(tmp_path):
+    """dev_eval --curve: tokens seen in all (an --init stage's record folded in), one point per text and
+    the mean score, and a PNG."""
+    from lessserve.training.dev_eval import main, tokens_seen
+
+    assert tokens_seen({"tokens": {"init": {"per_layer": 100, "end_to_end": 5}, "end_to_end": 7}}) == {
+        "per_layer": 100, "end_to_end": 12}
+    assert tokens_seen({"tokens": {"per_layer": 300}}) == {"per_layer": 300} and tokens_seen({}) == {}
+    rows = [{"weights": f"/x/h2o-t{n}.safetensors", "tokens": {"per_layer": n}, "policy": "h2o", "score": g,
+             "texts": {"a": {"gap_closed": g - 0.1}, "b": {"gap_closed": g + 0.1}}}
+            for n, g in ((100, 0.2), (300, 0.3))]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    assert main(["--curve", str(tmp_path / "rows.json"), "--json", str(tmp_path / "c.json"),
+                 "--plot", str(tmp_path / "c.png")]) == 0
+    pts = json.loads((tmp_path / "c.json").read_text())
+    assert [(p["text"], p["tokens"], round(p["gap_closed"], 6)) for p in pts] == [
+        ("a", 100, 0.1), ("a", 300, 0.2), ("b", 100, 0.3), ("b", 300, 0.4),
+        ("score (mean)", 100, 0.2), ("score (mean)", 300, 0.3)]
+    assert all(p["weights"].startswith("h2o-t") for p in pts)  # names, not machine paths
+    assert (tmp_path / "c.png").stat().st_size > 1000
