@@ -71,9 +71,10 @@ def int8_round_trip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
-    """Every slot field equal bit for bit (dtype and shape included)."""
-    for f in FIELDS:
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str,
+                      fields: list[str] | None = None) -> None:
+    """Every slot field (by default a native slot's) equal bit for bit (dtype and shape included)."""
+    for f in fields or FIELDS:
         g, w = got[f], want[f]
         assert g.dtype == w.dtype and g.shape == w.shape, f"{what}: {f} is {g.dtype} {tuple(g.shape)}, " \
                                                           f"want {w.dtype} {tuple(w.shape)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from lessserve.cache_store.config import StoreConfig
-from lessserve.testing.sessions import forget_cache
+from lessserve.testing.sessions import adopt, forget_cache, snapshot
 from lessserve.workers.local_sessions import LocalSessions
 from lessserve.workers.scheduler import SamplingParams
 from tests.workers.replay import assert_same_state, int8_round_trip, replay
@@ -83,3 +83,34 @@ def test_rebuild_from_the_transcript_equals_an_independent_replay(default_engine
         assert ss.transcript("r").ids[: len(ids)] == ids and ss.transcript("r").turns == 3
     finally:
         ss.close()
+
+
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_a_quantised_session_moves_to_another_worker_bit_for_bit(default_engine, redis_server, prefix, bits):
+    """Quantised slots (h2o+less, kv_bits 8 / 4) leave one worker through a real Redis and another
+    worker's next turn restores them (no rebuild, no second quantisation even with int8 offload on):
+    its slot after the turn is, bit for bit, the slot a third worker reaches from the snapshot that
+    left (codes, scales, key centre, H and z)."""
+    store = StoreConfig(redis_url=redis_server.url, redis_prefix=prefix, keep_redis_copy=False)
+    workers = [LocalSessions(default_engine(policy="h2o+less", kv_bits=bits, max_slots=2), store)
+               for _ in range(3)]
+    a, b, c = workers
+    try:
+        for w in workers:
+            w.device.quantize = True
+        talk(a, "s", 2)
+        left = snapshot(a, "s")
+        assert int(slot_state(a, "s")["seen"][0]) > 3 * a.engine.spec.budget
+        msgs = [*a.transcript("s").messages, {"role": "user", "content": QUESTIONS[2]}]
+        assert a.offload("s", "redis") == "redis"
+        got = "".join(b.turn("s", msgs, max_new_tokens=3))
+        st = b.stats()
+        assert st["total"]["recomputes"] == 0 and st["redis"]["restores"] == 1, st
+        adopt(c, "s", left)
+        want = "".join(c.turn("s", msgs, max_new_tokens=3))
+        assert got == want
+        assert_same_state(slot_state(b, "s"), slot_state(c, "s"), f"kv_bits {bits} moved through Redis",
+                          [*a.engine.slab.fields, "length", "seen"])
+    finally:
+        for w in workers:
+            w.close()
