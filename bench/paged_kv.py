@@ -16,11 +16,19 @@ Attention per sequence and layer, after the chunk's K/V are written into its blo
 - a prefill chunk: SDPA over a view of the rows when the blocks form one run, as the `full`
   policy attends over its slot's rows (kernels/fast_attention.py); over several runs, the runs
   are gathered into one contiguous K/V first (its cost is shared by the chunk's tokens).
+
+The pool may store K/V in another dtype than the model computes in (`PagedConfig.kv_dtype`):
+`float8_e4m3fn` is vLLM's `--kv-cache-dtype fp8` with its default per-tensor scale of 1.0 (no
+calibrated scales): a value is cast to fp8 (saturating at +-448) when written, and the rows a
+sequence reads (its runs, above) are cast back to the compute dtype; the pool is never
+dequantised whole. A block then holds 1 byte per element: a byte budget buys 4x the fp32 blocks,
+and attention is exact over the fp8 values, no longer over the model's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,26 +39,59 @@ from lessserve.workers.engine import prefill_chunks
 from lessserve.workers.errors import ContextOverflowError
 
 BLOCK_TOKENS = 16  # vLLM's default block size
+KvDtype = Literal["float32", "bfloat16", "float16", "float8_e4m3fn"]  # storage dtypes a pool takes
 
 
 class PagedConfig(BaseModel):
     kv_bytes: int = Field(ge=1, description="K/V bytes of the block pool; it gets the whole blocks that fit")
     block_tokens: int = Field(BLOCK_TOKENS, ge=1, le=4096, description="tokens per block")
     prefill_chunk: int = Field(8192, ge=1, le=65536, description="tokens per prefill step (BatchScheduler)")
+    kv_dtype: KvDtype | None = Field(None, description="storage dtype of K/V (None: the model's)")
+
+    def storage_dtype(self, compute: torch.dtype) -> torch.dtype:
+        return compute if self.kv_dtype is None else getattr(torch, self.kv_dtype)
 
 
 class BlockPool:
     """K/V blocks of every layer, layer-major so one layer of a run of blocks is a plain view:
-      k, v  [L, Hkv, N * BS, D]  model dtype; block b = rows [b * BS, (b + 1) * BS)
+      k, v  [L, Hkv, N * BS, D]  kv_dtype (default: the model's `dtype`); block b = rows [b * BS, (b + 1) * BS)
+    Written through `write` (cast to kv_dtype), read through `read` (cast to `dtype`).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_tokens: int,
-                 device: torch.device, dtype: torch.dtype):
-        self.num_blocks, self.block_tokens = num_blocks, block_tokens
+                 device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None):
+        self.num_blocks, self.block_tokens, self.dtype = num_blocks, block_tokens, dtype
+        kv_dtype = kv_dtype or dtype
         rows = num_blocks * block_tokens
-        self.k = torch.zeros(num_layers, num_kv_heads, rows, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_layers, num_kv_heads, rows, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(num_layers, num_kv_heads, rows, head_dim, dtype=kv_dtype, device=device)
+        self.v = torch.zeros(num_layers, num_kv_heads, rows, head_dim, dtype=kv_dtype, device=device)
         self._free = set(range(num_blocks))
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k / v [Hkv, C, D] (compute dtype) into pool rows `rows` [C] of the layer, cast to kv_dtype."""
+        for pool, x in ((self.k, k), (self.v, v)):
+            dst, src = pool[layer], self._store(x)  # [Hkv, N * BS, D], [Hkv, C, D]
+            if dst.dtype.itemsize == 1:  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+                dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+            dst.index_copy_(1, rows, src)
+
+    def _store(self, x: torch.Tensor) -> torch.Tensor:
+        """x in kv_dtype: fp8 saturates at its largest finite value (as vLLM's conversion does)."""
+        kv = self.kv_dtype
+        if x.dtype == kv:
+            return x
+        if kv.itemsize == 1:
+            x = x.clamp(-torch.finfo(kv).max, torch.finfo(kv).max)
+        return x.to(kv)
+
+    def read(self, x: torch.Tensor, a: int, e: int) -> torch.Tensor:
+        """Rows [a, e) of one layer's k or v [Hkv, N * BS, D] -> [Hkv, e - a, D] in the compute dtype
+        (a view when the pool stores that dtype)."""
+        return x[:, a:e].to(self.dtype)
 
     @staticmethod
     def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_tokens: int, dtype: torch.dtype) -> int:
@@ -60,7 +101,7 @@ class BlockPool:
     @property
     def bytes_per_block(self) -> int:
         L, H, _, D = self.k.shape
-        return self.block_bytes(L, H, D, self.block_tokens, self.k.dtype)
+        return self.block_bytes(L, H, D, self.block_tokens, self.kv_dtype)
 
     @property
     def total_bytes(self) -> int:
@@ -130,9 +171,10 @@ class PagedEngine:
         self.model, self.tokenizer, self.stop_ids = base.model, base.tokenizer, base.stop_ids
         self.model_id, self.args, self.device, self.dtype = base.model_id, a, base.device, base.dtype
         self.max_model_len = base.max_model_len
-        bb = BlockPool.block_bytes(a.num_layers, a.num_kv_heads, a.head_dim, cfg.block_tokens, base.dtype)
+        kv_dtype = cfg.storage_dtype(base.dtype)
+        bb = BlockPool.block_bytes(a.num_layers, a.num_kv_heads, a.head_dim, cfg.block_tokens, kv_dtype)
         self.pool = BlockPool(a.num_layers, a.num_kv_heads, a.head_dim, cfg.kv_bytes // bb, cfg.block_tokens,
-                              base.device, base.dtype)
+                              base.device, base.dtype, kv_dtype)
         self.scale = a.head_dim ** -0.5
         self.seen: dict[int, int] = {}  # sequence -> tokens consumed (its next position)
         self.blocks: dict[int, list[int]] = {}  # sequence -> its blocks, in token order
@@ -142,7 +184,8 @@ class PagedEngine:
 
     @property
     def policy_name(self) -> str:
-        return f"full (paged, {self.cfg.block_tokens}-token blocks)"
+        kv = "" if self.pool.kv_dtype == self.dtype else f", {str(self.pool.kv_dtype).removeprefix('torch.')} K/V"
+        return f"full (paged, {self.cfg.block_tokens}-token blocks{kv})"
 
     # --- sequences ---------------------------------------------------------------------------
     def alloc(self) -> int:
@@ -199,11 +242,10 @@ class PagedEngine:
         pool = self.pool
 
         def attend(layer: int, q, k, v):  # q [n, Hq, C, D], k / v [n, Hkv, C, D]
-            kl, vl = pool.k[layer], pool.v[layer]  # [Hkv, N * BS, D]
+            kl, vl = pool.k[layer], pool.v[layer]  # [Hkv, N * BS, D] kv_dtype
             out = []
             for i in range(n):
-                kl.index_copy_(1, rows[i], k[i])
-                vl.index_copy_(1, rows[i], v[i])
+                pool.write(layer, rows[i], k[i], v[i])
                 out.append(self._attend_one(q[i], kl, vl, spans[i], seen[i]))
             return torch.stack(out)  # [n, Hq, C, D]
 
@@ -215,16 +257,17 @@ class PagedEngine:
     def _attend_one(self, q: torch.Tensor, kl: torch.Tensor, vl: torch.Tensor, spans: list[tuple[int, int]],
                     ln: int) -> torch.Tensor:
         """q [Hq, C, D] over the sequence's ln + C tokens, held at pool rows `spans` of kl / vl
-        [Hkv, rows, D] -> [Hq, C, D]: exact causal attention."""
+        [Hkv, rows, D] (the pool's kv_dtype) -> [Hq, C, D]: exact causal attention over what the pool holds."""
         C = q.shape[1]
         if C == 1:
             return self._decode_runs(q, kl, vl, spans)
+        rd = self.pool.read
         if len(spans) == 1:
             a, e = spans[0]
-            k, v = kl[:, a:e], vl[:, a:e]  # [Hkv, T, D] views
+            k, v = rd(kl, a, e), rd(vl, a, e)  # [Hkv, T, D] (views when the pool stores the compute dtype)
         else:
-            k = torch.cat([kl[:, a:e] for a, e in spans], dim=1)  # [Hkv, T, D]
-            v = torch.cat([vl[:, a:e] for a, e in spans], dim=1)
+            k = torch.cat([rd(kl, a, e) for a, e in spans], dim=1)  # [Hkv, T, D]
+            v = torch.cat([rd(vl, a, e) for a, e in spans], dim=1)
         if C == 1 or ln == 0:
             o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=C > 1, enable_gqa=True)
         else:
@@ -239,12 +282,13 @@ class PagedEngine:
         3,000 tokens of the default model)."""
         Hq, _, D = q.shape
         Hkv = kl.shape[0]
+        rd = self.pool.read
         qg = q.reshape(Hkv, Hq // Hkv, D)  # [Hkv, g, D]: query heads grouped by their KV head
-        s = torch.cat([qg @ kl[:, a:e].transpose(1, 2) for a, e in spans], dim=-1)  # [Hkv, g, T]
+        s = torch.cat([qg @ rd(kl, a, e).transpose(1, 2) for a, e in spans], dim=-1)  # [Hkv, g, T]
         p = torch.softmax(s.float() * self.scale, dim=-1).to(q.dtype)
         o, off = None, 0
         for a, e in spans:
-            part = p[..., off : off + e - a] @ vl[:, a:e]  # [Hkv, g, D]
+            part = p[..., off : off + e - a] @ rd(vl, a, e)  # [Hkv, g, D]
             o = part if o is None else o + part
             off += e - a
         return o.reshape(Hq, 1, D)

@@ -16,6 +16,9 @@ by side in one run, same model, threads and dtype, every loop bounded in count a
   (bench/paged_sessions.py). A turn longer than the pool is refused (`refused_turns`);
 - `paged_large`: the same paged cache with the full-policy baselines' KV bytes (`slots` full slots of
   `max_context` tokens): a full-KV server given the memory the recompute server has;
+- `paged_fp8`, `paged_large_fp8` (not run by default): the same two pools storing K/V in fp8
+  (vLLM's `--kv-cache-dtype fp8`, scale 1.0): 1 byte per element, so 4x the blocks of fp32 in the
+  same bytes: the fair competitor for quantised session slots at equal KV bytes;
 - `full_sessions` (not run by default: superseded by the paged configurations): the full policy with
   session ids and fixed max_context slots, LRU, evicted caches recomputed from the transcript.
 
@@ -39,16 +42,19 @@ from lessserve.cluster.metrics import TokenTimer
 from lessserve.errors.tree import ConfigError, RequestError
 from lessserve.lab.output import progress
 
-COLUMNS = ["config", "policy", "kv_bits", "budget", "turns", "refused_turns", "turns_per_s", "tokens_per_s",
+COLUMNS = ["config", "policy", "kv_bits", "kv_dtype", "budget", "turns", "refused_turns", "turns_per_s", "tokens_per_s",
            "ttft_p50_s", "ttft_p99_s",
            "itl_p50_s", "itl_p99_s", "sessions_held", "sessions_held_max", "device_slots", "kv_blocks",
            "kv_bytes_per_session", "kv_bytes", "sessions_per_GB", "restores", "recomputes", "evictions",
            "mean_history_tokens", "abandoned_turns", "prefill_tokens", "prefill_tokens_per_s", "decode_batch_mean",
            "decode_step_ms"]
 
-CONFIGS = ("sessions", "recompute", "paged", "paged_large", "full_sessions")
+CONFIGS = ("sessions", "recompute", "paged", "paged_large", "full_sessions", "paged_fp8", "paged_large_fp8")
 DEFAULT_CONFIGS = ("sessions", "recompute", "paged", "paged_large")
-PAGED = ("paged", "paged_large")
+# paged configuration -> (whose byte budget its pool gets: a key of run_serve's paged_bytes, its K/V storage
+# dtype: None = the model's)
+PAGED = {"paged": ("paged", None), "paged_large": ("paged_large", None),
+         "paged_fp8": ("paged", "float8_e4m3fn"), "paged_large_fp8": ("paged_large", "float8_e4m3fn")}
 WORDS = ("river stone market window garden letter music winter harbor forest candle bridge story "
          "morning engine silver island paper orchard lantern").split()
 
@@ -185,14 +191,15 @@ def run_config(name: str, engine_cfg, store_cfg, load: Workload, use_sessions: b
 
 
 def run_paged(name: str, base, kv_bytes: int, chunk: int, load: Workload, time_limit_s: float,
-              threads: int) -> tuple[dict, object]:
-    """The paged full-KV cache over `kv_bytes` of blocks (the engine `base`'s model), driven like
-    the others; no slot gate: the pool's blocks bound the turns in flight (bench/paged_sessions.py)."""
+              threads: int, kv_dtype: str | None = None) -> tuple[dict, object]:
+    """The paged full-KV cache over `kv_bytes` of blocks (the engine `base`'s model; K/V stored in
+    `kv_dtype`, default the model's), driven like the others; no slot gate: the pool's blocks bound
+    the turns in flight (bench/paged_sessions.py)."""
     from lessserve.bench.paged_kv import PagedConfig, PagedEngine
     from lessserve.bench.paged_sessions import PagedSessions
     from lessserve.workers.scheduler import BatchScheduler
 
-    engine = PagedEngine(base, PagedConfig(kv_bytes=kv_bytes, prefill_chunk=chunk))
+    engine = PagedEngine(base, PagedConfig(kv_bytes=kv_bytes, prefill_chunk=chunk, kv_dtype=kv_dtype))
     steps = StepStats()
     sched = BatchScheduler(engine, threads=threads)
     ss = PagedSessions(engine, run_local=sched.run_exclusive)
@@ -212,7 +219,8 @@ def run_paged(name: str, base, kv_bytes: int, chunk: int, load: Workload, time_l
     finally:
         sched.close()
     pool, held = engine.pool, st["sessions_held"]
-    row = {"config": name, "policy": engine.policy_name, **res, "sessions_held": held,
+    row = {"config": name, "policy": engine.policy_name, "kv_dtype": str(pool.kv_dtype).removeprefix("torch."),
+           **res, "sessions_held": held,
            "sessions_held_max": st["sessions_held_max"], "kv_blocks": pool.num_blocks,
            "kv_bytes_per_session": st["bytes_used"] // held if held else 0, "kv_bytes": pool.total_bytes,
            "restores": 0, "recomputes": st["recomputes"], "evictions": st["evictions"], **steps.row()}
@@ -283,9 +291,10 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     (default `slots`): the sessions configuration's, which must fit in no more KV memory than theirs.
     `configs`: which of CONFIGS run (sessions always: the ratios are its). `compile`: the sessions
     configuration's engine with its compile switch on (the full policy is never compiled); `kv_bits`:
-    its slot format (the full-KV baselines keep the engine's dtype, as vLLM's default does). The
-    paged pools get the sessions configuration's device KV bytes (`paged`) and the full slots'
-    (`paged_large`), in whole 16-token blocks."""
+    its slot format (the full-KV baselines keep the engine's dtype, as vLLM's default does, except
+    the `_fp8` paged ones). The paged pools get the sessions configuration's device KV bytes
+    (`paged`, `paged_fp8`) and the full slots' (`paged_large`, `paged_large_fp8`), in whole 16-token
+    blocks of their storage dtype."""
     if "sessions" not in configs or not set(configs) <= set(CONFIGS):
         raise ConfigError(f"--configs must name sessions and only {', '.join(CONFIGS)}; got {', '.join(configs)}")
     from lessserve.cache_store.config import StoreConfig
@@ -323,11 +332,12 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
     paged_bytes = {"paged": session_slots * slot_c, "paged_large": slots * full_c}
     for name in (c for c in CONFIGS if c in configs):
         if name in PAGED:
-            progress(f"== {name}: full KV in 16-token blocks over {paged_bytes[name]:,} bytes, chunk "
-                     f"{full_cfg.prefill_chunk} ...")
-            row, engine = run_paged(name, first, paged_bytes[name], full_cfg.prefill_chunk, load, time_limit_s,
-                                    threads)
-            row["kv_budget_bytes"] = paged_bytes[name]
+            sized, kv_dtype = PAGED[name]
+            progress(f"== {name}: full KV in 16-token blocks ({kv_dtype or 'model dtype'}) over "
+                     f"{paged_bytes[sized]:,} bytes, chunk {full_cfg.prefill_chunk} ...")
+            row, engine = run_paged(name, first, paged_bytes[sized], full_cfg.prefill_chunk, load, time_limit_s,
+                                    threads, kv_dtype)
+            row["kv_budget_bytes"] = paged_bytes[sized]
         else:
             _, ecfg, scfg, use_sessions = next(p for p in plans if p[0] == name)
             progress(f"== {name}: {ecfg.policy}, {ecfg.max_slots} device slots, chunk {ecfg.prefill_chunk} ...")
@@ -365,7 +375,7 @@ def run_serve(policy: str, budget: int, load: Workload, slots: int, time_limit_s
 
 
 COLORS = {"sessions": "tab:green", "recompute": "tab:red", "paged": "tab:blue", "paged_large": "tab:purple",
-          "full_sessions": "tab:orange"}
+          "full_sessions": "tab:orange", "paged_fp8": "tab:cyan", "paged_large_fp8": "tab:pink"}
 
 
 def draw(rows: list[dict], path) -> None:

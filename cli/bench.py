@@ -110,8 +110,9 @@ def _register_serve(bsub) -> None:
                    "and prefill chunk of the full-KV configurations (at most 8192)")
     p.add_argument("--time-limit", type=float, default=200, help="seconds per configuration, at most")
     p.add_argument("--configs", default="sessions,recompute,paged,paged_large",
-                   help="configurations to run, of sessions, recompute, paged, paged_large, full_sessions (sessions "
-                   "always; full_sessions: the fixed-slot full-KV cache the paged ones supersede)")
+                   help="configurations to run, of sessions, recompute, paged, paged_large, full_sessions, paged_fp8, "
+                   "paged_large_fp8 (sessions always; full_sessions: the fixed-slot full-KV cache the paged ones "
+                   "supersede; the _fp8 ones: the paged pools with fp8 K/V, as vLLM's --kv-cache-dtype fp8)")
     p.add_argument("--compile", action="store_true",
                    help="the sessions configuration's engine with its compile switch on (docs/bench_decode.md)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")

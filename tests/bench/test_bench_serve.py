@@ -48,6 +48,7 @@ def test_the_configurations_run_one_load_with_the_sessions_memory_bounded(one_to
     # the paged pools: whole 16-token blocks within their budgets (the sessions' device slots; the full slot)
     assert pg["kv_bytes"] <= pg["kv_budget_bytes"] == s["kv_bytes"] * 1 // 3  # 1 device slot of 3 (1 + 2 host)
     assert pl["kv_bytes"] <= pl["kv_budget_bytes"] == rc["kv_bytes"]
+    assert pg["kv_dtype"] == pl["kv_dtype"] == "float32"  # the model's dtype (fp32 on the CPU)
     assert pg["turns"] == 0 and pg["refused_turns"] == 2  # a first turn alone needs more than 2 blocks
     assert pl["sessions_held"] == pl["sessions_held_max"] == 2 and pl["recomputes"] == 0
     assert pl["prefill_tokens"] < rc["prefill_tokens"]
@@ -68,6 +69,26 @@ def test_the_sessions_configuration_serves_quantised_slots(one_torch_thread):
     assert q["kv_bits"] == "8" and n["kv_bits"] == "native" and q["budget"] == n["budget"] == 32
     assert q["turns"] == 4 and q["abandoned_turns"] == 0 and q["restores"] >= 1
     assert q["kv_bytes_per_session"] < n["kv_bytes_per_session"] / 2
+
+
+def test_the_fp8_paged_configuration_holds_4x_the_blocks_at_the_paged_budget(one_torch_thread):
+    """paged_fp8: the `paged` byte budget (the sessions configuration's device slot) in fp8 blocks:
+    4x the fp32 blocks, so the turns the fp32 pool refuses (above: 2 blocks) are served."""
+    from lessserve.bench.serve import DEFAULT_CONFIGS, run_serve
+
+    assert "paged_fp8" not in DEFAULT_CONFIGS and "paged_large_fp8" not in DEFAULT_CONFIGS
+    load = Workload(users=2, turns=2, first_words=40, words_median=8, short_tokens=2, long_tokens=4, rate=20.0)
+    res = run_serve("h2o", 32, load, slots=1, time_limit_s=120, chunk=64, max_context=512, threads=1,
+                    session_slots=1, configs=("sessions", "paged_fp8"))
+    by = {r["config"]: r for r in res.rows}
+    assert set(by) == {"sessions", "paged_fp8"}
+    s, f8 = by["sessions"], by["paged_fp8"]
+    assert f8["kv_dtype"] == "float8_e4m3fn" and "float8_e4m3fn" in f8["policy"]
+    per_block = f8["kv_bytes"] // f8["kv_blocks"]
+    assert per_block == 737_280 // 4  # the default model's fp32 block, 1 byte an element instead of 4
+    assert f8["kv_budget_bytes"] == s["kv_bytes"] // 3  # the paged budget: 1 device slot of 3 (1 + 2 host)
+    assert f8["kv_blocks"] == f8["kv_budget_bytes"] // per_block > f8["kv_budget_bytes"] // (4 * per_block)
+    assert f8["turns"] == 4 and f8["refused_turns"] == f8["abandoned_turns"] == 0
 
 
 def test_a_sessions_configuration_larger_than_the_baselines_memory_is_refused():
