@@ -82,7 +82,7 @@ def curve(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         total = sum(r.get("tokens", {}).values())
-        stages = "+".join(sorted(r.get("tokens", {}))) or "unknown"
+        stages = "+".join(sorted(k for k, v in r.get("tokens", {}).items() if v)) or "unknown"
         for text, v in [*r["texts"].items(), ("score (mean)", {"gap_closed": r["score"]})]:
             out.append({"policy": r["policy"], "text": text, "tokens": total, "stages": stages,
                         "gap_closed": v["gap_closed"], "weights": Path(r["weights"]).name})
@@ -97,14 +97,17 @@ def curve_plot(points: list[dict], path: str) -> None:
 
     policies = sorted({p["policy"] for p in points})
     fig, axes = plt.subplots(1, len(policies), figsize=(6 * len(policies), 4.2), squeeze=False)
+    texts = sorted({p["text"] for p in points})
+    colour = {t: f"C{i}" for i, t in enumerate(texts)}
     for ax, pol in zip(axes[0], policies, strict=True):
-        for text in sorted({p["text"] for p in points if p["policy"] == pol}):
-            for stages, style in (("per_layer", "-o"), (None, "s")):
+        for text in texts:
+            for per_layer_only in (True, False):  # the per-layer stage's curve; weights with end-to-end steps
                 pts = [p for p in points if p["policy"] == pol and p["text"] == text
-                       and ((p["stages"] == "per_layer") == (stages is not None))]
+                       and (p["stages"] == "per_layer") == per_layer_only]
                 if pts:
-                    ax.plot([p["tokens"] for p in pts], [100 * p["gap_closed"] for p in pts], style,
-                            label=f"{text}" + ("" if stages else " (with end-to-end)"))
+                    ax.plot([p["tokens"] for p in pts], [100 * p["gap_closed"] for p in pts],
+                            "-o" if per_layer_only else "s", color=colour[text], fillstyle="full" if per_layer_only
+                            else "none", label=text + ("" if per_layer_only else " (with end-to-end)"))
         ax.set_xscale("log")
         ax.set_xlabel("training tokens seen")
         ax.set_ylabel("dev gap closed (%)")
