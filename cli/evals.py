@@ -237,6 +237,8 @@ def _register_pareto(esub) -> None:
     p.add_argument("--data-dir", default=str(DATA_DIR), help="folder of the texts")
     p.add_argument("--texts", default=",".join(TEXTS), help="texts of --data-dir whose --part is evaluated")
     p.add_argument("--part", choices=["train", "dev", "test"], default="test")
+    p.add_argument("--extra-texts", default="", help="comma-separated UTF-8 files of genres never trained on, "
+                   "evaluated whole (named by their stem)")
     p.add_argument("--policies", default="h2o,h2o+less,lambda,lambda+less")
     p.add_argument("--bits", default="native,8,4", help="kv_bits values compared (native, 8, 4)")
     p.add_argument("--levels", default="64,128,256",
@@ -261,6 +263,14 @@ def cmd_pareto(args) -> int:
     except CorpusError as e:
         raise CliError("--texts", str(e)) from None
     texts = {n: str(existing_file("--data-dir", str(p))) for n, p in paths.items()}
+    from pathlib import Path
+
+    from lessserve.lab.corpus import text_name
+
+    extra = {text_name(f): str(existing_file("--extra-texts", f.strip()))
+             for f in args.extra_texts.split(",") if f.strip()}
+    if set(extra) & set(texts) or len(extra) != len([f for f in args.extra_texts.split(",") if f.strip()]):
+        raise CliError("--extra-texts", "names (file stems) must differ from each other and from --texts")
     policies = parse_policies("--policies", args.policies)
     if any("recall" in p for p in policies):
         raise CliError("--policies", "+recall keeps native slots; it has no place in a kv_bits comparison")
@@ -282,9 +292,10 @@ def cmd_pareto(args) -> int:
     command = (f"lessserve eval pareto --texts {','.join(texts)} --part {args.part} --policies {','.join(policies)} "
                f"--bits {','.join(bits)} --levels {','.join(map(str, levels))} --reference {args.reference} "
                f"--grid {args.grid} "
-               f"--context {args.context} --windows {args.windows} --out {args.out}")
+               f"--context {args.context} --windows {args.windows} --out {args.out}"
+               + (f" --extra-texts {','.join(Path(p).name for p in extra.values())}" if extra else ""))
     rep = run_pareto(factory, texts, ["full", *policies], bits, levels, args.context, args.windows, args.out, cache,
-                     args.part, args.grid, command, args.reference)
+                     args.part, args.grid, command, args.reference, extra)
     for f in rep["frontier"]:
         print(f"level {f['level']:4d} {f['policy']:12s} kv_bits={f['kv_bits']:6s} budget {f['budget']:5d}: worst "
               f"text {f['worst_text']} {f['worst_gap_closed']:.1%} (CI low {f['worst_ci_low']:.1%})")

@@ -14,7 +14,7 @@ from lessserve.lab.bootstrap import RESAMPLES, gap_closed_ci
 from lessserve.lab.corpus import SPLIT_RULE, read_part
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import markdown_table, progress
-from lessserve.lab.text import token_windows
+from lessserve.lab.text import read_text, token_windows
 from lessserve.workers.compression import Policy
 
 REFERENCE_BUDGET = 128  # today's slot: by default native h2o at this budget is the reference every gap closes from
@@ -120,17 +120,21 @@ def pareto_plot(gaps: list[dict], texts: list[str], path: Path, reference: int) 
 
 def run_pareto(factory: EngineFactory, texts: dict[str, str], policies: list[str], bits: list[str],
                levels: list[int], context: int, windows: int, out_dir: str | Path, cache: RowCache | None = None,
-               part: str = "test", grid: str = "all", command: str = "", reference: int = REFERENCE_BUDGET) -> dict:
-    """texts: name -> path. Writes pareto.json, pareto.md and pareto.png into `out_dir`."""
+               part: str = "test", grid: str = "all", command: str = "", reference: int = REFERENCE_BUDGET,
+               extra: dict[str, str] | None = None) -> dict:
+    """texts: name -> path, each evaluated on its `part`; extra: name -> path of texts of genres never
+    trained on, evaluated whole. Writes pareto.json, pareto.md and pareto.png into `out_dir`."""
+    extra = extra or {}
     if reference not in levels:
         raise ValueError(f"the levels must include {reference}, the reference every gap is closed from")
     runs = plan(factory, policies, bits, levels, grid, reference)
     nbytes = {lv: level_bytes(factory, lv) for lv in levels}
     out = Path(out_dir)
     rows: list[dict] = []
-    for name, path in texts.items():
-        wins = token_windows(factory.tokenizer, read_part(path, part), context, windows)
-        progress(f"== {name} ({part}, {len(wins)} windows): full + {len(runs)} runs")
+    for name, path in [*texts.items(), *extra.items()]:
+        body = read_text(path) if name in extra else read_part(path, part)
+        wins = token_windows(factory.tokenizer, body, context, windows)
+        progress(f"== {name} ({'whole file' if name in extra else part}, {len(wins)} windows): full + {len(runs)} runs")
         for row in ppl_rows(factory, wins, [("full", context)], context, cache):
             rows.append(row | {"text": name, "level": None})
         for i, (p, b, level, budget) in enumerate(runs):
@@ -138,31 +142,34 @@ def run_pareto(factory: EngineFactory, texts: dict[str, str], policies: list[str
             for row in ppl_rows(factory, wins, [(p, budget)], context, cache, kv_bits=b):
                 row.pop("kernels_budget", None)
                 rows.append(row | {"text": name, "level": level, "target_bytes": nbytes[level]})
-    gaps = [g for name in texts for g in gap_rows(rows, name, reference)]
+    names = [*texts, *extra]
+    gaps = [g for name in names for g in gap_rows(rows, name, reference)]
     front = frontier(gaps)
     report = {"context": context, "windows": windows, "part": part, "split_rule": SPLIT_RULE,
-              "reference": f"h2o native at budget {reference}", "levels": levels,
+              "reference": f"h2o native at budget {reference}", "levels": levels, "never_trained_on": list(extra),
               "level_bytes": {str(lv): n for lv, n in nbytes.items()},
               "bootstrap": f"paired over windows, {RESAMPLES} resamples, percentile 95%",
               "ppl": rows, "gap_closed": gaps, "frontier": front, "command": command}
     out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(report, indent=2) + "\n")
-    pareto_plot(gaps, list(texts), out / "pareto.png", reference)
+    pareto_plot(gaps, names, out / "pareto.png", reference)
     md = [f"# Quality per byte (context {context}, up to {windows} windows per text, {part} parts)", "",
           f"Made by `{command}`.", "",
           f"Each (policy, kv_bits) runs at the largest budget whose session slot fits a byte level: the bytes of "
           f"a native h2o slot at budget `level`. Gap closed = (ppl_ref - ppl) / (ppl_ref - ppl_full), ref = "
           f"native h2o at budget {reference} (today's slot is level 128), so 0% is today and 100% the full cache. "
-          f"Texts: the `{part}` part of each file ({SPLIT_RULE}). Intervals: 95%, paired bootstrap over windows "
-          f"({RESAMPLES} resamples). `vs h2o native` is the interval of the difference from native h2o at the "
+          f"Texts: the `{part}` part of each file ({SPLIT_RULE})"
+          + (f"; never trained on, whole files: {', '.join(extra)}" if extra else "")
+          + f". Intervals: 95%, paired bootstrap over windows ({RESAMPLES} resamples). `vs h2o native` is the "
+          "interval of the difference from native h2o at the "
           "same bytes (the equal-memory baseline).", "",
           "## Worst text per configuration", "",
           markdown_table([{"level": f["level"], "policy": f["policy"], "kv_bits": f["kv_bits"], "budget": f["budget"],
                            "bytes": f["bytes"], "worst text": f["worst_text"],
                            "worst gap closed": _pct(f["worst_gap_closed"]), "its CI low": _pct(f["worst_ci_low"]),
                            "mean gap closed": _pct(f["mean_gap_closed"])} for f in front]), ""]
-    for name in texts:
-        md += [f"## {name}", "", markdown_table([
+    for name in names:
+        md += [f"## {name}" + (" (a genre never trained on)" if name in extra else ""), "", markdown_table([
             {"level": g["level"], "policy": g["policy"], "kv_bits": g["kv_bits"], "budget": g["budget"],
              "bytes": g["cache_bytes_per_session"], "ppl": round(g["ppl"], 3),
              "gap closed [95% CI]": f"**{_pct(g['gap_closed'])}** [{_pct(g['ci_low'])}, {_pct(g['ci_high'])}]",
