@@ -29,15 +29,18 @@ def test_the_shipped_weights_are_bound_to_the_default_model():
 
 
 def test_another_budget_finds_no_weights_and_says_what_is_shipped():
-    with pytest.raises(LessWeightsMissingError, match="shipped for budget 128 only.*--less-weights"):
-        shipped_weights_path(MODEL, "h2o", 64)
+    with pytest.raises(LessWeightsMissingError, match="shipped for budget 60-768 only.*--less-weights"):
+        shipped_weights_path(MODEL, "h2o", 32)  # the shipped manifest serves 60-768 (validated on dev)
+    assert shipped_weights_path(MODEL, "h2o", 422) == SHIPPED
+    with pytest.raises(LessWeightsMissingError, match="shipped for budget 128 only"):
+        shipped_weights_path(MODEL, "lambda", 64)  # lambda's declares no other budget
 
 
 def test_the_cli_refuses_a_budget_without_weights_in_one_line(capsys):
     with pytest.raises(SystemExit) as ex:
-        main(["generate", "--prompt", "hi", "--policy", "h2o+less", "--budget", "64"])
+        main(["generate", "--prompt", "hi", "--policy", "h2o+less", "--budget", "1024"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert ex.value.code == 2 and len(err) == 1 and "--policy" in err[0] and "budget 128 only" in err[0]
+    assert ex.value.code == 2 and len(err) == 1 and "--policy" in err[0] and "budget 60-768 only" in err[0]
 
 
 def test_weights_given_explicitly_at_another_budget_run_and_say_so(default_model):
