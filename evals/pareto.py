@@ -93,6 +93,7 @@ def pareto_plot(gaps: list[dict], texts: list[str], path: Path, reference: int) 
 
     fig, axes = plt.subplots(1, len(texts), figsize=(5.2 * len(texts), 4.4), squeeze=False)
     series = sorted({(g["policy"], g["kv_bits"]) for g in gaps})
+    colour = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(series)}
     for ax, text in zip(axes[0], texts, strict=True):
         for pol, bits in series:
             pts = sorted((g["cache_bytes_per_session"] / 1e6, g["gap_closed"], g["ci_low"], g["ci_high"])
@@ -103,7 +104,8 @@ def pareto_plot(gaps: list[dict], texts: list[str], path: Path, reference: int) 
             err = [[100 * (p[1] - p[2]) if p[2] == p[2] else 0 for p in pts],
                    [100 * (p[3] - p[1]) if p[3] == p[3] else 0 for p in pts]]
             ax.errorbar(x, y, yerr=err, marker="o" if bits == "native" else ("s" if bits == "8" else "^"),
-                        linestyle="-" if "less" in pol else "--", capsize=3, label=f"{pol} {bits}")
+                        linestyle="-" if "less" in pol else "--", capsize=3, label=f"{pol} {bits}",
+                        color=colour[(pol, bits)])
         ax.axhline(100, color="k", linewidth=0.8)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
