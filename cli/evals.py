@@ -289,7 +289,8 @@ def cmd_pareto(args) -> int:
 
     factory = EngineFactory(eval_engine_config(args, max_context=args.context + 64, max_slots=1))
     cache = RowCache(args.cache or cache_root() / "eval-report" / "rows.jsonl")
-    command = (f"lessserve eval pareto --texts {','.join(texts) or repr('')} --part {args.part} --policies {','.join(policies)} "
+    command = (f"lessserve eval pareto --texts {','.join(texts) or repr('')} --part {args.part} "
+               f"--policies {','.join(policies)} "
                f"--bits {','.join(bits)} --levels {','.join(map(str, levels))} --reference {args.reference} "
                f"--grid {args.grid} "
                f"--context {args.context} --windows {args.windows} --out {args.out}"
