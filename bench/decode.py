@@ -94,7 +94,7 @@ def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[in
 def equal_bytes_engines(factory: EngineFactory, policy: str, budget: int, bits: list[str], batch: int,
                         prompt: list[int], prefilled: dict) -> list[tuple[Engine, Callable[[], object]]]:
     """The policy in each of `bits` at the largest budget whose slot fits the factory's slot at `budget`."""
-    from lessserve.evals.ppl import equal_bytes_budget
+    from lessserve.lab.equal_bytes import equal_bytes_budget
 
     nbytes = factory.make(policy, budget).slab.slot_bytes()
     out = []

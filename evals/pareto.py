@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lessserve.evals.ppl import equal_bytes_budget, ppl_rows, slot_bytes_at
+from lessserve.evals.ppl import ppl_rows
 from lessserve.evals.row_cache import RowCache
 from lessserve.lab.bootstrap import RESAMPLES, gap_closed_ci
 from lessserve.lab.corpus import SPLIT_RULE, read_part
 from lessserve.lab.engines import EngineFactory
+from lessserve.lab.equal_bytes import equal_bytes_budget, slot_bytes_at
 from lessserve.lab.output import markdown_table, progress
 from lessserve.lab.text import read_text, token_windows
 from lessserve.workers.compression import Policy

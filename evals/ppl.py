@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from lessserve.evals.row_cache import RowCache, digest_ids
 from lessserve.lab.engines import EngineFactory
+from lessserve.lab.equal_bytes import default_equal_bytes, equal_bytes_budget
 from lessserve.lab.output import progress
 from lessserve.lab.text import read_text, token_windows  # noqa: F401  (read_text re-exported)
 from lessserve.workers.compression import Policy
-from lessserve.workers.slots import SlotSlab
 
 # The evaluations' prefill chunk (their protocol; `--chunk` overrides it): each token is predicted
 # with at most 31 tokens of its own chunk uncompressed. Serving prefills in chunks of 256, whose
@@ -41,31 +41,6 @@ def eval_ppl(factory: EngineFactory, text: str, policies: list[str], budgets: li
     wins = token_windows(factory.tokenizer, text, context, windows)
     runs = [(p, b) for p in policies for b in (budgets if p != "full" else [budgets[0]])]
     return ppl_rows(factory, wins, runs, context, cache)
-
-
-def slot_bytes_at(engine, capacity: int, kv_bits: str | None = None, rank: int | None = None) -> int:
-    """Bytes of one session slot of `engine`'s model and dtype holding `capacity` entries per layer and KV
-    head (by default in the engine's kv_bits and LESS rank), sized on the meta device: nothing allocated."""
-    a = engine.args
-    return SlotSlab(a.num_layers, a.num_kv_heads, a.head_dim, 1, capacity, engine.slab.rank if rank is None else rank,
-                    torch.device("meta"), engine.dtype, kv_bits or engine.slab.kv_bits).slot_bytes()
-
-
-def default_equal_bytes(engine) -> int:
-    """The bytes --equal-bytes compares at by default: an h2o slot at budget 128 in the engine's dtype."""
-    return slot_bytes_at(engine, 128, "native", 0)
-
-
-def equal_bytes_budget(engine, nbytes: int) -> int:
-    """The largest budget whose slot, in `engine`'s configuration (policy, LESS rank, kv_bits, dtype), takes
-    at most `nbytes`: a slot's bytes are linear in its capacity, which is the budget (plus the LESS
-    state's tokens for the `+` baselines)."""
-    base, per = slot_bytes_at(engine, 0), slot_bytes_at(engine, 1) - slot_bytes_at(engine, 0)
-    budget = (nbytes - base) // per - (engine.spec.budget - engine.cfg.budget)
-    if budget < 2:
-        raise ValueError(f"{engine.policy.name}: {nbytes} bytes hold no slot of budget 2 "
-                         f"({base + per * (2 + engine.spec.budget - engine.cfg.budget)} bytes)")
-    return int(budget)
 
 
 def eval_ppl_equal_bytes(factory: EngineFactory, text: str, policies: list[str], nbytes: int | None, context: int,

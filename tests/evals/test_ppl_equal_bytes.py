@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lessserve.cli.main import main
-from lessserve.evals.ppl import default_equal_bytes, equal_bytes_budget, slot_bytes_at
+from lessserve.lab.equal_bytes import default_equal_bytes, equal_bytes_budget, slot_bytes_at
 from tests.conftest import tiny_less
 
 
