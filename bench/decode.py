@@ -91,12 +91,12 @@ def bench_transformers(hf, batch: int, context: int, steps: int, prompt: list[in
             "dtype": str(next(hf.parameters()).dtype).removeprefix("torch.")}
 
 
-def equal_bytes_engines(factory: EngineFactory, policy: str, budget: int, bits: list[str], batch: int,
-                        prompt: list[int], prefilled: dict) -> list[tuple[Engine, Callable[[], object]]]:
-    """The policy in each of `bits` at the largest budget whose slot fits the factory's slot at `budget`."""
+def equal_bytes_engines(factory: EngineFactory, native: Engine, bits: list[str], batch: int, prompt: list[int],
+                        prefilled: dict) -> list[tuple[Engine, Callable[[], object]]]:
+    """The native engine's policy in each of `bits` at the largest budget whose slot fits the native slot's bytes."""
     from lessserve.lab.equal_bytes import equal_bytes_budget
 
-    nbytes = factory.make(policy, budget).slab.slot_bytes()
+    policy, budget, nbytes = native.cfg.policy, native.cfg.budget, native.slab.slot_bytes()
     out = []
     for b in bits:
         fit = equal_bytes_budget(factory.make(policy, budget, kv_bits=b), nbytes)
@@ -118,7 +118,7 @@ def bench_decode(factory: EngineFactory, policy: str, budget: int, batches: list
         progress(f"batch {b}: lessserve {policy}" + (" eager and + torch.compile (compiling)" if compile else ""))
         engine, step, _ = decode_engine(factory, policy, budget, b, prompt, ours_state)
         comp = decode_engine(factory, policy, budget, b, prompt, ours_state, compile=True) if compile else None
-        same = equal_bytes_engines(factory, policy, budget, list(equal_bytes), b, prompt, ours_state)
+        same = equal_bytes_engines(factory, engine, list(equal_bytes), b, prompt, ours_state)
         t_eager, t_comp, t_same = [], [], [[] for _ in same]
         for _ in range(ROUNDS if compile or same else 1):  # in turn, so drift on a shared machine hits all alike
             t_eager.append(_time_steps(step, steps, factory.device))

@@ -45,9 +45,9 @@ def cmd_decode(args) -> int:
     in_range("--context", args.context, 64, 32768)
     in_range("--steps", args.steps, 1, 10000)
     in_range("--threads", args.threads, 0, 1024)
-    bits = [b.strip() for b in args.equal_bytes.split(",") if b.strip()]
-    if any(b not in ("native", "8", "4") for b in bits):
-        raise CliError("--equal-bytes", f"expected kv_bits among native, 8, 4; got {args.equal_bytes!r}")
+    from lessserve.workers.config import KV_BITS
+
+    bits = parse_names("--equal-bytes", args.equal_bytes, KV_BITS) if args.equal_bytes.strip() else []
     cfg = engine_config(args)
     if bits and "recall" in cfg.policy:
         raise CliError("--equal-bytes", "+recall keeps native slots")
@@ -100,9 +100,10 @@ def _register_serve(bsub) -> None:
     p.add_argument("--long-tokens", type=int, default=64, help="tokens of a long reply (30%% of turns)")
     p.add_argument("--policy", default="h2o+less", help="policy of the sessions configuration")
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--kv-bits", default="native", choices=["native", "8", "4"],
+    from lessserve.workers.config import KV_BITS, EngineConfig
+
+    p.add_argument("--kv-bits", default="native", choices=KV_BITS,
                    help="slot format of the sessions configuration (docs/quality/equal_bytes.md)")
-    from lessserve.workers.config import EngineConfig
 
     p.add_argument("--chunk", type=int, default=default_of(EngineConfig, "prefill_chunk"),
                    help="prefill chunk of the sessions configuration (default: the engine's, %(default)s)")

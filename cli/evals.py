@@ -9,6 +9,7 @@ from lessserve.cli.flags import (
     existing_file,
     in_range,
     parse_ints,
+    parse_names,
     parse_policies,
 )
 
@@ -195,7 +196,8 @@ def _register_report(esub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def cmd_report(args) -> int:
+def corpus_texts(args) -> dict[str, str]:
+    """--texts of --data-dir: name -> path, each checked (a CliError naming the flag otherwise)."""
     from lessserve.lab.corpus import CorpusError, corpus_paths
 
     try:
@@ -203,6 +205,11 @@ def cmd_report(args) -> int:
     except CorpusError as e:
         raise CliError("--texts", str(e)) from None
     texts = {n: str(existing_file("--data-dir", str(p))) for n, p in paths.items()}
+    return texts
+
+
+def cmd_report(args) -> int:
+    texts = corpus_texts(args)
     policies = parse_policies("--policies", args.policies)
     budgets = parse_ints("--budgets", args.budgets, lo=2, hi=65536)
     lengths = parse_ints("--lengths", args.lengths, lo=64, hi=65536) if args.lengths.strip() else []
@@ -256,13 +263,7 @@ def _register_pareto(esub) -> None:
 
 
 def cmd_pareto(args) -> int:
-    from lessserve.lab.corpus import CorpusError, corpus_paths
-
-    try:
-        paths = corpus_paths(args.data_dir, [t.strip() for t in args.texts.split(",") if t.strip()])
-    except CorpusError as e:
-        raise CliError("--texts", str(e)) from None
-    texts = {n: str(existing_file("--data-dir", str(p))) for n, p in paths.items()}
+    texts = corpus_texts(args)
     from pathlib import Path
 
     from lessserve.lab.corpus import text_name
@@ -274,9 +275,9 @@ def cmd_pareto(args) -> int:
     policies = parse_policies("--policies", args.policies)
     if any("recall" in p for p in policies):
         raise CliError("--policies", "+recall keeps native slots; it has no place in a kv_bits comparison")
-    bits = [b.strip() for b in args.bits.split(",") if b.strip()]
-    if not bits or any(b not in ("native", "8", "4") for b in bits):
-        raise CliError("--bits", f"expected values among native, 8, 4; got {args.bits!r}")
+    from lessserve.workers.config import KV_BITS
+
+    bits = parse_names("--bits", args.bits, KV_BITS)
     levels = parse_ints("--levels", args.levels, lo=2, hi=65536)
     if args.reference not in levels:
         raise CliError("--levels", f"must include --reference {args.reference}, the level every gap is closed from")

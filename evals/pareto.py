@@ -26,13 +26,13 @@ def level_bytes(factory: EngineFactory, level: int) -> int:
     return slot_bytes_at(factory.make("h2o", level), level, "native", 0)
 
 
-def plan(factory: EngineFactory, policies: list[str], bits: list[str], levels: list[int], grid: str = "all",
-         reference: int = REFERENCE_BUDGET) -> list[tuple[str, str, int, int]]:
-    """(policy, kv_bits, level, budget) runs: every policy and bits at every level ("all"), or every policy
-    and bits at the reference level and the h2o ones alone at the other levels ("h2o")."""
+def plan(factory: EngineFactory, policies: list[str], bits: list[str], level_nbytes: dict[int, int],
+         grid: str = "all", reference: int = REFERENCE_BUDGET) -> list[tuple[str, str, int, int]]:
+    """(policy, kv_bits, level, budget) runs for the levels of `level_nbytes` (level -> its bytes): every
+    policy and bits at every level ("all"), or every policy and bits at the reference level and the h2o
+    ones alone at the other levels ("h2o")."""
     runs = []
-    for level in levels:
-        nbytes = level_bytes(factory, level)
+    for level, nbytes in level_nbytes.items():
         for p in policies:
             if Policy.parse(p).base == "full" or (grid == "h2o" and level != reference
                                                   and Policy.parse(p).base != "h2o"):
@@ -130,8 +130,8 @@ def run_pareto(factory: EngineFactory, texts: dict[str, str], policies: list[str
     extra = extra or {}
     if reference not in levels:
         raise ValueError(f"the levels must include {reference}, the reference every gap is closed from")
-    runs = plan(factory, policies, bits, levels, grid, reference)
     nbytes = {lv: level_bytes(factory, lv) for lv in levels}
+    runs = plan(factory, policies, bits, nbytes, grid, reference)
     out = Path(out_dir)
     rows: list[dict] = []
     for name, path in [*texts.items(), *extra.items()]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from lessserve.workers.compression import Policy
 from lessserve.workers.errors import ConfigError
 from lessserve.workers.model_loader import DEFAULT_MODEL
+
+KvBits = Literal["native", "8", "4"]  # slot formats: the model dtype, or 8 / 4-bit codes
+KV_BITS: tuple[str, ...] = get_args(KvBits)
 
 
 class EngineConfig(BaseModel):
@@ -37,7 +40,7 @@ class EngineConfig(BaseModel):
         "a float32 checkpoint there; float32 on the CPU)")
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="Compute-kernel implementation "
                                                         "(auto: Triton on CUDA, torch elsewhere)")
-    kv_bits: Literal["native", "8", "4"] = Field(
+    kv_bits: KvBits = Field(
         "native", description="Bits per cached key / value element: native (the model dtype), 8 or 4 (codes with "
         "an fp16 scale and zero per entry and group of 32 channels, keys less a per-channel center each slot takes "
         "from its first chunk: kernels/reference/kv_quant.py; a slot holds 1.7-5.8x the tokens in the same bytes; "
