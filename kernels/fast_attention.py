@@ -42,12 +42,15 @@ class Fold(NamedTuple):
 
 
 def _fold_scores(qb: torch.Tensor, K: torch.Tensor, f: Fold, Lkb: int) -> torch.Tensor:
-    """qb [n, Hkv, M, D] queries, K [n, Hkv, Lkb, D] codes -> raw scores [n, Hkv, M, Lkb]."""
-    NG = f.ks.shape[-1]
-    qs = qb.unflatten(-1, (NG, -1)).transpose(2, 3)  # [n, Hkv, NG, M, g]
-    per = torch.matmul(qs, K.unflatten(-1, (NG, -1)).permute(0, 1, 3, 4, 2))  # [n, Hkv, NG, M, Lkb]
-    s = (per * f.ks[:, :, :Lkb].float().permute(0, 1, 3, 2)[:, :, :, None, :]).sum(dim=2)
-    s += torch.matmul(qs.sum(dim=-1).transpose(2, 3), f.kz[:, :, :Lkb].float().transpose(-1, -2))
+    """qb [n, Hkv, M, D] queries, K [n, Hkv, Lkb, D] codes -> raw scores [n, Hkv, M, Lkb]. The per-group
+    products q_g . u_g come from one matmul of the queries masked to each group ([NG * M, D], zeros
+    outside group g) with the codes as they lie: no permuted copy of the codes."""
+    NG, D = f.ks.shape[-1], qb.shape[-1]
+    groups = torch.eye(NG, dtype=qb.dtype, device=qb.device).repeat_interleave(D // NG, dim=1)  # [NG, D]
+    qblock = (qb[:, :, None] * groups[:, None, :]).flatten(2, 3)  # [n, Hkv, NG * M, D]
+    per = torch.matmul(qblock, K.transpose(-1, -2)).unflatten(2, (NG, -1))  # [n, Hkv, NG, M, Lkb]
+    s = (per * f.ks[:, :, :Lkb].float().transpose(-1, -2)[:, :, :, None, :]).sum(dim=2)
+    s += torch.matmul(qb.unflatten(-1, (NG, -1)).sum(dim=-1), f.kz[:, :, :Lkb].float().transpose(-1, -2))
     return s + torch.matmul(qb, f.kc[..., None])  # + q . k_center, the same for every key of the head
 
 

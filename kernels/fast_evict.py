@@ -4,9 +4,10 @@ kernels/reference/evict.py is the spec).
 The merged sequence is never gathered into position order: entries are ranked where they lie,
 in the [cache rows [0, Lb) | chunk] layout the attention already built, by their merged index
 (a cache row j < length keeps j, chunk entry t becomes length + t, rows in [length, Lb) are
-invalid). One sort per (slot, KV head) gives the kept entries (the `budget` highest priorities,
-then put back in merged order) and the victims (the rest that are valid): psi runs on the victims
-only, at most C rows per (slot, head). No host synchronisation anywhere (CUDA-graph safe).
+invalid). One top-k per (slot, KV head) picks the victims (the lowest priorities, at most C once a
+slot is full; ties evict the newer entry) and a prefix count puts the kept ones back in merged
+order: psi runs on the victims only, at most C rows per (slot, head). No host synchronisation
+anywhere (CUDA-graph safe).
 `append` is the no-eviction case (the caller knows every slot has room).
 """
 
@@ -79,16 +80,10 @@ def evict_rows(
     if spec.mode == "lambda":  # pinned (recalled) entries: kept like the sinks
         prio.masked_fill_(scat >= PIN_SCORE, float("inf"))
     prio.masked_fill_(~valid[:, None, :], float("-inf"))
-    order = prio.sort(dim=-1, descending=True, stable=True).indices  # [n, Hkv, Lk]
-    keep = order[..., :W]
-    # back to merged order, the invalid picks (slots not yet full) last
-    vk = valid[:, None, :].expand(n, Hkv, Lk).gather(2, keep)
-    keep = torch.where(vk, keep, keep + Lk).sort(dim=-1).values
-    keep = torch.where(keep >= Lk, keep - Lk, keep)
+    keep, vic = split_kept(prio, valid, W)
     new_len = (ln + C).clamp(max=B)
     filled = torch.arange(W, device=dev)[None, None, :] < new_len[:, None, None]
     if psi is not None and H is not None and z is not None and Lk > W:
-        vic = order[..., W:]  # [n, Hkv, Lk - W]: the victims where valid
         used = valid[:, None, :].expand(n, Hkv, Lk).gather(2, vic)
         vk_rows, vv_rows = victims(vic)
         f = psi_ref(vk_rows, psi) * used[..., None]
@@ -104,6 +99,34 @@ def evict_rows(
         else:
             cache[slot_ids, :, :W] = new
     return new_len.to(torch.int32)
+
+
+def _order_key(prio: torch.Tensor) -> torch.Tensor:
+    """prio [n, Hkv, Lk] fp32 -> int64 keys in the same order, all distinct: among equal priorities
+    the lower index ranks higher (a stable descending sort's order), so a top-k over the keys picks
+    exactly what the stable sort would."""
+    b = (prio + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 ties with 0.0, as in a sort
+    ordered = torch.where(b < 0, -(b & 0x7FFFFFFF) - 1, b)  # monotone in the float's value, -inf / inf included
+    Lk = prio.shape[-1]
+    return ordered * (1 << 20) + (Lk - 1 - torch.arange(Lk, device=prio.device))
+
+
+def split_kept(prio: torch.Tensor, valid: torch.Tensor, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prio [n, Hkv, Lk] (protected inf, invalid -inf), valid [n, Lk] -> (keep [n, Hkv, W]: the W highest
+    priorities in merged order, the invalid picks of slots not yet full last; victims [n, Hkv, Lk - W]:
+    the rest). The victims are few (the chunk's length once a slot is full): one top-k over them and a
+    prefix count place the kept entries, instead of a sort of every entry."""
+    n, Hkv, Lk = prio.shape
+    vic = _order_key(prio).topk(Lk - W, dim=-1, largest=False, sorted=False).indices  # [n, Hkv, V]
+    kept = torch.ones(n, Hkv, Lk, dtype=torch.bool, device=prio.device).scatter_(2, vic, False)
+    ok = valid[:, None, :]
+    kept_valid, kept_invalid = kept & ok, kept & ~ok
+    rank = torch.where(kept_valid, kept_valid.cumsum(-1),
+                       kept_valid.sum(-1, keepdim=True) + kept_invalid.cumsum(-1)) - 1
+    rank = torch.where(kept, rank, W)  # victims go to a spare column W, dropped
+    src = torch.arange(Lk, device=prio.device).expand(n, Hkv, Lk)
+    keep = torch.zeros(n, Hkv, W + 1, dtype=torch.long, device=prio.device).scatter_(2, rank, src)
+    return keep[..., :W], vic
 
 
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lessserve.kernels.fast_attention import chunk_attention_fast, decode_attention_fast
-from lessserve.kernels.fast_evict import attend_evict_fast, evict_absorb_fast
+from lessserve.kernels.fast_evict import attend_evict_fast, evict_absorb_fast, split_kept
 from lessserve.kernels.reference.attention import chunk_attention_ref, decode_attention_ref
 from lessserve.kernels.reference.evict import EvictionSpec, evict_absorb_ref
 from lessserve.kernels.reference.lowrank import phi_ref
@@ -184,3 +184,25 @@ def test_full_policy_views_from_an_empty_slot_and_after_history(device):
         close(got, want, OUT_TOL[F32], f"out (chunk {C})")
         _assert_same_slots(mine, cache, got_len, want_len, slot_ids, scores=None)
         length[slot_ids], mine_len[slot_ids] = want_len, got_len
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_kept_picks_what_a_stable_sort_picks(seed):
+    """The top-k selection of the fast eviction (split_kept) against its definition: a stable
+    descending sort of the priorities keeps the first W (ties: the lower index), then the kept
+    valid entries in index order and the kept invalid ones after them. Priorities drawn from a few
+    values, inf and -inf, so ties are everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    n, Hkv, Lk = 3, 2, 41
+    W = int(torch.randint(1, Lk, (1,), generator=g))
+    values = torch.tensor([float("-inf"), -2.5, -0.0, 0.0, 1.0, 3.0, float("inf")])
+    prio = values[torch.randint(0, len(values), (n, Hkv, Lk), generator=g)]
+    valid = torch.rand(n, Lk, generator=g) < 0.8
+    prio = prio.masked_fill(~valid[:, None, :], float("-inf"))
+    keep, vic = split_kept(prio, valid, W)
+    order = prio.sort(dim=-1, descending=True, stable=True).indices
+    first = order[..., :W]
+    ok = valid[:, None, :].expand(n, Hkv, Lk).gather(2, first)
+    want = torch.where(ok, first, first + Lk).sort(dim=-1).values
+    assert torch.equal(keep, torch.where(want >= Lk, want - Lk, want))
+    assert torch.equal(vic.sort(dim=-1).values, order[..., W:].sort(dim=-1).values)
