@@ -32,16 +32,13 @@ QUESTION = " What was the number I gave you at the start? Answer:"
 
 
 def feed(engine: Engine, slot: int, ids: list[int], recall: bool, all_logits: bool = False) -> torch.Tensor:
-    """One turn's prompt as the scheduler feeds it: chunks, then (recall) its last `recall_queries`
-    tokens as a chunk of their own with the recall round. -> logits [T, V] or [V] of the last."""
-    q = engine.cfg.recall_queries if recall else 0
-    body = len(ids) - q
+    """One turn's prompt as the scheduler feeds it: chunks, the last one (recall) ending with the recall
+    round. -> logits [T, V] or [V] of the last."""
     t = torch.as_tensor(ids, dtype=torch.long)
     outs = []
-    for off, size in engine.chunks(engine.slab.seen[slot], body):
-        outs.append(engine.forward([slot], t[None, off : off + size], last_only=not all_logits)[0])
-    if q:
-        outs.append(engine.forward([slot], t[None, body:], last_only=not all_logits, recall=True)[0])
+    for off, size in engine.chunks(engine.slab.seen[slot], len(ids)):
+        last = recall and off + size == len(ids)
+        outs.append(engine.forward([slot], t[None, off : off + size], last_only=not all_logits, recall=last)[0])
     return torch.cat(outs) if all_logits else outs[-1][-1]
 
 
@@ -53,7 +50,7 @@ def history_bytes(engine: Engine) -> list[dict]:
     ids = token_windows(engine.tokenizer, read_part(corpus_paths()["brown"], "test"), 512, 1)[0]
     feed(engine, slot, ids, recall=False)
     h = engine.histories.get(slot)
-    kv = torch.cat([h.k[:, :, : h.held], h.v[:, :, : h.held]]).float()  # [2L, Hkv, T, D]
+    kv = torch.cat(h.tensors()).float()  # [2L, Hkv, T, D]
     measured = h.nbytes() / h.held
     engine.free(slot)
 

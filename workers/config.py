@@ -57,7 +57,7 @@ class EngineConfig(BaseModel):
     recall_page: int = Field(8, ge=1, le=4096, description="+recall: tokens per history page")
     recall_queries: int = Field(4, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
                                 "queries choose the history pages (the prompt's last token is prefilled as a chunk "
-                                "of its own: a read-only probe, then the step with the pages back)")
+                                "of its own, whose step brings the pages back: the queries are the ones before it)")
     history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "
                                "the device may take; past it the oldest pages of the least recently used sessions "
                                "are dropped (they degrade to plain eviction)")

@@ -19,8 +19,14 @@ import torch
 
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
-from lessserve.kernels.reference.attention import chunk_attention_ref
-from lessserve.kernels.reference.recall import choose_pages, group_queries, history_page_mass, recall_layer_ref
+from lessserve.kernels.fast_attention import attend_cat
+from lessserve.kernels.reference.recall import (
+    choose_pages,
+    group_queries,
+    history_page_mass,
+    page_tokens,
+    recall_layer_ref,
+)
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
 from lessserve.workers.config import EngineConfig
@@ -215,9 +221,10 @@ class Engine:
     def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False,
                 recall: bool = False) -> torch.Tensor:
         """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V]). `recall` (a `+recall`
-        engine, the last chunk of a turn's prompt): before each layer attends, the chunk's last
-        `recall_queries` tokens' queries (this chunk's, after those the previous step kept) choose the
-        session's history pages, which come back into its slot before each layer attends."""
+        engine, the last chunk of a turn's prompt): after the chunk's step, the recall round
+        (`_recall_round`) brings the history pages its last queries choose back into each slot, and the
+        chunk's last token is read again over the slot as it is then: its logits, from which the reply
+        starts, see the recalled pages."""
         n, C = tokens.shape
         self._check_step(slots, C)
         slots = list(slots)
@@ -228,21 +235,22 @@ class Engine:
         # a slot holds at most `seen` entries: the host knows a bound on every length without a device sync
         max_len = min(max(seen), self.slab.capacity)
         host = (slots, seen) if self.spec.mode == "full" else None  # full policy: length == seen
-        hist = chosen = None
+        hist = None
         if self.histories is not None:
             hist = [self.histories.touch(s) for s in slots]
             for h in hist:
                 h.reserve(C)
-            if recall:
-                chosen = self._choose_pages(slot_ids, tokens.to(self.device), positions, hist, seen)
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
-                            history=(slots, seen, hist, chosen) if hist is not None else None)
+                            history=(slots, seen, hist) if hist is not None else None)
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
             for h in hist:
                 h.advance(C)
             self.histories.enforce()
+            if recall:
+                last = self._recall_round(slots, hist, tokens[:, -1:].to(self.device), positions[:, -1:])
+                logits = last if last_only else torch.cat([logits[:, :-1], last], dim=1)
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
@@ -253,8 +261,8 @@ class Engine:
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
         bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (slots,
-        seen, History per slot, chosen pages per slot or None) of a `+recall` engine's eager step:
-        each layer's chunk K/V is recorded, and chosen pages come back before the layer attends."""
+        seen, History per slot) of a `+recall` engine's eager step: each layer's chunk K/V is recorded
+        and its last queries kept."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
             functools.partial(ops.attend_evict, impl=self.impl)
@@ -264,7 +272,7 @@ class Engine:
             nonlocal new_length
             lw = less.layers[layer] if less else None
             if history is not None:
-                self._record_and_recall(layer, q, k, v, lw, *history)
+                self._record(layer, q, k, v, *history)
             if slab.quantised:  # kv_bits 8 / 4: codes and scales (kernels/reference/quant_slots.py)
                 out, new_length = ops.attend_evict_quant(
                     q, k, v, slab.kv(layer), slab.pos[layer], slab.score[layer], slab.length, slot_ids, positions,
@@ -283,58 +291,65 @@ class Engine:
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
 
-    @torch.inference_mode()
-    def _choose_pages(self, slot_ids: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, hist: list,
-                      seen: list[int]) -> list[torch.Tensor]:
-        """The pages a recall round brings back, per slot [k]. A probe runs the chunk (the prompt's
-        last token) through the model over the slots as they are (read only: the compressed
-        attention, LESS included, nothing evicted or recorded); at every layer its queries and the
-        ones the previous step kept (together the prompt's last `recall_queries` tokens) score every
-        history page: the attention mass its best query puts on it, summed over layers and KV heads
-        (kernels/reference/recall.py); pages eviction keeps anyway are left out."""
-        slab, cfg, less = self.slab, self.cfg, self.less
-        P, Q = cfg.recall_page, cfg.recall_queries
-        score = [torch.zeros(h.pages) for h in hist]
-
-        def attend(layer: int, q, k, v):
-            lw = less.layers[layer] if less else None
-            for i, h in enumerate(hist):
-                if h.pages:
-                    mine = q[i, :, -Q:]  # [Hq, C', D]
-                    if mine.shape[1] < Q and h.queries is not None:
-                        mine = torch.cat([h.queries[layer, :, mine.shape[1] - Q :].to(mine), mine], dim=1)
-                    keys = h.keys(layer)[:, : h.pages * P].to(self.device)
-                    mass = history_page_mass(group_queries(mine, self.args.num_kv_heads), keys, self.scale, P)
-                    score[i] += mass.sum(0).cpu()  # [Np]
-            return chunk_attention_ref(q, k, v, slab.k[layer], slab.v[layer], slab.length, slot_ids, self.scale,
-                                       H=slab.H[layer] if lw is not None else None,
-                                       z=slab.z[layer] if lw is not None else None,
-                                       phi_q=ops.phi(q, lw) if lw is not None else None)[0]
-
-        self.model(tokens, positions, attend, last_only=True)
+    def _choose_pages(self, hist: list, seen: list[int]) -> list[torch.Tensor]:
+        """The history tokens a recall round brings back, per slot [m] (history indices, best page
+        first). The last `recall_queries` queries the sessions kept (the prompt's last tokens, this
+        step's included) score every history page at every layer: the attention mass its best query
+        puts on it, summed over layers and KV heads (kernels/reference/recall.py); pages eviction keeps
+        anyway are left out. The keys are read where the history holds them."""
+        cfg, P, Hkv = self.cfg, self.cfg.recall_page, self.args.num_kv_heads
         out = []
-        for i, h in enumerate(hist):
+        for h, s in zip(hist, seen, strict=True):
+            if not h.pages or h.queries is None:
+                out.append(torch.zeros(0, dtype=torch.long))
+                continue
+            queries = group_queries(torch.stack(h.queries), Hkv)  # [L, Hkv, G * Q, D]: every layer at once
+            keys = [b.to(self.device) for b in h.key_blocks(h.pages * P)]  # [L, Hkv, m, D] each
+            score = history_page_mass(queries, keys, self.scale, P).sum(dim=(0, 1)).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
-            skip = (first >= seen[i] - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
-            out.append(choose_pages(score[i], cfg.recall_pages, skip))
+            skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
+            out.append(page_tokens(choose_pages(score, cfg.recall_pages, skip), P, h.held))
         return out
 
-    def _record_and_recall(self, layer: int, q, k, v, lw, slots: list[int], seen: list[int], hist: list,
-                           chosen: list[torch.Tensor] | None) -> None:
-        """One layer of a `+recall` step: the chosen pages come back into each slot first (from the
-        history before this chunk), then the chunk's K/V [n, Hkv, C, D] is recorded, and its last
-        queries are kept for the next round's choice."""
-        slab, cfg = self.slab, self.cfg
-        for i, (s, h) in enumerate(zip(slots, hist, strict=True)):
-            h.keep_queries(layer, q[i, :, -cfg.recall_queries:])
-            if chosen is not None:
+    def _record(self, layer: int, q, k, v, slots: list[int], seen: list[int], hist: list) -> None:
+        """One layer of a `+recall` step: the chunk's K/V [n, Hkv, C, D] goes to each session's history,
+        and its queries join the last `recall_queries` kept for the next round's choice."""
+        del slots  # the histories are the slots'
+        for i, h in enumerate(hist):
+            h.keep_queries(layer, q[i], self.cfg.recall_queries)
+            h.write(layer, seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
+
+    def _recall_round(self, slots: list[int], hist: list, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The recall round after a turn's last prompt chunk: the chosen pages come back into every
+        layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
+        LESS state stays exact), then the chunk's last token (token / position [n, 1]) is read again,
+        attending over the slot as it is now (its own entry, still in the recent window, included):
+        nothing is written. Returns its logits [n, 1, V]."""
+        slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
+        chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
+        back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
+        for layer in range(self.args.num_layers):
+            lw = less.layers[layer] if less else None
+            for s, h, want, (wk, wv) in zip(slots, hist, chosen, back, strict=True):
                 h.recalled += int(recall_layer_ref(
                     slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
-                    int(slab.length[s]), group_queries(q[i, :, -cfg.recall_queries:], self.args.num_kv_heads),
-                    h.keys(layer), h.values(layer), h.base, cfg.recall_page, chosen[i], self.spec.recent,
-                    self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
+                    int(slab.length[s]), group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
+                    self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
                     z=slab.z[layer, s] if lw is not None else None, psi=lw).sum())
-            h.write(layer, seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
+        lengths = [int(slab.length[s]) for s in slots]
+
+        def attend(layer: int, q, k, v):  # q [n, Hq, 1, D]; the token's own K/V are the slot's last entry
+            lw = less.layers[layer] if less else None
+            outs = []
+            for i, (s, ln) in enumerate(zip(slots, lengths, strict=True)):
+                keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
+                less_terms = (slab.H[layer, s : s + 1], slab.z[layer, s : s + 1], ops.phi(q[i : i + 1], lw)) \
+                    if lw is not None else (None, None, None)
+                valid = torch.ones(1, ln - 1, dtype=torch.bool, device=q.device)
+                outs.append(attend_cat(q[i : i + 1], keys, values, valid, self.scale, *less_terms)[0])
+            return torch.cat(outs)
+
+        return self.model(token, position, attend, last_only=True)
 
     def record_decoded(self, slots: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its
@@ -343,8 +358,8 @@ class Engine:
             h = self.histories.touch(s)
             h.reserve(1)
             last = int(self.slab.length[s]) - 1
-            h.k[:, :, h.held] = self.slab.k[:, s, :, last].to("cpu", h.dtype)
-            h.v[:, :, h.held] = self.slab.v[:, s, :, last].to("cpu", h.dtype)
+            h.write_all(h.n, self.slab.k[:, s, :, last, None].to("cpu", h.dtype),
+                        self.slab.v[:, s, :, last, None].to("cpu", h.dtype))
             h.advance(1)
         self.histories.enforce()
 

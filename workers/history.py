@@ -5,9 +5,11 @@ brings back into the slot at each new turn.
 A History is append-only from position `base` (a multiple of the page size) to `n` (the tokens
 the session consumed, = the slot's `seen`); pages before `base` were dropped under host pressure
 and can no longer come back (their tokens stay folded into the LESS state, as plain eviction
-leaves them). Storage grows by doubling, so appending a decode token is a copy, not a
-reallocation. Pages carry no summary: the recall round scores every history key exactly (per-page
-key summaries chose worse on dev: docs/recall.md).
+leaves them). Storage is a list of fixed-size blocks (`BLOCK_TOKENS`, a multiple of the page, so
+no page straddles two), like a paged KV cache: appending allocates a block now and then and never
+copies what is held (a history that doubled its one tensor copied 4,096 tokens' K/V, 189 MB, in the
+turn that crossed 4,096), and dropping pages frees the blocks they empty. Pages carry no summary: the recall
+round scores every history key exactly (per-page key summaries chose worse on dev: docs/recall.md).
 
 Histories is the engine's pool, one History per slot in use: forks copy it, a reset or a freed slot
 drops it, and when the pool holds more than `max_bytes` the oldest pages of the least recently used
@@ -21,19 +23,20 @@ import itertools
 import torch
 
 HISTORY_FIELDS = ("history_k", "history_v")  # the codec tensors a session's history travels as
-RESTORE_SPARE = 512  # tokens of room a restored history gets beyond what it holds (at least a quarter more)
+BLOCK_TOKENS = 64  # tokens per storage block (rounded up to a multiple of the page)
 
 
 class History:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, page: int):
         self.shape, self.dtype, self.page = (num_layers, num_kv_heads, head_dim), dtype, page
-        L, Hkv, D = self.shape
-        self.k = torch.empty(L, Hkv, 0, D, dtype=dtype)  # [L, Hkv, capacity, D] position base + t at t
-        self.v = torch.empty(L, Hkv, 0, D, dtype=dtype)
+        self.block = -(-BLOCK_TOKENS // page) * page
+        self.blocks_k: list[torch.Tensor] = []  # each [L, Hkv, block, D]
+        self.blocks_v: list[torch.Tensor] = []
+        self.start = 0  # where position `base` lies in the first block (a multiple of the page)
         self.base = 0  # first position held
         self.n = 0  # tokens consumed: positions [base, n) are held
         self.recalled = 0  # tokens brought back into the slot so far
-        self.queries: torch.Tensor | None = None  # [L, Hq, Q, D] the latest step's last queries (choose pages)
+        self.queries: list[torch.Tensor] | None = None  # per layer [Hq, <= Q, D]: the last queries (choose pages)
         self.last_used = 0  # the pool's clock at the latest step
 
     # --- size ------------------------------------------------------------------------------
@@ -46,40 +49,88 @@ class History:
         """Full pages held."""
         return self.held // self.page
 
+    @property
+    def capacity(self) -> int:
+        """Tokens the blocks hold room for, from `base`."""
+        return len(self.blocks_k) * self.block - self.start
+
+    def token_bytes(self) -> int:
+        L, Hkv, D = self.shape
+        return 2 * L * Hkv * D * self.dtype.itemsize
+
     def nbytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+        """Bytes of the tokens held (what the host budget counts; the blocks round each session's
+        storage up by less than one block)."""
+        return self.held * self.token_bytes()
 
-    def keys(self, layer: int) -> torch.Tensor:
-        return self.k[layer, :, : self.held]  # [Hkv, held, D]
+    def allocated_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks_k + self.blocks_v)
 
-    def values(self, layer: int) -> torch.Tensor:
-        return self.v[layer, :, : self.held]
+    def _spans(self, a: int, count: int) -> list[tuple[int, int, int, int]]:
+        """History indices [a, a + count) as (block, offset in it, offset in the run, length) pieces."""
+        out, g, t = [], self.start + a, 0
+        while t < count:
+            b, o = divmod(g + t, self.block)
+            m = min(count - t, self.block - o)
+            out.append((b, o, t, m))
+            t += m
+        return out
 
-    def keep_queries(self, layer: int, q: torch.Tensor) -> None:
-        """q [Hq, Q, D]: one layer's last queries of the step in progress (the next recall round's)."""
-        if self.queries is None or self.queries.shape[2] != q.shape[1]:
-            self.queries = torch.zeros(self.shape[0], q.shape[0], q.shape[1], q.shape[2], dtype=q.dtype,
-                                       device=q.device)
-        self.queries[layer] = q
+    def key_blocks(self, count: int | None = None) -> list[torch.Tensor]:
+        """Views [L, Hkv, m, D] of every layer's keys at history indices [0, count) (default: all held),
+        in order."""
+        return [self.blocks_k[b][:, :, o : o + m] for b, o, _, m in self._spans(0, self.held if count is None
+                                                                                else count)]
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's keys and values at history indices idx [m] (< held): ([L, Hkv, m, D] each)."""
+        g = idx.long() + self.start
+        b, o = g // self.block, g % self.block
+        L, Hkv, D = self.shape
+        k = torch.empty(L, Hkv, len(idx), D, dtype=self.dtype)
+        v = torch.empty_like(k)
+        for blk in b.unique().tolist():  # the few blocks the indices fall in
+            at = (b == blk).nonzero().flatten()
+            k[:, :, at] = self.blocks_k[blk][:, :, o[at]]
+            v[:, :, at] = self.blocks_v[blk][:, :, o[at]]
+        return k, v
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held token, contiguous: (k, v) [L, Hkv, held, D] (a copy)."""
+        L, Hkv, D = self.shape
+        k = torch.empty(L, Hkv, self.held, D, dtype=self.dtype)
+        v = torch.empty_like(k)
+        for b, o, t, m in self._spans(0, self.held):
+            k[:, :, t : t + m] = self.blocks_k[b][:, :, o : o + m]
+            v[:, :, t : t + m] = self.blocks_v[b][:, :, o : o + m]
+        return k, v
+
+    def keep_queries(self, layer: int, q: torch.Tensor, count: int) -> None:
+        """q [Hq, C, D]: one layer's queries of the step in progress; the last `count` queries the
+        session consumed are kept (the next recall round's), whatever the steps' sizes."""
+        if self.queries is None:
+            self.queries = [q[:, :0]] * self.shape[0]
+        self.queries[layer] = torch.cat([self.queries[layer], q[:, -count:]], dim=1)[:, -count:]
 
     # --- appending -------------------------------------------------------------------------
     def reserve(self, count: int) -> None:
-        """Room for `count` more tokens (capacity doubles)."""
-        need = self.held + count
-        if need <= self.k.shape[2]:
-            return
-        cap = max(need, 2 * self.k.shape[2], 64)
-        for f in ("k", "v"):
-            old = getattr(self, f)
-            new = torch.empty(*old.shape[:2], cap, old.shape[3], dtype=self.dtype)
-            new[:, :, : self.held] = old[:, :, : self.held]
-            setattr(self, f, new)
+        """Room for `count` more tokens: new blocks, nothing held is copied."""
+        L, Hkv, D = self.shape
+        while self.capacity < self.held + count:
+            self.blocks_k.append(torch.empty(L, Hkv, self.block, D, dtype=self.dtype))
+            self.blocks_v.append(torch.empty(L, Hkv, self.block, D, dtype=self.dtype))
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k / v [Hkv, C, D] of positions start .. start + C - 1 at one layer (reserved before)."""
-        a = start - self.base
-        self.k[layer, :, a : a + k.shape[1]] = k
-        self.v[layer, :, a : a + v.shape[1]] = v
+        for b, o, t, m in self._spans(start - self.base, k.shape[1]):
+            self.blocks_k[b][layer, :, o : o + m] = k[:, t : t + m]
+            self.blocks_v[b][layer, :, o : o + m] = v[:, t : t + m]
+
+    def write_all(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k / v [L, Hkv, C, D] of positions start .. start + C - 1 at every layer (reserved before)."""
+        for b, o, t, m in self._spans(start - self.base, k.shape[2]):
+            self.blocks_k[b][:, :, o : o + m] = k[:, :, t : t + m]
+            self.blocks_v[b][:, :, o : o + m] = v[:, :, t : t + m]
 
     def advance(self, count: int) -> None:
         """`count` tokens were written at every layer: they are held now."""
@@ -87,24 +138,26 @@ class History:
 
     # --- dropping, copying, travelling -----------------------------------------------------
     def drop_pages(self, count: int) -> None:
-        """Forget the `count` oldest full pages (their memory too)."""
-        count = min(count, self.pages)
-        t = count * self.page
-        self.k = self.k[:, :, t : max(self.held, t)].clone()
-        self.v = self.v[:, :, t : max(self.held, t)].clone()
+        """Forget the `count` oldest full pages; blocks left empty are freed."""
+        t = min(count, self.pages) * self.page
         self.base += t
+        self.start += t
+        gone = min(self.start // self.block, len(self.blocks_k))
+        del self.blocks_k[:gone], self.blocks_v[:gone]
+        self.start -= gone * self.block
 
     def clone(self) -> History:
-        """A copy with the same spare capacity (a fork's next step appends without reallocating)."""
+        """A copy with the same spare capacity (a fork's next step appends without allocating)."""
         h = History(*self.shape, self.dtype, self.page)
-        h.k, h.v = self.k.clone(), self.v.clone()
-        h.base, h.n, h.recalled, h.last_used = self.base, self.n, self.recalled, self.last_used
-        h.queries = None if self.queries is None else self.queries.clone()
+        h.blocks_k, h.blocks_v = [b.clone() for b in self.blocks_k], [b.clone() for b in self.blocks_v]
+        h.start, h.base, h.n, h.recalled, h.last_used = self.start, self.base, self.n, self.recalled, self.last_used
+        h.queries = None if self.queries is None else [q.clone() for q in self.queries]
         return h
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta) for the session's encoded cache (workers/device_tier.py)."""
-        return ({"history_k": self.k[:, :, : self.held], "history_v": self.v[:, :, : self.held]},
+        k, v = self.tensors()
+        return ({"history_k": k, "history_v": v},
                 {"base": self.base, "n": self.n, "page": self.page, "recalled": self.recalled})
 
     @classmethod
@@ -121,8 +174,8 @@ class History:
             raise ValueError(f"history of {tuple(k.shape)} {k.dtype}; this engine keeps {want} {dtype}")
         h = cls(*shape, dtype, page)
         h.base = h.n = base
-        h.reserve(n - base + max(RESTORE_SPARE, (n - base) // 4))  # the next turns append without a copy
-        h.k[:, :, : n - base], h.v[:, :, : n - base] = k, v
+        h.reserve(n - base)
+        h.write_all(base, k, v)
         h.advance(n - base)
         h.recalled = int(meta.get("recalled", 0))
         return h
@@ -175,7 +228,7 @@ class Histories:
             return 0
         for h in sorted(self.by_slot.values(), key=lambda h: h.last_used):
             while total > self.max_bytes and h.pages:
-                per_page = max(1, h.nbytes() // max(h.pages, 1))
+                per_page = h.page * h.token_bytes()
                 count = min(h.pages, -(-(total - self.max_bytes) // per_page))
                 before = h.nbytes()
                 h.drop_pages(count)

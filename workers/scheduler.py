@@ -325,11 +325,7 @@ class BatchScheduler:
         _, size = next(eng.chunks(eng.slab.seen[r.slot], len(r.ids) - r.offset))
         size = min([size, *(m - r.offset for m in r.marks if m > r.offset)])  # a chunk ends at every mark
         left = len(r.ids) - r.offset
-        recall = eng.histories is not None
-        if recall and not any(r.offset < m < len(r.ids) for m in r.marks):
-            # +recall: the prompt's last token is a chunk of its own, whose step brings back the pages the
-            # queries of the chunk before it choose
-            size = left if left == 1 else min(size, left - 1)
+        recall = eng.histories is not None  # +recall: the prompt's last chunk ends with the recall round
         t0 = time.perf_counter()
         chunk = torch.tensor(r.ids[r.offset : r.offset + size], dtype=torch.long)[None]
         logits = eng.forward([r.slot], chunk, last_only=p.prompt_logprobs is None,

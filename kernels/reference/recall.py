@@ -5,12 +5,12 @@ History (workers/history.py): every token the session consumed, post-RoPE K/V pe
 head, in pages of P tokens aligned to absolute positions (page i holds positions [iP, (i+1)P));
 `base` is the first position still held (older pages were dropped under host pressure).
 
-Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer:
-the prompt's last token's, from a read-only probe of it over the slot, and those the step before
-kept) attend over the history; a page's score is, summed over layers and KV heads, the largest
-attention mass any query of the head's group puts on it (`history_page_mass`, summed in the
-engine). One set of pages serves every layer and head: a fact the answer copies is needed by every
-layer that reads it. (What else was tried on dev, and lost: docs/recall.md.)
+Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer,
+the ones the step before the prompt's last token kept) attend over the history; a page's score is,
+summed over layers and KV heads, the largest attention mass any query of the head's group puts on
+it (`history_page_mass`, summed in the engine). One set of pages serves every layer and head: a
+fact the answer copies is needed by every layer that reads it. (What else was tried on dev, and
+lost: docs/recall.md.)
 
 One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
   1. unpin the entries the previous round pinned;
@@ -25,6 +25,8 @@ One round on one layer of a full slot (a slot below budget has evicted nothing),
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lessserve.kernels.reference.evict import PIN_SCORE
@@ -32,18 +34,27 @@ from lessserve.kernels.reference.lowrank import LessLayerWeights, psi_ref
 
 
 def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """q [Hq, C, D] -> [Hkv, G * C, D]: the queries of the heads sharing each KV head."""
-    Hq, C, D = q.shape
-    return q.reshape(num_kv_heads, (Hq // num_kv_heads) * C, D)
+    """q [..., Hq, C, D] -> [..., Hkv, G * C, D]: the queries of the heads sharing each KV head."""
+    return q.unflatten(-3, (num_kv_heads, -1)).flatten(-3, -2)
 
 
-def history_page_mass(q: torch.Tensor, k: torch.Tensor, scale: float, page: int) -> torch.Tensor:
-    """q [Hkv, M, D] (a layer's group queries), k [Hkv, T, D] (history keys, T a multiple of page)
-    -> [Hkv, T // page]: per KV head, the max over the M queries of the softmax mass (over the
-    history) that falls on each page."""
-    Hkv, T, _ = k.shape
-    p = ((q.float() @ k.float().transpose(1, 2)) * scale).softmax(-1)  # [Hkv, M, T]
-    return p.view(Hkv, p.shape[1], T // page, page).sum(-1).amax(1)
+def history_page_mass(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor], scale: float,
+                      page: int) -> torch.Tensor:
+    """q [..., Hkv, M, D] (a layer's group queries, or every layer's), k [..., Hkv, T, D] (history keys,
+    T a multiple of page), or the same keys as consecutive blocks [..., Hkv, T_i, D] (each T_i a
+    multiple of page) -> [..., Hkv, T // page]: per KV head, the max over the M queries of the
+    softmax mass (over the history) on each page."""
+    blocks = [k] if isinstance(k, torch.Tensor) else list(k)
+    qf = q.float()
+    logits = torch.cat([qf @ b.float().transpose(-1, -2) for b in blocks], dim=-1) * scale  # [..., Hkv, M, T]
+    p = logits.softmax(-1)
+    return p.unflatten(-1, (-1, page)).sum(-1).amax(-2)
+
+
+def page_tokens(chosen: torch.Tensor, page: int, held: int) -> torch.Tensor:
+    """chosen [k] page indices (best first) -> the history indices of their tokens [<= k * page], < held."""
+    want = (chosen.long()[:, None] * page + torch.arange(page)[None]).flatten()
+    return want[want < held]
 
 
 def choose_pages(score: torch.Tensor, pages: int, skip: torch.Tensor) -> torch.Tensor:
@@ -70,11 +81,10 @@ def recall_layer_ref(
     score_slot: torch.Tensor,  # [Hkv, B] fp32
     length: int,
     q: torch.Tensor,  # [Hkv, M, D] the group queries that rank the slot's entries (post-RoPE)
-    hist_k: torch.Tensor,  # [Hkv, T, D] positions base .. base + T - 1
-    hist_v: torch.Tensor,  # [Hkv, T, D]
-    base: int,  # a multiple of page
-    page: int,
-    chosen: torch.Tensor,  # [k] history page indices (page i = positions base + iP ..), best first
+    want: torch.Tensor,  # [m] history indices (position - base) of the chosen pages' tokens, best page first
+    want_k: torch.Tensor,  # [Hkv, m, D] their keys in the history
+    want_v: torch.Tensor,  # [Hkv, m, D]
+    base: int,  # the history's first position
     recent: int,  # the last `recent` entries are never replaced
     sink: int,  # nor the first `sink` (lambda)
     scale: float,
@@ -87,10 +97,9 @@ def recall_layer_ref(
     dev = k_slot.device
     brought = torch.zeros(Hkv, dtype=torch.long)
     score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. the previous round's pins end
-    if length < B or len(chosen) == 0:
+    if length < B or len(want) == 0:
         return brought
-    want = (chosen.to(dev)[:, None] * page + torch.arange(page, device=dev)[None]).flatten()  # history index
-    want = want[want < hist_k.shape[1]]
+    want = want.to(dev)
     j = torch.arange(B, device=dev)
     protected_j = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
     rel = (q.float() @ k_slot.float().transpose(1, 2)).amax(1)  # [Hkv, B] relevance of each entry
@@ -98,14 +107,14 @@ def recall_layer_ref(
     for h in range(Hkv):
         held = pos_slot[h].long() - base  # [B] history index of each entry
         pinned = torch.isin(held, want)  # 2. chosen tokens already here stay, pinned
-        back = want[~torch.isin(want, held)]  # the others come back, best page first
         free = (~(protected_j | pinned)).nonzero().flatten()
-        back = back[: len(free)]
+        rows = (~torch.isin(want, held)).nonzero().flatten()[: len(free)]  # the others come back, best page first
+        back = want[rows]
         out = free[rel[h, free].argsort()[: len(back)]]  # the least relevant entries make room
         victims_k.append(k_slot[h, out].clone())
         victims_v.append(v_slot[h, out].clone())
-        back_k.append(hist_k[h, back].to(dev, k_slot.dtype))
-        back_v.append(hist_v[h, back].to(dev, v_slot.dtype))
+        back_k.append(want_k[h, rows.cpu()].to(dev, k_slot.dtype))
+        back_v.append(want_v[h, rows.cpu()].to(dev, v_slot.dtype))
         n_back.append(len(back))
         k_slot[h, out] = back_k[-1]
         v_slot[h, out] = back_v[-1]

@@ -29,12 +29,9 @@ def engine(ckpt, policy="h2o+less+recall", **kw) -> Engine:
 
 
 def prompt(eng: Engine, slot: int, ids: torch.Tensor) -> None:
-    """A turn's prompt as the scheduler feeds a +recall engine: chunks, then its last token as a
-    chunk of its own, with the recall round."""
-    body = len(ids) - 1
-    for off, size in eng.chunks(eng.slab.seen[slot], body):
-        eng.forward([slot], ids[None, off : off + size], last_only=True)
-    eng.forward([slot], ids[None, body:], last_only=True, recall=True)
+    """A turn's prompt as the scheduler feeds a +recall engine: chunks, the last one with the recall round."""
+    for off, size in eng.chunks(eng.slab.seen[slot], len(ids)):
+        eng.forward([slot], ids[None, off : off + size], last_only=True, recall=off + size == len(ids))
 
 
 def turns(eng: Engine, slot: int, n_turns: int = 5, seed: int = 0, reply: int = 3) -> None:
@@ -52,17 +49,18 @@ def check_slot_against_history(eng: Engine, slot: int) -> None:
     h = eng.histories.get(slot)
     n = int(eng.slab.length[slot])
     assert n <= eng.spec.budget and h.base == 0 and h.n == eng.slab.seen[slot]
+    hk, hv = h.tensors()  # [L, Hkv, T, D]
     for layer in range(eng.args.num_layers):
         pos = eng.slab.pos[layer, slot, :, :n].long()  # [Hkv, n]
         assert bool((pos[:, 1:] > pos[:, :-1]).all()), "entries out of position order"
         for hd in range(eng.args.num_kv_heads):
-            assert torch.equal(eng.slab.k[layer, slot, hd, :n], h.k[layer, hd, pos[hd]])
-            assert torch.equal(eng.slab.v[layer, slot, hd, :n], h.v[layer, hd, pos[hd]])
+            assert torch.equal(eng.slab.k[layer, slot, hd, :n], hk[layer, hd, pos[hd]])
+            assert torch.equal(eng.slab.v[layer, slot, hd, :n], hv[layer, hd, pos[hd]])
         if eng.less is not None:
             out = torch.ones(eng.args.num_kv_heads, h.n, dtype=torch.bool)
             out.scatter_(1, pos, False)  # tokens not in the slot
-            f = psi_ref(h.keys(layer)[None], eng.less.layers[layer])[0] * out[..., None]  # [Hkv, T, R]
-            H = torch.einsum("htr,htd->hrd", f, h.values(layer).float())
+            f = psi_ref(hk[layer][None], eng.less.layers[layer])[0] * out[..., None]  # [Hkv, T, R]
+            H = torch.einsum("htr,htd->hrd", f, hv[layer].float())
             torch.testing.assert_close(eng.slab.H[layer, slot], H, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(eng.slab.z[layer, slot], f.sum(1), rtol=1e-4, atol=1e-4)
 
@@ -82,25 +80,13 @@ def test_the_chosen_pages_are_the_last_queries_best_and_stay_pinned_through_the_
     slot = eng.alloc()
     turns(eng, slot, n_turns=4, seed=3, reply=0)
     h = eng.histories.get(slot)
-    eng.forward([slot], torch.tensor([[5, 6, 7]]), last_only=True)  # the prompt's body keeps its last queries
-    kept = h.queries.clone()  # [L, Hq, QUERIES, D]
+    eng.forward([slot], torch.tensor([[5, 6]]), last_only=True)
+    eng.forward([slot], torch.tensor([[8]]), last_only=True, recall=True)  # a prompt's last chunk of one token
+    kept = torch.stack(h.queries)  # [L, Hq, QUERIES, D]: the last three tokens' (5, 6, 8: across the two steps)
     assert kept.shape[2] == QUERIES
     n_pages, seen = h.pages, eng.slab.seen[slot]
-    keys = [h.keys(layer)[:, : n_pages * PAGE].clone() for layer in range(eng.args.num_layers)]
-    probe_q = {}
-    inner = eng.model.forward
-
-    def spy(tokens, positions, attend, last_only=False):
-        def wrapped(layer, q, k, v):
-            probe_q.setdefault(layer, q[0].clone())  # the first pass over the last token is the probe
-            return attend(layer, q, k, v)
-        return inner(tokens, positions, wrapped, last_only)
-
-    eng.model.forward = spy
-    eng.forward([slot], torch.tensor([[8]]), last_only=True, recall=True)
-    eng.model.forward = inner
-    queries = [torch.cat([kept[layer][:, 1 - QUERIES :], probe_q[layer]], dim=1) for layer in range(len(probe_q))]
-    score = sum(history_page_mass(group_queries(queries[layer], eng.args.num_kv_heads), keys[layer], eng.scale,
+    keys = [h.tensors()[0][layer, :, : n_pages * PAGE] for layer in range(eng.args.num_layers)]
+    score = sum(history_page_mass(group_queries(kept[layer], eng.args.num_kv_heads), keys[layer], eng.scale,
                                   PAGE).sum(0) for layer in range(eng.args.num_layers))
     first = torch.arange(n_pages) * PAGE
     best = choose_pages(score, PAGES, (first >= seen - eng.spec.recent) | (first + PAGE <= eng.spec.sink))
@@ -145,7 +131,7 @@ def test_offload_restore_and_fork_carry_the_history(tiny_ckpt):
     s2 = tier2.slot_of("b")
     h2 = other.histories.get(s2)
     assert (h2.base, h2.n, h2.recalled) == (h.base, h.n, h.recalled)
-    assert torch.equal(h2.keys(1), h.keys(1)) and torch.equal(h2.values(0), h.values(0))
+    assert all(torch.equal(a, b) for a, b in zip(h2.tensors(), h.tensors(), strict=True))
     fork = other.alloc()
     other.slab.copy(s2, fork)
     turns(other, s2, n_turns=1, seed=7)
@@ -166,7 +152,7 @@ def test_host_budget_drops_the_oldest_pages_of_the_coldest_session_first(tiny_ck
     hc, hh = eng.histories.get(cold), eng.histories.get(hot)
     assert eng.histories.nbytes() <= eng.cfg.history_bytes
     assert hc.base > 0 and eng.histories.pages_dropped > 0
-    assert hc.base % PAGE == 0 and hc.k.shape[2] >= hc.held
+    assert hc.base % PAGE == 0 and hc.capacity >= hc.held
     if hh.base > 0:  # the hot one loses pages only once the cold one has none left
         assert hc.pages == 0
     turns(eng, cold, n_turns=2, seed=4)  # degraded: still served, recall from what is left
@@ -194,3 +180,24 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     best = want.amax(0)
     skip[best.argmax()] = True
     assert int(best.argmax()) not in choose_pages(got.amax(0), 3, skip).tolist()
+
+
+def test_the_reread_last_token_sees_the_slot_as_the_step_left_it(tiny_ckpt):
+    """The recall round re-reads the prompt's last token over its slot. While the slot is below its
+    budget nothing was evicted and nothing comes back, so the re-read must give the step's own logits;
+    once recall brings pages back, the logits differ from the same step without the round."""
+    eng, plain = engine(tiny_ckpt), engine(tiny_ckpt)
+    a, b = eng.alloc(), plain.alloc()
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))  # 9 < BUDGET: no eviction
+    torch.testing.assert_close(eng.forward([a], ids, last_only=True, recall=True),
+                               plain.forward([b], ids, last_only=True), rtol=1e-4, atol=1e-4)
+    turns(eng, a, n_turns=4, seed=2, reply=0)
+    fork = eng.alloc()
+    eng.slab.copy(a, fork)
+    before = eng.histories.get(a).recalled
+    last = torch.tensor([[3, 4, 5]])
+    with_round = eng.forward([a], last, last_only=True, recall=True)
+    without = eng.forward([fork], last, last_only=True)
+    assert eng.histories.get(a).recalled > before
+    assert not torch.allclose(with_round, without, rtol=1e-4, atol=1e-4)
+    check_slot_against_history(eng, a)
