@@ -1,17 +1,21 @@
-"""Peer comparison: NVIDIA kvpress presses on our passkey task (same model, prompts, lengths, budgets).
+"""Peer comparison: NVIDIA kvpress presses on our passkey and multi-turn recall tasks (same model,
+prompts, lengths, budgets).
 
 Two steps, two environments:
 
   run   (default; inside a venv with kvpress==0.5.5, transformers<5.3 and `pip install --no-deps -e .`):
-        every passkey case is split into context (the prompt without the final question) and the
-        question. The press compresses the context at prefill, never seeing the question
-        (question-agnostic, like a multi-turn cache); then the question is appended and 8 tokens are
-        decoded greedily. A budget B (kept context tokens per layer and KV head) maps to
-        compression_ratio = max(0, 1 - B / context_tokens); the kept count actually reached is reported.
-  merge (main environment, no kvpress needed): kvpress JSON + `lessserve eval passkey --json` output
-        -> one markdown table, a merged JSON and a PNG.
+        every case is split into context and question: a passkey prompt before its final question
+        (`--task passkey`), or a recall conversation (`--task recall`, evals/recall_cases.py, plain
+        format) before its question turn, i.e. the history our sessions had compressed turn by turn
+        before the question existed. The press compresses the context at prefill, never seeing the
+        question (question-agnostic, like a multi-turn cache); then the question is appended and 8
+        (passkey) or 12 (recall) tokens are decoded greedily. A budget B (kept context tokens per
+        layer and KV head) maps to compression_ratio = max(0, 1 - B / context_tokens); the kept count
+        actually reached is reported.
+  merge (main environment, no kvpress needed): kvpress JSON + `lessserve eval passkey --json` (or
+        `eval recall --json`) output -> one markdown table, a merged JSON and a PNG.
 
-  python -m lessserve.evals.peer_kvpress --model DIR --out kv.json
+  python -m lessserve.evals.peer_kvpress --model DIR --out kv.json [--task recall --cases 6]
   python -m lessserve.evals.peer_kvpress merge --kvpress kv.json --ours ours.json --out docs/results/passkey_peers
   python -m lessserve.evals.peer_kvpress model-dir      # prints the converted HF folder of the default model
 """
@@ -24,12 +28,15 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from lessserve.evals.recall_cases import ANSWER_TOKENS
 
 PRESSES = ("StreamingLLMPress", "SnapKVPress", "ObservedAttentionPress")
 NO_PRESS = "no_press"
 EAGER = {"ObservedAttentionPress"}  # presses that read the attention weights of the forward pass
-NEW_TOKENS = 8
+NEW_TOKENS = 8  # passkey (the recall task decodes recall_cases.ANSWER_TOKENS, as `eval recall`)
 
 
 def compression_ratio(budget: int, context_tokens: int) -> float:
@@ -83,8 +90,14 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_int_list, default=[64, 128, 256])
     p.add_argument("--presses", type=_press_list, default=list(PRESSES),
                    help=f"comma-separated: {', '.join(PRESSES)}; a '{NO_PRESS}' (full cache) row is always added")
+    p.add_argument("--task", choices=("passkey", "recall"), default="passkey",
+                   help="passkey: one prompt, the question split off; recall: the multi-turn conversations of "
+                        "`lessserve eval recall --format plain`, the history before the question turn compressed")
     p.add_argument("--trials-per-depth", type=_pos_int, default=2,
-                   help="trials per depth (depths 10/50/90%%)")
+                   help="passkey: trials per depth (depths 10/50/90%%)")
+    p.add_argument("--cases", type=_pos_int, default=6, help="recall: conversations per length")
+    p.add_argument("--part", choices=("train", "dev", "test"), default="test",
+                   help="recall: the part of the shared texts the filler turns come from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_pos_int, default=1)
     p.add_argument("--out", default=None, help="JSON output")
@@ -126,13 +139,13 @@ def run(argv: list[str]) -> int:
     import transformers
     from transformers import AutoTokenizer, DynamicCache
 
-    from lessserve.evals.passkey_prompts import answer_ok, passkey_cases, split_question
     from lessserve.workers.model_loader import transformers_model
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(folder)
-    cases = passkey_cases(tok, args.lengths, trials, args.seed)
+    cases = task_cases(tok, args)
+    new_tokens = NEW_TOKENS if args.task == "passkey" else ANSWER_TOKENS
     models: dict[str, object] = {}
 
     def model_for(attn: str):
@@ -150,7 +163,7 @@ def run(argv: list[str]) -> int:
         pos = torch.arange(cut, len(ids))[None]
         out = model(input_ids=torch.tensor([ids[cut:]]), past_key_values=cache, position_ids=pos, logits_to_keep=1)
         new = [int(out.logits[0, -1].argmax())]
-        for i in range(NEW_TOKENS - 1):  # no stop on EOS, like `eval_passkey`
+        for i in range(new_tokens - 1):  # no stop on EOS, like our side
             out = model(input_ids=torch.tensor([[new[-1]]]), past_key_values=cache,
                         position_ids=torch.tensor([[len(ids) + i]]))
             new.append(int(out.logits[0, -1].argmax()))
@@ -160,9 +173,9 @@ def run(argv: list[str]) -> int:
         return min(cache.get_seq_length(i) for i in range(len(cache.layers)))
 
     @torch.inference_mode()
-    def case_per_press(ids: list[int], combos: list[tuple[str, int]]) -> dict:
+    def case_per_press(ids: list[int], cut: int, combos: list[tuple[str, int]]) -> dict:
         """kvpress's own way: the press as a context manager around one prefill per press and budget."""
-        cut, res = split_question(tok, ids), {}
+        res = {}
         for name, budget in combos:
             model, cache, t0 = model_for("eager" if name in EAGER else "sdpa"), DynamicCache(), time.time()
             press = None if name == NO_PRESS else make_press(name, budget, cut)
@@ -173,13 +186,13 @@ def run(argv: list[str]) -> int:
         return res
 
     @torch.inference_mode()
-    def case_shared(ids: list[int], combos: list[tuple[str, int]]) -> dict:
+    def case_shared(ids: list[int], cut: int, combos: list[tuple[str, int]]) -> dict:
         """One eager prefill of the context; in each attention layer every press/budget compresses the same
         (hidden states, keys, values, attention weights) with its own `compress`. Equivalent to one prefill per
         press: kvpress compresses the cache after the layer's attention, so the prefill never sees compression."""
         from kvpress.utils import extract_keys_and_values
 
-        model, cut = model_for("eager"), split_question(tok, ids)
+        model = model_for("eager")
         presses = {c: make_press(c[0], c[1], cut) for c in combos if c[0] != NO_PRESS}
         for press in presses.values():
             press.post_init_from_model(model)
@@ -218,10 +231,10 @@ def run(argv: list[str]) -> int:
     for L in args.lengths:
         got: dict[tuple, list] = {c: [] for c in combos}
         ctx = []
-        for ids, key, _depth in cases[L]:
-            ctx.append(split_question(tok, ids))
-            for c, (out, kept, secs) in one_case(ids, combos).items():
-                got[c].append((answer_ok(tok, out, key), kept, secs))
+        for ids, cut, check in cases[L]:
+            ctx.append(cut)
+            for c, (out, kept, secs) in one_case(ids, cut, combos).items():
+                got[c].append((check(out), kept, secs))
         n = len(cases[L])
         for i, c in enumerate(combos):
             hits, kept, secs = zip(*got[c], strict=True)
@@ -231,8 +244,8 @@ def run(argv: list[str]) -> int:
             rows.append(row)
             print(f"[{i + 1}/{len(combos)}] {c[0]:24s} budget={c[1]:5d} length={L:5d} kept={row['kept_tokens']:7.1f} "
                   f"acc={row['accuracy']:.2f} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
-    result = {"header": {"versions": _versions(), "threads": threads, "seed": args.seed,
-                         "trials_per_depth": trials, "new_tokens": NEW_TOKENS,
+    result = {"header": {"versions": _versions(), "threads": threads, "seed": args.seed, "task": args.task,
+                         "trials_per_depth": trials, "cases": args.cases, "part": args.part, "new_tokens": new_tokens,
                          "prefill": "per-press" if args.per_press else "shared-eager",
                          "command": "python -m lessserve.evals.peer_kvpress " + " ".join(
                              shlex.quote(a) for a in _portable_argv(argv))},
@@ -241,6 +254,29 @@ def run(argv: list[str]) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+Case = tuple[list[int], int, Callable[[list[int]], bool]]  # (prompt ids, where the question starts, scorer)
+
+
+def task_cases(tok, args) -> dict[int, list[Case]]:
+    """{length: cases} of the task, the same token ids our side runs: passkey prompts split before
+    their question, or recall conversations (plain format) split before the question turn."""
+    if args.task == "passkey":
+        from lessserve.evals.passkey_prompts import answer_ok, passkey_cases, split_question
+
+        return {L: [(ids, split_question(tok, ids), lambda out, k=key: answer_ok(tok, out, k)) for ids, key, _ in cs]
+                for L, cs in passkey_cases(tok, args.lengths, args.trials_per_depth, args.seed).items()}
+    import copy
+
+    from lessserve.evals.recall_cases import PLAIN_TEMPLATE, answer_ok, question_prompt, recall_cases
+    from lessserve.lab.corpus import shared_parts
+
+    plain = copy.copy(tok)
+    plain.chat_template = PLAIN_TEMPLATE
+    convs = recall_cases(plain, args.lengths, args.cases, args.seed, shared_parts(args.part), "plain")
+    return {L: [(*question_prompt(plain, c), lambda out, c=c: answer_ok(tok.decode(out, skip_special_tokens=True), c))
+                for c in cs] for L, cs in convs.items()}
 
 
 def _portable_argv(argv: list[str]) -> list[str]:
@@ -263,7 +299,9 @@ def _portable_argv(argv: list[str]) -> list[str]:
 # ---------------------------------------------------------------- merge (main environment only)
 
 def _is_full(row: dict) -> bool:
-    return row["policy"] in ("full", NO_PRESS)
+    """Rows of an uncompressed cache: the full cache, no press, and the recall benchmark's floor (the
+    full cache without the fact)."""
+    return row["policy"] in ("full", NO_PRESS, "floor")
 
 
 def _label(row: dict) -> tuple[str, str, str]:
@@ -354,7 +392,8 @@ def merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lessserve.evals.peer_kvpress merge",
                                 description="merge kvpress and lessserve passkey JSON into a table, JSON and PNG")
     p.add_argument("--kvpress", required=True, help="JSON from the kvpress run (or an earlier merged JSON)")
-    p.add_argument("--ours", required=True, help="JSON from `lessserve eval passkey --json` or `eval report`")
+    p.add_argument("--ours", required=True,
+                   help="JSON from `lessserve eval passkey --json`, `eval report` or `eval recall --json`")
     p.add_argument("--out", required=True, help="output stem: writes STEM.json, STEM.md, STEM.png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)

@@ -27,7 +27,7 @@ from lessserve.evals.recall_cases import (
     messages_at,
     recall_cases,
 )
-from lessserve.lab.corpus import DATA_DIR, TEXTS, read_part
+from lessserve.lab.corpus import shared_parts
 from lessserve.lab.engines import EngineFactory
 from lessserve.lab.output import progress
 from lessserve.workers.local_sessions import LocalSessions
@@ -46,11 +46,6 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, mid - half), min(1.0, mid + half)
-
-
-def corpus_texts(part: str) -> dict[str, str]:
-    """The `part` of every shared text: where filler turns come from (reports use `test`)."""
-    return {name: read_part(DATA_DIR / f, part) for name, f in TEXTS.items()}
 
 
 def case_tokenizer(factory: EngineFactory, fmt: str):
@@ -103,7 +98,7 @@ def eval_recall(factory: EngineFactory, policies: list[str], budgets: list[int],
                 cases: int = 6, seed: int = 0, fmt: str = "plain", part: str = "test") -> list[dict]:
     """Rows per (policy, budget, length); `full` and `floor` once per length. The factory's base
     config must carry the format's chat template and a max_context covering max(lengths)."""
-    convs = recall_cases(case_tokenizer(factory, fmt), lengths, cases, seed, corpus_texts(part), fmt)
+    convs = recall_cases(case_tokenizer(factory, fmt), lengths, cases, seed, shared_parts(part), fmt)
     runs = [(p, b) for p in policies for b in (budgets[:1] if p in UNBUDGETED else budgets)]
     rows = []
     for i, (policy, budget) in enumerate(runs):

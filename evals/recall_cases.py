@@ -189,3 +189,19 @@ def recall_cases(tokenizer, lengths: list[int], cases: int, seed: int, texts: di
     rng = random.Random(seed)
     return {L: [build_case(tokenizer, KINDS[k % len(KINDS)], rng, L, texts, fmt) for k in range(cases)]
             for L in lengths}
+
+
+def question_prompt(tokenizer, case: RecallCase, fmt: str = "plain") -> tuple[list[int], int]:
+    """The question turn's whole prompt as token ids (the tokenizer's chat template) and `cut`, where
+    the question turn's new tokens start: ids[:cut] is the history a session had consumed before
+    the question existed (through the last acknowledgement), the part a question-agnostic peer may
+    compress (evals/peer_kvpress.py, `--task recall`)."""
+    msgs = messages_at(case, case.question_turn, fmt)
+
+    def ids(m: list[dict], gen: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(m, add_generation_prompt=gen, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    full, before = ids(msgs, True), ids(msgs[: 2 * case.question_turn], False)
+    cut = next((i for i, (a, b) in enumerate(zip(full, before, strict=False)) if a != b), min(len(full), len(before)))
+    return full, cut

@@ -74,6 +74,11 @@ def corpus_paths(data_dir: str | Path = DATA_DIR, names: list[str] | None = None
     return {n: Path(data_dir) / TEXTS[n] for n in names}
 
 
+def shared_parts(part: str, data_dir: str | Path = DATA_DIR) -> dict[str, str]:
+    """The `part` of every shared text by name (where the recall benchmark's filler turns come from)."""
+    return {name: read_part(path, part) for name, path in corpus_paths(data_dir).items()}
+
+
 def text_name(path: str | Path) -> str:
     """Short name of a file: its corpus name when it is one of TEXTS, else its stem."""
     p = Path(path)

@@ -169,3 +169,25 @@ def test_bad_flags_name_the_flag(capsys):
 def test_portable_argv_drops_machine_paths():
     argv = ["--model", "/root/.cache/x/SmolLM", "--out=/tmp/kv.json", "--lengths", "512"]
     assert pk._portable_argv(argv) == ["--model", "SmolLM", "--out=kv.json", "--lengths", "512"]
+
+
+def test_recall_task_cases_are_our_conversations_split_before_the_question():
+    """--task recall: the same conversations `eval recall --format plain` runs (same seed, texts and
+    tokenizer), the compressed part ending before the question turn, and the scorer of our side."""
+    import copy
+
+    from lessserve.evals import recall_cases as rc
+    from lessserve.lab.corpus import shared_parts
+    from lessserve.workers.model_loader import load_checkpoint, load_tokenizer
+
+    tok = load_tokenizer(load_checkpoint("smollm2-135m-instruct").folder)
+    got = pk.task_cases(tok, SimpleNamespace(task="recall", lengths=[512], cases=2, seed=0, part="dev"))
+    plain = copy.copy(tok)
+    plain.chat_template = rc.PLAIN_TEMPLATE
+    convs = rc.recall_cases(plain, [512], 2, 0, shared_parts("dev"), "plain")[512]
+    assert len(got[512]) == 2
+    for (ids, cut, check), case in zip(got[512], convs, strict=True):
+        assert (ids, cut) == rc.question_prompt(plain, case)
+        assert case.fact in tok.decode(ids[:cut]) and case.fact not in tok.decode(ids[cut:])
+        assert check(tok(" " + case.answer + ".", add_special_tokens=False)["input_ids"])
+        assert not check(tok(" nothing here", add_special_tokens=False)["input_ids"])

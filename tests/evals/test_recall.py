@@ -9,18 +9,21 @@ import json
 import pytest
 
 from lessserve.cli.main import main
-from lessserve.evals.recall import corpus_texts, wilson
+from lessserve.evals.recall import wilson
 from lessserve.evals.recall_cases import (
     ACK,
     ANSWER_TOKENS,
+    KIND_BY_NAME,
     KINDS,
     PLAIN_TEMPLATE,
     RecallCase,
     answer_ok,
     messages_at,
+    question_prompt,
     recall_cases,
     rendered_tokens,
 )
+from lessserve.lab.corpus import shared_parts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: one intra-op thread
 
@@ -36,7 +39,7 @@ def plain_tokenizer():
 
 @pytest.fixture(scope="module")
 def dev_texts():
-    return corpus_texts("dev")
+    return shared_parts("dev")
 
 
 def test_cases_are_deterministic_in_the_seed(plain_tokenizer, dev_texts):
@@ -63,6 +66,18 @@ def test_histories_reach_the_length_with_the_fact_turns_before_the_question(plai
         assert 0 < case.distance_tokens < case.tokens
         floor = messages_at(case, case.question_turn, "plain", floor=True)
         assert not any(case.fact in m["content"] for m in floor)
+
+
+def test_question_prompt_splits_where_the_question_turn_starts(plain_tokenizer, dev_texts):
+    """What a question-agnostic peer compresses (evals/peer_kvpress.py --task recall) is the history
+    through the last acknowledgement; the rest is the question turn, with the answer cue."""
+    for case in recall_cases(plain_tokenizer, [512], 4, seed=1, texts=dev_texts)[512]:
+        ids, cut = question_prompt(plain_tokenizer, case)
+        assert len(ids) == rendered_tokens(plain_tokenizer, messages_at(case, case.question_turn, "plain"))
+        context, question = plain_tokenizer.decode(ids[:cut]), plain_tokenizer.decode(ids[cut:])
+        assert case.fact in context and context.rstrip().rstrip(".").endswith("Assistant: " + ACK.rstrip("."))
+        assert KIND_BY_NAME[case.kind].question in question and question.endswith(KIND_BY_NAME[case.kind].cue)
+        assert case.fact not in question
 
 
 def test_each_turn_extends_the_previous_rendering(plain_tokenizer, dev_texts):
