@@ -26,6 +26,7 @@ from lessserve.kernels.reference.recall import (
     history_page_mass,
     page_tokens,
     recall_layer_ref,
+    redundant_pages,
 )
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
@@ -238,8 +239,9 @@ class Engine:
         hist = None
         if self.histories is not None:
             hist = [self.histories.touch(s) for s in slots]
-            for h in hist:
+            for h, s, row in zip(hist, seen, tokens.cpu(), strict=True):
                 h.reserve(C)
+                h.write_ids(s, row)
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
                             history=(slots, seen, hist) if hist is not None else None)
         for s in slots:
@@ -308,6 +310,7 @@ class Engine:
             score = history_page_mass(queries, keys, self.scale, P).sum(dim=(0, 1)).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
             skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
+            skip |= redundant_pages(h.ids(), P, h.pages, self.spec.recent)  # the slot holds their like
             out.append(page_tokens(choose_pages(score, cfg.recall_pages, skip), P, h.held))
         return out
 
@@ -351,12 +354,13 @@ class Engine:
 
         return self.model(token, position, attend, last_only=True)
 
-    def record_decoded(self, slots: Sequence[int]) -> None:
+    def record_decoded(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its
         last entry at every layer and head (the recent window keeps it), copied into its history."""
-        for s in slots:
+        for s, tok in zip(slots, tokens, strict=True):
             h = self.histories.touch(s)
             h.reserve(1)
+            h.write_ids(h.n, torch.tensor([tok]))
             last = int(self.slab.length[s]) - 1
             h.write_all(h.n, self.slab.k[:, s, :, last, None].to("cpu", h.dtype),
                         self.slab.v[:, s, :, last, None].to("cpu", h.dtype))
@@ -399,7 +403,7 @@ class Engine:
                 for s in slots:
                     self.slab.seen[s] += 1
                 if self.histories is not None:
-                    self.record_decoded(slots)
+                    self.record_decoded(slots, tokens)
                 return out.clone()  # the graph's output buffer is overwritten by the next replay
         t = torch.as_tensor(list(tokens), dtype=torch.long)[:, None]
         return self.forward(slots, t, last_only=True)[:, -1]

@@ -23,6 +23,7 @@ import itertools
 import torch
 
 HISTORY_FIELDS = ("history_k", "history_v")  # the codec tensors a session's history travels as
+HISTORY_IDS = "history_ids"  # and its token ids (older records lack them: unknown, -1)
 BLOCK_TOKENS = 64  # tokens per storage block (rounded up to a multiple of the page)
 
 
@@ -32,6 +33,7 @@ class History:
         self.block = -(-BLOCK_TOKENS // page) * page
         self.blocks_k: list[torch.Tensor] = []  # each [L, Hkv, block, D]
         self.blocks_v: list[torch.Tensor] = []
+        self.blocks_ids: list[torch.Tensor] = []  # each [block] int64, -1 where unknown
         self.start = 0  # where position `base` lies in the first block (a multiple of the page)
         self.base = 0  # first position held
         self.n = 0  # tokens consumed: positions [base, n) are held
@@ -95,6 +97,13 @@ class History:
             v[:, :, at] = self.blocks_v[blk][:, :, o[at]]
         return k, v
 
+    def ids(self, start: int = 0) -> torch.Tensor:
+        """Token ids at history indices [start, held) [m] int64 (-1 where unknown)."""
+        out = torch.empty(self.held - start, dtype=torch.long)
+        for b, o, t, m in self._spans(start, self.held - start):
+            out[t : t + m] = self.blocks_ids[b][o : o + m]
+        return out
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held token, contiguous: (k, v) [L, Hkv, held, D] (a copy)."""
         L, Hkv, D = self.shape
@@ -119,12 +128,18 @@ class History:
         while self.capacity < self.held + count:
             self.blocks_k.append(torch.empty(L, Hkv, self.block, D, dtype=self.dtype))
             self.blocks_v.append(torch.empty(L, Hkv, self.block, D, dtype=self.dtype))
+            self.blocks_ids.append(torch.full((self.block,), -1, dtype=torch.long))
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k / v [Hkv, C, D] of positions start .. start + C - 1 at one layer (reserved before)."""
         for b, o, t, m in self._spans(start - self.base, k.shape[1]):
             self.blocks_k[b][layer, :, o : o + m] = k[:, t : t + m]
             self.blocks_v[b][layer, :, o : o + m] = v[:, t : t + m]
+
+    def write_ids(self, start: int, ids: torch.Tensor) -> None:
+        """The token ids [C] of positions start .. start + C - 1 (reserved before)."""
+        for b, o, t, m in self._spans(start - self.base, len(ids)):
+            self.blocks_ids[b][o : o + m] = ids[t : t + m]
 
     def write_all(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k / v [L, Hkv, C, D] of positions start .. start + C - 1 at every layer (reserved before)."""
@@ -143,13 +158,14 @@ class History:
         self.base += t
         self.start += t
         gone = min(self.start // self.block, len(self.blocks_k))
-        del self.blocks_k[:gone], self.blocks_v[:gone]
+        del self.blocks_k[:gone], self.blocks_v[:gone], self.blocks_ids[:gone]
         self.start -= gone * self.block
 
     def clone(self) -> History:
         """A copy with the same spare capacity (a fork's next step appends without allocating)."""
         h = History(*self.shape, self.dtype, self.page)
         h.blocks_k, h.blocks_v = [b.clone() for b in self.blocks_k], [b.clone() for b in self.blocks_v]
+        h.blocks_ids = [b.clone() for b in self.blocks_ids]
         h.start, h.base, h.n, h.recalled, h.last_used = self.start, self.base, self.n, self.recalled, self.last_used
         h.queries = None if self.queries is None else [q.clone() for q in self.queries]
         return h
@@ -157,7 +173,7 @@ class History:
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta) for the session's encoded cache (workers/device_tier.py)."""
         k, v = self.tensors()
-        return ({"history_k": k, "history_v": v},
+        return ({"history_k": k, "history_v": v, HISTORY_IDS: self.ids()},
                 {"base": self.base, "n": self.n, "page": self.page, "recalled": self.recalled})
 
     @classmethod
@@ -176,6 +192,9 @@ class History:
         h.base = h.n = base
         h.reserve(n - base)
         h.write_all(base, k, v)
+        ids = tensors.get(HISTORY_IDS)
+        if ids is not None and tuple(ids.shape) == (n - base,) and not ids.dtype.is_floating_point:
+            h.write_ids(base, ids.long())
         h.advance(n - base)
         h.recalled = int(meta.get("recalled", 0))
         return h

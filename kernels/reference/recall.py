@@ -57,6 +57,23 @@ def page_tokens(chosen: torch.Tensor, page: int, held: int) -> torch.Tensor:
     return want[want < held]
 
 
+def redundant_pages(ids: torch.Tensor, page: int, pages: int, recent: int, n: int = 3) -> torch.Tensor:
+    """ids [T] the history's token ids (-1 unknown) -> [pages] bool: pages every n-gram within which also
+    occurs among the last `recent` tokens, which the slot holds anyway: bringing them back adds no
+    information (in a chat, the template lines that recur every turn: "Assistant: Noted.\nUser:").
+    Pages with an unknown id are never redundant."""
+    def grams(x: list[int]) -> set[tuple[int, ...]]:
+        return {tuple(x[i : i + n]) for i in range(len(x) - n + 1)}
+
+    x = ids.tolist()
+    held = set() if recent <= 0 else grams(x[-recent:])
+    out = torch.zeros(pages, dtype=torch.bool)
+    for p in range(pages):
+        window = x[p * page : (p + 1) * page]
+        out[p] = min(window) >= 0 and len(window) >= n and grams(window) <= held
+    return out
+
+
 def choose_pages(score: torch.Tensor, pages: int, skip: torch.Tensor) -> torch.Tensor:
     """score [Np], skip [Np] bool (pages eviction keeps anyway) -> the best `pages` page indices."""
     s = score.masked_fill(skip, float("-inf"))

@@ -12,7 +12,7 @@ import torch
 
 from lessserve.kernels.reference.evict import PIN_SCORE
 from lessserve.kernels.reference.lowrank import psi_ref
-from lessserve.kernels.reference.recall import choose_pages, group_queries, history_page_mass
+from lessserve.kernels.reference.recall import choose_pages, group_queries, history_page_mass, redundant_pages
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
@@ -201,3 +201,16 @@ def test_the_reread_last_token_sees_the_slot_as_the_step_left_it(tiny_ckpt):
     assert eng.histories.get(a).recalled > before
     assert not torch.allclose(with_round, without, rtol=1e-4, atol=1e-4)
     check_slot_against_history(eng, a)
+
+
+def test_pages_the_recent_window_already_holds_are_redundant():
+    """A page is redundant when every trigram within it also occurs among the last `recent` tokens (a
+    chat's recurring template line); unknown ids (-1) never are."""
+    template, fact = [7, 8, 9, 10], [41, 42, 43, 44]
+    ids = torch.tensor(template + fact + template + [50, 51, 52, 53] + template)  # pages of 4
+    got = redundant_pages(ids, 4, 5, recent=4)
+    assert got.tolist() == [True, False, True, False, True]
+    assert redundant_pages(ids, 4, 5, recent=0).tolist() == [False] * 5
+    unknown = ids.clone()
+    unknown[1] = -1
+    assert not bool(redundant_pages(unknown, 4, 5, recent=4)[0])
