@@ -351,7 +351,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+TASK_TITLES = {"passkey": "Passkey accuracy", "recall": "Multi-turn recall accuracy"}
+
+
+def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
     """Accuracy vs length, one panel per budget, one line per system:policy (same colour in every panel,
     shifted a few tokens sideways so equal results do not hide each other); the full-cache rows appear in
     every panel as the reference."""
@@ -375,11 +378,11 @@ def plot(rows: list[dict], path: Path) -> None:
             dx = 12 * (names.index(name) - (len(names) - 1) / 2)  # small offset: equal results stay visible
             ax.plot([p[0] + dx for p in pts], [p[1] for p in pts], color=colour[name], marker="o" if ours else "s",
                     linestyle="-" if ours else "--", label=name)
-        ax.set_title(f"budget {b} tokens" if b else "passkey")
+        ax.set_title(f"budget {b} tokens" if b else task)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("passkey accuracy")
+    axes[0][0].set_ylabel(f"{task} accuracy")
     handles = [plt.Line2D([], [], color=colour[n], marker="o" if n.startswith("lessserve") else "s",
                           linestyle="-" if n.startswith("lessserve") else "--") for n in names]
     fig.legend(handles, names, loc="lower center", ncol=min(5, len(names)), fontsize=7, frameon=False)
@@ -390,7 +393,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lessserve.evals.peer_kvpress merge",
-                                description="merge kvpress and lessserve passkey JSON into a table, JSON and PNG")
+                                description="merge kvpress and lessserve passkey or recall JSON: a table, JSON and PNG")
     p.add_argument("--kvpress", required=True, help="JSON from the kvpress run (or an earlier merged JSON)")
     p.add_argument("--ours", required=True,
                    help="JSON from `lessserve eval passkey --json`, `eval report` or `eval recall --json`")
@@ -410,17 +413,18 @@ def merge(argv: list[str]) -> int:
         ours = ours.get("passkey", [])
     rows = merge_rows(kv, ours)
     header = kv.get("header", {}) if isinstance(kv, dict) else {}
+    task = header.get("task", "passkey")
     md = table(rows)
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"kvpress_header": header, "rows": rows}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(
-        "# Passkey accuracy: lessserve policies vs NVIDIA kvpress presses\n\n"
+        f"# {TASK_TITLES[task]}: lessserve policies vs NVIDIA kvpress presses\n\n"
         f"Versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}. "
         "Budget = kept context tokens per layer and KV head; kvpress compresses the question-free context.\n\n"
         + md + "\n")
     if not args.no_plot:
-        plot(rows, stem.with_suffix(".png"))
+        plot(rows, stem.with_suffix(".png"), task)
     print(md)
     return 0
 

@@ -325,9 +325,10 @@ class Engine:
     def _recall_round(self, slots: list[int], hist: list, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The recall round after a turn's last prompt chunk: the chosen pages come back into every
         layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
-        LESS state stays exact), then the chunk's last token (token / position [n, 1]) is read again,
-        attending over the slot as it is now (its own entry, still in the recent window, included):
-        nothing is written. Returns its logits [n, 1, V]."""
+        LESS state stays exact), then the chunk's last token (token / position [n, 1]) is read again
+        over the slot as it is now: at every layer its K/V, computed this time with the pages back,
+        replace its own entry (the slot's last, in the recent window) and its history record, and it
+        attends over the slot. Returns its logits [n, 1, V]."""
         slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
         chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
@@ -340,11 +341,16 @@ class Engine:
                     self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
                     z=slab.z[layer, s] if lw is not None else None, psi=lw).sum())
         lengths = [int(slab.length[s]) for s in slots]
+        at = [int(p) for p in position[:, 0]]
+        own = [bool((slab.pos[:, s, :, ln - 1] == p).all()) for s, ln, p in zip(slots, lengths, at, strict=True)]
 
-        def attend(layer: int, q, k, v):  # q [n, Hq, 1, D]; the token's own K/V are the slot's last entry
+        def attend(layer: int, q, k, v):  # q [n, Hq, 1, D], k / v [n, Hkv, 1, D]: the token's, pages back
             lw = less.layers[layer] if less else None
             outs = []
-            for i, (s, ln) in enumerate(zip(slots, lengths, strict=True)):
+            for i, (s, ln, h) in enumerate(zip(slots, lengths, hist, strict=True)):
+                if own[i]:  # its entry is the slot's last at every layer and head (the recent window keeps it)
+                    slab.k[layer, s, :, ln - 1], slab.v[layer, s, :, ln - 1] = k[i, :, 0], v[i, :, 0]
+                    h.write(layer, at[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
                 keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
                 less_terms = (slab.H[layer, s : s + 1], slab.z[layer, s : s + 1], ops.phi(q[i : i + 1], lw)) \
                     if lw is not None else (None, None, None)
