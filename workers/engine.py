@@ -22,6 +22,7 @@ from lessserve.kernels.dispatch import resolve
 from lessserve.kernels.fast_attention import attend_cat
 from lessserve.kernels.reference.recall import (
     choose_pages,
+    glued_pages,
     group_queries,
     history_page_mass,
     page_tokens,
@@ -310,9 +311,19 @@ class Engine:
             score = history_page_mass(queries, keys, self.scale, P).sum(dim=(0, 1)).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
             skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
-            skip |= redundant_pages(h.ids(), P, h.pages, self.spec.recent)  # the slot holds their like
-            out.append(page_tokens(choose_pages(score, cfg.recall_pages, skip), P, h.held))
+            ids = h.ids()
+            skip |= redundant_pages(ids, P, h.pages, self.spec.recent)  # the slot holds their like
+            glued = glued_pages(ids, P, h.pages, *self._word_marks()) if self.tokenizer is not None else None
+            out.append(page_tokens(choose_pages(score, cfg.recall_pages, skip, glued), P, h.held))
         return out
+
+    @functools.cache  # noqa: B019 - one tokenizer per engine, for the engine's life
+    def _word_marks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per vocabulary id: does its text start with a letter or digit (no space: inside a word), and
+        does it end with one."""
+        texts = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        words = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+        return (torch.tensor([w[:1].isalnum() for w in words]), torch.tensor([w[-1:].isalnum() for w in words]))
 
     def _record(self, layer: int, q, k, v, slots: list[int], seen: list[int], hist: list) -> None:
         """One layer of a `+recall` step: the chunk's K/V [n, Hkv, C, D] goes to each session's history,

@@ -74,11 +74,42 @@ def redundant_pages(ids: torch.Tensor, page: int, pages: int, recent: int, n: in
     return out
 
 
-def choose_pages(score: torch.Tensor, pages: int, skip: torch.Tensor) -> torch.Tensor:
-    """score [Np], skip [Np] bool (pages eviction keeps anyway) -> the best `pages` page indices."""
+def choose_pages(score: torch.Tensor, pages: int, skip: torch.Tensor,
+                 glued: torch.Tensor | None = None) -> torch.Tensor:
+    """score [Np], skip [Np] bool (pages eviction keeps anyway) -> the best `pages` page indices.
+    glued [Np] bool: page i and page i + 1 split a word (a number, a name) between them; a chosen
+    page then brings its glued neighbours along (in the place of lower-scored pages), so the word
+    comes back whole."""
     s = score.masked_fill(skip, float("-inf"))
-    top = s.topk(min(pages, len(s))).indices
-    return top[s[top] > float("-inf")]
+    order = s.argsort(descending=True, stable=True)
+    order = order[s[order] > float("-inf")]
+    if glued is None:
+        return order[:pages]
+    out: list[int] = []
+    for p in order.tolist():
+        run = [p]
+        while run[0] > 0 and glued[run[0] - 1] and not skip[run[0] - 1]:  # the word goes on to the left
+            run.insert(0, run[0] - 1)
+        while run[-1] + 1 < len(s) and glued[run[-1]] and not skip[run[-1] + 1]:  # and to the right
+            run.append(run[-1] + 1)
+        out += [q for q in run if q not in out][: pages - len(out)]
+        if len(out) >= pages:
+            break
+    return torch.tensor(out, dtype=torch.long)
+
+
+def glued_pages(ids: torch.Tensor, page: int, pages: int, starts_inside: torch.Tensor,
+                ends_inside: torch.Tensor) -> torch.Tensor:
+    """ids [T] token ids (-1 unknown) -> [pages] bool: page i's last token and page i + 1's first one
+    belong to one word (the first ends with a letter or digit, the next starts with one, no space);
+    starts_inside / ends_inside [V] bool per vocabulary id."""
+    out = torch.zeros(pages, dtype=torch.bool)
+    if pages < 2:
+        return out
+    last, first = ids[page - 1 : (pages - 1) * page : page], ids[page : pages * page : page]  # [pages - 1]
+    known = (last >= 0) & (first >= 0)
+    out[: pages - 1] = known & ends_inside[last.clamp(min=0)] & starts_inside[first.clamp(min=0)]
+    return out
 
 
 def _absorb(H: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,

@@ -12,7 +12,13 @@ import torch
 
 from lessserve.kernels.reference.evict import PIN_SCORE
 from lessserve.kernels.reference.lowrank import psi_ref
-from lessserve.kernels.reference.recall import choose_pages, group_queries, history_page_mass, redundant_pages
+from lessserve.kernels.reference.recall import (
+    choose_pages,
+    glued_pages,
+    group_queries,
+    history_page_mass,
+    redundant_pages,
+)
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.device_tier import EngineDeviceTier
 from lessserve.workers.engine import Engine
@@ -214,3 +220,23 @@ def test_pages_the_recent_window_already_holds_are_redundant():
     unknown = ids.clone()
     unknown[1] = -1
     assert not bool(redundant_pages(unknown, 4, 5, recent=4)[0])
+
+
+def test_a_chosen_page_brings_the_pages_its_words_run_into():
+    """A number or name cut by a page boundary comes back whole: glued neighbours join the chosen
+    page (in the place of lower-scored pages); pages left out stay out; without glue, the plain top-k."""
+    starts = torch.tensor([False, True, True, False])  # vocabulary: 0 ' ', 1 '6', 2 'x' continue a word
+    ends = torch.tensor([False, True, True, True])
+    ids = torch.tensor([3, 0, 3, 1,  1, 1, 0, 3,  3, 3, 0, 2,  2, 0, 3, 3])  # pages of 4
+    glued = glued_pages(ids, 4, 4, starts, ends)
+    assert glued.tolist() == [True, False, True, False]
+    score = torch.tensor([0.1, 0.9, 0.5, 0.4])
+    none = torch.zeros(4, dtype=torch.bool)
+    assert choose_pages(score, 2, none).tolist() == [1, 2]
+    assert choose_pages(score, 2, none, glued).tolist() == [0, 1]  # page 1's number starts in page 0
+    assert choose_pages(score, 4, none, glued).tolist() == [0, 1, 2, 3]
+    skip = torch.tensor([True, False, False, False])
+    assert choose_pages(score, 2, skip, glued).tolist() == [1, 2]  # a skipped page is never brought along
+    unknown = ids.clone()
+    unknown[3] = -1
+    assert not bool(glued_pages(unknown, 4, 4, starts, ends)[0])
