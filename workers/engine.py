@@ -147,6 +147,7 @@ class Engine:
                              cfg.max_slots + (backend is not None), self.spec.budget,
                              self.less.rank if self.less else 0, self.device, self.dtype, cfg.kv_bits)
         self.histories: Histories | None = None
+        self._marks: tuple[torch.Tensor, torch.Tensor] | None = None  # +recall: the vocabulary's word marks
         if self.policy.recall:
             self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
                                                              self.args.head_dim, self.dtype, cfg.recall_page,
@@ -317,13 +318,15 @@ class Engine:
             out.append(page_tokens(choose_pages(score, cfg.recall_pages, skip, glued), P, h.held))
         return out
 
-    @functools.cache  # noqa: B019 - one tokenizer per engine, for the engine's life
     def _word_marks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per vocabulary id: does its text start with a letter or digit (no space: inside a word), and
-        does it end with one."""
-        texts = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        words = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
-        return (torch.tensor([w[:1].isalnum() for w in words]), torch.tensor([w[-1:].isalnum() for w in words]))
+        does it end with one. Built once per engine, at its first recall round."""
+        if self._marks is None:
+            texts = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            words = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+            self._marks = (torch.tensor([w[:1].isalnum() for w in words]),
+                           torch.tensor([w[-1:].isalnum() for w in words]))
+        return self._marks
 
     def _record(self, layer: int, q, k, v, slots: list[int], seen: list[int], hist: list) -> None:
         """One layer of a `+recall` step: the chunk's K/V [n, Hkv, C, D] goes to each session's history,
