@@ -245,7 +245,7 @@ class Engine:
                 h.reserve(C)
                 h.write_ids(s, row)
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
-                            history=(slots, seen, hist) if hist is not None else None)
+                            history=(seen, hist) if hist is not None else None)
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
@@ -264,8 +264,8 @@ class Engine:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
-        bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (slots,
-        seen, History per slot) of a `+recall` engine's eager step: each layer's chunk K/V is recorded
+        bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (seen,
+        History per slot) of a `+recall` engine's eager step: each layer's chunk K/V is recorded
         and its last queries kept."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
@@ -328,13 +328,12 @@ class Engine:
                            torch.tensor([w[-1:].isalnum() for w in words]))
         return self._marks
 
-    def _record(self, layer: int, q, k, v, slots: list[int], seen: list[int], hist: list) -> None:
+    def _record(self, layer: int, q, k, v, seen: list[int], hist: list) -> None:
         """One layer of a `+recall` step: the chunk's K/V [n, Hkv, C, D] goes to each session's history,
         and its queries join the last `recall_queries` kept for the next round's choice."""
-        del slots  # the histories are the slots'
         for i, h in enumerate(hist):
             h.keep_queries(layer, q[i], self.cfg.recall_queries)
-            h.write(layer, seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
+            h.write(seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
 
     def _recall_round(self, slots: list[int], hist: list, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The recall round after a turn's last prompt chunk: the chosen pages come back into every
@@ -364,7 +363,7 @@ class Engine:
             for i, (s, ln, h) in enumerate(zip(slots, lengths, hist, strict=True)):
                 if own[i]:  # its entry is the slot's last at every layer and head (the recent window keeps it)
                     slab.k[layer, s, :, ln - 1], slab.v[layer, s, :, ln - 1] = k[i, :, 0], v[i, :, 0]
-                    h.write(layer, at[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype))
+                    h.write(at[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
                 keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
                 less_terms = (slab.H[layer, s : s + 1], slab.z[layer, s : s + 1], ops.phi(q[i : i + 1], lw)) \
                     if lw is not None else (None, None, None)
@@ -382,8 +381,8 @@ class Engine:
             h.reserve(1)
             h.write_ids(h.n, torch.tensor([tok]))
             last = int(self.slab.length[s]) - 1
-            h.write_all(h.n, self.slab.k[:, s, :, last, None].to("cpu", h.dtype),
-                        self.slab.v[:, s, :, last, None].to("cpu", h.dtype))
+            h.write(h.n, self.slab.k[:, s, :, last, None].to("cpu", h.dtype),
+                    self.slab.v[:, s, :, last, None].to("cpu", h.dtype))
             h.advance(1)
         self.histories.enforce()
 

@@ -130,22 +130,17 @@ class History:
             self.blocks_v.append(torch.empty(L, Hkv, self.block, D, dtype=self.dtype))
             self.blocks_ids.append(torch.full((self.block,), -1, dtype=torch.long))
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k / v [Hkv, C, D] of positions start .. start + C - 1 at one layer (reserved before)."""
-        for b, o, t, m in self._spans(start - self.base, k.shape[1]):
-            self.blocks_k[b][layer, :, o : o + m] = k[:, t : t + m]
-            self.blocks_v[b][layer, :, o : o + m] = v[:, t : t + m]
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor, layer: int | slice = slice(None)) -> None:
+        """K / V of positions start .. start + C - 1 (reserved before): [Hkv, C, D] at one layer, or
+        [L, Hkv, C, D] at every layer (the default)."""
+        for b, o, t, m in self._spans(start - self.base, k.shape[-2]):
+            self.blocks_k[b][layer, :, o : o + m] = k[..., t : t + m, :]
+            self.blocks_v[b][layer, :, o : o + m] = v[..., t : t + m, :]
 
     def write_ids(self, start: int, ids: torch.Tensor) -> None:
         """The token ids [C] of positions start .. start + C - 1 (reserved before)."""
         for b, o, t, m in self._spans(start - self.base, len(ids)):
             self.blocks_ids[b][o : o + m] = ids[t : t + m]
-
-    def write_all(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k / v [L, Hkv, C, D] of positions start .. start + C - 1 at every layer (reserved before)."""
-        for b, o, t, m in self._spans(start - self.base, k.shape[2]):
-            self.blocks_k[b][:, :, o : o + m] = k[:, :, t : t + m]
-            self.blocks_v[b][:, :, o : o + m] = v[:, :, t : t + m]
 
     def advance(self, count: int) -> None:
         """`count` tokens were written at every layer: they are held now."""
@@ -191,7 +186,7 @@ class History:
         h = cls(*shape, dtype, page)
         h.base = h.n = base
         h.reserve(n - base)
-        h.write_all(base, k, v)
+        h.write(base, k, v)
         ids = tensors.get(HISTORY_IDS)
         if ids is not None and tuple(ids.shape) == (n - base,) and not ids.dtype.is_floating_point:
             h.write_ids(base, ids.long())

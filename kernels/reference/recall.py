@@ -6,11 +6,11 @@ head, in pages of P tokens aligned to absolute positions (page i holds positions
 `base` is the first position still held (older pages were dropped under host pressure).
 
 Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer,
-the ones the step before the prompt's last token kept) attend over the history; a page's score is,
-summed over layers and KV heads, the largest attention mass any query of the head's group puts on
-it (`history_page_mass`, summed in the engine). One set of pages serves every layer and head: a
-fact the answer copies is needed by every layer that reads it. (What else was tried on dev, and
-lost: docs/recall.md.)
+those of the session's last `recall_queries` tokens, the prompt's last one included) attend over
+the history; a page's score is, summed over layers and KV heads, the largest attention mass any
+query of the head's group puts on it (`history_page_mass`, summed in the engine). One set of pages
+serves every layer and head: a fact the answer copies is needed by every layer that reads it.
+(What else was tried on dev, and lost: docs/recall.md.)
 
 One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
   1. unpin the entries the previous round pinned;

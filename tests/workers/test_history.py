@@ -22,7 +22,7 @@ def filled(tokens: int, chunk: int, seed: int = 0) -> tuple[History, torch.Tenso
         c = min(chunk, tokens - a)
         h.reserve(c)
         for layer in range(L):
-            h.write(layer, a, k[layer, :, a : a + c], v[layer, :, a : a + c])
+            h.write(a, k[layer, :, a : a + c], v[layer, :, a : a + c], layer)
         h.advance(c)
     return h, k, v
 
@@ -53,7 +53,7 @@ def test_growing_keeps_the_blocks_it_has_and_dropping_pages_frees_emptied_blocks
     assert torch.equal(h.rows(torch.tensor([0, 131]))[0], k[:, :, [68, 199]])
     h.reserve(10)
     for layer in range(L):  # appending after a drop lands where the held tokens end
-        h.write(layer, 200, k[layer, :, :10], v[layer, :, :10])
+        h.write(200, k[layer, :, :10], v[layer, :, :10], layer)
     h.advance(10)
     assert torch.equal(h.tensors()[0][:, :, -10:], k[:, :, :10])
     assert h.nbytes() == h.held * h.token_bytes() <= h.allocated_bytes()
