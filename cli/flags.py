@@ -17,7 +17,8 @@ ENGINE_FLAGS = {"--model": "model", "--policy": "policy", "--budget": "budget", 
                 "--sink": "sink", "--less-weights": "less_weights", "--chunk": "prefill_chunk",
                 "--device": "device", "--dtype": "dtype", "--kernels": "kernels", "--max-model-len": "max_model_len",
                 "--chat-template": "chat_template", "--recall-pages": "recall_pages", "--recall-page": "recall_page",
-                "--recall-queries": "recall_queries", "--history-bytes": "history_bytes", "--kv-bits": "kv_bits"}
+                "--recall-queries": "recall_queries", "--recall-reread": "recall_reread",
+                "--history-bytes": "history_bytes", "--kv-bits": "kv_bits"}
 
 
 class CliError(ConfigError):
@@ -136,7 +137,7 @@ def add_engine_flags(p: argparse.ArgumentParser, policy_default: str | None = No
     p.add_argument("--max-model-len", type=int, default=None, help=help_of(E, "max_model_len"))
     p.add_argument("--chat-template", default=None, help=help_of(E, "chat_template"))
     p.add_argument("--kv-bits", default=None, metavar="{native,8,4}", help=help_of(E, "kv_bits"))
-    for flag in ("--recall-pages", "--recall-page", "--recall-queries", "--history-bytes"):
+    for flag in ("--recall-pages", "--recall-page", "--recall-queries", "--recall-reread", "--history-bytes"):
         p.add_argument(flag, type=int, default=None, help=help_of(E, ENGINE_FLAGS[flag]))
 
 

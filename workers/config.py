@@ -56,8 +56,11 @@ class EngineConfig(BaseModel):
                               "for them)")
     recall_page: int = Field(8, ge=1, le=4096, description="+recall: tokens per history page")
     recall_queries: int = Field(4, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
-                                "queries choose the history pages (the prompt's last token is prefilled as a chunk "
-                                "of its own, whose step brings the pages back: the queries are the ones before it)")
+                                "queries choose the history pages (a rolling window across the session's steps, the "
+                                "prompt's last token included)")
+    recall_reread: int = Field(64, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
+                               "over the slot once the pages are back (at most the last chunk and the recent window), "
+                               "so their K/V and the reply's first logits see the recalled pages")
     history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "
                                "the device may take; past it the oldest pages of the least recently used sessions "
                                "are dropped (they degrade to plain eviction)")

@@ -253,8 +253,9 @@ class Engine:
                 h.advance(C)
             self.histories.enforce()
             if recall:
-                last = self._recall_round(slots, hist, tokens[:, -1:].to(self.device), positions[:, -1:])
-                logits = last if last_only else torch.cat([logits[:, :-1], last], dim=1)
+                k = min(self.cfg.recall_reread, C, self.spec.recent)  # the chunk's last k: the recent window's
+                again = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:], last_only)
+                logits = again if last_only else torch.cat([logits[:, :-k], again], dim=1)
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
@@ -335,13 +336,15 @@ class Engine:
             h.keep_queries(layer, q[i], self.cfg.recall_queries)
             h.write(seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
 
-    def _recall_round(self, slots: list[int], hist: list, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _recall_round(self, slots: list[int], hist: list, tokens: torch.Tensor, positions: torch.Tensor,
+                      last_only: bool = True) -> torch.Tensor:
         """The recall round after a turn's last prompt chunk: the chosen pages come back into every
         layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
-        LESS state stays exact), then the chunk's last token (token / position [n, 1]) is read again
-        over the slot as it is now: at every layer its K/V, computed this time with the pages back,
-        replace its own entry (the slot's last, in the recent window) and its history record, and it
-        attends over the slot. Returns its logits [n, 1, V]."""
+        LESS state stays exact), then the chunk's last k tokens (tokens / positions [n, k], k at most
+        the recent window, so they are the slot's last k entries) are read again over the slot as it
+        is now: at every layer their K/V, computed this time with the pages back, replace their own
+        entries and history records, and they attend over the slot. Returns their logits [n, k, V]
+        (or [n, 1, V], the last one's)."""
         slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
         chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
@@ -353,25 +356,26 @@ class Engine:
                     int(slab.length[s]), group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
                     self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
                     z=slab.z[layer, s] if lw is not None else None, psi=lw).sum())
+        k = tokens.shape[1]
         lengths = [int(slab.length[s]) for s in slots]
-        at = [int(p) for p in position[:, 0]]
-        own = [bool((slab.pos[:, s, :, ln - 1] == p).all()) for s, ln, p in zip(slots, lengths, at, strict=True)]
+        at = [int(p) for p in positions[:, 0]]
+        for s, ln, row in zip(slots, lengths, positions.to(slab.pos.device, slab.pos.dtype), strict=True):
+            assert bool((slab.pos[:, s, :, ln - k : ln] == row).all()), "re-read tokens left the recent window"
 
-        def attend(layer: int, q, k, v):  # q [n, Hq, 1, D], k / v [n, Hkv, 1, D]: the token's, pages back
+        def attend(layer: int, q, kk, v):  # q [n, Hq, k, D], kk / v [n, Hkv, k, D]: the tokens', pages back
             lw = less.layers[layer] if less else None
             outs = []
             for i, (s, ln, h) in enumerate(zip(slots, lengths, hist, strict=True)):
-                if own[i]:  # its entry is the slot's last at every layer and head (the recent window keeps it)
-                    slab.k[layer, s, :, ln - 1], slab.v[layer, s, :, ln - 1] = k[i, :, 0], v[i, :, 0]
-                    h.write(at[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
+                slab.k[layer, s, :, ln - k : ln], slab.v[layer, s, :, ln - k : ln] = kk[i], v[i]
+                h.write(at[i], kk[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
                 keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
                 less_terms = (slab.H[layer, s : s + 1], slab.z[layer, s : s + 1], ops.phi(q[i : i + 1], lw)) \
                     if lw is not None else (None, None, None)
-                valid = torch.ones(1, ln - 1, dtype=torch.bool, device=q.device)
+                valid = torch.ones(1, ln - k, dtype=torch.bool, device=q.device)
                 outs.append(attend_cat(q[i : i + 1], keys, values, valid, self.scale, *less_terms)[0])
             return torch.cat(outs)
 
-        return self.model(token, position, attend, last_only=True)
+        return self.model(tokens, positions, attend, last_only=last_only)
 
     def record_decoded(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its

@@ -71,9 +71,10 @@ def check_slot_against_history(eng: Engine, slot: int) -> None:
             torch.testing.assert_close(eng.slab.z[layer, slot], f.sum(1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("reread", [1, 64])
 @pytest.mark.parametrize("policy", ["h2o+less+recall", "lambda+less+recall", "h2o+recall"])
-def test_slot_and_less_state_match_a_recomputation_after_many_recall_rounds(tiny_ckpt, policy):
-    eng = engine(tiny_ckpt, policy)
+def test_slot_and_less_state_match_a_recomputation_after_many_recall_rounds(tiny_ckpt, policy, reread):
+    eng = engine(tiny_ckpt, policy, recall_reread=reread)  # 64: the whole last chunk, up to the recent window
     slot = eng.alloc()
     for t in range(6):
         turns(eng, slot, n_turns=1, seed=t)
@@ -188,24 +189,27 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     assert int(best.argmax()) not in choose_pages(got.amax(0), 3, skip).tolist()
 
 
-def test_the_reread_last_token_sees_the_slot_as_the_step_left_it(tiny_ckpt):
-    """The recall round re-reads the prompt's last token over its slot. While the slot is below its
-    budget nothing was evicted and nothing comes back, so the re-read must give the step's own logits;
-    once recall brings pages back, the logits differ from the same step without the round."""
-    eng, plain = engine(tiny_ckpt), engine(tiny_ckpt)
+@pytest.mark.parametrize("reread", [1, 3, 64])
+def test_the_reread_tokens_see_the_slot_as_the_step_left_it(tiny_ckpt, reread):
+    """The recall round re-reads the prompt's last `recall_reread` tokens (at most the last chunk and
+    the recent window) over its slot. While the slot is below its budget nothing was evicted and
+    nothing comes back, so the re-read must give the step's own logits, every re-read token's; once
+    recall brings pages back, the logits differ from the same step without the round."""
+    eng, plain = engine(tiny_ckpt, recall_reread=reread), engine(tiny_ckpt)
     a, b = eng.alloc(), plain.alloc()
-    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))  # 9 < BUDGET: no eviction
-    torch.testing.assert_close(eng.forward([a], ids, last_only=True, recall=True),
-                               plain.forward([b], ids, last_only=True), rtol=1e-4, atol=1e-4)
+    ids = torch.randint(0, 128, (1, CHUNK), generator=torch.Generator().manual_seed(5))  # < BUDGET: no eviction
+    torch.testing.assert_close(eng.forward([a], ids, recall=True), plain.forward([b], ids), rtol=1e-4, atol=1e-4)
     turns(eng, a, n_turns=4, seed=2, reply=0)
     fork = eng.alloc()
     eng.slab.copy(a, fork)
     before = eng.histories.get(a).recalled
     last = torch.tensor([[3, 4, 5]])
-    with_round = eng.forward([a], last, last_only=True, recall=True)
-    without = eng.forward([fork], last, last_only=True)
+    with_round = eng.forward([a], last, recall=True)  # [1, 3, V]
+    without = eng.forward([fork], last)
     assert eng.histories.get(a).recalled > before
-    assert not torch.allclose(with_round, without, rtol=1e-4, atol=1e-4)
+    k = min(reread, last.shape[1], eng.spec.recent)
+    torch.testing.assert_close(with_round[:, :-k], without[:, :-k], rtol=1e-4, atol=1e-4)  # read once: as before
+    assert not torch.allclose(with_round[:, -k:], without[:, -k:], rtol=1e-4, atol=1e-4)
     check_slot_against_history(eng, a)
 
 
