@@ -245,7 +245,8 @@ class Engine:
                 h.reserve(C)
                 h.write_ids(s, row)
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
-                            history=(seen, hist) if hist is not None else None)
+                            history=(seen, hist) if hist is not None else None,
+                            head=not (recall and hist is not None and last_only))  # the round reads them again
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
@@ -261,7 +262,7 @@ class Engine:
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
               last_only: bool, max_len: int | None = None,
               host: tuple[list[int], list[int]] | None = None, bucketed: bool = False,
-              history: tuple | None = None) -> torch.Tensor:
+              history: tuple | None = None, head: bool = True) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
@@ -292,7 +293,7 @@ class Engine:
                 psi=lw, max_len=max_len, host=host)
             return out
 
-        logits = self.model(tokens, positions, attend, last_only=last_only)
+        logits = self.model(tokens, positions, attend, last_only=last_only, head=head)
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
 

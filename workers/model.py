@@ -166,8 +166,10 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [n, C] absolute positions
         attend: AttendFn,
         last_only: bool = False,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Returns logits [n, C, V] (or [n, 1, V] with last_only)."""
+        """Returns logits [n, C, V] (or [n, 1, V] with last_only; [n, 0, V] without the head: a
+        `+recall` step whose tokens the round reads again skips the vocabulary projection)."""
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rope.cos_sin(positions, self.inv_freq, self.rope_scaling, x.dtype)
         for i, blk in enumerate(self.model.layers):
@@ -176,6 +178,8 @@ class LlamaModel(nn.Module):
             n, _, C, _ = o.shape
             x = x + blk.self_attn.o_proj(o.transpose(1, 2).reshape(n, C, -1))
             x = x + blk.mlp(blk.post_attention_layernorm(x))
+        if not head:
+            return x.new_empty(x.shape[0], 0, self.lm_head.out_features, dtype=torch.float32)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
