@@ -5,7 +5,7 @@
   ttft    a turn's time to first token with and without the recall round, on the same session,
           after histories of each length (the session is forked per repeat, so every repeat sees
           the same state); median of the repeats
-  ppl     perplexity of `+recall` against its base policy on windows of the test parts, read as a
+  ppl     perplexity of `+recall` against its base policy on windows of the test (or dev) parts, read as a
           conversation of `turn`-token turns (each turn's last queries choose the pages; the base
           policy sees the same chunks), so recall's effect on prediction is measured too
 Every row is one (measure, policy, length/text); the PNG draws TTFT against history length.
@@ -114,24 +114,25 @@ def turn_nll(engine: Engine, ids: list[int], turn: int, recall: bool) -> tuple[f
 
 
 def ppl_rows(factory: EngineFactory, bases: list[str], budget: int, context: int, windows: int,
-             turn: int) -> list[dict]:
+             turn: int, part: str = "test") -> list[dict]:
     rows = []
     for name, path in corpus_paths().items():
-        wins = token_windows(factory.tokenizer, read_part(path, "test"), context, windows)
+        wins = token_windows(factory.tokenizer, read_part(path, part), context, windows)
         for base in bases:
             for policy in (base, base + "+recall"):
                 eng = factory.make(policy, budget)
                 parts = [turn_nll(eng, w, turn, recall="recall" in policy) for w in wins]
                 nll, n = sum(p[0] for p in parts), sum(p[1] for p in parts)
                 rows.append({"measure": "ppl", "policy": policy, "text": name, "ppl": round(math.exp(nll / n), 4),
-                             "tokens": n, "turn": turn})
+                             "tokens": n, "turn": turn, "part": part})
                 progress(f"  ppl {name:16s} {policy:20s} {rows[-1]['ppl']:.3f}")
     return rows
 
 
 def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
                  lengths: tuple[int, ...] = (1024, 4096, 8192), repeats: int = 3, context: int = 2048,
-                 windows: int = 1, turn: int = 256, ppl_bases: tuple[str, ...] = ("h2o", "lambda+less")) -> BenchResult:
+                 windows: int = 1, turn: int = 256, ppl_bases: tuple[str, ...] = ("h2o", "lambda+less"),
+                 part: str = "test") -> BenchResult:
     with_recall = factory.make(policy + "+recall", budget, max_slots=2)
     without = factory.make(policy, budget, max_slots=2)
     tok = factory.tokenizer
@@ -145,14 +146,14 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
     progress(f"TTFT of a {len(question)}-token turn after each history length")
     rows += ttft_rows(with_recall, without, history, sorted(lengths), question, repeats)
     if ppl_bases:
-        progress(f"perplexity on the test parts, {windows} window(s) of {context} in turns of {turn}")
-        rows += ppl_rows(factory, list(ppl_bases), budget, context, windows, turn)
+        progress(f"perplexity on the {part} parts, {windows} window(s) of {context} in turns of {turn}")
+        rows += ppl_rows(factory, list(ppl_bases), budget, context, windows, turn, part)
     meta = {"model": with_recall.model_id, "device": str(with_recall.device), "dtype": str(with_recall.dtype),
             "threads": torch.get_num_threads(), "budget": budget, "recall_pages": with_recall.cfg.recall_pages,
             "recall_page": with_recall.cfg.recall_page, "recall_queries": with_recall.cfg.recall_queries,
             "recall_reread": with_recall.cfg.recall_reread}
     cols = ["measure", "policy", "storage", "text", "history", "ttft_ms", "ttft_ms_min", "x_without", "ppl", "tokens",
-            "turn", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
+            "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
     return BenchResult("recall", rows, meta=meta, columns=cols, figure=figure)
 
 

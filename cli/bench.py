@@ -308,6 +308,8 @@ def _register_recall(bsub) -> None:
     p.add_argument("--turn", type=int, default=256, help="tokens per turn when a window is read as a conversation")
     p.add_argument("--ppl-policies", default="h2o,lambda+less", help="base policies whose +recall perplexity is "
                    "measured ('' = none)")
+    p.add_argument("--part", default="test", choices=["dev", "test"], help="which part of the texts the perplexity "
+                   "windows come from (dev: to choose; test: to report)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG: TTFT by history length, perplexity by text")
     add_engine_flags(p)
@@ -336,7 +338,7 @@ def cmd_recall(args) -> int:
 
     factory = EngineFactory(cfg.model_copy(update={"max_context": max(max(lengths), args.context) + 512}))
     return _emit(bench_recall(factory, cfg.policy, cfg.budget, tuple(lengths), args.repeats, args.context,
-                              args.windows, args.turn, tuple(bases)), args)
+                              args.windows, args.turn, tuple(bases), args.part), args)
 
 
 def _register_interference(bsub) -> None:

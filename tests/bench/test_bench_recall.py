@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from lessserve.bench.recall import bench_recall
+from lessserve.bench.recall import bench_recall, ppl_rows
 from lessserve.lab.engines import EngineFactory
 from lessserve.workers.config import EngineConfig
 
@@ -30,3 +30,12 @@ def test_rows_of_every_measure_and_files(tmp_path, one_torch_thread):
     res.write(tmp_path / "r.json", tmp_path / "r.png")
     assert len(json.loads((tmp_path / "r.json").read_text())) == len(res.rows)
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_perplexity_windows_come_from_the_part_asked_for(one_torch_thread):
+    """Choices are made on the dev part (`--part dev`), reports on the test part: the rows say which."""
+    factory = EngineFactory(EngineConfig(device="cpu", dtype="float32", max_context=512))
+    dev, test = (ppl_rows(factory, ["h2o"], 128, 128, 1, 64, part=p) for p in ("dev", "test"))
+    assert {r["part"] for r in dev} == {"dev"} and {r["part"] for r in test} == {"test"}
+    assert [(r["policy"], r["text"]) for r in dev] == [(r["policy"], r["text"]) for r in test]
+    assert all(a["ppl"] != b["ppl"] for a, b in zip(dev, test, strict=True))  # other windows, other text
