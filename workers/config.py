@@ -58,7 +58,7 @@ class EngineConfig(BaseModel):
     recall_queries: int = Field(4, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
                                 "queries choose the history pages (a rolling window across the session's steps, the "
                                 "prompt's last token included)")
-    recall_reread: int = Field(64, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
+    recall_reread: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
                                "over the slot once the pages are back (at most the last chunk and the recent window), "
                                "so their K/V and the reply's first logits see the recalled pages")
     history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "

@@ -226,8 +226,8 @@ class Engine:
         """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V]). `recall` (a `+recall`
         engine, the last chunk of a turn's prompt): after the chunk's step, the recall round
         (`_recall_round`) brings the history pages its last queries choose back into each slot, and the
-        chunk's last token is read again over the slot as it is then: its logits, from which the reply
-        starts, see the recalled pages."""
+        chunk's last `recall_reread` tokens are read again over the slot as it is then: the last one's
+        logits, from which the reply starts, see the recalled pages (the others keep the step's)."""
         n, C = tokens.shape
         self._check_step(slots, C)
         slots = list(slots)
@@ -255,8 +255,8 @@ class Engine:
             self.histories.enforce()
             if recall:
                 k = min(self.cfg.recall_reread, C, self.spec.recent)  # the chunk's last k: the recent window's
-                again = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:], last_only)
-                logits = again if last_only else torch.cat([logits[:, :-k], again], dim=1)
+                again = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:])
+                logits = again if last_only else torch.cat([logits[:, :-1], again], dim=1)
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
@@ -337,15 +337,16 @@ class Engine:
             h.keep_queries(layer, q[i], self.cfg.recall_queries)
             h.write(seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
 
-    def _recall_round(self, slots: list[int], hist: list, tokens: torch.Tensor, positions: torch.Tensor,
-                      last_only: bool = True) -> torch.Tensor:
+    def _recall_round(self, slots: list[int], hist: list, tokens: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
         """The recall round after a turn's last prompt chunk: the chosen pages come back into every
         layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
         LESS state stays exact), then the chunk's last k tokens (tokens / positions [n, k], k at most
         the recent window, so they are the slot's last k entries) are read again over the slot as it
         is now: at every layer their K/V, computed this time with the pages back, replace their own
-        entries and history records, and they attend over the slot. Returns their logits [n, k, V]
-        (or [n, 1, V], the last one's)."""
+        entries and history records, and they attend over the slot. Returns the last one's logits
+        [n, 1, V], the reply's first: the prompt's own tokens keep the predictions their step made
+        before the round (the round changes what follows the prompt, not how the prompt was read)."""
         slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
         chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
@@ -376,7 +377,7 @@ class Engine:
                 outs.append(attend_cat(q[i : i + 1], keys, values, valid, self.scale, *less_terms)[0])
             return torch.cat(outs)
 
-        return self.model(tokens, positions, attend, last_only=last_only)
+        return self.model(tokens, positions, attend, last_only=True)
 
     def record_decoded(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its
@@ -392,7 +393,19 @@ class Engine:
         self.histories.enforce()
 
     def chunks(self, start: int, count: int) -> Iterator[tuple[int, int]]:
-        return prefill_chunks(start, count, self.cfg.prefill_chunk)
+        """(offset, size) pieces of a turn's `count` prompt tokens from position `start`. A `+recall`
+        engine's last piece holds at most the tokens its round reads again (recall_reread, within the
+        recent window), so the re-read sees the context the piece's own step saw, pages added."""
+        pieces = prefill_chunks(start, count, self.cfg.prefill_chunk)
+        if self.histories is None:
+            yield from pieces
+            return
+        reread = min(self.cfg.recall_reread, self.spec.recent)
+        for off, size in pieces:
+            if off + size == count and size > reread:
+                yield off, size - reread
+                off, size = off + size - reread, reread
+            yield off, size
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:

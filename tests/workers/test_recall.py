@@ -193,8 +193,9 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
 def test_the_reread_tokens_see_the_slot_as_the_step_left_it(tiny_ckpt, reread):
     """The recall round re-reads the prompt's last `recall_reread` tokens (at most the last chunk and
     the recent window) over its slot. While the slot is below its budget nothing was evicted and
-    nothing comes back, so the re-read must give the step's own logits, every re-read token's; once
-    recall brings pages back, the logits differ from the same step without the round."""
+    nothing comes back, so the re-read must give the step's own logits; once recall brings pages
+    back, the last token's logits (the reply's first) differ from the same step without the round,
+    and the prompt's other tokens keep the predictions their step made."""
     eng, plain = engine(tiny_ckpt, recall_reread=reread), engine(tiny_ckpt)
     a, b = eng.alloc(), plain.alloc()
     ids = torch.randint(0, 128, (1, CHUNK), generator=torch.Generator().manual_seed(5))  # < BUDGET: no eviction
@@ -207,9 +208,9 @@ def test_the_reread_tokens_see_the_slot_as_the_step_left_it(tiny_ckpt, reread):
     with_round = eng.forward([a], last, recall=True)  # [1, 3, V]
     without = eng.forward([fork], last)
     assert eng.histories.get(a).recalled > before
-    k = min(reread, last.shape[1], eng.spec.recent)
-    torch.testing.assert_close(with_round[:, :-k], without[:, :-k], rtol=1e-4, atol=1e-4)  # read once: as before
-    assert not torch.allclose(with_round[:, -k:], without[:, -k:], rtol=1e-4, atol=1e-4)
+    # the prompt's own predictions are the step's, made before the round; the reply's first sees the pages
+    torch.testing.assert_close(with_round[:, :-1], without[:, :-1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(with_round[:, -1], without[:, -1], rtol=1e-4, atol=1e-4)
     check_slot_against_history(eng, a)
 
 
@@ -244,3 +245,21 @@ def test_a_chosen_page_brings_the_pages_its_words_run_into():
     unknown = ids.clone()
     unknown[3] = -1
     assert not bool(glued_pages(unknown, 4, 4, starts, ends)[0])
+
+
+def test_a_turns_last_piece_is_what_the_round_reads_again(tiny_ckpt):
+    """A +recall engine cuts a turn's last piece to at most recall_reread tokens (within the recent
+    window), so the re-read sees the context the piece's own step saw; the scheduler, which takes one
+    piece at a time, gets the same pieces; engines without recall keep the plain chunking."""
+    eng = engine(tiny_ckpt, recall_reread=3)
+    assert list(eng.chunks(0, 20)) == [(0, 8), (8, 8), (16, 1), (17, 3)]  # CHUNK 8: the last 4 split 1 + 3
+    assert list(eng.chunks(5, 2)) == [(0, 2)]
+    seen, left, pieces = 0, 20, []
+    while left:
+        _, size = next(eng.chunks(seen, left))
+        pieces.append(size)
+        seen, left = seen + size, left - size
+    assert pieces == [size for _, size in eng.chunks(0, 20)]
+    assert list(engine(tiny_ckpt, policy="h2o+less").chunks(0, 20)) == [(0, 8), (8, 8), (16, 4)]
+    assert max(size for _, size in engine(tiny_ckpt, recall_reread=64).chunks(0, 20)) == CHUNK
+    assert list(engine(tiny_ckpt, recall_reread=64).chunks(0, 20))[-1][1] <= engine(tiny_ckpt).spec.recent
