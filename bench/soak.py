@@ -130,7 +130,11 @@ def run_soak(duration_s: float, users: int, turns: int, max_tokens: int, max_tur
                                  "router_num_cpus": 0.1, "maintain_interval_s": 2.0, "workers.min_workers": workers,
                                  "workers.max_workers": workers, **(overrides or {})})
     progress("soak: starting the cluster ...")
-    launch.start(cfg)
+    try:
+        launch.start(cfg)  # stops Ray itself when it fails half-way
+    except BaseException:
+        redis.stop()
+        raise
     tally = {"turns": 0, "transport_errors": 0, "ttft": []}
     samples, fault_log = [], []
 

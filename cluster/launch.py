@@ -65,16 +65,22 @@ def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = N
     if after_init:
         after_init()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the driver's "Started Serve ..." lines
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
     from lessserve.cluster.app import app_from_config
 
     try:
-        serve.run(app_from_config(cfg), name=APP_NAME, route_prefix="/", blocking=False)
-    except RuntimeError as e:  # Serve's "Deploying application lessserve failed: ..." (DEPLOY_FAILED)
-        message = _deploy_failure(APP_NAME, (str(e).strip().splitlines() or ["deploy failed"])[0])
+        serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
+        try:
+            serve.run(app_from_config(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as e:  # Serve's "Deploying application lessserve failed: ..." (DEPLOY_FAILED)
+            message = _deploy_failure(APP_NAME, (str(e).strip().splitlines() or ["deploy failed"])[0])
+            stop()
+            raise ReplicaStartError(message) from None
+    except ReplicaStartError:
+        raise
+    except BaseException:  # anything else half-way (a proxy actor killed while starting): Ray goes down with it
         stop()
-        raise ReplicaStartError(message) from None
+        raise
 
 
 def stop() -> None:

@@ -196,3 +196,32 @@ def test_unreachable_redis_is_only_a_warning():
     preflight.check_redis_url(url)  # parses: no error
     w = preflight.redis_warning(url, timeout_s=1)
     assert w and "--redis-url" in w and "degraded" in w and len(w.splitlines()) == 1, w
+
+
+START_FAILS_HALF_WAY = """
+import ray
+from ray import serve
+from lessserve.cluster import launch
+from lessserve.cluster.config import load_config
+
+def killed(*args, **kwargs):
+    raise ray.exceptions.RayError("the proxy actor was killed while starting")
+
+serve.start = killed
+try:
+    launch.start(load_config(overrides={"port": %d}), num_cpus=1)
+except ray.exceptions.RayError as e:
+    print("raised:", e)
+print("ray still up:", ray.is_initialized())
+"""
+
+
+def test_a_start_that_fails_half_way_takes_ray_down_with_it():
+    """Serve failing after ray.init (on a loaded machine a proxy actor was killed while starting) must
+    not leave Ray running in the caller: a later start in the same process (the test suite's next
+    cluster, a soak's retry) would otherwise fail with "ray.init twice"."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    r = subprocess.run([sys.executable, "-c", START_FAILS_HALF_WAY % free_port()], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert "raised: the proxy actor was killed while starting" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "ray still up: False" in r.stdout, r.stdout[-2000:]

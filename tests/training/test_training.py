@@ -47,13 +47,13 @@ def test_training_output_equals_engine_less_output_on_layer0(tmp_path, policy):
     got = []
     inner = eng.model.forward
 
-    def spy(tokens, positions, attend, last_only=False):
+    def spy(tokens, positions, attend, last_only=False, **kw):
         def wrapped(layer, q, k, v):
             out = attend(layer, q, k, v)
             if layer == 0:
                 got.append(out)
             return out
-        return inner(tokens, positions, wrapped, last_only)
+        return inner(tokens, positions, wrapped, last_only, **kw)
 
     eng.model.forward = spy
     eng.prefill(eng.alloc(), toks[0].tolist())
