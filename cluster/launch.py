@@ -73,12 +73,9 @@ def start(cfg: ServeConfig, address: str | None = None, num_cpus: int | None = N
         try:
             serve.run(app_from_config(cfg), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as e:  # Serve's "Deploying application lessserve failed: ..." (DEPLOY_FAILED)
-            message = _deploy_failure(APP_NAME, (str(e).strip().splitlines() or ["deploy failed"])[0])
-            stop()
+            message = _deploy_failure(APP_NAME, (str(e).strip().splitlines() or ["deploy failed"])[0])  # Serve still up
             raise ReplicaStartError(message) from None
-    except ReplicaStartError:
-        raise
-    except BaseException:  # anything else half-way (a proxy actor killed while starting): Ray goes down with it
+    except BaseException:  # any failure half-way (a proxy actor killed while starting too): Ray goes down with it
         stop()
         raise
 

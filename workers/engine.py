@@ -148,6 +148,7 @@ class Engine:
                              self.less.rank if self.less else 0, self.device, self.dtype, cfg.kv_bits)
         self.histories: Histories | None = None
         self._marks: tuple[torch.Tensor, torch.Tensor] | None = None  # +recall: the vocabulary's word marks
+        self.reread = min(cfg.recall_reread, self.spec.recent)  # +recall: a turn's last tokens the round reads again
         if self.policy.recall:
             self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
                                                              self.args.head_dim, self.dtype, cfg.recall_page,
@@ -254,7 +255,7 @@ class Engine:
                 h.advance(C)
             self.histories.enforce()
             if recall:
-                k = min(self.cfg.recall_reread, C, self.spec.recent)  # the chunk's last k: the recent window's
+                k = min(self.reread, C)  # the chunk's last k: the recent window holds them
                 again = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:])
                 logits = again if last_only else torch.cat([logits[:, :-1], again], dim=1)
         return logits
@@ -400,11 +401,10 @@ class Engine:
         if self.histories is None:
             yield from pieces
             return
-        reread = min(self.cfg.recall_reread, self.spec.recent)
         for off, size in pieces:
-            if off + size == count and size > reread:
-                yield off, size - reread
-                off, size = off + size - reread, reread
+            if off + size == count and size > self.reread:
+                yield off, size - self.reread
+                off, size = off + size - self.reread, self.reread
             yield off, size
 
     @torch.inference_mode()
