@@ -6,8 +6,9 @@
           after histories of each length (the session is forked per repeat, so every repeat sees
           the same state); median of the repeats
   ppl     perplexity of `+recall` against its base policy on windows of the test (or dev) parts, read as a
-          conversation of `turn`-token turns (each turn's last queries choose the pages; the base
-          policy sees the same chunks), so recall's effect on prediction is measured too
+          conversation of `turn`-token turns (each turn's last queries choose the pages, which go
+          back when the turn ends; the base policy sees the same chunks), so recall's effect on
+          prediction is measured too
 Every row is one (measure, policy, length/text); the PNG draws TTFT against history length.
 """
 
@@ -105,8 +106,11 @@ def turn_nll(engine: Engine, ids: list[int], turn: int, recall: bool) -> tuple[f
     """Next-token NLL of a window read as turns of `turn` tokens (recall round at each turn's end)."""
     slot = engine.alloc()
     try:
-        logits = torch.cat([feed(engine, slot, ids[i : i + turn], recall, all_logits=True)
-                            for i in range(0, len(ids), turn)])  # [T, V]
+        outs = []
+        for i in range(0, len(ids), turn):
+            outs.append(feed(engine, slot, ids[i : i + turn], recall, all_logits=True))
+            engine.end_turn([slot])  # as the scheduler does when a reply ends: lent pages go back
+        logits = torch.cat(outs)  # [T, V]
         nll = F.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum")
         return float(nll), len(ids) - 1
     finally:

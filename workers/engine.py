@@ -24,9 +24,11 @@ from lessserve.kernels.reference.recall import (
     choose_pages,
     glued_pages,
     group_queries,
+    Lent,
     history_page_mass,
     page_tokens,
     recall_layer_ref,
+    return_layer_ref,
     redundant_pages,
 )
 from lessserve.workers.compiled import compiled_attend
@@ -149,6 +151,9 @@ class Engine:
         self.histories: Histories | None = None
         self._marks: tuple[torch.Tensor, torch.Tensor] | None = None  # +recall: the vocabulary's word marks
         self.reread = min(cfg.recall_reread, self.spec.recent)  # +recall: a turn's last tokens the round reads again
+        if self.policy.recall and cfg.recall_reread_layer >= self.args.num_layers:
+            raise ConfigError(f"recall_reread_layer {cfg.recall_reread_layer}: {self.model_id} has "
+                              f"{self.args.num_layers} layers (0 to {self.args.num_layers - 1})")
         if self.policy.recall:
             self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
                                                              self.args.head_dim, self.dtype, cfg.recall_page,
@@ -245,9 +250,11 @@ class Engine:
             for h, s, row in zip(hist, seen, tokens.cpu(), strict=True):
                 h.reserve(C)
                 h.write_ids(s, row)
+        again = recall and hist is not None  # the round reads the chunk's last tokens again
+        taps = {self.cfg.recall_reread_layer: None} if again else None  # from there: the hidden states it starts from
         logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
                             history=(seen, hist) if hist is not None else None,
-                            head=not (recall and hist is not None and last_only))  # the round reads them again
+                            head=not (again and last_only), taps=taps)
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
@@ -256,20 +263,22 @@ class Engine:
             self.histories.enforce()
             if recall:
                 k = min(self.reread, C)  # the chunk's last k: the recent window holds them
-                again = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:])
-                logits = again if last_only else torch.cat([logits[:, :-1], again], dim=1)
+                x = taps[self.cfg.recall_reread_layer][:, -k:]  # [n, k, hidden]
+                last = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:], x)
+                logits = last if last_only else torch.cat([logits[:, :-1], last], dim=1)
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
               last_only: bool, max_len: int | None = None,
               host: tuple[list[int], list[int]] | None = None, bucketed: bool = False,
-              history: tuple | None = None, head: bool = True) -> torch.Tensor:
+              history: tuple | None = None, head: bool = True,
+              taps: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
         bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (seen,
         History per slot) of a `+recall` engine's eager step: each layer's chunk K/V is recorded
-        and its last queries kept."""
+        and its last queries kept. `taps`: hidden states to keep (the model's forward)."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
             functools.partial(ops.attend_evict, impl=self.impl)
@@ -294,7 +303,7 @@ class Engine:
                 psi=lw, max_len=max_len, host=host)
             return out
 
-        logits = self.model(tokens, positions, attend, last_only=last_only, head=head)
+        logits = self.model(tokens, positions, attend, last_only=last_only, head=head, taps=taps)
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
 
@@ -339,18 +348,22 @@ class Engine:
             h.write(seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
 
     def _recall_round(self, slots: list[int], hist: list, tokens: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor:
+                      positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The recall round after a turn's last prompt chunk: the chosen pages come back into every
         layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
         LESS state stays exact), then the chunk's last k tokens (tokens / positions [n, k], k at most
         the recent window, so they are the slot's last k entries) are read again over the slot as it
-        is now: at every layer their K/V, computed this time with the pages back, replace their own
+        is now: from layer `recall_reread_layer` up (x [n, k, hidden]: the hidden states the step
+        gave them there) their K/V, computed this time with the pages back, replace their own
         entries and history records, and they attend over the slot. Returns the last one's logits
         [n, 1, V], the reply's first: the prompt's own tokens keep the predictions their step made
         before the round (the round changes what follows the prompt, not how the prompt was read)."""
         slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
+        self.end_turn(slots)  # a previous round's pages (a turn whose end was not seen) go back first
         chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
+        for h in hist:
+            h.lent = [Lent() for _ in range(self.args.num_layers)]
         for layer in range(self.args.num_layers):
             lw = less.layers[layer] if less else None
             for s, h, want, (wk, wv) in zip(slots, hist, chosen, back, strict=True):
@@ -358,7 +371,7 @@ class Engine:
                     slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
                     int(slab.length[s]), group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
                     self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
-                    z=slab.z[layer, s] if lw is not None else None, psi=lw).sum())
+                    z=slab.z[layer, s] if lw is not None else None, psi=lw, lent=h.lent[layer]).sum())
         k = tokens.shape[1]
         lengths = [int(slab.length[s]) for s in slots]
         at = [int(p) for p in positions[:, 0]]
@@ -378,7 +391,26 @@ class Engine:
                 outs.append(attend_cat(q[i : i + 1], keys, values, valid, self.scale, *less_terms)[0])
             return torch.cat(outs)
 
-        return self.model(tokens, positions, attend, last_only=True)
+        return self.model(tokens, positions, attend, last_only=True, start=self.cfg.recall_reread_layer, x=x)
+
+    def end_turn(self, slots: Sequence[int]) -> None:
+        """A turn's reply has ended (`+recall`): the pages its round lent each slot go back, and the entries
+        they replaced return with their eviction scores (kernels/reference/recall.py, `return_layer_ref`),
+        so the next turn is read over what the policy itself kept. No-op for a slot with nothing lent."""
+        if self.histories is None:
+            return
+        slab, less = self.slab, self.less
+        for s in slots:
+            h = self.histories.by_slot.get(s)
+            lent = None if h is None else h.lent
+            if lent is None:
+                continue
+            h.lent = None
+            for layer, record in enumerate(lent):
+                lw = less.layers[layer] if less else None
+                return_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
+                                 int(slab.length[s]), record, H=slab.H[layer, s] if lw is not None else None,
+                                 z=slab.z[layer, s] if lw is not None else None, psi=lw)
 
     def record_decoded(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its

@@ -39,6 +39,7 @@ class History:
         self.n = 0  # tokens consumed: positions [base, n) are held
         self.recalled = 0  # tokens brought back into the slot so far
         self.queries: list[torch.Tensor] | None = None  # per layer [Hq, <= Q, D]: the last queries (choose pages)
+        self.lent: list | None = None  # per layer, the recall round's Lent, until the turn's end returns it
         self.last_used = 0  # the pool's clock at the latest step
 
     # --- size ------------------------------------------------------------------------------
@@ -163,10 +164,13 @@ class History:
         h.blocks_ids = [b.clone() for b in self.blocks_ids]
         h.start, h.base, h.n, h.recalled, h.last_used = self.start, self.base, self.n, self.recalled, self.last_used
         h.queries = None if self.queries is None else [q.clone() for q in self.queries]
+        h.lent = self.lent  # read only: a fork's turn end returns its own slot's copy of the pages
         return h
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, meta) for the session's encoded cache (workers/device_tier.py)."""
+        """(tensors, meta) for the session's encoded cache (workers/device_tier.py). `lent` stays: a turn's
+        end returns the pages before its session is saved; a session saved mid-reply keeps them pinned
+        until its next round unpins them."""
         k, v = self.tensors()
         return ({"history_k": k, "history_v": v, HISTORY_IDS: self.ids()},
                 {"base": self.base, "n": self.n, "page": self.page, "recalled": self.recalled})

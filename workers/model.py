@@ -167,12 +167,22 @@ class LlamaModel(nn.Module):
         attend: AttendFn,
         last_only: bool = False,
         head: bool = True,
+        start: int = 0,
+        x: torch.Tensor | None = None,
+        taps: dict[int, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Returns logits [n, C, V] (or [n, 1, V] with last_only; [n, 0, V] without the head: a
-        `+recall` step whose tokens the round reads again skips the vocabulary projection)."""
-        x = self.model.embed_tokens(tokens)
+        `+recall` step whose tokens the round reads again skips the vocabulary projection).
+        `start`, `x` [n, C, hidden]: run from layer `start`, x the hidden states entering it (a re-read
+        of the upper layers). `taps`: for each layer key, the hidden states entering it are stored."""
+        if x is None:
+            x = self.model.embed_tokens(tokens)
         cos, sin = self.rope.cos_sin(positions, self.inv_freq, self.rope_scaling, x.dtype)
         for i, blk in enumerate(self.model.layers):
+            if i < start:
+                continue
+            if taps is not None and i in taps:
+                taps[i] = x
             q, k, v = blk.self_attn.qkv(blk.input_layernorm(x), cos, sin)
             o = attend(i, q, k, v)  # [n, Hq, C, D]
             n, _, C, _ = o.shape

@@ -71,6 +71,7 @@ class _Request:
     prompt_lp: list[float | None] = field(default_factory=list)
     prompt_top: list[tuple] = field(default_factory=list)
     t_submit: float = field(default_factory=time.perf_counter)
+    on_end: Callable[[Sequence[int]], None] | None = None  # the engine's end_turn (+recall: lent pages go back)
 
     @property
     def cancelled(self) -> bool:
@@ -80,7 +81,10 @@ class _Request:
         self.group.emit(item)
 
     def end(self) -> None:
-        """This choice is over; the caller is released when every choice is."""
+        """This choice is over (its slot's turn ends first); the caller is released when every choice is."""
+        if self.on_end is not None:
+            self.on_end, end_turn = None, self.on_end
+            end_turn([self.slot])
         self.group.left -= 1
         if self.group.left == 0:
             self.group.emit(_DONE)
@@ -103,6 +107,8 @@ class BatchScheduler:
         self.threads = threads or torch.get_num_threads()
         self.max_batch = max_batch
         self.on_step = on_step  # metrics hook: (kind, tokens, seconds)
+        # +recall: a choice's end gives its slot's lent pages back, on this thread, before the caller sees it end
+        self._end_turn = engine.end_turn if engine.histories is not None else None
         self._incoming: deque[_Request] = deque()
         self._prefilling: deque[_Request] = deque()
         self._decoding: list[_Request] = []
@@ -129,7 +135,7 @@ class BatchScheduler:
             raise ValueError("a turn needs at least one new token")
         req = _Request(slot, list(ids), params, _Group(emit, stopped), tokens if tokens is not None else [],
                        marks={m: fn for m, fn in (marks or {}).items() if 0 < m <= len(ids)},
-                       gen=_generator(params.seed), constraint=params.constraint)
+                       gen=_generator(params.seed), constraint=params.constraint, on_end=self._end_turn)
         if params.prompt_logprobs is not None:
             req.prompt_lp, req.prompt_top = [None], [()]  # the first token has no context to be predicted from
         with self._cv:
@@ -364,7 +370,8 @@ class BatchScheduler:
                 self.engine.slab.copy(r.slot, slot)
                 forks.append(_Request(slot, r.ids, p, r.group, [], index=i, offset=r.offset,
                                       gen=_generator(None if p.seed is None else p.seed + i),
-                                      constraint=r.constraint.fork() if r.constraint else None))
+                                      constraint=r.constraint.fork() if r.constraint else None,
+                                      on_end=self._end_turn))
         except Exception as e:  # noqa: BLE001 - this request's own error (a fork slot it was not given)
             r.fail(e)
             return

@@ -19,13 +19,19 @@ One round on one layer of a full slot (a slot below budget has evicted nothing),
      (lambda's sinks, the recent window);
   3. LESS: H, z lose every recalled token's psi(k)^T v, psi(k) and gain every replaced entry's, so
      the state stays the sum over the tokens not in the slot;
-  4. recalled and pinned entries get score PIN_SCORE (eviction keeps them until the next round),
-     and the head's entries are re-sorted by position, the order eviction relies on.
+  4. recalled and pinned entries get score PIN_SCORE (eviction keeps them through the reply), and
+     the head's entries are re-sorted by position, the order eviction relies on.
+
+The round lends its pages to one turn (`Lent`): when the turn's reply ends, `return_layer_ref` puts
+the entries they replaced back (K/V, position, eviction score) and gives the pinned entries their
+scores again, so the next turn is read over the slot its policy kept, not over the last question's
+pages (chosen on the dev split: pages that stay pinned hold h2o's whole heavy half, docs/recall.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -112,6 +118,20 @@ def glued_pages(ids: torch.Tensor, page: int, pages: int, starts_inside: torch.T
     return out
 
 
+@dataclass
+class Lent:
+    """What one recall round changed in one layer of one slot, per KV head h, for the turn's end to
+    give back: the positions it brought back [m_h]; the entries they replaced (positions [m_h], K/V
+    [m_h, D] on the host, eviction scores [m_h]); the entries it pinned (positions, their scores)."""
+    back: list[torch.Tensor] = field(default_factory=list)
+    out_pos: list[torch.Tensor] = field(default_factory=list)
+    out_k: list[torch.Tensor] = field(default_factory=list)
+    out_v: list[torch.Tensor] = field(default_factory=list)
+    out_score: list[torch.Tensor] = field(default_factory=list)
+    pinned_pos: list[torch.Tensor] = field(default_factory=list)
+    pinned_score: list[torch.Tensor] = field(default_factory=list)
+
+
 def _absorb(H: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
             psi: LessLayerWeights, sign: float) -> None:
     """H [Hkv, R, D] += sign * sum_t psi(k_t)^T v_t, z [Hkv, R] += sign * sum_t psi(k_t), over the
@@ -119,6 +139,31 @@ def _absorb(H: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     f = psi_ref(k[None], psi)[0] * used[..., None]  # [Hkv, m, R]
     H.add_(sign * torch.einsum("htr,htd->hrd", f, v.float()))
     z.add_(sign * f.sum(1))
+
+
+def _swap_less(H: torch.Tensor | None, z: torch.Tensor | None, psi: LessLayerWeights | None,
+               gone_k: list[torch.Tensor], gone_v: list[torch.Tensor], come_k: list[torch.Tensor],
+               come_v: list[torch.Tensor]) -> None:
+    """The LESS state after a swap, per KV head h: the entries that left the slot (gone_k / gone_v [m_h, D])
+    are absorbed, the ones that came in (come_k / come_v, the same m_h) are taken out of the sum."""
+    counts = [len(r) for r in gone_k]
+    if psi is None or H is None or z is None or not max(counts, default=0):
+        return
+    m, D, dev = max(counts), H.shape[-1], H.device
+    used = torch.arange(m, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]  # [Hkv, m]
+
+    def pad(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat([r.to(dev), r.new_zeros(m - len(r), D).to(dev)]) for r in rows])  # [Hkv, m, D]
+
+    _absorb(H, z, pad(gone_k), pad(gone_v), used, psi, +1.0)
+    _absorb(H, z, pad(come_k), pad(come_v), used, psi, -1.0)
+
+
+def _sort_head(h: int, length: int, *slot: torch.Tensor) -> None:
+    """Re-sort head h's first `length` entries of every slot tensor [Hkv, B, ...] by position (slot[2])."""
+    order = slot[2][h, :length].argsort()
+    for t in slot:
+        t[h, :length] = t[h, :length][order]
 
 
 @torch.no_grad()
@@ -139,19 +184,20 @@ def recall_layer_ref(
     H: torch.Tensor | None = None,  # [Hkv, R, D] fp32, written in place
     z: torch.Tensor | None = None,  # [Hkv, R] fp32
     psi: LessLayerWeights | None = None,
+    lent: Lent | None = None,  # filled with what the turn's end gives back
 ) -> torch.Tensor:
     """One recall round on one layer of one slot. Returns the tokens brought back per KV head [Hkv]."""
     Hkv, B, D = k_slot.shape
     dev = k_slot.device
     brought = torch.zeros(Hkv, dtype=torch.long)
-    score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. the previous round's pins end
+    score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. pins a turn's end did not return end here
     if length < B or len(want) == 0:
         return brought
     want = want.to(dev)
     j = torch.arange(B, device=dev)
     protected_j = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
     rel = (q.float() @ k_slot.float().transpose(1, 2)).amax(1)  # [Hkv, B] relevance of each entry
-    victims_k, victims_v, back_k, back_v, n_back = [], [], [], [], []
+    victims_k, victims_v, back_k, back_v = [], [], [], []
     for h in range(Hkv):
         held = pos_slot[h].long() - base  # [B] history index of each entry
         pinned = torch.isin(held, want)  # 2. chosen tokens already here stay, pinned
@@ -163,23 +209,62 @@ def recall_layer_ref(
         victims_v.append(v_slot[h, out].clone())
         back_k.append(want_k[h, rows.cpu()].to(dev, k_slot.dtype))
         back_v.append(want_v[h, rows.cpu()].to(dev, v_slot.dtype))
-        n_back.append(len(back))
+        if lent is not None:
+            lent.back.append((back + base).cpu())
+            lent.out_pos.append(pos_slot[h, out].long().cpu())
+            lent.out_k.append(victims_k[-1].cpu())
+            lent.out_v.append(victims_v[-1].cpu())
+            lent.out_score.append(score_slot[h, out].cpu())
+            lent.pinned_pos.append(pos_slot[h, pinned].long().cpu())
+            lent.pinned_score.append(score_slot[h, pinned].cpu())
         k_slot[h, out] = back_k[-1]
         v_slot[h, out] = back_v[-1]
         pos_slot[h, out] = (back + base).to(pos_slot.dtype)
         score_slot[h, out] = PIN_SCORE
         score_slot[h, pinned] = PIN_SCORE
-        order = pos_slot[h, :length].argsort()  # 4. position order, as eviction expects
-        for t in (k_slot, v_slot, pos_slot, score_slot):
-            t[h, :length] = t[h, :length][order]
+        _sort_head(h, length, k_slot, v_slot, pos_slot, score_slot)  # 4. position order, as eviction expects
         brought[h] = len(back)
-    if psi is not None and H is not None and z is not None and max(n_back):  # 3. the LESS state stays exact
-        m = max(n_back)
-        used = torch.arange(m, device=dev)[None, :] < torch.tensor(n_back, device=dev)[:, None]  # [Hkv, m]
-
-        def pad(rows: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack([torch.cat([r, r.new_zeros(m - len(r), D)]) for r in rows])  # [Hkv, m, D]
-
-        _absorb(H, z, pad(victims_k), pad(victims_v), used, psi, +1.0)
-        _absorb(H, z, pad(back_k), pad(back_v), used, psi, -1.0)
+    _swap_less(H, z, psi, victims_k, victims_v, back_k, back_v)  # 3. the LESS state stays exact
     return brought
+
+
+@torch.no_grad()
+def return_layer_ref(
+    k_slot: torch.Tensor,  # [Hkv, B, D] one slot's layer, written in place
+    v_slot: torch.Tensor,  # [Hkv, B, D]
+    pos_slot: torch.Tensor,  # [Hkv, B] int32
+    score_slot: torch.Tensor,  # [Hkv, B] fp32
+    length: int,
+    lent: Lent,  # what the layer's recall round changed
+    H: torch.Tensor | None = None,  # [Hkv, R, D] fp32, written in place
+    z: torch.Tensor | None = None,  # [Hkv, R] fp32
+    psi: LessLayerWeights | None = None,
+) -> torch.Tensor:
+    """A turn's end on one layer of one slot: the recalled entries still there (pinned, so all of
+    them, unless a later round already unpinned them) make room again for the entries they replaced,
+    the pinned entries get their scores back, and the LESS state absorbs the recalled tokens and gives
+    up the returned ones. Returns the entries returned per KV head [Hkv]."""
+    dev = k_slot.device
+    returned = torch.zeros(len(lent.back), dtype=torch.long)
+    gone_k, gone_v, come_k, come_v = [], [], [], []
+    for h, back in enumerate(lent.back):
+        pos = pos_slot[h, :length].long()
+        here = torch.isin(pos, back.to(dev)) & (score_slot[h, :length] >= PIN_SCORE)  # still lent
+        at = here.nonzero().flatten()[: len(lent.out_pos[h])]
+        n = len(at)
+        gone_k.append(k_slot[h, at].clone())
+        gone_v.append(v_slot[h, at].clone())
+        come_k.append(lent.out_k[h][:n].to(dev, k_slot.dtype))
+        come_v.append(lent.out_v[h][:n].to(dev, v_slot.dtype))
+        k_slot[h, at], v_slot[h, at] = come_k[-1], come_v[-1]
+        pos_slot[h, at] = lent.out_pos[h][:n].to(dev, pos_slot.dtype)
+        score_slot[h, at] = lent.out_score[h][:n].to(dev)
+        pins = lent.pinned_pos[h].to(dev)
+        kept = torch.isin(pos_slot[h, :length].long(), pins) & (score_slot[h, :length] >= PIN_SCORE)
+        idx = kept.nonzero().flatten()
+        order = torch.searchsorted(pins, pos_slot[h, idx].long())  # pinned positions ascend
+        score_slot[h, idx] = lent.pinned_score[h].to(dev)[order]
+        _sort_head(h, length, k_slot, v_slot, pos_slot, score_slot)
+        returned[h] = n
+    _swap_less(H, z, psi, gone_k, gone_v, come_k, come_v)
+    return returned

@@ -40,13 +40,16 @@ def prompt(eng: Engine, slot: int, ids: torch.Tensor) -> None:
         eng.forward([slot], ids[None, off : off + size], last_only=True, recall=off + size == len(ids))
 
 
-def turns(eng: Engine, slot: int, n_turns: int = 5, seed: int = 0, reply: int = 3) -> None:
-    """Turns of random tokens: each prompt with its recall round, then a reply."""
+def turns(eng: Engine, slot: int, n_turns: int = 5, seed: int = 0, reply: int = 3, end: bool = True) -> None:
+    """Turns of random tokens: each prompt with its recall round, then a reply, then (end) the turn's
+    end as the scheduler sees it: the lent pages go back."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(n_turns):
         prompt(eng, slot, torch.randint(0, 128, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g))
         for _ in range(reply):
             eng.decode([slot], [int(torch.randint(0, 128, (1,), generator=g))])
+        if end:
+            eng.end_turn([slot])
 
 
 def check_slot_against_history(eng: Engine, slot: int) -> None:
@@ -71,15 +74,64 @@ def check_slot_against_history(eng: Engine, slot: int) -> None:
             torch.testing.assert_close(eng.slab.z[layer, slot], f.sum(1), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("reread", [1, 64])
+@pytest.mark.parametrize("end", [True, False], ids=["turn-ends", "ends-unseen"])
+@pytest.mark.parametrize("reread,layer", [(1, 0), (64, 0), (64, 1)])
 @pytest.mark.parametrize("policy", ["h2o+less+recall", "lambda+less+recall", "h2o+recall"])
-def test_slot_and_less_state_match_a_recomputation_after_many_recall_rounds(tiny_ckpt, policy, reread):
-    eng = engine(tiny_ckpt, policy, recall_reread=reread)  # 64: the whole last chunk, up to the recent window
+def test_slot_and_less_state_match_a_recomputation_after_many_recall_rounds(tiny_ckpt, policy, reread, layer, end):
+    eng = engine(tiny_ckpt, policy, recall_reread=reread,  # 64: the whole last chunk, up to the recent window
+                 recall_reread_layer=layer)
     slot = eng.alloc()
     for t in range(6):
-        turns(eng, slot, n_turns=1, seed=t)
+        turns(eng, slot, n_turns=1, seed=t, end=end)  # without the turn's end, the next round returns the pages
         check_slot_against_history(eng, slot)
+        assert (eng.slab.score[:, slot] >= PIN_SCORE).any() != end  # pinned through the reply, not after it
     assert eng.histories.get(slot).recalled > 0, "no recall round brought anything back"
+
+
+@pytest.mark.parametrize("policy", ["h2o+less+recall", "lambda+recall"])
+def test_a_turns_end_gives_back_what_its_round_replaced(tiny_ckpt, policy, monkeypatch):
+    """Right after the round, the turn's end restores the slot the step left: the same positions and
+    eviction scores, the same K/V but for the re-read token's, the same LESS state. After a reply, the
+    entries the round replaced are back and the recalled ones gone (they were pinned, nothing else
+    could have moved them), with no pin left."""
+    eng = engine(tiny_ckpt, policy, recall_reread=1)
+    slot = eng.alloc()
+    turns(eng, slot, n_turns=4, seed=2, reply=2)
+    before = {}
+    original = eng._recall_round
+
+    def snapshot(*a, **kw):
+        sl = eng.slab
+        before.update(pos=sl.pos[:, slot].clone(), score=sl.score[:, slot].clone(), k=sl.k[:, slot].clone(),
+                      H=sl.H[:, slot].clone() if eng.less else None, z=sl.z[:, slot].clone() if eng.less else None)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(eng, "_recall_round", snapshot)
+    h = eng.histories.get(slot)
+    brought = h.recalled
+    prompt(eng, slot, torch.tensor([9, 10, 11, 12]))
+    assert h.recalled > brought and h.lent is not None
+    assert not torch.equal(eng.slab.pos[:, slot], before["pos"])
+    eng.end_turn([slot])
+    sl, n = eng.slab, int(eng.slab.length[slot])
+    assert torch.equal(sl.pos[:, slot], before["pos"]) and torch.equal(sl.score[:, slot], before["score"])
+    assert torch.equal(sl.k[:, slot, :, : n - 1], before["k"][:, :, : n - 1])  # the last one was read again
+    if eng.less:
+        torch.testing.assert_close(sl.H[:, slot], before["H"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sl.z[:, slot], before["z"], rtol=1e-4, atol=1e-4)
+    check_slot_against_history(eng, slot)
+    prompt(eng, slot, torch.tensor([13, 14, 15]))
+    lent = h.lent
+    for t in range(5):
+        eng.decode([slot], [t + 20])
+    eng.end_turn([slot])
+    assert h.lent is None and not bool((sl.score[:, slot] >= PIN_SCORE).any())
+    for layer in range(eng.args.num_layers):
+        for hd in range(eng.args.num_kv_heads):
+            held = set(sl.pos[layer, slot, hd, : int(sl.length[slot])].tolist())
+            assert set(lent[layer].out_pos[hd].tolist()) <= held
+            assert not set(lent[layer].back[hd].tolist()) & held
+    check_slot_against_history(eng, slot)
 
 
 def test_the_chosen_pages_are_the_last_queries_best_and_stay_pinned_through_the_reply(tiny_ckpt):
@@ -263,3 +315,43 @@ def test_a_turns_last_piece_is_what_the_round_reads_again(tiny_ckpt):
     assert list(engine(tiny_ckpt, policy="h2o+less").chunks(0, 20)) == [(0, 8), (8, 8), (16, 4)]
     assert max(size for _, size in engine(tiny_ckpt, recall_reread=64).chunks(0, 20)) == CHUNK
     assert list(engine(tiny_ckpt, recall_reread=64).chunks(0, 20))[-1][1] <= engine(tiny_ckpt).spec.recent
+
+
+def test_the_scheduler_ends_each_choices_turn_before_its_caller_sees_the_end(tiny_ckpt):
+    """Through the BatchScheduler, a +recall request's round lends pages for its reply only: when
+    the stream ends, neither the request's slot nor its forked choice's holds a pin or a Lent record."""
+    from lessserve.workers.scheduler import BatchScheduler, SamplingParams
+
+    eng = engine(tiny_ckpt, "h2o+recall")
+    slot, fork = eng.alloc(), eng.alloc()
+    turns(eng, slot, n_turns=4, seed=1)
+    before = eng.histories.get(slot).recalled
+    with BatchScheduler(eng) as sched:
+        out = list(sched.stream(slot, [5, 6, 7, 8, 9], SamplingParams(max_new_tokens=4, forks=(fork,))))
+    assert len(out) == 8 and eng.histories.get(slot).recalled > before
+    for s in (slot, fork):
+        assert eng.histories.get(s).lent is None
+        assert not bool((eng.slab.score[:, s] >= PIN_SCORE).any())
+        check_slot_against_history(eng, s)
+
+
+def test_a_reread_from_an_upper_layer_leaves_the_layers_below_as_the_step_wrote_them(tiny_ckpt):
+    """recall_reread_layer 1 (of the tiny model's 2): the round's re-read starts from the hidden states
+    the step gave layer 1, so layer 0's entries for the re-read tokens are the step's own (a fork without
+    the round holds the same), and so are layer 1's (its input is the step's), but layer 1 attends with
+    the pages back, so the reply's first logits differ from the fork's; a layer the model does not have
+    is refused."""
+    eng = engine(tiny_ckpt, recall_reread=3, recall_reread_layer=1)
+    a = eng.alloc()
+    turns(eng, a, n_turns=4, seed=2, reply=0)
+    fork = eng.alloc()
+    eng.slab.copy(a, fork)
+    last = torch.tensor([[3, 4, 5]])
+    with_round, without = eng.forward([a], last, recall=True), eng.forward([fork], last)
+    assert not torch.allclose(with_round[:, -1], without[:, -1], rtol=1e-4, atol=1e-4)
+    n = int(eng.slab.length[a])
+    assert torch.equal(eng.slab.k[:, a, :, n - 3 : n], eng.slab.k[:, fork, :, n - 3 : n])
+    assert torch.equal(eng.slab.v[:, a, :, n - 3 : n], eng.slab.v[:, fork, :, n - 3 : n])
+    check_slot_against_history(eng, a)
+    with pytest.raises(ConfigError, match="recall_reread_layer 2"):
+        engine(tiny_ckpt, recall_reread_layer=2)
