@@ -21,15 +21,16 @@ from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
 from lessserve.kernels.fast_attention import attend_cat
 from lessserve.kernels.reference.recall import (
+    Lent,
     choose_pages,
     glued_pages,
     group_queries,
-    Lent,
     history_page_mass,
     page_tokens,
     recall_layer_ref,
-    return_layer_ref,
     redundant_pages,
+    return_layer_ref,
+    unread_layer_ref,
 )
 from lessserve.workers.compiled import compiled_attend
 from lessserve.workers.compression import Policy, eviction_spec, less_state_tokens
@@ -382,6 +383,11 @@ class Engine:
             lw = less.layers[layer] if less else None
             outs = []
             for i, (s, ln, h) in enumerate(zip(slots, lengths, hist, strict=True)):
+                lent = h.lent[layer]  # the turn's end gives the tokens their step's K/V back
+                lent.read_at = at[i]
+                lent.read_k = slab.k[layer, s, :, ln - k : ln].to("cpu", copy=True)  # [Hkv, k, D]
+                lent.read_v = slab.v[layer, s, :, ln - k : ln].to("cpu", copy=True)
+                lent.new_k, lent.new_v = kk[i].to("cpu", copy=True), v[i].to("cpu", copy=True)
                 slab.k[layer, s, :, ln - k : ln], slab.v[layer, s, :, ln - k : ln] = kk[i], v[i]
                 h.write(at[i], kk[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
                 keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
@@ -393,10 +399,13 @@ class Engine:
 
         return self.model(tokens, positions, attend, last_only=True, start=self.cfg.recall_reread_layer, x=x)
 
+    @torch.inference_mode()
     def end_turn(self, slots: Sequence[int]) -> None:
-        """A turn's reply has ended (`+recall`): the pages its round lent each slot go back, and the entries
+        """A turn's reply has ended (`+recall`): the pages its round lent each slot go back, the entries
         they replaced return with their eviction scores (kernels/reference/recall.py, `return_layer_ref`),
-        so the next turn is read over what the policy itself kept. No-op for a slot with nothing lent."""
+        and the re-read tokens get their step's K/V back, in the slot, the LESS state and the history
+        (`unread_layer_ref`), so the next turn is read over what the policy itself kept. No-op for a slot
+        with nothing lent."""
         if self.histories is None:
             return
         slab, less = self.slab, self.less
@@ -408,9 +417,13 @@ class Engine:
             h.lent = None
             for layer, record in enumerate(lent):
                 lw = less.layers[layer] if less else None
+                state = dict(H=slab.H[layer, s], z=slab.z[layer, s], psi=lw) if lw is not None else {}
                 return_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
-                                 int(slab.length[s]), record, H=slab.H[layer, s] if lw is not None else None,
-                                 z=slab.z[layer, s] if lw is not None else None, psi=lw)
+                                 int(slab.length[s]), record, **state)
+                unread_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], int(slab.length[s]),
+                                 record, **state)
+                if record.read_k is not None and record.read_at >= h.base:
+                    h.write(record.read_at, record.read_k.to(h.dtype), record.read_v.to(h.dtype), layer)
 
     def record_decoded(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """A `+recall` engine's decode step that ran as a captured graph: each slot's newest token is its

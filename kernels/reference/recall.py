@@ -24,8 +24,9 @@ One round on one layer of a full slot (a slot below budget has evicted nothing),
 
 The round lends its pages to one turn (`Lent`): when the turn's reply ends, `return_layer_ref` puts
 the entries they replaced back (K/V, position, eviction score) and gives the pinned entries their
-scores again, so the next turn is read over the slot its policy kept, not over the last question's
-pages (chosen on the dev split: pages that stay pinned hold h2o's whole heavy half, docs/recall.md).
+scores again, and `unread_layer_ref` gives the re-read tokens the K/V their step computed, so the
+next turn is read over the slot its policy kept, not over the last question's pages (chosen on the
+dev split: pages that stay pinned hold h2o's whole heavy half, docs/recall.md).
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ class Lent:
     out_score: list[torch.Tensor] = field(default_factory=list)
     pinned_pos: list[torch.Tensor] = field(default_factory=list)
     pinned_score: list[torch.Tensor] = field(default_factory=list)
+    # the re-read tokens (positions read_at ..): their K/V [Hkv, k, D] as the step wrote them, and as the
+    # re-read wrote them over (None at layers the re-read did not run)
+    read_at: int = -1
+    read_k: torch.Tensor | None = None
+    read_v: torch.Tensor | None = None
+    new_k: torch.Tensor | None = None
+    new_v: torch.Tensor | None = None
 
 
 def _absorb(H: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor, used: torch.Tensor,
@@ -268,3 +276,37 @@ def return_layer_ref(
         returned[h] = n
     _swap_less(H, z, psi, gone_k, gone_v, come_k, come_v)
     return returned
+
+
+@torch.no_grad()
+def unread_layer_ref(
+    k_slot: torch.Tensor,  # [Hkv, B, D] one slot's layer, written in place
+    v_slot: torch.Tensor,  # [Hkv, B, D]
+    pos_slot: torch.Tensor,  # [Hkv, B] int32, ascending within [0, length)
+    length: int,
+    lent: Lent,
+    H: torch.Tensor | None = None,  # [Hkv, R, D] fp32, written in place
+    z: torch.Tensor | None = None,  # [Hkv, R] fp32
+    psi: LessLayerWeights | None = None,
+) -> None:
+    """A turn's end, after `return_layer_ref`: the re-read tokens get back the K/V their step computed,
+    in the slot where it still holds them, and in the LESS state where the reply's eviction absorbed
+    the re-read's K/V instead."""
+    if lent.read_k is None or lent.new_k is None:
+        return
+    dev = k_slot.device
+    k = lent.read_k.shape[1]
+    positions = torch.arange(lent.read_at, lent.read_at + k, device=dev)  # [k]
+    gone_k, gone_v, come_k, come_v = [], [], [], []
+    for h in range(k_slot.shape[0]):
+        pos = pos_slot[h, :length].long()
+        here = torch.isin(positions, pos)  # [k]
+        idx = torch.searchsorted(pos, positions[here])
+        k_slot[h, idx] = lent.read_k[h, here.cpu()].to(dev, k_slot.dtype)
+        v_slot[h, idx] = lent.read_v[h, here.cpu()].to(dev, v_slot.dtype)
+        away = (~here).cpu()
+        gone_k.append(lent.read_k[h, away].float())  # absorbed as the step computed them
+        gone_v.append(lent.read_v[h, away].float())
+        come_k.append(lent.new_k[h, away].float())  # instead of as the re-read did
+        come_v.append(lent.new_v[h, away].float())
+    _swap_less(H, z, psi, gone_k, gone_v, come_k, come_v)
