@@ -303,24 +303,6 @@ def test_a_chosen_page_brings_the_pages_its_words_run_into():
     assert not bool(glued_pages(unknown, 4, 4, starts, ends)[0])
 
 
-def test_a_turns_last_piece_is_what_the_round_reads_again(tiny_ckpt):
-    """A +recall engine cuts a turn's last piece to at most recall_reread tokens (within the recent
-    window), so the re-read sees the context the piece's own step saw; the scheduler, which takes one
-    piece at a time, gets the same pieces; engines without recall keep the plain chunking."""
-    eng = engine(tiny_ckpt, recall_reread=3)
-    assert list(eng.chunks(0, 20)) == [(0, 8), (8, 8), (16, 1), (17, 3)]  # CHUNK 8: the last 4 split 1 + 3
-    assert list(eng.chunks(5, 2)) == [(0, 2)]
-    seen, left, pieces = 0, 20, []
-    while left:
-        _, size = next(eng.chunks(seen, left))
-        pieces.append(size)
-        seen, left = seen + size, left - size
-    assert pieces == [size for _, size in eng.chunks(0, 20)]
-    assert list(engine(tiny_ckpt, policy="h2o+less").chunks(0, 20)) == [(0, 8), (8, 8), (16, 4)]
-    assert max(size for _, size in engine(tiny_ckpt, recall_reread=64).chunks(0, 20)) == CHUNK
-    assert list(engine(tiny_ckpt, recall_reread=64).chunks(0, 20))[-1][1] <= engine(tiny_ckpt).spec.recent
-
-
 def test_the_scheduler_ends_each_choices_turn_before_its_caller_sees_the_end(tiny_ckpt):
     """Through the BatchScheduler, a +recall request's round lends pages for its reply only: when
     the stream ends, neither the request's slot nor its forked choice's holds a pin or a Lent record."""
