@@ -167,11 +167,12 @@ def _swap_less(H: torch.Tensor | None, z: torch.Tensor | None, psi: LessLayerWei
     _absorb(H, z, pad(come_k), pad(come_v), used, psi, -1.0)
 
 
-def _sort_head(h: int, length: int, *slot: torch.Tensor) -> None:
-    """Re-sort head h's first `length` entries of every slot tensor [Hkv, B, ...] by position (slot[2])."""
-    order = slot[2][h, :length].argsort()
+def _sort_heads(length: int, *slot: torch.Tensor) -> None:
+    """Re-sort every head's first `length` entries of each slot tensor [Hkv, B, ...] by position (slot[2])."""
+    order = slot[2][:, :length].argsort(1)  # [Hkv, length]
     for t in slot:
-        t[h, :length] = t[h, :length][order]
+        idx = order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[-1])
+        t[:, :length] = t[:, :length].gather(1, idx)
 
 
 @torch.no_grad()
@@ -197,43 +198,47 @@ def recall_layer_ref(
     """One recall round on one layer of one slot. Returns the tokens brought back per KV head [Hkv]."""
     Hkv, B, D = k_slot.shape
     dev = k_slot.device
-    brought = torch.zeros(Hkv, dtype=torch.long)
     score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. pins a turn's end did not return end here
     if length < B or len(want) == 0:
-        return brought
-    want = want.to(dev)
+        return torch.zeros(Hkv, dtype=torch.long)
+    want, m = want.to(dev), len(want)
     j = torch.arange(B, device=dev)
-    protected_j = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
+    protected = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
     rel = (q.float() @ k_slot.float().transpose(1, 2)).amax(1)  # [Hkv, B] relevance of each entry
-    victims_k, victims_v, back_k, back_v = [], [], [], []
-    for h in range(Hkv):
-        held = pos_slot[h].long() - base  # [B] history index of each entry
-        pinned = torch.isin(held, want)  # 2. chosen tokens already here stay, pinned
-        free = (~(protected_j | pinned)).nonzero().flatten()
-        rows = (~torch.isin(want, held)).nonzero().flatten()[: len(free)]  # the others come back, best page first
-        back = want[rows]
-        out = free[rel[h, free].argsort()[: len(back)]]  # the least relevant entries make room
-        victims_k.append(k_slot[h, out].clone())
-        victims_v.append(v_slot[h, out].clone())
-        back_k.append(want_k[h, rows.cpu()].to(dev, k_slot.dtype))
-        back_v.append(want_v[h, rows.cpu()].to(dev, v_slot.dtype))
-        if lent is not None:
-            lent.back.append((back + base).cpu())
-            lent.out_pos.append(pos_slot[h, out].long().cpu())
-            lent.out_k.append(victims_k[-1].cpu())
-            lent.out_v.append(victims_v[-1].cpu())
-            lent.out_score.append(score_slot[h, out].cpu())
-            lent.pinned_pos.append(pos_slot[h, pinned].long().cpu())
-            lent.pinned_score.append(score_slot[h, pinned].cpu())
-        k_slot[h, out] = back_k[-1]
-        v_slot[h, out] = back_v[-1]
-        pos_slot[h, out] = (back + base).to(pos_slot.dtype)
-        score_slot[h, out] = PIN_SCORE
-        score_slot[h, pinned] = PIN_SCORE
-        _sort_head(h, length, k_slot, v_slot, pos_slot, score_slot)  # 4. position order, as eviction expects
-        brought[h] = len(back)
-    _swap_less(H, z, psi, victims_k, victims_v, back_k, back_v)  # 3. the LESS state stays exact
-    return brought
+    match = (pos_slot.long() - base)[:, None, :] == want[None, :, None]  # [Hkv, m, B]
+    pinned = match.any(1)  # [Hkv, B] 2. chosen tokens already here stay, pinned
+    free = ~(protected[None] | pinned)  # [Hkv, B]
+    missing = ~match.any(2)  # [Hkv, m] the others come back,
+    rows = (~missing).to(torch.uint8).argsort(dim=1, stable=True)  # [Hkv, m] missing ones first, best page first
+    out = rel.masked_fill(~free, float("inf")).argsort(dim=1, stable=True)[:, :m]  # the least relevant free entries
+    n = torch.minimum(missing.sum(1), free.sum(1))  # [Hkv] tokens brought back per head
+    used = torch.arange(m, device=dev)[None, :] < n[:, None]  # [Hkv, m]
+    victims_k = k_slot.gather(1, out[..., None].expand(-1, -1, D))  # [Hkv, m, D] (rows past n unused)
+    victims_v = v_slot.gather(1, out[..., None].expand(-1, -1, D))
+    back_k = want_k.gather(1, rows.cpu()[..., None].expand(-1, -1, D)).to(dev, k_slot.dtype)  # [Hkv, m, D]
+    back_v = want_v.gather(1, rows.cpu()[..., None].expand(-1, -1, D)).to(dev, v_slot.dtype)
+    counts = n.tolist()
+    if lent is not None:
+        for h, c in enumerate(counts):
+            lent.back.append((want[rows[h, :c]] + base).cpu())
+            lent.out_pos.append(pos_slot[h, out[h, :c]].long().cpu())
+            lent.out_k.append(victims_k[h, :c].cpu())
+            lent.out_v.append(victims_v[h, :c].cpu())
+            lent.out_score.append(score_slot[h, out[h, :c]].cpu())
+            lent.pinned_pos.append(pos_slot[h, pinned[h]].long().cpu())
+            lent.pinned_score.append(score_slot[h, pinned[h]].cpu())
+    hh = torch.arange(Hkv, device=dev)[:, None].expand(Hkv, m)[used]  # the (head, row) pairs brought back
+    at, row = out[used], rows[used]
+    k_slot[hh, at] = back_k[used]
+    v_slot[hh, at] = back_v[used]
+    pos_slot[hh, at] = (want[row] + base).to(pos_slot.dtype)
+    score_slot[hh, at] = PIN_SCORE
+    score_slot[pinned] = PIN_SCORE
+    _sort_heads(length, k_slot, v_slot, pos_slot, score_slot)  # 4. position order, as eviction expects
+    _swap_less(H, z, psi, [victims_k[h, :c] for h, c in enumerate(counts)],  # 3. the LESS state stays exact
+               [victims_v[h, :c] for h, c in enumerate(counts)], [back_k[h, :c] for h, c in enumerate(counts)],
+               [back_v[h, :c] for h, c in enumerate(counts)])
+    return n.cpu()
 
 
 @torch.no_grad()
@@ -272,8 +277,8 @@ def return_layer_ref(
         idx = kept.nonzero().flatten()
         order = torch.searchsorted(pins, pos_slot[h, idx].long())  # pinned positions ascend
         score_slot[h, idx] = lent.pinned_score[h].to(dev)[order]
-        _sort_head(h, length, k_slot, v_slot, pos_slot, score_slot)
         returned[h] = n
+    _sort_heads(length, k_slot, v_slot, pos_slot, score_slot)
     _swap_less(H, z, psi, gone_k, gone_v, come_k, come_v)
     return returned
 
