@@ -58,6 +58,9 @@ class EngineConfig(BaseModel):
     recall_queries: int = Field(4, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt whose "
                                 "queries choose the history pages (a rolling window across the session's steps, the "
                                 "prompt's last token included)")
+    recall_heads: int = Field(8, ge=0, le=65536, description="+recall: a history page's score sums the attention "
+                              "mass of the layer-heads (every layer's KV heads) that put the most on it, this many "
+                              "(0: all of them)")
     recall_reread: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
                                "over the slot once the pages are back (at most the last chunk and the recent window), "
                                "so their K/V and the reply's first logits see the recalled pages")

@@ -30,6 +30,7 @@ from lessserve.kernels.reference.recall import (
     recall_layer_ref,
     redundant_pages,
     return_layer_ref,
+    top_heads_score,
     unread_layer_ref,
 )
 from lessserve.workers.compiled import compiled_attend
@@ -311,8 +312,9 @@ class Engine:
     def _choose_pages(self, hist: list, seen: list[int]) -> list[torch.Tensor]:
         """The history tokens a recall round brings back, per slot [m] (history indices, best page
         first). The last `recall_queries` queries the sessions kept (the prompt's last tokens, this
-        step's included) score every history page at every layer: the attention mass its best query
-        puts on it, summed over layers and KV heads (kernels/reference/recall.py); pages eviction keeps
+        step's included) score every history page at every layer and KV head: the attention mass its
+        best query puts on it, summed over the `recall_heads` layer-heads that put the most on it
+        (kernels/reference/recall.py); pages eviction keeps
         anyway are left out. The keys are read where the history holds them."""
         cfg, P, Hkv = self.cfg, self.cfg.recall_page, self.args.num_kv_heads
         out = []
@@ -322,7 +324,8 @@ class Engine:
                 continue
             queries = group_queries(torch.stack(h.queries), Hkv)  # [L, Hkv, G * Q, D]: every layer at once
             keys = [b.to(self.device) for b in h.key_blocks(h.pages * P)]  # [L, Hkv, m, D] each
-            score = history_page_mass(queries, keys, self.scale, P).sum(dim=(0, 1)).cpu()  # [pages]
+            mass = history_page_mass(queries, keys, self.scale, P).flatten(0, 1)  # [L * Hkv, pages]
+            score = top_heads_score(mass, cfg.recall_heads).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
             skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
             ids = h.ids()

@@ -7,9 +7,10 @@ head, in pages of P tokens aligned to absolute positions (page i holds positions
 
 Choosing (chosen on the dev split, docs/recall.md): the new message's last queries (at every layer,
 those of the session's last `recall_queries` tokens, the prompt's last one included) attend over
-the history; a page's score is, summed over layers and KV heads, the largest attention mass any
-query of the head's group puts on it (`history_page_mass`, summed in the engine). One set of pages
-serves every layer and head: a fact the answer copies is needed by every layer that reads it.
+the history; per layer and KV head, a page gets the largest attention mass any query of the head's
+group puts on it (`history_page_mass`), and its score sums that over the few layer-heads that put
+the most on it (`recall_heads`, `top_heads_score`). One set of pages serves every layer and head: a fact the answer
+copies is needed by every layer that reads it.
 (What else was tried on dev, and lost: docs/recall.md.)
 
 One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
@@ -56,6 +57,16 @@ def history_page_mass(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
     logits = torch.cat([qf @ b.float().transpose(-1, -2) for b in blocks], dim=-1) * scale  # [..., Hkv, M, T]
     p = logits.softmax(-1)
     return p.unflatten(-1, (-1, page)).sum(-1).amax(-2)
+
+
+def top_heads_score(mass: torch.Tensor, heads: int) -> torch.Tensor:
+    """mass [N, pages] (per layer and KV head, `history_page_mass`) -> [pages]: each page's mass summed
+    over the `heads` layer-heads that put the most on it (0 or >= N: over all of them). A fact is
+    found by a few retrieval heads; summed over every head, the many that spread their mass over
+    filler (newlines, punctuation) outvote them (dev: docs/recall.md)."""
+    if heads <= 0 or heads >= mass.shape[0]:
+        return mass.sum(0)
+    return mass.topk(heads, dim=0).values.sum(0)
 
 
 def page_tokens(chosen: torch.Tensor, page: int, held: int) -> torch.Tensor:

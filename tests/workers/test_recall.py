@@ -18,6 +18,7 @@ from lessserve.kernels.reference.recall import (
     group_queries,
     history_page_mass,
     redundant_pages,
+    top_heads_score,
 )
 from lessserve.workers.config import EngineConfig
 from lessserve.workers.device_tier import EngineDeviceTier
@@ -243,6 +244,19 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     best = want.amax(0)
     skip[best.argmax()] = True
     assert int(best.argmax()) not in choose_pages(got.amax(0), 3, skip).tolist()
+
+
+def test_a_pages_score_sums_the_layer_heads_that_find_it_most():
+    """Page 0 holds what two retrieval heads look for; page 1 gets a little from every head (filler
+    that many heads spread mass over). Summed over all 30 layer-heads, page 1 wins; over the top 2
+    or 4, page 0 does; each page's own best heads count, not a fixed set of heads."""
+    mass = torch.full((30, 3), 0.02)
+    mass[:, 1] = 0.06
+    mass[3, 0], mass[17, 0] = 0.6, 0.5
+    mass[9, 2] = 0.3
+    assert top_heads_score(mass, 0).argmax() == 1 and top_heads_score(mass, 30).argmax() == 1
+    assert top_heads_score(mass, 2).argmax() == 0 and top_heads_score(mass, 4).argmax() == 0
+    torch.testing.assert_close(top_heads_score(mass, 2), torch.tensor([1.1, 0.12, 0.32]))
 
 
 @pytest.mark.parametrize("reread", [1, 3, 64])
