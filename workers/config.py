@@ -64,9 +64,11 @@ class EngineConfig(BaseModel):
     recall_reread: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
                                "over the slot once the pages are back (at most the last chunk and the recent window), "
                                "so their K/V and the reply's first logits see the recalled pages")
-    recall_reread_layer: int = Field(0, ge=0, le=1024, description="+recall: the first layer the re-read runs "
-                                     "(0: every layer); the layers below keep the hidden states, K/V and history "
-                                     "records of the prompt's own step, so the re-read costs the upper layers only")
+    recall_layer: int = Field(0, ge=0, le=1024, description="+recall: 0: the round runs after the prompt's last "
+                              "step, every layer's queries choose the pages and the re-read runs every layer. L > 0: "
+                              "the queries of the layers below L choose, the re-read runs layers L and up (those "
+                              "below keep the step's), and a turn whose last piece the re-read covers whole runs "
+                              "in one pass, the round inside the step before layer L")
     history_bytes: int = Field(4 << 30, ge=0, description="+recall: host bytes the histories of the sessions on "
                                "the device may take; past it the oldest pages of the least recently used sessions "
                                "are dropped (they degrade to plain eviction)")

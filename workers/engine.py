@@ -12,7 +12,7 @@ import copy
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -153,8 +153,8 @@ class Engine:
         self.histories: Histories | None = None
         self._marks: tuple[torch.Tensor, torch.Tensor] | None = None  # +recall: the vocabulary's word marks
         self.reread = min(cfg.recall_reread, self.spec.recent)  # +recall: a turn's last tokens the round reads again
-        if self.policy.recall and cfg.recall_reread_layer >= self.args.num_layers:
-            raise ConfigError(f"recall_reread_layer {cfg.recall_reread_layer}: {self.model_id} has "
+        if self.policy.recall and cfg.recall_layer >= self.args.num_layers:
+            raise ConfigError(f"recall_layer {cfg.recall_layer}: {self.model_id} has "
                               f"{self.args.num_layers} layers (0 to {self.args.num_layers - 1})")
         if self.policy.recall:
             self.histories = self.slab.histories = Histories(self.args.num_layers, self.args.num_kv_heads,
@@ -232,10 +232,13 @@ class Engine:
     def forward(self, slots: Sequence[int], tokens: torch.Tensor, last_only: bool = False,
                 recall: bool = False) -> torch.Tensor:
         """slots: n slot ids; tokens [n, C] -> logits [n, C, V] (or [n, 1, V]). `recall` (a `+recall`
-        engine, the last chunk of a turn's prompt): after the chunk's step, the recall round
-        (`_recall_round`) brings the history pages its last queries choose back into each slot, and the
-        chunk's last `recall_reread` tokens are read again over the slot as it is then: the last one's
-        logits, from which the reply starts, see the recalled pages (the others keep the step's)."""
+        engine, the last chunk of a turn's prompt): after the chunk's step, the recall round brings the
+        history pages its last queries choose back into each slot (`_bring_back`), and the chunk's last
+        `recall_reread` tokens are read again over the slot as it is then (`_reread`): the last one's
+        logits, from which the reply starts, see the recalled pages (the others keep the step's).
+        With `recall_layer` L > 0 the queries of the layers below L choose and the re-read starts at
+        L; a chunk the re-read would cover whole (last_only) runs once, the round inside its step
+        before layer L."""
         n, C = tokens.shape
         self._check_step(slots, C)
         slots = list(slots)
@@ -252,35 +255,49 @@ class Engine:
             for h, s, row in zip(hist, seen, tokens.cpu(), strict=True):
                 h.reserve(C)
                 h.write_ids(s, row)
-        again = recall and hist is not None  # the round reads the chunk's last tokens again
-        taps = {self.cfg.recall_reread_layer: None} if again else None  # from there: the hidden states it starts from
-        logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
-                            history=(seen, hist) if hist is not None else None,
-                            head=not (again and last_only), taps=taps)
+        at = self.cfg.recall_layer  # 0: the round runs after the step (every layer chooses, every layer re-read)
+        round_ = recall and hist is not None
+        if round_:
+            self.end_turn(slots)  # pages of a turn whose end was not seen go back first
+        one_pass = round_ and at > 0 and last_only and C <= self.reread
+        if one_pass:  # the round runs inside the step, before layer `at`: the layers from it read the chunk
+            def on_layer(layer: int, lengths: torch.Tensor) -> None:  # with the pages back
+                if layer == at:
+                    self._bring_back(slots, hist, seen, at, lengths)
+
+            logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
+                                history=(seen, hist), on_layer=on_layer)
+        else:
+            taps = {at: None} if round_ else None  # where the re-read starts: the hidden states it starts from
+            logits = self._step(tokens.to(self.device), slot_ids, positions, last_only, max_len, host,
+                                history=(seen, hist) if hist is not None else None,
+                                head=not (round_ and last_only), taps=taps)  # the re-read gives the last logits
         for s in slots:
             self.slab.seen[s] += C
         if hist is not None:
             for h in hist:
                 h.advance(C)
             self.histories.enforce()
-            if recall:
-                k = min(self.reread, C)  # the chunk's last k: the recent window holds them
-                x = taps[self.cfg.recall_reread_layer][:, -k:]  # [n, k, hidden]
-                last = self._recall_round(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:], x)
-                logits = last if last_only else torch.cat([logits[:, :-1], last], dim=1)
+        if round_ and not one_pass:
+            self._bring_back(slots, hist, [self.slab.seen[s] for s in slots], at or self.args.num_layers)
+            k = min(self.reread, C)  # the chunk's last k: the recent window holds them
+            last = self._reread(slots, hist, tokens[:, -k:].to(self.device), positions[:, -k:], taps[at][:, -k:])
+            logits = last if last_only else torch.cat([logits[:, :-1], last], dim=1)
         return logits
 
     def _step(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
               last_only: bool, max_len: int | None = None,
               host: tuple[list[int], list[int]] | None = None, bucketed: bool = False,
               history: tuple | None = None, head: bool = True,
-              taps: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+              taps: dict[int, torch.Tensor | None] | None = None,
+              on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """The device-side step (no host synchronisation, so a CUDA graph can capture it):
         tokens [n, C], slot_ids [n], positions [n, C] -> logits [n, C or 1, V]; slot lengths updated.
         `max_len` / `host`: what the host knows of the slots' lengths (ops.attend_evict); None for a
         bucket's step (graph or compiled), whose shapes must not depend on them. `history`: (seen,
         History per slot) of a `+recall` engine's eager step: each layer's chunk K/V is recorded
-        and its last queries kept. `taps`: hidden states to keep (the model's forward)."""
+        and its last queries kept. `taps`: hidden states to keep (the model's forward). `on_layer`:
+        called before each layer with the slots' lengths the layers below left (an eager step's)."""
         slab, less, spec = self.slab, self.less, self.spec
         attend_evict = self.compiled if bucketed and self.compiled is not None else \
             functools.partial(ops.attend_evict, impl=self.impl)
@@ -289,6 +306,8 @@ class Engine:
         def attend(layer: int, q, k, v):
             nonlocal new_length
             lw = less.layers[layer] if less else None
+            if on_layer is not None:
+                on_layer(layer, new_length)
             if history is not None:
                 self._record(layer, q, k, v, *history)
             if slab.quantised:  # kv_bits 8 / 4: codes and scales (kernels/reference/quant_slots.py)
@@ -309,10 +328,11 @@ class Engine:
         slab.length[slot_ids] = new_length.to(slab.length.dtype)
         return logits
 
-    def _choose_pages(self, hist: list, seen: list[int]) -> list[torch.Tensor]:
+    def _choose_pages(self, hist: list, seen: list[int], layers: int) -> list[torch.Tensor]:
         """The history tokens a recall round brings back, per slot [m] (history indices, best page
         first). The last `recall_queries` queries the sessions kept (the prompt's last tokens, this
-        step's included) score every history page at every layer and KV head: the attention mass its
+        step's included) score every history page at each of the first `layers` layers and every KV
+        head: the attention mass its
         best query puts on it, summed over the `recall_heads` layer-heads that put the most on it
         (kernels/reference/recall.py); pages eviction keeps
         anyway are left out. The keys are read where the history holds them."""
@@ -322,8 +342,8 @@ class Engine:
             if not h.pages or h.queries is None:
                 out.append(torch.zeros(0, dtype=torch.long))
                 continue
-            queries = group_queries(torch.stack(h.queries), Hkv)  # [L, Hkv, G * Q, D]: every layer at once
-            keys = [b.to(self.device) for b in h.key_blocks(h.pages * P)]  # [L, Hkv, m, D] each
+            queries = group_queries(torch.stack(h.queries[:layers]), Hkv)  # [l, Hkv, G * Q, D]: the layers at once
+            keys = [b[:layers].to(self.device) for b in h.key_blocks(h.pages * P)]  # [l, Hkv, m, D] each
             mass = history_page_mass(queries, keys, self.scale, P).flatten(0, 1)  # [L * Hkv, pages]
             score = top_heads_score(mass, cfg.recall_heads).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
@@ -351,31 +371,38 @@ class Engine:
             h.keep_queries(layer, q[i], self.cfg.recall_queries)
             h.write(seen[i], k[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
 
-    def _recall_round(self, slots: list[int], hist: list, tokens: torch.Tensor,
-                      positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The recall round after a turn's last prompt chunk: the chosen pages come back into every
-        layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
-        LESS state stays exact), then the chunk's last k tokens (tokens / positions [n, k], k at most
-        the recent window, so they are the slot's last k entries) are read again over the slot as it
-        is now: from layer `recall_reread_layer` up (x [n, k, hidden]: the hidden states the step
-        gave them there) their K/V, computed this time with the pages back, replace their own
-        entries and history records, and they attend over the slot. Returns the last one's logits
-        [n, 1, V], the reply's first: the prompt's own tokens keep the predictions their step made
-        before the round (the round changes what follows the prompt, not how the prompt was read)."""
+    def _bring_back(self, slots: list[int], hist: list, seen: list[int], layers: int,
+                    below: torch.Tensor | None = None) -> None:
+        """The recall round's pages: those the queries of the first `layers` layers choose come back into
+        every layer of each slot (kernels/reference/recall.py: the least relevant entries make room, the
+        LESS state stays exact), lent to the turn (`end_turn` returns them). `below` [n]: the lengths
+        of the layers under `layers`, when the round runs inside a step that has read the chunk there
+        only (the layers from `layers` up hold the lengths before the chunk)."""
         slab, less, Hkv = self.slab, self.less, self.args.num_kv_heads
-        self.end_turn(slots)  # a previous round's pages (a turn whose end was not seen) go back first
-        chosen = self._choose_pages(hist, [slab.seen[s] for s in slots])
+        chosen = self._choose_pages(hist, seen, layers)
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
         for h in hist:
             h.lent = [Lent() for _ in range(self.args.num_layers)]
         for layer in range(self.args.num_layers):
             lw = less.layers[layer] if less else None
-            for s, h, want, (wk, wv) in zip(slots, hist, chosen, back, strict=True):
+            for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
+                length = int(below[i] if below is not None and layer < layers else slab.length[s])
                 h.recalled += int(recall_layer_ref(
                     slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
-                    int(slab.length[s]), group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
+                    length, group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
                     self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
                     z=slab.z[layer, s] if lw is not None else None, psi=lw, lent=h.lent[layer]).sum())
+
+    def _reread(self, slots: list[int], hist: list, tokens: torch.Tensor, positions: torch.Tensor,
+                x: torch.Tensor) -> torch.Tensor:
+        """After `_bring_back`, the chunk's last k tokens (tokens / positions [n, k], k at most the recent
+        window, so they are the slot's last k entries) are read again over the slot as it is now: from
+        layer `recall_layer` up (x [n, k, hidden]: the hidden states the step gave them there) their
+        K/V, computed this time with the pages back, replace their own entries and history records
+        (`end_turn` gives the step's back), and they attend over the slot. Returns the last one's
+        logits [n, 1, V], the reply's first: the prompt's own tokens keep the predictions their step
+        made before the round (the round changes what follows the prompt, not how the prompt was read)."""
+        slab, less = self.slab, self.less
         k = tokens.shape[1]
         lengths = [int(slab.length[s]) for s in slots]
         at = [int(p) for p in positions[:, 0]]
@@ -400,7 +427,7 @@ class Engine:
                 outs.append(attend_cat(q[i : i + 1], keys, values, valid, self.scale, *less_terms)[0])
             return torch.cat(outs)
 
-        return self.model(tokens, positions, attend, last_only=True, start=self.cfg.recall_reread_layer, x=x)
+        return self.model(tokens, positions, attend, last_only=True, start=self.cfg.recall_layer, x=x)
 
     @torch.inference_mode()
     def end_turn(self, slots: Sequence[int]) -> None:

@@ -76,11 +76,11 @@ def check_slot_against_history(eng: Engine, slot: int) -> None:
 
 
 @pytest.mark.parametrize("end", [True, False], ids=["turn-ends", "ends-unseen"])
-@pytest.mark.parametrize("reread,layer", [(1, 0), (64, 0), (64, 1)])
+@pytest.mark.parametrize("reread,layer", [(1, 0), (64, 0), (3, 1), (64, 1)])  # (64, 1): one pass per prompt
 @pytest.mark.parametrize("policy", ["h2o+less+recall", "lambda+less+recall", "h2o+recall"])
 def test_slot_and_less_state_match_a_recomputation_after_many_recall_rounds(tiny_ckpt, policy, reread, layer, end):
     eng = engine(tiny_ckpt, policy, recall_reread=reread,  # 64: the whole last chunk, up to the recent window
-                 recall_reread_layer=layer)
+                 recall_layer=layer)
     slot = eng.alloc()
     for t in range(6):
         turns(eng, slot, n_turns=1, seed=t, end=end)  # without the turn's end, the next round returns the pages
@@ -100,7 +100,7 @@ def test_a_turns_end_gives_back_what_its_round_replaced(tiny_ckpt, policy, monke
     slot = eng.alloc()
     turns(eng, slot, n_turns=4, seed=2, reply=2)
     before = {}
-    original = eng._recall_round
+    original = eng._bring_back
 
     def snapshot(*a, **kw):
         sl = eng.slab
@@ -109,7 +109,7 @@ def test_a_turns_end_gives_back_what_its_round_replaced(tiny_ckpt, policy, monke
                       H=sl.H[:, slot].clone() if eng.less else None, z=sl.z[:, slot].clone() if eng.less else None)
         return original(*a, **kw)
 
-    monkeypatch.setattr(eng, "_recall_round", snapshot)
+    monkeypatch.setattr(eng, "_bring_back", snapshot)
     h = eng.histories.get(slot)
     brought = h.recalled
     prompt(eng, slot, torch.tensor([9, 10, 11, 12]))
@@ -336,12 +336,12 @@ def test_the_scheduler_ends_each_choices_turn_before_its_caller_sees_the_end(tin
 
 
 def test_a_reread_from_an_upper_layer_leaves_the_layers_below_as_the_step_wrote_them(tiny_ckpt):
-    """recall_reread_layer 1 (of the tiny model's 2): the round's re-read starts from the hidden states
+    """recall_layer 1 (of the tiny model's 2): the round's re-read starts from the hidden states
     the step gave layer 1, so layer 0's entries for the re-read tokens are the step's own (a fork without
     the round holds the same), and so are layer 1's (its input is the step's), but layer 1 attends with
     the pages back, so the reply's first logits differ from the fork's; a layer the model does not have
     is refused."""
-    eng = engine(tiny_ckpt, recall_reread=3, recall_reread_layer=1)
+    eng = engine(tiny_ckpt, recall_reread=3, recall_layer=1)
     a = eng.alloc()
     turns(eng, a, n_turns=4, seed=2, reply=0)
     fork = eng.alloc()
@@ -353,5 +353,30 @@ def test_a_reread_from_an_upper_layer_leaves_the_layers_below_as_the_step_wrote_
     assert torch.equal(eng.slab.k[:, a, :, n - 3 : n], eng.slab.k[:, fork, :, n - 3 : n])
     assert torch.equal(eng.slab.v[:, a, :, n - 3 : n], eng.slab.v[:, fork, :, n - 3 : n])
     check_slot_against_history(eng, a)
-    with pytest.raises(ConfigError, match="recall_reread_layer 2"):
-        engine(tiny_ckpt, recall_reread_layer=2)
+    with pytest.raises(ConfigError, match="recall_layer 2"):
+        engine(tiny_ckpt, recall_layer=2)
+
+
+def test_a_turn_the_reread_covers_runs_in_one_pass_with_the_round_inside_its_step(tiny_ckpt, monkeypatch):
+    """recall_layer 1: a last piece no longer than the re-read (and only its last logits wanted) runs the
+    model once, the round before layer 1 (chosen by layer 0's queries); its reply logits see the pages
+    (unlike a fork's without the round); a longer piece runs the step, then the re-read from layer 1."""
+    eng = engine(tiny_ckpt, recall_reread=4, recall_layer=1)
+    a = eng.alloc()
+    turns(eng, a, n_turns=4, seed=6, reply=0)
+    fork = eng.alloc()
+    eng.slab.copy(a, fork)
+    calls = []
+    model = eng.model
+    monkeypatch.setattr(eng, "model", lambda *args, **kw: calls.append(kw.get("start", 0)) or model(*args, **kw))
+    before = eng.histories.get(a).recalled
+    got = eng.forward([a], torch.tensor([[3, 4, 5]]), last_only=True, recall=True)
+    assert calls == [0] and eng.histories.get(a).recalled > before
+    plain = eng.forward([fork], torch.tensor([[3, 4, 5]]), last_only=True)
+    assert not torch.allclose(got, plain, rtol=1e-4, atol=1e-4)
+    check_slot_against_history(eng, a)
+    eng.end_turn([a])
+    calls.clear()
+    eng.forward([a], torch.tensor([[6, 7, 8, 9, 10, 11]]), last_only=True, recall=True)
+    assert calls == [0, 1]  # the piece's step, then the re-read of its last 4 tokens from layer 1
+    check_slot_against_history(eng, a)
