@@ -155,7 +155,8 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
     meta = {"model": with_recall.model_id, "device": str(with_recall.device), "dtype": str(with_recall.dtype),
             "threads": torch.get_num_threads(), "budget": budget, "recall_pages": with_recall.cfg.recall_pages,
             "recall_page": with_recall.cfg.recall_page, "recall_queries": with_recall.cfg.recall_queries,
-            "recall_reread": with_recall.cfg.recall_reread}
+            "recall_reread": with_recall.cfg.recall_reread, "recall_heads": with_recall.cfg.recall_heads,
+            "recall_layer": with_recall.cfg.recall_layer}
     cols = ["measure", "policy", "storage", "text", "history", "ttft_ms", "ttft_ms_min", "x_without", "ppl", "tokens",
             "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
     return BenchResult("recall", rows, meta=meta, columns=cols, figure=figure)
