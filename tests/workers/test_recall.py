@@ -380,3 +380,25 @@ def test_a_turn_the_reread_covers_runs_in_one_pass_with_the_round_inside_its_ste
     eng.forward([a], torch.tensor([[6, 7, 8, 9, 10, 11]]), last_only=True, recall=True)
     assert calls == [0, 1]  # the piece's step, then the re-read of its last 4 tokens from layer 1
     check_slot_against_history(eng, a)
+
+
+@pytest.mark.parametrize("base", ["h2o+less", "lambda+less", "h2o"])
+def test_with_its_pages_returned_a_recall_turn_differs_from_its_base_policy_in_the_reply_only(tiny_ckpt, base):
+    """Text read as turns, each turn's end returning its pages: every prediction equals the base
+    policy's but each turn's last one (the reply's first token, which is what the pages are for),
+    and that one does differ once something was evicted; the slot after each turn is the base's."""
+    a, b = engine(tiny_ckpt, base), engine(tiny_ckpt, base + "+recall", recall_reread=3)
+    sa, sb = a.alloc(), b.alloc()
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(4))
+    changed = 0
+    for start in range(0, 80, 10):  # turns of 10 tokens, fed as the scheduler does (chunks, the last with the round)
+        turn = ids[:, start : start + 10]
+        la = torch.cat([a.forward([sa], turn[:, o : o + n]) for o, n in a.chunks(a.slab.seen[sa], 10)], dim=1)
+        lb = torch.cat([b.forward([sb], turn[:, o : o + n], recall=o + n == 10)
+                        for o, n in b.chunks(b.slab.seen[sb], 10)], dim=1)
+        b.end_turn([sb])
+        torch.testing.assert_close(lb[:, :-1], la[:, :-1], rtol=1e-5, atol=1e-5)
+        changed += not torch.allclose(lb[:, -1], la[:, -1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.slab.pos[:, sa], b.slab.pos[:, sb])
+        torch.testing.assert_close(a.slab.k[:, sa], b.slab.k[:, sb], rtol=1e-5, atol=1e-5)
+    assert changed > 0 and b.histories.get(sb).recalled > 0
