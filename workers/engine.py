@@ -332,9 +332,8 @@ class Engine:
         """The history tokens a recall round brings back, per slot [m] (history indices, best page
         first). The last `recall_queries` queries the sessions kept (the prompt's last tokens, this
         step's included) score every history page at each of the first `layers` layers and every KV
-        head: the attention mass its
-        best query puts on it, summed over the `recall_heads` layer-heads that put the most on it
-        (kernels/reference/recall.py); pages eviction keeps
+        head: the attention mass its best query puts on it, summed over the `recall_heads`
+        layer-heads that put the most on it (kernels/reference/recall.py); pages eviction keeps
         anyway are left out. The keys are read where the history holds them."""
         cfg, P, Hkv = self.cfg, self.cfg.recall_page, self.args.num_kv_heads
         out = []
