@@ -343,7 +343,7 @@ class Engine:
                 continue
             queries = group_queries(torch.stack(h.queries[:layers]), Hkv)  # [l, Hkv, G * Q, D]: the layers at once
             keys = [b[:layers].to(self.device) for b in h.key_blocks(h.pages * P)]  # [l, Hkv, m, D] each
-            mass = history_page_mass(queries, keys, self.scale, P).flatten(0, 1)  # [L * Hkv, pages]
+            mass = history_page_mass(queries, keys, self.scale, P).flatten(0, 1)  # [l * Hkv, pages]
             score = top_heads_score(mass, cfg.recall_heads).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
             skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
@@ -416,9 +416,9 @@ class Engine:
                 lent.read_at = at[i]
                 lent.read_k = slab.k[layer, s, :, ln - k : ln].to("cpu", copy=True)  # [Hkv, k, D]
                 lent.read_v = slab.v[layer, s, :, ln - k : ln].to("cpu", copy=True)
-                lent.new_k, lent.new_v = kk[i].to("cpu", copy=True), v[i].to("cpu", copy=True)
+                lent.new_k, lent.new_v = kk[i].to("cpu", h.dtype, copy=True), v[i].to("cpu", h.dtype, copy=True)
                 slab.k[layer, s, :, ln - k : ln], slab.v[layer, s, :, ln - k : ln] = kk[i], v[i]
-                h.write(at[i], kk[i].to("cpu", h.dtype), v[i].to("cpu", h.dtype), layer)
+                h.write(at[i], lent.new_k, lent.new_v, layer)  # the history holds what the slot does
                 keys, values = slab.k[layer, s : s + 1, :, :ln], slab.v[layer, s : s + 1, :, :ln]
                 less_terms = (slab.H[layer, s : s + 1], slab.z[layer, s : s + 1], ops.phi(q[i : i + 1], lw)) \
                     if lw is not None else (None, None, None)
@@ -444,13 +444,13 @@ class Engine:
             if lent is None:
                 continue
             h.lent = None
+            length = int(slab.length[s])  # swaps keep it
             for layer, record in enumerate(lent):
                 lw = less.layers[layer] if less else None
                 state = dict(H=slab.H[layer, s], z=slab.z[layer, s], psi=lw) if lw is not None else {}
                 return_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
-                                 int(slab.length[s]), record, **state)
-                unread_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], int(slab.length[s]),
-                                 record, **state)
+                                 length, record, **state)
+                unread_layer_ref(slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], length, record, **state)
                 if record.read_k is not None and record.read_at >= h.base:
                     h.write(record.read_at, record.read_k.to(h.dtype), record.read_v.to(h.dtype), layer)
 

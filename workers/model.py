@@ -178,9 +178,7 @@ class LlamaModel(nn.Module):
         if x is None:
             x = self.model.embed_tokens(tokens)
         cos, sin = self.rope.cos_sin(positions, self.inv_freq, self.rope_scaling, x.dtype)
-        for i, blk in enumerate(self.model.layers):
-            if i < start:
-                continue
+        for i, blk in enumerate(self.model.layers[start:], start=start):
             if taps is not None and i in taps:
                 taps[i] = x
             q, k, v = blk.self_attn.qkv(blk.input_layernorm(x), cos, sin)

@@ -9,8 +9,8 @@ Choosing (chosen on the dev split, docs/recall.md): the new message's last queri
 those of the session's last `recall_queries` tokens, the prompt's last one included) attend over
 the history; per layer and KV head, a page gets the largest attention mass any query of the head's
 group puts on it (`history_page_mass`), and its score sums that over the few layer-heads that put
-the most on it (`recall_heads`, `top_heads_score`). One set of pages serves every layer and head: a fact the answer
-copies is needed by every layer that reads it.
+the most on it (`recall_heads`, `top_heads_score`). One set of pages serves every layer and head: a
+fact the answer copies is needed by every layer that reads it.
 (What else was tried on dev, and lost: docs/recall.md.)
 
 One round on one layer of a full slot (a slot below budget has evicted nothing), per KV head:
@@ -246,9 +246,10 @@ def recall_layer_ref(
     score_slot[hh, at] = PIN_SCORE
     score_slot[pinned] = PIN_SCORE
     _sort_heads(length, k_slot, v_slot, pos_slot, score_slot)  # 4. position order, as eviction expects
-    _swap_less(H, z, psi, [victims_k[h, :c] for h, c in enumerate(counts)],  # 3. the LESS state stays exact
-               [victims_v[h, :c] for h, c in enumerate(counts)], [back_k[h, :c] for h, c in enumerate(counts)],
-               [back_v[h, :c] for h, c in enumerate(counts)])
+    def per_head(t: torch.Tensor) -> list[torch.Tensor]:  # [Hkv, m, D] -> each head's used rows
+        return [t[h, :c] for h, c in enumerate(counts)]
+
+    _swap_less(H, z, psi, *map(per_head, (victims_k, victims_v, back_k, back_v)))  # 3. the LESS state stays exact
     return n.cpu()
 
 
@@ -263,13 +264,12 @@ def return_layer_ref(
     H: torch.Tensor | None = None,  # [Hkv, R, D] fp32, written in place
     z: torch.Tensor | None = None,  # [Hkv, R] fp32
     psi: LessLayerWeights | None = None,
-) -> torch.Tensor:
+) -> None:
     """A turn's end on one layer of one slot: the recalled entries still there (pinned, so all of
     them, unless a later round already unpinned them) make room again for the entries they replaced,
     the pinned entries get their scores back, and the LESS state absorbs the recalled tokens and gives
-    up the returned ones. Returns the entries returned per KV head [Hkv]."""
+    up the returned ones."""
     dev = k_slot.device
-    returned = torch.zeros(len(lent.back), dtype=torch.long)
     gone_k, gone_v, come_k, come_v = [], [], [], []
     for h, back in enumerate(lent.back):
         pos = pos_slot[h, :length].long()
@@ -288,10 +288,8 @@ def return_layer_ref(
         idx = kept.nonzero().flatten()
         order = torch.searchsorted(pins, pos_slot[h, idx].long())  # pinned positions ascend
         score_slot[h, idx] = lent.pinned_score[h].to(dev)[order]
-        returned[h] = n
     _sort_heads(length, k_slot, v_slot, pos_slot, score_slot)
     _swap_less(H, z, psi, gone_k, gone_v, come_k, come_v)
-    return returned
 
 
 @torch.no_grad()
@@ -308,7 +306,7 @@ def unread_layer_ref(
     """A turn's end, after `return_layer_ref`: the re-read tokens get back the K/V their step computed,
     in the slot where it still holds them, and in the LESS state where the reply's eviction absorbed
     the re-read's K/V instead."""
-    if lent.read_k is None or lent.new_k is None:
+    if lent.read_k is None:  # the re-read did not run at this layer
         return
     dev = k_slot.device
     k = lent.read_k.shape[1]
