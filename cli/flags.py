@@ -18,7 +18,7 @@ ENGINE_FLAGS = {"--model": "model", "--policy": "policy", "--budget": "budget", 
                 "--device": "device", "--dtype": "dtype", "--kernels": "kernels", "--max-model-len": "max_model_len",
                 "--chat-template": "chat_template", "--recall-pages": "recall_pages", "--recall-page": "recall_page",
                 "--recall-queries": "recall_queries", "--recall-reread": "recall_reread",
-                "--recall-heads": "recall_heads",
+                "--recall-heads": "recall_heads", "--recall-lead": "recall_lead",
                 "--recall-layer": "recall_layer",
                 "--history-bytes": "history_bytes", "--kv-bits": "kv_bits"}
 
@@ -140,7 +140,7 @@ def add_engine_flags(p: argparse.ArgumentParser, policy_default: str | None = No
     p.add_argument("--chat-template", default=None, help=help_of(E, "chat_template"))
     p.add_argument("--kv-bits", default=None, metavar="{native,8,4}", help=help_of(E, "kv_bits"))
     for flag in ("--recall-pages", "--recall-page", "--recall-queries", "--recall-reread", "--recall-layer",
-                 "--recall-heads", "--history-bytes"):
+                 "--recall-heads", "--recall-lead", "--history-bytes"):
         p.add_argument(flag, type=int, default=None, help=help_of(E, ENGINE_FLAGS[flag]))
 
 

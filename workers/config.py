@@ -61,6 +61,10 @@ class EngineConfig(BaseModel):
     recall_heads: int = Field(8, ge=0, le=65536, description="+recall: a history page's score sums the attention "
                               "mass of the layer-heads (every layer's KV heads) that put the most on it, this many "
                               "(0: all of them)")
+    recall_lead: int = Field(8, ge=0, le=8192, description="+recall: a history page's score also counts the "
+                             "attention mass on this many tokens before it: what follows a cue the question "
+                             "matches (\"The access code is\" -> the code), which a page boundary can put on "
+                             "the next page (0: the page's own tokens only)")
     recall_reread: int = Field(16, ge=1, le=8192, description="+recall: the last tokens of a turn's prompt read again "
                                "over the slot once the pages are back (at most the last chunk and the recent window), "
                                "so their K/V and the reply's first logits see the recalled pages")

@@ -27,7 +27,7 @@ from lessserve.kernels.reference.recall import (
     group_queries,
     history_page_mass,
     page_tokens,
-    recall_layer_ref,
+    recall_layers_ref,
     redundant_pages,
     return_layer_ref,
     top_heads_score,
@@ -343,7 +343,7 @@ class Engine:
                 continue
             queries = group_queries(torch.stack(h.queries[:layers]), Hkv)  # [l, Hkv, G * Q, D]: the layers at once
             keys = [b[:layers].to(self.device) for b in h.key_blocks(h.pages * P)]  # [l, Hkv, m, D] each
-            mass = history_page_mass(queries, keys, self.scale, P).flatten(0, 1)  # [l * Hkv, pages]
+            mass = history_page_mass(queries, keys, self.scale, P, cfg.recall_lead).flatten(0, 1)  # [l * Hkv, pages]
             score = top_heads_score(mass, cfg.recall_heads).cpu()  # [pages]
             first = h.base + torch.arange(h.pages) * P  # first position of each page
             skip = (first >= s - self.spec.recent) | (first + P <= self.spec.sink)  # kept anyway
@@ -382,15 +382,23 @@ class Engine:
         back = [h.rows(want) for h, want in zip(hist, chosen, strict=True)]  # ([L, Hkv, m, D], same) per slot
         for h in hist:
             h.lent = [Lent() for _ in range(self.args.num_layers)]
-        for layer in range(self.args.num_layers):
-            lw = less.layers[layer] if less else None
-            for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
-                length = int(below[i] if below is not None and layer < layers else slab.length[s])
-                h.recalled += int(recall_layer_ref(
-                    slab.k[layer, s], slab.v[layer, s], slab.pos[layer, s], slab.score[layer, s],
-                    length, group_queries(h.queries[layer], Hkv), want, wk[layer], wv[layer], h.base,
-                    self.spec.recent, self.spec.sink, self.scale, H=slab.H[layer, s] if lw is not None else None,
-                    z=slab.z[layer, s] if lw is not None else None, psi=lw, lent=h.lent[layer]).sum())
+        L = self.args.num_layers
+        for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
+            kept = min(q.shape[1] for q in h.queries)
+            if not len(want) or not kept:  # nothing to bring (a session's first piece)
+                continue
+            queries = group_queries(torch.stack([q[:, -kept:] for q in h.queries]), Hkv)  # [L, Hkv, G * Q, D]
+            now = int(slab.length[s])
+            # the layers below `layers` have read the chunk when the round runs inside the step
+            parts = [(0, layers, int(below[i])), (layers, L, now)] if below is not None else [(0, L, now)]
+            for lo, hi, length in parts:
+                if lo == hi:
+                    continue
+                h.recalled += int(recall_layers_ref(
+                    slab.k[lo:hi, s], slab.v[lo:hi, s], slab.pos[lo:hi, s], slab.score[lo:hi, s], length,
+                    queries[lo:hi], want, wk[lo:hi], wv[lo:hi], h.base, self.spec.recent, self.spec.sink, self.scale,
+                    H=slab.H[lo:hi, s] if less else None, z=slab.z[lo:hi, s] if less else None,
+                    psi=less.layers[lo:hi] if less else None, lent=h.lent[lo:hi]).sum())
 
     def _reread(self, slots: list[int], hist: list, tokens: torch.Tensor, positions: torch.Tensor,
                 x: torch.Tensor) -> torch.Tensor:

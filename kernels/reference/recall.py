@@ -47,16 +47,24 @@ def group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def history_page_mass(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor], scale: float,
-                      page: int) -> torch.Tensor:
+                      page: int, lead: int = 0) -> torch.Tensor:
     """q [..., Hkv, M, D] (a layer's group queries, or every layer's), k [..., Hkv, T, D] (history keys,
     T a multiple of page), or the same keys as consecutive blocks [..., Hkv, T_i, D] (each T_i a
     multiple of page) -> [..., Hkv, T // page]: per KV head, the max over the M queries of the
-    softmax mass (over the history) on each page."""
+    softmax mass (over the history) on each page, and on the `lead` tokens before it: a query that
+    matches a fact's cue ("The access code is") needs what follows the cue, which a page boundary can
+    put on the next page (dev: docs/recall.md)."""
     blocks = [k] if isinstance(k, torch.Tensor) else list(k)
     qf = q.float()
     logits = torch.cat([qf @ b.float().transpose(-1, -2) for b in blocks], dim=-1) * scale  # [..., Hkv, M, T]
     p = logits.softmax(-1)
-    return p.unflatten(-1, (-1, page)).sum(-1).amax(-2)
+    if lead <= 0:
+        return p.unflatten(-1, (-1, page)).sum(-1).amax(-2)
+    c = torch.nn.functional.pad(p.cumsum(-1), (1, 0))  # [..., M, T + 1]: c[t] = mass on tokens before t
+    ends = torch.arange(page, p.shape[-1] + 1, page, device=p.device)  # [pages] each page's end
+    starts = (ends - page - lead).clamp(min=0)  # its first token, or `lead` tokens before it
+    mass = c[..., ends] - c[..., starts]  # [..., Hkv, M, pages]
+    return mass.amax(-2)
 
 
 def top_heads_score(mass: torch.Tensor, heads: int) -> torch.Tensor:
@@ -207,11 +215,22 @@ def recall_layer_ref(
     lent: Lent | None = None,  # filled with what the turn's end gives back
 ) -> torch.Tensor:
     """One recall round on one layer of one slot. Returns the tokens brought back per KV head [Hkv]."""
+    n, swapped = _recall_heads(k_slot, v_slot, pos_slot, score_slot, length, q, want, want_k, want_v, base, recent,
+                               sink, lent)
+    _swap_less(H, z, psi, *swapped)  # 3. the LESS state stays exact
+    return n
+
+
+def _recall_heads(k_slot, v_slot, pos_slot, score_slot, length, q, want, want_k, want_v, base, recent, sink,
+                  lent) -> tuple[torch.Tensor, tuple[list[torch.Tensor], ...]]:
+    """Steps 1, 2 and 4 of a round over the heads of k_slot [heads, B, D] (`recall_layer_ref`'s arguments):
+    the tokens brought back per head [heads], and per head the K/V that left and came in (for the
+    LESS swap)."""
     Hkv, B, D = k_slot.shape
     dev = k_slot.device
     score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. pins a turn's end did not return end here
     if length < B or len(want) == 0:
-        return torch.zeros(Hkv, dtype=torch.long)
+        return torch.zeros(Hkv, dtype=torch.long), ([], [], [], [])
     want, m = want.to(dev), len(want)
     j = torch.arange(B, device=dev)
     protected = (j >= length - recent) | (j < sink)  # [B] entries eviction keeps anyway
@@ -249,8 +268,48 @@ def recall_layer_ref(
     def per_head(t: torch.Tensor) -> list[torch.Tensor]:  # [Hkv, m, D] -> each head's used rows
         return [t[h, :c] for h, c in enumerate(counts)]
 
-    _swap_less(H, z, psi, *map(per_head, (victims_k, victims_v, back_k, back_v)))  # 3. the LESS state stays exact
-    return n.cpu()
+    return n.cpu(), tuple(map(per_head, (victims_k, victims_v, back_k, back_v)))
+
+
+@torch.no_grad()
+def recall_layers_ref(
+    k_slot: torch.Tensor,  # [L, Hkv, B, D] one slot's layers, written in place
+    v_slot: torch.Tensor,  # [L, Hkv, B, D]
+    pos_slot: torch.Tensor,  # [L, Hkv, B] int32
+    score_slot: torch.Tensor,  # [L, Hkv, B] fp32
+    length: int,  # every layer's (a round runs between steps)
+    q: torch.Tensor,  # [L, Hkv, M, D] each layer's group queries
+    want: torch.Tensor,  # [m] history indices of the chosen pages' tokens, best page first
+    want_k: torch.Tensor,  # [L, Hkv, m, D]
+    want_v: torch.Tensor,  # [L, Hkv, m, D]
+    base: int,
+    recent: int,
+    sink: int,
+    scale: float,
+    H: torch.Tensor | None = None,  # [L, Hkv, R, D] fp32, written in place
+    z: torch.Tensor | None = None,  # [L, Hkv, R] fp32
+    psi: Sequence[LessLayerWeights] | None = None,  # per layer
+    lent: Sequence[Lent] | None = None,  # per layer
+) -> torch.Tensor:
+    """`recall_layer_ref` on every layer of one slot at once (the layers' heads side by side: one
+    pass instead of one per layer), then each layer's LESS swap with its own weights. The slot tensors
+    may be views (slab.k[:, s]): they are written back. Returns the tokens brought back [L, Hkv]."""
+    L, Hkv, B, D = k_slot.shape
+    k, v, pos, score = (t.flatten(0, 1).clone() for t in (k_slot, v_slot, pos_slot, score_slot))  # [L * Hkv, ...]
+    every = Lent()
+    n, (gone_k, gone_v, come_k, come_v) = _recall_heads(
+        k, v, pos, score, length, q.flatten(0, 1), want, want_k.flatten(0, 1), want_v.flatten(0, 1), base, recent,
+        sink, every)
+    for dst, src in ((k_slot, k), (v_slot, v), (pos_slot, pos), (score_slot, score)):
+        dst.copy_(src.view(dst.shape))
+    for layer in range(L):
+        heads = slice(layer * Hkv, (layer + 1) * Hkv)
+        if lent is not None and every.back:
+            for name in ("back", "out_pos", "out_k", "out_v", "out_score", "pinned_pos", "pinned_score"):
+                getattr(lent[layer], name).extend(getattr(every, name)[heads])
+        if psi is not None and H is not None and z is not None and gone_k:
+            _swap_less(H[layer], z[layer], psi[layer], gone_k[heads], gone_v[heads], come_k[heads], come_v[heads])
+    return n.view(L, Hkv)
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ BUDGET, PAGE, PAGES, CHUNK, QUERIES = 16, 2, 2, 8, 3
 
 def engine(ckpt, policy="h2o+less+recall", **kw) -> Engine:
     cfg = dict(model="tiny", policy=policy, budget=BUDGET, prefill_chunk=CHUNK, max_slots=4, device="cpu",
-               dtype="float32", recall_page=PAGE, recall_pages=PAGES, recall_queries=QUERIES)
+               dtype="float32", recall_page=PAGE, recall_pages=PAGES, recall_queries=QUERIES,
+               recall_lead=PAGE)
     return Engine(EngineConfig(**{**cfg, **kw}), checkpoint=ckpt, less=tiny_less() if "less" in policy else None)
 
 
@@ -151,7 +152,7 @@ def test_the_chosen_pages_are_the_last_queries_best_and_stay_pinned_through_the_
     n_pages, seen = h.pages, eng.slab.seen[slot]
     keys = [h.tensors()[0][layer, :, : n_pages * PAGE] for layer in range(eng.args.num_layers)]
     score = sum(history_page_mass(group_queries(kept[layer], eng.args.num_kv_heads), keys[layer], eng.scale,
-                                  PAGE).sum(0) for layer in range(eng.args.num_layers))
+                                  PAGE, PAGE).sum(0) for layer in range(eng.args.num_layers))
     first = torch.arange(n_pages) * PAGE
     best = choose_pages(score, PAGES, (first >= seen - eng.spec.recent) | (first + PAGE <= eng.spec.sink))
     want = {int(p) * PAGE + i for p in best for i in range(PAGE)}
@@ -244,6 +245,24 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     best = want.amax(0)
     skip[best.argmax()] = True
     assert int(best.argmax()) not in choose_pages(got.amax(0), 3, skip).tolist()
+
+
+@pytest.mark.parametrize("lead", [1, 3, 4, 9])
+def test_a_pages_lead_counts_the_mass_on_the_tokens_just_before_it(lead):
+    """With a lead, page i's mass is the softmax mass on tokens [i * P - lead, (i + 1) * P) (clipped at
+    the history's start), keys given whole or in blocks; the max over queries is taken after the sum."""
+    g = torch.Generator().manual_seed(1)
+    k, q = torch.randn(3, 64, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    got = history_page_mass(q, [k[:, :24], k[:, 24:]], 0.5, 4, lead)  # [3, 16]
+    p = torch.softmax(q @ k.transpose(1, 2) * 0.5, -1)  # [3, 5, 64]
+    want = torch.stack([p[..., max(i * 4 - lead, 0) : i * 4 + 4].sum(-1) for i in range(16)], -1).amax(1)
+    torch.testing.assert_close(got, want)
+    # a cue whose mass sits on a page's last token lends it to the page that follows (what the cue says)
+    cue = torch.zeros(1, 1, 8)
+    keys = torch.zeros(1, 16, 8)
+    keys[0, 7] = cue[0, 0] = 4.0  # page 1's last token matches the query
+    plain, led = history_page_mass(cue, keys, 1.0, 4, 0)[0], history_page_mass(cue, keys, 1.0, 4, 1)[0]
+    assert plain.argmax() == 1 and plain[2] < 0.01 and led[2] > 0.99
 
 
 def test_a_pages_score_sums_the_layer_heads_that_find_it_most():
