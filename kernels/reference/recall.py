@@ -248,15 +248,21 @@ def _recall_heads(k_slot, v_slot, pos_slot, score_slot, length, q, want, want_k,
     back_k = want_k.gather(1, rows.cpu()[..., None].expand(-1, -1, D)).to(dev, k_slot.dtype)  # [Hkv, m, D]
     back_v = want_v.gather(1, rows.cpu()[..., None].expand(-1, -1, D)).to(dev, v_slot.dtype)
     counts = n.tolist()
-    if lent is not None:
+    if lent is not None:  # gathered for every head at once, then cut per head (views)
+        back_pos = (want[rows] + base).cpu()  # [Hkv, m]
+        out_pos, out_score = pos_slot.gather(1, out).long().cpu(), score_slot.gather(1, out).cpu()
+        out_k, out_v = victims_k.cpu(), victims_v.cpu()
+        per = pinned.sum(1).tolist()  # pinned entries per head, in position order
+        pin_pos = pos_slot[pinned].long().cpu().split(per)
+        pin_score = score_slot[pinned].cpu().split(per)
         for h, c in enumerate(counts):
-            lent.back.append((want[rows[h, :c]] + base).cpu())
-            lent.out_pos.append(pos_slot[h, out[h, :c]].long().cpu())
-            lent.out_k.append(victims_k[h, :c].cpu())
-            lent.out_v.append(victims_v[h, :c].cpu())
-            lent.out_score.append(score_slot[h, out[h, :c]].cpu())
-            lent.pinned_pos.append(pos_slot[h, pinned[h]].long().cpu())
-            lent.pinned_score.append(score_slot[h, pinned[h]].cpu())
+            lent.back.append(back_pos[h, :c])
+            lent.out_pos.append(out_pos[h, :c])
+            lent.out_k.append(out_k[h, :c])
+            lent.out_v.append(out_v[h, :c])
+            lent.out_score.append(out_score[h, :c])
+            lent.pinned_pos.append(pin_pos[h])
+            lent.pinned_score.append(pin_score[h])
     hh = torch.arange(Hkv, device=dev)[:, None].expand(Hkv, m)[used]  # the (head, row) pairs brought back
     at, row = out[used], rows[used]
     k_slot[hh, at] = back_k[used]
