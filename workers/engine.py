@@ -20,6 +20,7 @@ import torch
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
 from lessserve.kernels.fast_attention import attend_cat
+from lessserve.kernels.reference.evict import PIN_SCORE
 from lessserve.kernels.reference.recall import (
     Lent,
     choose_pages,
@@ -385,7 +386,8 @@ class Engine:
         L = self.args.num_layers
         for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
             kept = min(q.shape[1] for q in h.queries)
-            if not len(want) or not kept:  # nothing to bring (a session's first piece)
+            if not len(want) or not kept:  # nothing to bring (a session's first piece): only pins a turn's
+                slab.score[:, s].masked_fill_(slab.score[:, s] >= PIN_SCORE, 0.0)  # end did not return end
                 continue
             queries = group_queries(torch.stack([q[:, -kept:] for q in h.queries]), Hkv)  # [L, Hkv, G * Q, D]
             now = int(slab.length[s])

@@ -247,6 +247,18 @@ def test_page_mass_is_the_best_querys_softmax_mass_per_page_and_head():
     assert int(best.argmax()) not in choose_pages(got.amax(0), 3, skip).tolist()
 
 
+def test_a_round_with_nothing_to_bring_back_still_ends_stale_pins(tiny_ckpt):
+    """A pin no turn's end returned (a slot restored mid-loan) ends at the next round even when the
+    round brings nothing back (every history page is in the recent window)."""
+    eng = engine(tiny_ckpt, "h2o+recall")
+    slot = eng.alloc()
+    eng.forward([slot], torch.tensor([[1, 2, 3, 4]]), last_only=True)
+    eng.slab.score[:, slot, :, 0] = PIN_SCORE
+    eng.forward([slot], torch.tensor([[5, 6]]), last_only=True, recall=True)
+    assert eng.histories.get(slot).recalled == 0
+    assert not bool((eng.slab.score[:, slot] >= PIN_SCORE).any())
+
+
 @pytest.mark.parametrize("lead", [1, 3, 4, 9])
 def test_a_pages_lead_counts_the_mass_on_the_tokens_just_before_it(lead):
     """With a lead, page i's mass is the softmax mass on tokens [i * P - lead, (i + 1) * P) (clipped at
