@@ -385,20 +385,18 @@ class Engine:
             h.lent = [Lent() for _ in range(self.args.num_layers)]
         L = self.args.num_layers
         for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
-            kept = min(q.shape[1] for q in h.queries)
-            if not len(want) or not kept:  # nothing to bring (a session's first piece): only pins a turn's
-                slab.score[:, s].masked_fill_(slab.score[:, s] >= PIN_SCORE, 0.0)  # end did not return end
+            if not len(want):  # nothing to bring back: only pins a turn's end did not return end
+                slab.score[:, s].masked_fill_(slab.score[:, s] >= PIN_SCORE, 0.0)
                 continue
-            queries = group_queries(torch.stack([q[:, -kept:] for q in h.queries]), Hkv)  # [L, Hkv, G * Q, D]
             now = int(slab.length[s])
-            # the layers below `layers` have read the chunk when the round runs inside the step
+            # the round inside a step (one pass): the layers below `layers` have read the chunk (and kept
+            # its queries), the others not yet
             parts = [(0, layers, int(below[i])), (layers, L, now)] if below is not None else [(0, L, now)]
             for lo, hi, length in parts:
-                if lo == hi:
-                    continue
+                queries = group_queries(torch.stack(h.queries[lo:hi]), Hkv)  # [hi - lo, Hkv, G * Q, D]
                 h.recalled += int(recall_layers_ref(
                     slab.k[lo:hi, s], slab.v[lo:hi, s], slab.pos[lo:hi, s], slab.score[lo:hi, s], length,
-                    queries[lo:hi], want, wk[lo:hi], wv[lo:hi], h.base, self.spec.recent, self.spec.sink, self.scale,
+                    queries, want, wk[lo:hi], wv[lo:hi], h.base, self.spec.recent, self.spec.sink, self.scale,
                     H=slab.H[lo:hi, s] if less else None, z=slab.z[lo:hi, s] if less else None,
                     psi=less.layers[lo:hi] if less else None, lent=h.lent[lo:hi]).sum())
 

@@ -271,6 +271,7 @@ def _recall_heads(k_slot, v_slot, pos_slot, score_slot, length, q, want, want_k,
     score_slot[hh, at] = PIN_SCORE
     score_slot[pinned] = PIN_SCORE
     _sort_heads(length, k_slot, v_slot, pos_slot, score_slot)  # 4. position order, as eviction expects
+
     def per_head(t: torch.Tensor) -> list[torch.Tensor]:  # [Hkv, m, D] -> each head's used rows
         return [t[h, :c] for h, c in enumerate(counts)]
 
