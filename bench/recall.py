@@ -3,7 +3,8 @@
   bytes   host bytes per token of history (what a session keeps off-device) in fp32 / bf16 / int8
           (+ per-token scales), with int8's and bf16's relative error measured on a real history
   ttft    a turn's time to first token with and without the recall round, on the same session,
-          after histories of each length (the session is forked per repeat, so every repeat sees
+          after histories of each length, for a question alone and for longer turns ending with it
+          (the session is forked per repeat, so every repeat sees
           the same state); median of the repeats
   ppl     perplexity of `+recall` against its base policy on windows of the test (or dev) parts, read as a
           conversation of `turn`-token turns (each turn's last queries choose the pages, which go
@@ -78,8 +79,10 @@ def _timed_turn(engine: Engine, base: int, work: int, ids: list[int], recall: bo
     return time.perf_counter() - t0
 
 
-def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths: list[int], question: list[int],
-              repeats: int) -> list[dict]:
+def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths: list[int],
+              turns: list[list[int]], repeats: int) -> list[dict]:
+    """TTFT of each turn (token ids, ending with the question) after each history length, with and
+    without the recall round; `x_without` is the ratio to the same turn without it."""
     rows = []
     for eng, recall in ((without, False), (with_recall, True)):
         base, work = eng.alloc(), eng.alloc()
@@ -87,16 +90,19 @@ def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths:
         for L in lengths:
             feed(eng, base, history[done:L], recall=False)
             done = L
-            times = [_timed_turn(eng, base, work, question, recall) for _ in range(repeats)]
-            rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L,
-                         "ttft_ms": round(1e3 * statistics.median(times), 2),
-                         "ttft_ms_min": round(1e3 * min(times), 2), "repeats": repeats})
-            progress(f"  ttft {eng.policy.name:18s} history {L:5d}: {rows[-1]['ttft_ms']:.1f} ms")
+            for turn in turns:
+                times = [_timed_turn(eng, base, work, turn, recall) for _ in range(repeats)]
+                rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L, "turn_tokens": len(turn),
+                             "ttft_ms": round(1e3 * statistics.median(times), 2),
+                             "ttft_ms_min": round(1e3 * min(times), 2), "repeats": repeats})
+                progress(f"  ttft {eng.policy.name:18s} history {L:5d} turn {len(turn):4d}: "
+                         f"{rows[-1]['ttft_ms']:.1f} ms")
         eng.free(base)
         eng.free(work)
     for r in rows:
         if r["policy"] == with_recall.policy.name:
-            plain = next(x for x in rows if x["policy"] == without.policy.name and x["history"] == r["history"])
+            plain = next(x for x in rows if x["policy"] == without.policy.name and x["history"] == r["history"]
+                         and x["turn_tokens"] == r["turn_tokens"])
             r["x_without"] = round(r["ttft_ms"] / plain["ttft_ms"], 3)
     return rows
 
@@ -136,7 +142,9 @@ def ppl_rows(factory: EngineFactory, bases: list[str], budget: int, context: int
 def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
                  lengths: tuple[int, ...] = (1024, 4096, 8192), repeats: int = 3, context: int = 2048,
                  windows: int = 1, turn: int = 256, ppl_bases: tuple[str, ...] = ("h2o", "lambda+less"),
-                 part: str = "test") -> BenchResult:
+                 part: str = "test", prefixes: tuple[int, ...] = (0,)) -> BenchResult:
+    """`prefixes`: tokens of text before the question in each timed turn (0: the question alone; the
+    text is the tinyshakespeare test part, which no history here holds)."""
     with_recall = factory.make(policy + "+recall", budget, max_slots=2)
     without = factory.make(policy, budget, max_slots=2)
     tok = factory.tokenizer
@@ -147,8 +155,10 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
     if len(history) < max(lengths):
         raise ValueError(f"the test parts hold {len(history)} tokens, fewer than history {max(lengths)}")
     question = tok(QUESTION, add_special_tokens=False)["input_ids"]
-    progress(f"TTFT of a {len(question)}-token turn after each history length")
-    rows += ttft_rows(with_recall, without, history, sorted(lengths), question, repeats)
+    before = tok(read_part(corpus_paths()["tinyshakespeare"], "test"), add_special_tokens=False)["input_ids"]
+    turns = [before[:n] + question for n in sorted(prefixes)]
+    progress(f"TTFT of {'/'.join(str(len(t)) for t in turns)}-token turns after each history length")
+    rows += ttft_rows(with_recall, without, history, sorted(lengths), turns, repeats)
     if ppl_bases:
         progress(f"perplexity on the {part} parts, {windows} window(s) of {context} in turns of {turn}")
         rows += ppl_rows(factory, list(ppl_bases), budget, context, windows, turn, part)
@@ -157,8 +167,8 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
             "recall_page": with_recall.cfg.recall_page, "recall_queries": with_recall.cfg.recall_queries,
             "recall_reread": with_recall.cfg.recall_reread, "recall_heads": with_recall.cfg.recall_heads,
             "recall_layer": with_recall.cfg.recall_layer}
-    cols = ["measure", "policy", "storage", "text", "history", "ttft_ms", "ttft_ms_min", "x_without", "ppl", "tokens",
-            "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
+    cols = ["measure", "policy", "storage", "text", "history", "turn_tokens", "ttft_ms", "ttft_ms_min", "x_without",
+            "ppl", "tokens", "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
     return BenchResult("recall", rows, meta=meta, columns=cols, figure=figure)
 
 
@@ -171,9 +181,9 @@ def figure(rows: list[dict], path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ttft = [r for r in rows if r["measure"] == "ttft"]
-    for pol in dict.fromkeys(r["policy"] for r in ttft):
-        pts = [r for r in ttft if r["policy"] == pol]
-        a.plot([r["history"] for r in pts], [r["ttft_ms"] for r in pts], marker="o", label=pol)
+    for pol, n in dict.fromkeys((r["policy"], r.get("turn_tokens")) for r in ttft):
+        pts = [r for r in ttft if r["policy"] == pol and r.get("turn_tokens") == n]
+        a.plot([r["history"] for r in pts], [r["ttft_ms"] for r in pts], marker="o", label=f"{pol}, {n}-token turn")
     a.set(xlabel="history (tokens)", ylabel="TTFT (ms)", title="a turn's time to first token", xscale="log")
     a.legend()
     ppl = [r for r in rows if r["measure"] == "ppl"]

@@ -303,6 +303,8 @@ def _register_recall(bsub) -> None:
     p.add_argument("--lengths", default="1024,4096,8064", help="history lengths in tokens (the history and "
                    "the turn must fit the model's context)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ttft-prefix", default="0,256", help="timed turns: tokens of text before the question in "
+                   "each (0: the question alone)")
     p.add_argument("--context", type=int, default=2048, help="tokens per perplexity window")
     p.add_argument("--windows", type=int, default=1, help="perplexity windows per test text")
     p.add_argument("--turn", type=int, default=256, help="tokens per turn when a window is read as a conversation")
@@ -322,6 +324,7 @@ def cmd_recall(args) -> int:
     in_range("--context", args.context, 64, 1 << 20)
     in_range("--windows", args.windows, 1, 1000)
     in_range("--turn", args.turn, 8, 1 << 20)
+    prefixes = parse_ints("--ttft-prefix", args.ttft_prefix, lo=0, hi=4096)
     from lessserve.workers.compression import Policy
 
     bases = [p.strip() for p in args.ppl_policies.split(",") if p.strip()]
@@ -336,9 +339,10 @@ def cmd_recall(args) -> int:
     from lessserve.bench.recall import bench_recall
     from lessserve.lab.engines import EngineFactory
 
-    factory = EngineFactory(cfg.model_copy(update={"max_context": max(max(lengths), args.context) + 512}))
+    longest = max(max(lengths) + max(prefixes), args.context)
+    factory = EngineFactory(cfg.model_copy(update={"max_context": longest + 512}))
     return _emit(bench_recall(factory, cfg.policy, cfg.budget, tuple(lengths), args.repeats, args.context,
-                              args.windows, args.turn, tuple(bases), args.part), args)
+                              args.windows, args.turn, tuple(bases), args.part, tuple(prefixes)), args)
 
 
 def _register_interference(bsub) -> None:

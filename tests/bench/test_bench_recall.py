@@ -1,5 +1,5 @@
 """`bench recall`: bytes per history token (fp32 measured = computed; bf16 / int8 errors small but
-not zero), TTFT rows with and without the recall round per history length, perplexity of +recall
+not zero), TTFT rows with and without the recall round per history length and turn length, perplexity of +recall
 beside its base policy on every test text; JSON and PNG written."""
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from lessserve.workers.config import EngineConfig
 def test_rows_of_every_measure_and_files(tmp_path, one_torch_thread):
     factory = EngineFactory(EngineConfig(device="cpu", dtype="float32", max_context=2048))
     res = bench_recall(factory, "h2o", 128, lengths=(256, 512), repeats=1, context=256, windows=1, turn=64,
-                       ppl_bases=("h2o",))
+                       ppl_bases=("h2o",), prefixes=(0, 32))
     by = {m: [r for r in res.rows if r["measure"] == m] for m in ("bytes", "ttft", "ppl")}
     fp32, bf16, int8 = by["bytes"]
     assert fp32["bytes_per_token"] == fp32["bytes_per_token_measured"] == 30 * 3 * 64 * 2 * 4
     assert 0 < bf16["rel_error"] < 0.01 and 0 < int8["rel_error"] < 0.05
     assert int8["bytes_per_token"] < bf16["bytes_per_token"] < fp32["bytes_per_token"]
-    assert {(r["policy"], r["history"]) for r in by["ttft"]} == {(p, n) for p in ("h2o", "h2o+recall")
-                                                                 for n in (256, 512)}
+    short, long = sorted({r["turn_tokens"] for r in by["ttft"]})
+    assert long == short + 32  # the question alone, and 32 tokens of text before it
+    assert {(r["policy"], r["history"], r["turn_tokens"]) for r in by["ttft"]} == {
+        (p, n, t) for p in ("h2o", "h2o+recall") for n in (256, 512) for t in (short, long)}
     assert all(r["ttft_ms"] > 0 and r.get("x_without", 1) > 0 for r in by["ttft"])
     assert {(r["policy"], r["text"]) for r in by["ppl"]} == {(p, t) for p in ("h2o", "h2o+recall")
                                                              for t in ("brown", "tinyshakespeare", "python_docs")}

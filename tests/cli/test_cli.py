@@ -28,6 +28,7 @@ SHARED = str(Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "t
     (["generate", "--prompt", "hi", "--kv-bits", "3"], "--kv-bits"),
     (["eval", "ppl", "--text", SHARED, "--kv-bits", "int8"], "--kv-bits"),
     (["serve", "--kv-bits", "16"], "--kv-bits"),
+    (["bench", "recall", "--ttft-prefix", "0,-5"], "--ttft-prefix"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as ex:
