@@ -4,8 +4,7 @@
           (+ per-token scales), with int8's and bf16's relative error measured on a real history
   ttft    a turn's time to first token with and without the recall round, on the same session,
           after histories of each length, for a question alone and for longer turns ending with it
-          (the session is forked per repeat, so every repeat sees
-          the same state); median of the repeats
+          (the session is forked per repeat, so every repeat sees the same state); median of the repeats
   ppl     perplexity of `+recall` against its base policy on windows of the test (or dev) parts, read as a
           conversation of `turn`-token turns (each turn's last queries choose the pages, which go
           back when the turn ends; the base policy sees the same chunks), so recall's effect on
