@@ -139,7 +139,7 @@ def ppl_rows(factory: EngineFactory, bases: list[str], budget: int, context: int
 
 
 def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
-                 lengths: tuple[int, ...] = (1024, 4096, 8192), repeats: int = 3, context: int = 2048,
+                 lengths: tuple[int, ...] = (1024, 4096, 7680), repeats: int = 3, context: int = 2048,
                  windows: int = 1, turn: int = 256, ppl_bases: tuple[str, ...] = ("h2o", "lambda+less"),
                  part: str = "test", prefixes: tuple[int, ...] = (0,)) -> BenchResult:
     """`prefixes`: tokens of text before the question in each timed turn (0: the question alone; the
@@ -156,6 +156,9 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
     question = tok(QUESTION, add_special_tokens=False)["input_ids"]
     before = tok(read_part(corpus_paths()["tinyshakespeare"], "test"), add_special_tokens=False)["input_ids"]
     turns = [before[:n] + question for n in sorted(prefixes)]
+    if max(lengths) + len(turns[-1]) > with_recall.max_model_len:
+        raise ValueError(f"a {max(lengths)}-token history and a {len(turns[-1])}-token turn exceed the model's limit "
+                         f"of {with_recall.max_model_len} tokens: lower --lengths or --ttft-prefix")
     progress(f"TTFT of {'/'.join(str(len(t)) for t in turns)}-token turns after each history length")
     rows += ttft_rows(with_recall, without, history, sorted(lengths), turns, repeats)
     if ppl_bases:

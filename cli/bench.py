@@ -300,8 +300,8 @@ def cmd_structured(args) -> int:
 def _register_recall(bsub) -> None:
     p = bsub.add_parser("recall", help="+recall's costs: host bytes per history token, a turn's TTFT with and "
                         "without recall by history length, perplexity against the base policy")
-    p.add_argument("--lengths", default="1024,4096,8064", help="history lengths in tokens (the history and "
-                   "the turn must fit the model's context)")
+    p.add_argument("--lengths", default="1024,4096,7680", help="history lengths in tokens (the history and "
+                   "the longest timed turn must fit the model's context)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ttft-prefix", default="0,256", help="timed turns: tokens of text before the question in "
                    "each (0: the question alone)")

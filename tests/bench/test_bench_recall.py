@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from lessserve.bench.recall import bench_recall, ppl_rows
 from lessserve.lab.engines import EngineFactory
 from lessserve.workers.config import EngineConfig
@@ -41,3 +43,9 @@ def test_perplexity_windows_come_from_the_part_asked_for(one_torch_thread):
     assert {r["part"] for r in dev} == {"dev"} and {r["part"] for r in test} == {"test"}
     assert [(r["policy"], r["text"]) for r in dev] == [(r["policy"], r["text"]) for r in test]
     assert all(a["ppl"] != b["ppl"] for a, b in zip(dev, test, strict=True))  # other windows, other text
+
+
+def test_a_history_and_turn_past_the_models_limit_is_refused_naming_the_flags(one_torch_thread):
+    factory = EngineFactory(EngineConfig(device="cpu", dtype="float32", max_context=1024, max_model_len=512))
+    with pytest.raises(ValueError, match="--lengths or --ttft-prefix"):
+        bench_recall(factory, "h2o", 128, lengths=(256, 480), repeats=1, ppl_bases=(), prefixes=(0, 64))
