@@ -231,10 +231,13 @@ def run(argv: list[str]) -> int:
     for L in args.lengths:
         got: dict[tuple, list] = {c: [] for c in combos}
         ctx = []
-        for ids, cut, check in cases[L]:
+        for j, (ids, cut, check) in enumerate(cases[L]):
             ctx.append(cut)
+            t0 = time.time()
             for c, (out, kept, secs) in one_case(ids, cut, combos).items():
                 got[c].append((check(out), kept, secs))
+            print(f"  length={L:5d} case {j + 1}/{len(cases[L])} ({time.time() - t0:.0f}s)", file=sys.stderr,
+                  flush=True)
         n = len(cases[L])
         for i, c in enumerate(combos):
             hits, kept, secs = zip(*got[c], strict=True)
