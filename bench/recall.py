@@ -81,28 +81,30 @@ def _timed_turn(engine: Engine, base: int, work: int, ids: list[int], recall: bo
 def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths: list[int],
               turns: list[list[int]], repeats: int) -> list[dict]:
     """TTFT of each turn (token ids, ending with the question) after each history length, with and
-    without the recall round; `x_without` is the ratio to the same turn without it."""
-    rows = []
-    for eng, recall in ((without, False), (with_recall, True)):
-        base, work = eng.alloc(), eng.alloc()
-        done = 0
-        for L in lengths:
+    without the recall round; the two engines' repeats alternate, so both see the same machine load.
+    `x_without` is the ratio to the same turn without the round."""
+    engines = ((without, False), (with_recall, True))
+    slots = [(eng.alloc(), eng.alloc()) for eng, _ in engines]  # (base, work) per engine
+    rows, done = [], 0
+    for L in lengths:
+        for (eng, _), (base, _) in zip(engines, slots, strict=True):
             feed(eng, base, history[done:L], recall=False)
-            done = L
-            for turn in turns:
-                times = [_timed_turn(eng, base, work, turn, recall) for _ in range(repeats)]
+        done = L
+        for turn in turns:
+            times: list[list[float]] = [[], []]
+            for _ in range(repeats):
+                for i, ((eng, recall), (base, work)) in enumerate(zip(engines, slots, strict=True)):
+                    times[i].append(_timed_turn(eng, base, work, turn, recall))
+            for (eng, _), t in zip(engines, times, strict=True):
                 rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L, "turn_tokens": len(turn),
-                             "ttft_ms": round(1e3 * statistics.median(times), 2),
-                             "ttft_ms_min": round(1e3 * min(times), 2), "repeats": repeats})
-                progress(f"  ttft {eng.policy.name:18s} history {L:5d} turn {len(turn):4d}: "
-                         f"{rows[-1]['ttft_ms']:.1f} ms")
+                             "ttft_ms": round(1e3 * statistics.median(t), 2),
+                             "ttft_ms_min": round(1e3 * min(t), 2), "repeats": repeats})
+            rows[-1]["x_without"] = round(rows[-1]["ttft_ms"] / rows[-2]["ttft_ms"], 3)
+            progress(f"  ttft history {L:5d} turn {len(turn):4d}: {rows[-2]['ttft_ms']:.1f} ms without, "
+                     f"{rows[-1]['ttft_ms']:.1f} ms with the round ({rows[-1]['x_without']:.2f}x)")
+    for (eng, _), (base, work) in zip(engines, slots, strict=True):
         eng.free(base)
         eng.free(work)
-    for r in rows:
-        if r["policy"] == with_recall.policy.name:
-            plain = next(x for x in rows if x["policy"] == without.policy.name and x["history"] == r["history"]
-                         and x["turn_tokens"] == r["turn_tokens"])
-            r["x_without"] = round(r["ttft_ms"] / plain["ttft_ms"], 3)
     return rows
 
 
