@@ -177,29 +177,39 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
 
 
 def figure(rows: list[dict], path) -> None:
-    """Left: TTFT against history length per policy; right: perplexity per test text and policy."""
+    """TTFT against history length per policy and turn length; its ratio to the base policy (the
+    issue's 1.5x line); perplexity per text and policy, when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ttft = [r for r in rows if r["measure"] == "ttft"]
+    ppl = [r for r in rows if r["measure"] == "ppl"]
+    fig, axes = plt.subplots(1, 3 if ppl else 2, figsize=(16 if ppl else 11, 4))
+    a, x = axes[0], axes[1]
     for pol, n in dict.fromkeys((r["policy"], r.get("turn_tokens")) for r in ttft):
         pts = [r for r in ttft if r["policy"] == pol and r.get("turn_tokens") == n]
         a.plot([r["history"] for r in pts], [r["ttft_ms"] for r in pts], marker="o", label=f"{pol}, {n}-token turn")
+        if "x_without" in pts[0]:
+            x.plot([r["history"] for r in pts], [r["x_without"] for r in pts], marker="o", label=f"{n}-token turn")
     a.set(xlabel="history (tokens)", ylabel="TTFT (ms)", title="a turn's time to first token", xscale="log")
-    a.legend()
-    ppl = [r for r in rows if r["measure"] == "ppl"]
-    texts = list(dict.fromkeys(r["text"] for r in ppl))
-    pols = list(dict.fromkeys(r["policy"] for r in ppl))
-    w = 0.8 / max(len(pols), 1)
-    for i, pol in enumerate(pols):
-        vals = [next((r["ppl"] for r in ppl if r["text"] == t and r["policy"] == pol), float("nan")) for t in texts]
-        b.bar([j + i * w for j in range(len(texts))], vals, w, label=pol)
-    b.set_xticks([j + 0.4 - w / 2 for j in range(len(texts))], texts)
-    b.set(ylabel="perplexity", title="test parts, read as turns")
-    b.legend(fontsize=7)
+    a.legend(fontsize=7)
+    x.axhline(1.5, color="grey", linestyle="--", label="1.5x")
+    x.set(xlabel="history (tokens)", ylabel="TTFT with / without the round", title="the round's TTFT ratio",
+          xscale="log", ylim=(0, None))
+    x.legend(fontsize=7)
+    if ppl:
+        b = axes[2]
+        texts = list(dict.fromkeys(r["text"] for r in ppl))
+        pols = list(dict.fromkeys(r["policy"] for r in ppl))
+        w = 0.8 / len(pols)
+        for i, pol in enumerate(pols):
+            vals = [next((r["ppl"] for r in ppl if r["text"] == t and r["policy"] == pol), float("nan")) for t in texts]
+            b.bar([j + i * w for j in range(len(texts))], vals, w, label=pol)
+        b.set_xticks([j + 0.4 - w / 2 for j in range(len(texts))], texts)
+        b.set(ylabel="perplexity", title="test parts, read as turns")
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
