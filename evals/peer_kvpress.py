@@ -394,28 +394,47 @@ def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
     plt.close(fig)
 
 
+def _commands(header: dict) -> list[str]:
+    """A kvpress header's command line(s) (one run's string, or joined runs' list)."""
+    c = header.get("command", [])
+    return [c] if isinstance(c, str) else list(c)
+
+
 def merge(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lessserve.evals.peer_kvpress merge",
                                 description="merge kvpress and lessserve passkey or recall JSON: a table, JSON and PNG")
-    p.add_argument("--kvpress", required=True, help="JSON from the kvpress run (or an earlier merged JSON)")
+    p.add_argument("--kvpress", required=True, action="append",
+                   help="JSON from a kvpress run (or an earlier merged JSON); repeat it to join runs (of other "
+                   "lengths, say): a later file's row for the same press, budget and length replaces an earlier one")
     p.add_argument("--ours", required=True,
                    help="JSON from `lessserve eval passkey --json`, `eval report` or `eval recall --json`")
     p.add_argument("--out", required=True, help="output stem: writes STEM.json, STEM.md, STEM.png")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    loaded = {}
-    for flag, path in (("--kvpress", args.kvpress), ("--ours", args.ours)):
+
+    def load(flag: str, path: str):
         try:
-            loaded[flag] = json.loads(Path(path).read_text())
+            return json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             p.error(f"{flag}: cannot read {path}: {e}")
-    kv, ours = loaded["--kvpress"], loaded["--ours"]
-    if isinstance(kv, dict) and "kvpress_header" in kv:  # an earlier merged file: keep its kvpress rows only
-        kv = {"header": kv["kvpress_header"], "rows": [r for r in kv["rows"] if r.get("system") == "kvpress"]}
+
+    kv_by: dict[tuple, dict] = {}
+    header: dict = {}
+    for path in args.kvpress:
+        kv = load("--kvpress", path)
+        if isinstance(kv, dict) and "kvpress_header" in kv:  # an earlier merged file: keep its kvpress rows only
+            kv = {"header": kv["kvpress_header"], "rows": [r for r in kv["rows"] if r.get("system") == "kvpress"]}
+        this = kv.get("header", {}) if isinstance(kv, dict) else {}
+        if header and "command" in this:  # a joined run: its command joins the first's
+            header["command"] = _commands(header) + [c for c in _commands(this) if c not in _commands(header)]
+        header = header or dict(this)
+        for r in kv["rows"] if isinstance(kv, dict) else kv:
+            kv_by[(r["policy"], r["budget"], r["length"])] = r
+    kv = {"header": header, "rows": list(kv_by.values())}
+    ours = load("--ours", args.ours)
     if isinstance(ours, dict):  # `lessserve eval report`'s report.json
         ours = ours.get("passkey", [])
     rows = merge_rows(kv, ours)
-    header = kv.get("header", {}) if isinstance(kv, dict) else {}
     task = header.get("task", "passkey")
     md = table(rows)
     stem = Path(args.out)

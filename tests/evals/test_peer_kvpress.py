@@ -155,6 +155,25 @@ def test_merge_command_writes_files(tmp_path):
     assert len(again["rows"]) == len(KV["rows"]) + 2
 
 
+def test_merge_joins_kvpress_runs_a_later_row_replacing_an_earlier(tmp_path):
+    """Runs of other lengths (8,192 tokens took its own run) join one table; a rerun's row wins."""
+    longer = {"header": {"command": "python -m lessserve.evals.peer_kvpress --lengths 2048", "lengths": [2048]},
+              "rows": [{"system": "kvpress", "policy": "SnapKVPress", "budget": 128, "kept_tokens": 128.0,
+                        "length": L, "accuracy": acc, "trials": 6} for L, acc in ((2048, 0.5), (512, 0.0))]}
+    (tmp_path / "kv.json").write_text(json.dumps(KV))
+    (tmp_path / "kv2.json").write_text(json.dumps(longer))
+    (tmp_path / "ours.json").write_text(json.dumps(OURS))
+    stem = tmp_path / "joined"
+    assert pk.main(["merge", "--kvpress", str(tmp_path / "kv.json"), "--kvpress", str(tmp_path / "kv2.json"),
+                    "--ours", str(tmp_path / "ours.json"), "--out", str(stem), "--no-plot"]) == 0
+    merged = json.loads(stem.with_suffix(".json").read_text())
+    kv = {(r["policy"], r["budget"], r["length"]): r["accuracy"] for r in merged["rows"] if r["system"] == "kvpress"}
+    assert len(kv) == len(KV["rows"]) + 1
+    assert kv[("SnapKVPress", 128, 2048)] == 0.5 and kv[("SnapKVPress", 128, 512)] == 0.0  # the later run's
+    assert merged["kvpress_header"]["versions"]["kvpress"] == "0.5.5"
+    assert merged["kvpress_header"]["command"] == [longer["header"]["command"]]  # KV's header has none
+
+
 def test_bad_flags_name_the_flag(capsys):
     for argv, flag in ((["--budgets", "x"], "--budgets"), (["--presses", "Nope"], "--presses"),
                        (["--trials-per-depth", "0"], "--trials-per-depth"),
