@@ -8,6 +8,8 @@ Stages (seconds each, and never past the whole run's budget, default 480):
   kernels  `lessserve bench kernels` (Triton vs torch vs SDPA, 7B / 8B / default shapes)
   decode   decode steps on random weights of 7B / 8B / default shapes: Triton, Triton + CUDA graphs, torch
   serve    multi-turn chat load through the BatchScheduler on random weights (no Ray / tokenizer needed)
+  recall   (on request: --stages recall) a turn's TTFT with and without the +recall round after 4k / 16k /
+           32k tokens of history on random 8B weights, and the round's page scoring (issue 27's GPU part)
 Without a CUDA GPU the GPU stages are skipped, saying so, and the run exits 0 after the CPU-side
 ones (a dry run). Output in --out: summary.md and summary.json (naming the GPU), stages.log, and
 each stage's JSON - at most 8 files, what the device tool brings back.
@@ -23,10 +25,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-GPU_ONLY = ("tests", "kernels", "decode", "serve")
-STAGES = ("probe", "plan", "aot", *GPU_ONLY)
+GPU_ONLY = ("tests", "kernels", "decode", "serve", "recall")
+STAGES = ("probe", "plan", "aot", *GPU_ONLY[:-1])  # the default run
+ON_REQUEST = ("recall",)  # stages --stages can name besides
 REPO = Path(__file__).resolve().parents[1]  # the checkout (tests/ lives there)
-LIMITS = {"probe": 30, "plan": 20, "aot": 60, "tests": 80, "kernels": 130, "decode": 110, "serve": 60}
+LIMITS = {"probe": 30, "plan": 20, "aot": 60, "tests": 80, "kernels": 130, "decode": 110, "serve": 60,
+          "recall": 300}
 BUDGET_S = 480
 
 
@@ -63,6 +67,7 @@ def stage_commands(out: Path, info: dict) -> dict[str, list[str]]:
                         "--budgets", "512,2048", "--json", str(out / "kernels.json")),
         "decode": [py, "-m", "lessserve.bench.gpu_run", "decode", str(out / "decode.json")],
         "serve": [py, "-m", "lessserve.bench.gpu_run", "serve", str(out / "serve.json")],
+        "recall": [py, "-m", "lessserve.bench.gpu_run", "recall", str(out / "recall.json")],
     }
 
 
@@ -144,7 +149,7 @@ def summary_markdown(summary: dict, out: Path) -> str:
     m = summary["machine"]
     lines = [f"# GPU run: {m['gpu']}", "", ", ".join(f"{k} {v}" for k, v in m.items() if k != "gpu"), "",
              markdown_table(summary["stages"], ["name", "status", "seconds", "limit_s", "rc", "note"]), ""]
-    for name in ("kernels", "decode", "serve", "plan"):
+    for name in ("kernels", "decode", "serve", "recall", "plan"):
         f = out / f"{name}.json"
         if f.is_file():
             rows = json.loads(f.read_text())
@@ -159,7 +164,7 @@ def summary_markdown(summary: dict, out: Path) -> str:
 
 
 def _stage_main(argv: list[str]) -> int:
-    """`python -m lessserve.bench.gpu_run decode|serve FILE`: one stage in this process."""
+    """`python -m lessserve.bench.gpu_run decode|serve|recall FILE`: one stage in this process."""
     what, path = argv
     from lessserve.lab.output import write_json
 
@@ -167,6 +172,10 @@ def _stage_main(argv: list[str]) -> int:
         from lessserve.bench.random_load import run_random_decode
 
         res = run_random_decode(["llama2-7b", "llama3-8b", "smollm2-135m"], [1, 8, 32, 64], context=1024, steps=10)
+    elif what == "recall":
+        from lessserve.bench.random_load import run_random_recall
+
+        res = run_random_recall(["llama3-8b"], [4096, 16384, 32768])
     else:
         from lessserve.bench.random_load import run_random_serve
 

@@ -5,6 +5,8 @@ decode: per (model, kernels, cuda_graphs, batch) the median decode step of `batc
   each hold `context` tokens compressed to the budget (one real prefill, copied to every slot).
 serve: `users` sessions talk `turns` turns each through the worker's BatchScheduler (continuous
   batching, prefill chunks interleaved with batched decode): turns/s, TTFT and inter-token latency.
+recall: a turn's TTFT with and without the `+recall` round after histories of each length (issue 27's
+  GPU part: 4k / 16k / 32k on 8B shapes), and the round's page scoring within it (bench/recall.py).
 """
 
 from __future__ import annotations
@@ -97,6 +99,35 @@ async def _user(sched, slot: int, turns: int, new_tokens: int, max_tokens: int, 
         last = toks[-1:]
         out.append({"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
                     "tokens": len(stamps)})
+
+
+@torch.inference_mode()
+def run_random_recall(models: list[str], lengths: list[int], turn_tokens: tuple[int, ...] = (13, 269),
+                      repeats: int = 3, budget: int = 128) -> BenchResult:
+    """h2o+recall against h2o on one random model per shape: random token ids for the history and the
+    turns (what is timed does not depend on them), `bench/recall.py`'s alternating TTFT repeats."""
+    from lessserve.bench.recall import ttft_rows
+
+    dev, rows = _device(), []
+    for name in models:
+        args = model_args(name)
+        model = random_model(args, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        room = max(lengths) + max(turn_tokens) + 64
+        cfg = dict(budget=budget, max_slots=2, max_context=room, max_model_len=room,
+                   history_bytes=1 << 40)  # every history held: a work copy per repeat doubles the base's
+        with_recall = random_engine(name, EngineConfig(policy="h2o+recall", **cfg), model)
+        without = random_engine(name, EngineConfig(policy="h2o", **cfg), model)
+        g = torch.Generator().manual_seed(0)
+        history = torch.randint(args.vocab_size, (max(lengths),), generator=g).tolist()
+        turns = [torch.randint(args.vocab_size, (n,), generator=g).tolist() for n in turn_tokens]
+        progress(f"recall: {name}, histories {lengths}, turns of {list(turn_tokens)} tokens")
+        rows += [dict(r, model=name) for r in ttft_rows(with_recall, without, history, sorted(lengths), turns,
+                                                         repeats)]
+        del with_recall, without, model
+        _empty_cache()
+    cols = ["model", "policy", "history", "turn_tokens", "ttft_ms", "ttft_ms_min", "x_without", "score_ms",
+            "repeats"]
+    return BenchResult("recall-random", rows, _meta("h2o+recall", budget, lengths=lengths), columns=cols)
 
 
 def _pct(xs: list[float], q: float) -> float:

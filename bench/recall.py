@@ -82,30 +82,54 @@ def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths:
               turns: list[list[int]], repeats: int) -> list[dict]:
     """TTFT of each turn (token ids, ending with the question) after each history length, with and
     without the recall round; the two engines' repeats alternate, so both see the same machine load.
-    `x_without` is the ratio to the same turn without the round."""
+    `x_without` is the ratio to the same turn without the round, `score_ms` the round's page scoring
+    (reading every history key) within it."""
     engines = ((without, False), (with_recall, True))
     slots = [(eng.alloc(), eng.alloc()) for eng, _ in engines]  # (base, work) per engine
+    scoring: list[float] = []  # seconds of each round's page scoring (`Engine._choose_pages`)
+    choose = with_recall._choose_pages
+
+    def timed_choose(*args, **kw):
+        _sync(with_recall.device)
+        t0 = time.perf_counter()
+        out = choose(*args, **kw)
+        _sync(with_recall.device)
+        scoring.append(time.perf_counter() - t0)
+        return out
+
+    with_recall._choose_pages = timed_choose  # this engine only, until the rows are done
     rows, done = [], 0
-    for L in lengths:
-        for (eng, _), (base, _) in zip(engines, slots, strict=True):
-            feed(eng, base, history[done:L], recall=False)
-        done = L
-        for turn in turns:
-            times: list[list[float]] = [[], []]
-            for _ in range(repeats):
-                for i, ((eng, recall), (base, work)) in enumerate(zip(engines, slots, strict=True)):
-                    times[i].append(_timed_turn(eng, base, work, turn, recall))
-            for (eng, _), t in zip(engines, times, strict=True):
-                rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L, "turn_tokens": len(turn),
-                             "ttft_ms": round(1e3 * statistics.median(t), 2),
-                             "ttft_ms_min": round(1e3 * min(t), 2), "repeats": repeats})
-            rows[-1]["x_without"] = round(rows[-1]["ttft_ms"] / rows[-2]["ttft_ms"], 3)
-            progress(f"  ttft history {L:5d} turn {len(turn):4d}: {rows[-2]['ttft_ms']:.1f} ms without, "
-                     f"{rows[-1]['ttft_ms']:.1f} ms with the round ({rows[-1]['x_without']:.2f}x)")
-    for (eng, _), (base, work) in zip(engines, slots, strict=True):
-        eng.free(base)
-        eng.free(work)
+    try:
+        for L in lengths:
+            for (eng, _), (base, _) in zip(engines, slots, strict=True):
+                feed(eng, base, history[done:L], recall=False)
+            done = L
+            for turn in turns:
+                times: list[list[float]] = [[], []]
+                scoring.clear()
+                for _ in range(repeats):
+                    for i, ((eng, recall), (base, work)) in enumerate(zip(engines, slots, strict=True)):
+                        times[i].append(_timed_turn(eng, base, work, turn, recall))
+                for (eng, _), t in zip(engines, times, strict=True):
+                    rows.append({"measure": "ttft", "policy": eng.policy.name, "history": L,
+                                 "turn_tokens": len(turn), "ttft_ms": round(1e3 * statistics.median(t), 2),
+                                 "ttft_ms_min": round(1e3 * min(t), 2), "repeats": repeats})
+                rows[-1]["x_without"] = round(rows[-1]["ttft_ms"] / rows[-2]["ttft_ms"], 3)
+                rows[-1]["score_ms"] = round(1e3 * statistics.median(scoring), 2) if scoring else None
+                progress(f"  ttft history {L:5d} turn {len(turn):4d}: {rows[-2]['ttft_ms']:.1f} ms without, "
+                         f"{rows[-1]['ttft_ms']:.1f} ms with the round ({rows[-1]['x_without']:.2f}x; "
+                         f"scoring {rows[-1]['score_ms']} ms)")
+    finally:
+        del with_recall._choose_pages  # the class's method again
+        for (eng, _), (base, work) in zip(engines, slots, strict=True):
+            eng.free(base)
+            eng.free(work)
     return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -172,7 +196,8 @@ def bench_recall(factory: EngineFactory, policy: str = "h2o", budget: int = 128,
             "recall_reread": with_recall.cfg.recall_reread, "recall_heads": with_recall.cfg.recall_heads,
             "recall_layer": with_recall.cfg.recall_layer}
     cols = ["measure", "policy", "storage", "text", "history", "turn_tokens", "ttft_ms", "ttft_ms_min", "x_without",
-            "ppl", "tokens", "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error", "repeats"]
+            "score_ms", "ppl", "tokens", "turn", "part", "bytes_per_token", "bytes_per_token_measured", "rel_error",
+            "repeats"]
     return BenchResult("recall", rows, meta=meta, columns=cols, figure=figure)
 
 

@@ -203,12 +203,13 @@ def _plan(args) -> int:
 
 
 def _register_gpu(bsub) -> None:
-    from lessserve.bench.gpu_run import BUDGET_S, STAGES
+    from lessserve.bench.gpu_run import BUDGET_S, ON_REQUEST, STAGES
 
     p = bsub.add_parser("gpu", help="the prepared GPU run: native GPU tests + kernels / decode / serve benches "
                         "(without a GPU: a dry run of the CPU-side stages)")
     p.add_argument("--out", default="gpu-results", help="folder for summary.md / summary.json / stage JSON")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}, in order")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}, in order, or "
+                   f"besides them {','.join(ON_REQUEST)}")
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds for the whole run")
     p.set_defaults(func=cmd_gpu)
 
@@ -216,9 +217,9 @@ def _register_gpu(bsub) -> None:
 def cmd_gpu(args) -> int:
     from pathlib import Path
 
-    from lessserve.bench.gpu_run import STAGES, run_gpu
+    from lessserve.bench.gpu_run import ON_REQUEST, STAGES, run_gpu
 
-    stages = parse_names("--stages", args.stages, STAGES)
+    stages = parse_names("--stages", args.stages, STAGES + ON_REQUEST)
     in_range("--budget-s", args.budget_s, 10, 3600)
     return run_gpu(Path(args.out), stages, args.budget_s)
 

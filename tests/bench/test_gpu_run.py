@@ -36,10 +36,11 @@ def test_gpu_script_dry_runs_on_cpu(tmp_path):
 
 
 def test_stage_time_limits_fit_the_budget():
-    from lessserve.bench.gpu_run import BUDGET_S, LIMITS, STAGES
+    from lessserve.bench.gpu_run import BUDGET_S, LIMITS, ON_REQUEST, STAGES
 
-    assert BUDGET_S <= 480 and set(LIMITS) == set(STAGES)
-    assert sum(v for k, v in LIMITS.items() if k != "probe") <= BUDGET_S
+    assert BUDGET_S <= 480 and set(LIMITS) == set(STAGES) | set(ON_REQUEST)
+    assert sum(LIMITS[k] for k in STAGES if k != "probe") <= BUDGET_S  # the default run
+    assert all(LIMITS[k] <= BUDGET_S for k in ON_REQUEST)  # a stage asked for on its own
 
 
 def test_plan_bytes():
@@ -67,3 +68,19 @@ def test_random_decode_and_serve_run(monkeypatch):
     srv = run_random_serve(["toy"], users=3, turns=2, new_tokens=8, max_tokens=4, budget=16)
     (row,) = srv.rows
     assert row["turns"] == 6 and row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0
+
+
+def test_random_recall_times_both_policies_and_the_scoring(monkeypatch):
+    """The GPU part of issue 27 at toy sizes: per history and turn, h2o and h2o+recall, the ratio, and
+    the round's page scoring (a part of its TTFT)."""
+    from lessserve.bench import random_models
+    from lessserve.bench.random_load import run_random_recall
+
+    monkeypatch.setitem(random_models.SHAPES, "toy", TOY)
+    res = run_random_recall(["toy"], [192, 320], turn_tokens=(5, 40), repeats=1)
+    got = {(r["policy"], r["history"], r["turn_tokens"]) for r in res.rows}
+    assert got == {(p, h, t) for p in ("h2o", "h2o+recall") for h in (192, 320) for t in (5, 40)}
+    for r in res.rows:
+        if r["policy"] == "h2o+recall":
+            assert 0 < r["score_ms"] < r["ttft_ms"] and r["x_without"] > 0
+    assert res.meta["weights"] == "random (shapes only)"
