@@ -20,10 +20,10 @@ import torch
 from lessserve.kernels import ops
 from lessserve.kernels.dispatch import resolve
 from lessserve.kernels.fast_attention import attend_cat
-from lessserve.kernels.reference.evict import PIN_SCORE
 from lessserve.kernels.reference.recall import (
     Lent,
     choose_pages,
+    end_pins,
     glued_pages,
     group_queries,
     history_page_mass,
@@ -386,7 +386,7 @@ class Engine:
         L = self.args.num_layers
         for i, (s, h, want, (wk, wv)) in enumerate(zip(slots, hist, chosen, back, strict=True)):
             if not len(want):  # nothing to bring back: only pins a turn's end did not return end
-                slab.score[:, s].masked_fill_(slab.score[:, s] >= PIN_SCORE, 0.0)
+                end_pins(slab.score[:, s])
                 continue
             now = int(slab.length[s])
             # the round inside a step (one pass): the layers below `layers` have read the chunk (and kept

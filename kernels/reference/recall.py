@@ -186,6 +186,12 @@ def _swap_less(H: torch.Tensor | None, z: torch.Tensor | None, psi: LessLayerWei
     _absorb(H, z, pad(come_k), pad(come_v), used, psi, -1.0)
 
 
+def end_pins(score_slot: torch.Tensor) -> None:
+    """Step 1 of a round: pinned entries (score PIN_SCORE) a turn's end did not return become plain
+    entries again (score 0), in place; any shape."""
+    score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)
+
+
 def _sort_heads(length: int, *slot: torch.Tensor) -> None:
     """Re-sort every head's first `length` entries of each slot tensor [Hkv, B, ...] by position (slot[2])."""
     order = slot[2][:, :length].argsort(1)  # [Hkv, length]
@@ -228,7 +234,7 @@ def _recall_heads(k_slot, v_slot, pos_slot, score_slot, length, q, want, want_k,
     LESS swap)."""
     Hkv, B, D = k_slot.shape
     dev = k_slot.device
-    score_slot.masked_fill_(score_slot >= PIN_SCORE, 0.0)  # 1. pins a turn's end did not return end here
+    end_pins(score_slot)  # 1. pins a turn's end did not return end here
     if length < B or len(want) == 0:
         return torch.zeros(Hkv, dtype=torch.long), ([], [], [], [])
     want, m = want.to(dev), len(want)
