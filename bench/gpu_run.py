@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-GPU_ONLY = ("tests", "kernels", "decode", "serve", "recall")
-STAGES = ("probe", "plan", "aot", *GPU_ONLY[:-1])  # the default run
-ON_REQUEST = ("recall",)  # stages --stages can name besides
+ON_REQUEST = ("recall",)  # stages --stages can name besides the default run's
+GPU_ONLY = ("tests", "kernels", "decode", "serve", *ON_REQUEST)
+STAGES = ("probe", "plan", "aot", *(s for s in GPU_ONLY if s not in ON_REQUEST))  # the default run
 REPO = Path(__file__).resolve().parents[1]  # the checkout (tests/ lives there)
 LIMITS = {"probe": 30, "plan": 20, "aot": 60, "tests": 80, "kernels": 130, "decode": 110, "serve": 60,
           "recall": 300}

@@ -39,11 +39,16 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _random_model(name: str, dev: torch.device):
+    """Random weights of `name`'s shape in the dtype the engines run on `dev` (bf16 on CUDA, fp32 here)."""
+    return random_model(model_args(name), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
 def _engines(what: str, models: list[str], policy: str, budget: int, max_slots: int, **cfg) -> Iterator:
     """(model name, engine) for every model x compared configuration; one random model per shape."""
     dev = _device()
     for name in models:
-        model = random_model(model_args(name), dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        model = _random_model(name, dev)
         for kernels, graphs in _configs(dev.type == "cuda"):
             progress(f"{what}: {name} kernels={kernels} cuda_graphs={graphs}")
             yield name, random_engine(name, EngineConfig(policy=policy, budget=budget, max_slots=max_slots,
@@ -111,7 +116,7 @@ def run_random_recall(models: list[str], lengths: list[int], turn_tokens: tuple[
     dev, rows = _device(), []
     for name in models:
         args = model_args(name)
-        model = random_model(args, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        model = _random_model(name, dev)
         room = max(lengths) + max(turn_tokens) + 64
         cfg = dict(budget=budget, max_slots=2, max_context=room, max_model_len=room,
                    history_bytes=1 << 40)  # every history held: a work copy per repeat doubles the base's

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lessserve.bench.result import BenchResult
+from lessserve.bench.timer import Timer
 from lessserve.kernels import ops
 from lessserve.lab.corpus import corpus_paths, read_part
 from lessserve.lab.engines import EngineFactory
@@ -87,15 +88,12 @@ def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths:
     engines = ((without, False), (with_recall, True))
     slots = [(eng.alloc(), eng.alloc()) for eng, _ in engines]  # (base, work) per engine
     scoring: list[float] = []  # seconds of each round's page scoring (`Engine._choose_pages`)
-    choose = with_recall._choose_pages
+    choose, once = with_recall._choose_pages, Timer(with_recall.device, warmup=0, iters=1)
 
     def timed_choose(*args, **kw):
-        _sync(with_recall.device)
-        t0 = time.perf_counter()
-        out = choose(*args, **kw)
-        _sync(with_recall.device)
-        scoring.append(time.perf_counter() - t0)
-        return out
+        out = []
+        scoring.append(once.samples(lambda: out.append(choose(*args, **kw)))[0])
+        return out[0]
 
     with_recall._choose_pages = timed_choose  # this engine only, until the rows are done
     rows, done = [], 0
@@ -125,11 +123,6 @@ def ttft_rows(with_recall: Engine, without: Engine, history: list[int], lengths:
             eng.free(base)
             eng.free(work)
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()

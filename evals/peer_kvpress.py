@@ -426,7 +426,8 @@ def merge(argv: list[str]) -> int:
             kv = {"header": kv["kvpress_header"], "rows": [r for r in kv["rows"] if r.get("system") == "kvpress"]}
         this = kv.get("header", {}) if isinstance(kv, dict) else {}
         if header and "command" in this:  # a joined run: its command joins the first's
-            header["command"] = _commands(header) + [c for c in _commands(this) if c not in _commands(header)]
+            have = _commands(header)
+            header["command"] = have + [c for c in _commands(this) if c not in have]
         header = header or dict(this)
         for r in kv["rows"] if isinstance(kv, dict) else kv:
             kv_by[(r["policy"], r["budget"], r["length"])] = r
