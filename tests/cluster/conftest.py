@@ -1,8 +1,14 @@
 """A real Ray Serve cluster on loopback: two CPU workers (fractional CPUs), a real Redis as the
-shared tier and session directory, the real default model, API keys on."""
+shared tier and session directory, the real default model, API keys on.
+
+One cluster serves the whole package. A test that needs another configuration deploys it
+(`deploy`, or `faulty` in test_faults.py) and leaves it running; the next test that asks for
+`cluster` gets the package's own configuration back first. Consecutive variants thus cost one
+deploy each, not two (a deploy restarts every replica: about 20 s here, even for the same config)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -26,12 +32,20 @@ def cluster_config(redis_url: str, port: int, workers: int = 2) -> dict:
     }
 
 
+_deployed: dict[str, str | None] = {"cfg": None}  # the configuration the running app was deployed with
+
+
 def deploy(cfg: dict) -> None:
+    """Run `cfg` as the app, unless it already runs (then only wait for its workers)."""
     from ray import serve
 
     from lessserve.cluster.app import build_app
 
-    serve.run(build_app(cfg), name="lessserve", route_prefix="/", blocking=False)
+    key = json.dumps(cfg, sort_keys=True)
+    if _deployed["cfg"] != key:
+        _deployed["cfg"] = None  # a deploy that fails half way leaves nothing known to run
+        serve.run(build_app(cfg), name="lessserve", route_prefix="/", blocking=False)
+        _deployed["cfg"] = key
     wait_workers(cfg["workers"]["min_workers"])
 
 
@@ -58,7 +72,8 @@ def redis_server():
 
 
 @pytest.fixture(scope="package")
-def cluster(redis_server):
+def serve_cluster(redis_server):
+    """The package's cluster as it is: whatever configuration the last test deployed."""
     import ray
     from ray import serve
 
@@ -70,8 +85,16 @@ def cluster(redis_server):
     cfg = cluster_config(redis_server.url, port)
     deploy(cfg)
     yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg, "redis": redis_server}
+    _deployed["cfg"] = None
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture
+def cluster(serve_cluster):
+    """The package's cluster in its own configuration (redeployed if a test left a variant)."""
+    deploy(serve_cluster["cfg"])
+    return serve_cluster
 
 
 @pytest.fixture

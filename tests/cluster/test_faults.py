@@ -61,19 +61,32 @@ class Conversation:
         return httpx.get(f"{self.url}/v1/sessions/{self.sid}", headers=H, timeout=60).json()["turns"]
 
 
-@pytest.fixture
-def faulty(cluster):
-    """Deploy a variant of the cluster's config; the cluster's own config comes back afterwards."""
+@pytest.fixture(scope="module")
+def variant_redis(serve_cluster):
+    """The Redis servers this module's variants use. They outlive the variants: the cluster's own
+    config comes back (its replicas drain with their Redis still up) before they stop."""
     made: list[LocalRedis] = []
+    yield made
+    deploy(serve_cluster["cfg"])
+    for r in made:
+        r.stop()
+
+
+@pytest.fixture
+def faulty(serve_cluster, variant_redis):
+    """Deploy a variant of the cluster's config. It is left running: the next variant replaces it with
+    one deploy, and the next test that needs the cluster's own config redeploys that."""
 
     def make(redis_persist: bool | None = True, redis_password_file: str | None = None, **over) -> dict:
-        cfg = json.loads(json.dumps(cluster["cfg"]))
+        cfg = json.loads(json.dumps(serve_cluster["cfg"]))
+        redis = None
         if redis_persist is None:
             cfg["store"]["redis_url"] = None
         else:
             password = open(redis_password_file).read().strip() if redis_password_file else None
-            made.append(LocalRedis(persist=redis_persist, password=password).start())
-            cfg["store"]["redis_url"] = made[-1].url
+            redis = LocalRedis(persist=redis_persist, password=password).start()
+            variant_redis.append(redis)
+            cfg["store"]["redis_url"] = redis.url
             if redis_password_file:
                 cfg["store"]["redis_password_file"] = redis_password_file
         for dotted, v in over.items():
@@ -83,12 +96,9 @@ def faulty(cluster):
                 d = d.setdefault(p, {})
             d[last] = v
         deploy(cfg)
-        return {"url": cluster["url"], "redis": made[-1] if made else None, "cfg": cfg}
+        return {"url": serve_cluster["url"], "redis": redis, "cfg": cfg}
 
-    yield make
-    deploy(cluster["cfg"])
-    for r in made:
-        r.stop()
+    return make
 
 
 def report(fault: str, convs: list[Conversation]) -> None:

@@ -58,15 +58,14 @@ def fuzz(url: str, auth: bool, tmp_path: Path) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("auth", [True, False])
-def test_fuzzed_requests_get_no_server_error(cluster, tiny_model_dir, tmp_path, auth):
+def test_fuzzed_requests_get_no_server_error(serve_cluster, tiny_model_dir, tmp_path, auth):
+    """The tiny model's config is left running (tests/cluster/conftest.py: the next test needing the
+    cluster's own config redeploys it)."""
     pytest.importorskip("schemathesis")
-    cfg = json.loads(json.dumps(cluster["cfg"]))
+    cfg = json.loads(json.dumps(serve_cluster["cfg"]))
     cfg["engine"].update(model=str(tiny_model_dir), budget=16, prefill_chunk=16)
     cfg.update(served_model_name="tiny-fuzz", max_tokens_limit=8, default_max_tokens=4, max_body_bytes=8192,
                workers={"min_workers": 1, "max_workers": 1}, api_keys=[KEY_A] if auth else [])
     deploy(cfg)
-    try:
-        cases, out = fuzz(cluster["url"], auth, tmp_path)
-    finally:
-        deploy(cluster["cfg"])
+    cases, out = fuzz(serve_cluster["url"], auth, tmp_path)
     assert cases >= 350, out[-3000:]  # about 420 at 60 examples per operation
