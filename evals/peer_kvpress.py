@@ -368,8 +368,12 @@ def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
 
     budgets = sorted({int(_label(r)[2]) for r in rows if _label(r)[2] != "full"}) or [None]
     names = sorted({f"{r['system']}:{r['policy']}" for r in rows})
-    colour = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.9), sharey=True, squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # a colour per line
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    ncol = min(5, len(names), 2 * len(budgets) + 1)  # the legend fits under the panels' width
+    legend_rows = -(-len(names) // ncol)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4 + 0.2 * legend_rows), sharey=True,
+                             squeeze=False)
     for ax, b in zip(axes[0], budgets, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
@@ -388,9 +392,9 @@ def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
     axes[0][0].set_ylabel(f"{task} accuracy")
     handles = [plt.Line2D([], [], color=colour[n], marker="o" if n.startswith("lessserve") else "s",
                           linestyle="-" if n.startswith("lessserve") else "--") for n in names]
-    fig.legend(handles, names, loc="lower center", ncol=min(5, len(names)), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(names) - 1) // 5), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / (3.4 + 0.2 * legend_rows) + 0.01, 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
