@@ -371,9 +371,9 @@ def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # a colour per line
     colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
     ncol = min(5, len(names), 2 * len(budgets) + 1)  # the legend fits under the panels' width
-    legend_rows = -(-len(names) // ncol)
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.4 + 0.2 * legend_rows), sharey=True,
-                             squeeze=False)
+    legend_h = 0.2 * -(-len(names) // ncol)  # inches: a 0.2-inch row per line of the legend
+    height = 3.4 + legend_h
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), height), sharey=True, squeeze=False)
     for ax, b in zip(axes[0], budgets, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
@@ -393,7 +393,7 @@ def plot(rows: list[dict], path: Path, task: str = "passkey") -> None:
     handles = [plt.Line2D([], [], color=colour[n], marker="o" if n.startswith("lessserve") else "s",
                           linestyle="-" if n.startswith("lessserve") else "--") for n in names]
     fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.2 * legend_rows / (3.4 + 0.2 * legend_rows) + 0.01, 1, 1))
+    fig.tight_layout(rect=(0, legend_h / height + 0.01, 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
